@@ -1,0 +1,56 @@
+"""keras-lowrank: low-rank and SVD-based adapters for Keras 3.
+
+Example:
+
+>>> import keras, numpy as np
+>>> import keras_lowrank
+>>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+...                           keras.layers.Dense(4, name="logits")])
+>>> summary = model.enable_adapter(method="lora", rank=2)
+>>> summary.adapted_paths
+['dense']
+"""
+
+import keras as _keras
+
+from keras_lowrank import layers
+from keras_lowrank.adapt import AdapterSummary
+from keras_lowrank.adapt import adapters
+from keras_lowrank.adapt import enable_adapter
+from keras_lowrank.adapt import resolve_targets
+from keras_lowrank.adapter import Adapter
+from keras_lowrank.geometry import KernelGeometry
+from keras_lowrank.lifecycle import disable_adapter
+from keras_lowrank.lifecycle import merge
+from keras_lowrank.lifecycle import set_adapter_enabled
+from keras_lowrank.lifecycle import unmerge
+from keras_lowrank.registry import methods
+from keras_lowrank.saving import load_adapter
+from keras_lowrank.saving import save_adapter
+from keras_lowrank.version import __version__
+
+
+def _model_enable_adapter(self, method="lora", rank=8, **kwargs):
+    return enable_adapter(self, method=method, rank=rank, **kwargs)
+
+
+_model_enable_adapter.__doc__ = enable_adapter.__doc__
+_keras.Model.enable_adapter = _model_enable_adapter
+
+__all__ = [
+    "Adapter",
+    "AdapterSummary",
+    "KernelGeometry",
+    "adapters",
+    "disable_adapter",
+    "enable_adapter",
+    "layers",
+    "load_adapter",
+    "merge",
+    "methods",
+    "resolve_targets",
+    "save_adapter",
+    "set_adapter_enabled",
+    "unmerge",
+    "__version__",
+]

@@ -1,0 +1,227 @@
+"""Kernel geometry: the matrix view of a `Dense` or `EinsumDense` kernel.
+
+Every method in keras-lowrank works on the same matrix view of the frozen
+kernel: rows are the contracted (input) axes, columns are the remaining
+(output) axes, `W = transpose(kernel, reduced + other).reshape(n_in, n_out)`.
+This is the view a PEFT `nn.Linear` has (transposed), so a rank-`r` adapter on
+Gemma's `query` kernel `(heads, d_model, head_dim)` is rank `r` on the
+`(d_model, heads * head_dim)` matrix, and SVDs, norms and parameter counts
+mean what they mean for a `Dense` layer.
+
+Kernel axes that appear in the input *and* in the output (per-axis, batched
+kernels such as `"abc,bcd->abd"`... where `b` is shared) become a leading batch
+dimension of the matrix view: `W` then has shape `(n_shared, n_in, n_out)` and
+every method acts independently on each slice.
+"""
+
+import math
+import string
+
+from keras import ops
+
+
+class EquationError(ValueError):
+    pass
+
+
+def _split_equation(equation):
+    eq = equation.replace(" ", "")
+    if eq.count("->") != 1 or eq.count(",") != 1:
+        raise EquationError(
+            f"Expected an equation of the form 'input,kernel->output'; "
+            f"received equation={equation!r}."
+        )
+    lhs, out = eq.split("->")
+    inp, ker = lhs.split(",")
+    return inp, ker, out
+
+
+def _labels(spec):
+    return [c for c in spec.replace("...", "")]
+
+
+class KernelGeometry:
+    """Matrix view of an einsum kernel.
+
+    Args:
+        equation: the layer's einsum equation (`Dense` uses `"...a,ab->...b"`).
+        kernel_shape: the shape of the (unpacked, float) kernel.
+
+    Example:
+
+    >>> g = KernelGeometry("btd,ndh->btnh", (4, 16, 8))
+    >>> (g.n_in, g.n_out, g.batch_shape)
+    (16, 32, ())
+    """
+
+    def __init__(self, equation, kernel_shape):
+        self.equation = equation
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        inp, ker, out = _split_equation(equation)
+        if "..." in ker:
+            raise EquationError(
+                f"The kernel spec may not contain an ellipsis: {equation!r}."
+            )
+        if ("..." in inp) != ("..." in out):
+            raise EquationError(
+                f"An ellipsis must appear in both the input and the output "
+                f"spec: {equation!r}."
+            )
+        self._inp, self._ker, self._out = inp, ker, out
+        k_labels = list(ker)
+        if len(set(k_labels)) != len(k_labels):
+            raise EquationError(f"Repeated kernel label in {equation!r}.")
+        if len(k_labels) != len(self.kernel_shape):
+            raise EquationError(
+                f"Kernel spec {ker!r} of {equation!r} does not match the "
+                f"kernel shape {self.kernel_shape}."
+            )
+        in_set, out_set = set(_labels(inp)), set(_labels(out))
+        self.shared = [c for c in k_labels if c in in_set and c in out_set]
+        self.reduced = [c for c in k_labels if c in in_set and c not in out_set]
+        self.produced = [c for c in k_labels if c in out_set and c not in in_set]
+        lost = [c for c in k_labels if c not in in_set and c not in out_set]
+        if lost:
+            raise EquationError(
+                f"Kernel axes {lost} of {equation!r} appear in neither the "
+                "input nor the output; such a kernel has no matrix view."
+            )
+        lead = [c for c in _labels(inp) if c not in k_labels]
+        dropped = [c for c in lead if c not in out_set]
+        if dropped:
+            raise EquationError(
+                f"Input axes {dropped} of {equation!r} are summed without the "
+                "kernel; such a layer is not a linear map with a matrix view."
+            )
+        extra = [c for c in _labels(out) if c not in in_set and c not in k_labels]
+        if extra:
+            raise EquationError(f"Unknown output labels {extra} in {equation!r}.")
+        if not self.reduced or not self.produced:
+            raise EquationError(
+                f"{equation!r} has no contracted or no produced kernel axis; "
+                "it is not a dense projection."
+            )
+        dim = dict(zip(k_labels, self.kernel_shape))
+        self._dim = dim
+        self.n_in = math.prod(dim[c] for c in self.reduced)
+        self.n_out = math.prod(dim[c] for c in self.produced)
+        self.n_shared = math.prod(dim[c] for c in self.shared)
+        self.batch_shape = (self.n_shared,) if self.shared else ()
+        self.matrix_shape = self.batch_shape + (self.n_in, self.n_out)
+        self.perm = [k_labels.index(c) for c in self.shared + self.reduced + self.produced]
+        self.inv_perm = [self.perm.index(i) for i in range(len(self.perm))]
+        self._plans = {}
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_layer(cls, layer, kernel_shape=None):
+        """Geometry of a `Dense` or `EinsumDense` layer."""
+        from keras_lowrank import bases
+
+        equation = bases.layer_equation(layer)
+        if kernel_shape is None:
+            kernel_shape = bases.float_kernel_shape(layer)
+        return cls(equation, kernel_shape)
+
+    @property
+    def rank_limit(self):
+        """The largest rank a matrix of this shape can have."""
+        return min(self.n_in, self.n_out)
+
+    @property
+    def is_plain_matrix(self):
+        return not self.shared
+
+    # ------------------------------------------------------------------
+    # Kernel <-> matrix
+    def kernel_to_matrix(self, kernel):
+        w = ops.transpose(kernel, self.perm)
+        return ops.reshape(w, self.matrix_shape)
+
+    def matrix_to_kernel(self, matrix):
+        shape = [self.kernel_shape[i] for i in self.perm]
+        w = ops.reshape(matrix, shape)
+        return ops.transpose(w, self.inv_perm)
+
+    # ------------------------------------------------------------------
+    # Activations <-> rows
+    def _plan(self, ndim):
+        plan = self._plans.get(ndim)
+        if plan is not None:
+            return plan
+        used = set(self.equation)
+        pool = [c for c in string.ascii_letters if c not in used]
+        inp, out = self._inp, self._out
+        if "..." in inp:
+            n_ell = ndim - len(inp.replace("...", ""))
+            if n_ell < 0:
+                raise EquationError(
+                    f"Input of rank {ndim} does not fit {self.equation!r}."
+                )
+            ell = "".join(pool[:n_ell])
+            inp = inp.replace("...", ell)
+            out = out.replace("...", ell)
+        if len(inp) != ndim:
+            raise EquationError(
+                f"Input of rank {ndim} does not fit {self.equation!r}."
+            )
+        kset = set(self._ker)
+        lead = [c for c in inp if c not in kset]
+        x_order = self.shared + lead + self.reduced
+        x_perm = [inp.index(c) for c in x_order]
+        rows_order = self.shared + lead + self.produced
+        y_perm = [rows_order.index(c) for c in out]  # rows-shaped -> output
+        out_to_rows = [out.index(c) for c in rows_order]
+        ident = lambda p: p == list(range(len(p)))  # noqa: E731
+        plan = {
+            "x_perm": None if ident(x_perm) else x_perm,
+            "y_perm": None if ident(y_perm) else y_perm,
+            "out_to_rows": None if ident(out_to_rows) else out_to_rows,
+            "lead_axes": [inp.index(c) for c in lead],
+            "shared_dims": [self._dim[c] for c in self.shared],
+            "produced_dims": [self._dim[c] for c in self.produced],
+        }
+        self._plans[ndim] = plan
+        return plan
+
+    def inputs_to_rows(self, x):
+        """`x` -> `batch_shape + (N, n_in)` rows for the matrix view."""
+        plan = self._plan(len(x.shape))
+        if plan["x_perm"] is not None:
+            x = ops.transpose(x, plan["x_perm"])
+        return ops.reshape(x, self.batch_shape + (-1, self.n_in))
+
+    def outputs_to_rows(self, y):
+        """Layer output -> `batch_shape + (N, n_out)` rows."""
+        plan = self._plan_for_output(len(y.shape))
+        if plan["out_to_rows"] is not None:
+            y = ops.transpose(y, plan["out_to_rows"])
+        return ops.reshape(y, self.batch_shape + (-1, self.n_out))
+
+    def rows_to_outputs(self, rows, x):
+        """`batch_shape + (N, n_out)` rows -> the layer's output layout."""
+        plan = self._plan(len(x.shape))
+        shape_x = ops.shape(x)
+        lead = [shape_x[i] for i in plan["lead_axes"]]
+        shape = list(plan["shared_dims"]) + lead + list(plan["produced_dims"])
+        y = ops.reshape(rows, shape)
+        if plan["y_perm"] is not None:
+            y = ops.transpose(y, plan["y_perm"])
+        return y
+
+    def _plan_for_output(self, out_ndim):
+        # The output rank determines the input rank: same lead axes.
+        n_lead = out_ndim - len(self.shared) - len(self.produced)
+        in_ndim = n_lead + len(self.shared) + len(self.reduced)
+        return self._plan(in_ndim)
+
+    def column_vector_to_rows(self, v):
+        """A per-output-column vector `batch_shape + (n_out,)` broadcastable
+        against rows."""
+        return ops.expand_dims(v, -2)
+
+    def __repr__(self):
+        return (
+            f"KernelGeometry({self.equation!r}, kernel={self.kernel_shape}, "
+            f"matrix={self.matrix_shape})"
+        )

@@ -1,0 +1,119 @@
+"""Merge, unmerge, and switching adapters off and on."""
+
+import contextlib
+
+from keras_lowrank import adapt
+from keras_lowrank import bases
+from keras_lowrank import tree
+from keras_lowrank.adapter import Adapter
+
+
+def _adapter_entries(model):
+    entries = [e for e in tree.walk(model) if isinstance(e.layer, Adapter)]
+    if not entries:
+        raise ValueError(f"Model {model.name!r} has no adapters.")
+    return entries
+
+
+def _build_plain(adapter, path):
+    plain, kernel = adapter.to_plain_layer()
+    shapes = getattr(adapter.layer, "_build_shapes_dict", None) or {}
+    input_shape = next(iter(shapes.values()), None)
+    if input_shape is None:
+        input_shape = (None, adapter.geometry.n_in)
+    with tree.path_scope(path):
+        plain.build(input_shape)
+    bases.assign_kernel(plain, kernel)
+    bias = adapter.bias_value()
+    if bias is not None:
+        plain.bias.assign(bias)
+    plain.trainable = False
+    return plain
+
+
+def merge(model, unload=True):
+    """Fold every adapter into its base kernel.
+
+    With `unload=True` (default) each adapter layer is replaced, in place, by
+    a plain `Dense`/`EinsumDense` holding the merged kernel: the model then
+    has no keras-lowrank layer left, and saves and loads without
+    `keras_lowrank`. With `unload=False` the adapters stay, with their update
+    folded into the kernel, and `unmerge(model)` takes it out again.
+
+    Raises `FloatingPointError` (model unchanged) if a merge produces NaN/inf.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+    ...                           keras.layers.Dense(4, name="logits")])
+    >>> _ = keras_lowrank.enable_adapter(model, rank=2)
+    >>> keras_lowrank.merge(model)
+    >>> [type(l).__name__ for l in model.layers]
+    ['Dense', 'Dense']
+    """
+    entries = _adapter_entries(model)
+    if not unload:
+        done = []
+        try:
+            for e in entries:
+                e.layer.merge_in_place()
+                done.append(e.layer)
+        except Exception:
+            for a in done:
+                a.unmerge_in_place()
+            raise
+        adapt.reset_compiled_functions(model)
+        return
+    plains = [(e, _build_plain(e.layer, e.path)) for e in entries]
+    for e, plain in plains:
+        adapter = e.layer
+        # Give the wrapped layer its activation back, in case the user holds it.
+        adapter.layer.activation = adapter.activation
+        tree.replace_layer(model, e, plain)
+    adapt.mark_adapted(model)
+    adapt._after_change(model)
+
+
+def unmerge(model):
+    """Take the update of adapters merged with `merge(model, unload=False)`
+    back out of their kernels."""
+    for e in _adapter_entries(model):
+        e.layer.unmerge_in_place()
+    adapt.reset_compiled_functions(model)
+
+
+def set_adapter_enabled(model, enabled):
+    """Switch every adapter of `model` on or off (the base output)."""
+    entries = _adapter_entries(model)
+    if not enabled:
+        merged = [e.path for e in entries if e.layer.merged]
+        if merged:
+            raise ValueError(
+                f"Adapters {merged} are merged into their kernels; "
+                "unmerge(model) before disabling them."
+            )
+    for e in entries:
+        e.layer.adapter_enabled = bool(enabled)
+    adapt.reset_compiled_functions(model)
+
+
+@contextlib.contextmanager
+def disable_adapter(model):
+    """Context manager: inside it, the model computes its base output.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> _ = keras_lowrank.enable_adapter(model, targets=["dense"], rank=2)
+    >>> with keras_lowrank.disable_adapter(model):
+    ...     y_base = model(np.ones((1, 8), "float32"))
+    """
+    set_adapter_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_adapter_enabled(model, True)

@@ -1,0 +1,83 @@
+"""DoRA: weight-decomposed LoRA (spec §8).
+
+`K' = m ⊙ (K + sAB) / ‖K + sAB‖_c`, with the column norm held constant in the
+backward pass (paper §4.3). The forward never builds `K'`: it rescales the
+frozen layer's output, `y = b + g ⊙ (x K + s x A B)` with `g = m / n`.
+"""
+
+import keras
+from keras import ops
+
+from keras_lowrank import linalg
+from keras_lowrank.methods.lora import LoRA
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class DoRA(LoRA):
+    """Weight-decomposed low-rank adaptation.
+
+    Trains a magnitude `m` (one value per output unit of the matrix view) and
+    a LoRA pair `A, B`. `m` starts at the column norms of the kernel, `B` at
+    zero, so the layer starts as a no-op.
+
+    Args:
+        layer, rank, alpha, rslora, init, dropout, train_bias, activation,
+        merged, seed: as for `LoRA`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> layer = keras_lowrank.layers.DoRA(keras.layers.Dense(6), rank=2)
+    >>> layer(np.ones((3, 4), "float32")).shape
+    (3, 6)
+    """
+
+    method = "dora"
+
+    def build_adapter(self, geometry):
+        super().build_adapter(geometry)
+        shape = geometry.batch_shape + (geometry.n_out,)
+        self.magnitude = self.add_adapter_weight("magnitude", shape, "ones")
+        # Column norm at merge time, so that a merged layer can be unmerged.
+        self.merge_norm = self.add_adapter_weight(
+            "merge_norm", shape, "ones", trainable=False
+        )
+
+    def initialize_from_base(self):
+        w = self.base_matrix() + self.delta_matrix()
+        self.magnitude.assign(linalg.column_norm(w))
+
+    def weight_norm(self):
+        """`stop_gradient(‖K + sAB‖_c)` in float32."""
+        w = self.base_matrix() + self.delta_matrix()
+        return ops.stop_gradient(linalg.column_norm(w))
+
+    def adapter_output(self, x, y, training):
+        g = ops.cast(self.magnitude, "float32") / self.weight_norm()
+        x_ad = self.adapter_input(x, training)
+        bias = self.layer.bias if getattr(self.layer, "bias", None) is not None else None
+        if x_ad is x:
+            base = y if bias is None else y - ops.cast(bias, y.dtype)
+        else:
+            base = self.layer(x_ad)
+            if bias is not None:
+                base = base - ops.cast(bias, base.dtype)
+        base_rows = self.geometry.outputs_to_rows(base)
+        low = self.lowrank_rows(x_ad, self.lora_a, self.lora_b, self.scaling)
+        g = ops.cast(self.geometry.column_vector_to_rows(g), low.dtype)
+        rows = (g - 1.0) * base_rows + g * low
+        return y + ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
+
+    def merged_matrix(self, matrix):
+        v = matrix + self.delta_matrix()
+        norm = linalg.column_norm(v)
+        self.merge_norm.assign(norm)
+        m = self.read(self.magnitude)
+        return ops.expand_dims(m / norm, -2) * v
+
+    def unmerged_matrix(self, matrix):
+        m = self.read(self.magnitude)
+        norm = self.read(self.merge_norm)
+        v = matrix * ops.expand_dims(norm / m, -2)
+        return v - self.delta_matrix()

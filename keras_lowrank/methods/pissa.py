@@ -1,0 +1,100 @@
+"""PiSSA: principal singular values and vectors adaptation (spec §16)."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_lowrank import bases
+from keras_lowrank import linalg
+from keras_lowrank.methods.lora import LoRA
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class PiSSA(LoRA):
+    """LoRA initialized from the top-`r` singular triplets of the kernel.
+
+    With `W = U diag(σ) Vᵀ` (float32, matrix view) and `σ̃ = σ_r / s`:
+    `A = U_r diag(√σ̃)`, `B = diag(√σ̃) V_rᵀ`, and the frozen kernel becomes the
+    residual `W - s A B`, so the layer's output is unchanged at the start.
+    The initial factors are kept (non-trainable) so that the adapter can be
+    disabled, saved as a plain rank-`2r` LoRA for the original kernel
+    (`save_adapter(..., as_lora=True)`), and loaded onto a fresh base.
+
+    Args:
+        layer, rank, alpha, rslora, dropout, train_bias, activation, merged,
+        seed: as for `LoRA` (`init` is the SVD).
+        svd_niter: `None` for an exact SVD; an int for a randomized SVD with
+            that many subspace iterations.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> dense = keras.layers.Dense(6)
+    >>> dense.build((None, 4))
+    >>> layer = keras_lowrank.layers.PiSSA(dense, rank=2)
+    >>> layer(np.ones((3, 4), "float32")).shape
+    (3, 6)
+    """
+
+    method = "pissa"
+    rank_bounded = True
+
+    def __init__(self, layer, rank=8, svd_niter=None, init="svd", **kwargs):
+        kwargs.pop("init", None)
+        super().__init__(layer, rank=rank, init="kaiming", **kwargs)
+        self.init = "svd"
+        if svd_niter is not None and (
+            isinstance(svd_niter, bool) or not isinstance(svd_niter, int) or svd_niter < 0
+        ):
+            raise ValueError(
+                f"svd_niter for {self.name!r} must be None or an int >= 0; "
+                f"received svd_niter={svd_niter!r}."
+            )
+        self.svd_niter = svd_niter
+
+    def build_adapter(self, geometry):
+        batch, n_in, n_out, r = geometry.batch_shape, geometry.n_in, geometry.n_out, self.rank
+        self.lora_a = self.add_adapter_weight("lora_a", batch + (n_in, r), "zeros")
+        self.lora_b = self.add_adapter_weight("lora_b", batch + (r, n_out), "zeros")
+        self.lora_a0 = self.add_adapter_weight("lora_a0", batch + (n_in, r), "zeros", trainable=False)
+        self.lora_b0 = self.add_adapter_weight("lora_b0", batch + (r, n_out), "zeros", trainable=False)
+
+    def initialize_from_base(self):
+        w = self.base_matrix()
+        u, s, v = linalg.svd(w, rank=self.rank, niter=self.svd_niter, seed=self.seed)
+        root = ops.sqrt(s / self.scaling)
+        a = u * ops.expand_dims(root, -2)
+        b = ops.expand_dims(root, -1) * ops.swapaxes(v, -1, -2)
+        for var, value in ((self.lora_a, a), (self.lora_b, b), (self.lora_a0, a), (self.lora_b0, b)):
+            var.assign(value)
+        residual = w - self.scaling * ops.matmul(a, b)
+        bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(residual))
+
+    def initial_delta(self):
+        return self.scaling * ops.matmul(self.read(self.lora_a0), self.read(self.lora_b0))
+
+    def base_output(self, x, y):
+        rows = self.lowrank_rows(x, self.lora_a0, self.lora_b0, self.scaling)
+        return y + ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
+
+    def original_matrix(self, matrix):
+        return matrix + self.initial_delta()
+
+    def rebase(self, original):
+        w = original - self.initial_delta()
+        bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
+
+    def as_lora_state(self):
+        """The update as a plain rank-2r LoRA for the original kernel (§16)."""
+        a = ops.concatenate([self.read(self.lora_a), self.read(self.lora_a0)], axis=-1)
+        b = ops.concatenate([self.read(self.lora_b), -self.read(self.lora_b0)], axis=-2)
+        alpha = self.alpha * (math.sqrt(2.0) if self.rslora else 2.0)
+        return {"lora_a": a, "lora_b": b}, {"rank": 2 * self.rank, "alpha": alpha}
+
+    def get_config(self):
+        config = super().get_config()
+        config["svd_niter"] = self.svd_niter
+        config.pop("init", None)
+        return config

@@ -1,0 +1,156 @@
+"""The method registry: method name -> layer class, options and promises.
+
+Every method declares here what the shared machinery and the test suite need
+to know: its options with their defaults, whether it starts as a no-op and how
+exactly, whether it merges and unmerges, and its trainable-parameter formula.
+The adapter-contract suite is parametrized over this registry, so a method is
+tested the day it is registered.
+"""
+
+import dataclasses
+from typing import Callable
+
+from keras_lowrank import methods as _m
+
+#: options every method accepts
+COMMON_OPTIONS = {"rank": 8, "alpha": None, "dropout": 0.0, "train_bias": False, "seed": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    layer_class: type
+    summary: str
+    #: method-specific options and their defaults (on top of COMMON_OPTIONS)
+    options: dict
+    #: "exact", "roundoff" (float32 round-off), or "no"
+    noop_at_init: str
+    mergeable: bool
+    unmergeable: bool
+    #: rank must be <= min(n_in, n_out)
+    rank_bounded: bool
+    #: trainable parameters of one layer: f(n_in, n_out, n_batch, rank, options)
+    trainable_count: Callable
+    #: option name -> allowed values (tuple) or a predicate
+    choices: dict = dataclasses.field(default_factory=dict)
+    status: str = "stable"
+
+    @property
+    def defaults(self):
+        return {**COMMON_OPTIONS, **self.options}
+
+    def validate_options(self, options, where="enable_adapter"):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for method {self.name!r} "
+                f"({where}); valid options: {sorted(self.defaults)}."
+            )
+        for key, allowed in self.choices.items():
+            if key not in options:
+                continue
+            value = options[key]
+            ok = allowed(value) if callable(allowed) else value in allowed
+            if not ok:
+                raise ValueError(
+                    f"Invalid {key}={value!r} for method {self.name!r} "
+                    f"({where}); allowed: "
+                    f"{allowed if not callable(allowed) else allowed.__doc__}."
+                )
+        return {**self.defaults, **options}
+
+
+_REGISTRY = {}
+
+
+def register(spec):
+    if spec.name in _REGISTRY:
+        raise ValueError(f"Method {spec.name!r} is already registered.")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get(name):
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"Unknown adapter method {name!r}; available methods: {sorted(_REGISTRY)}."
+        )
+    return _REGISTRY[name]
+
+
+def all_specs():
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def method_for_layer(layer):
+    for spec in _REGISTRY.values():
+        if type(layer) is spec.layer_class:
+            return spec
+    raise ValueError(f"{type(layer).__name__} is not a registered adapter layer.")
+
+
+def _niter_ok(v):
+    """None or an int >= 0"""
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+
+
+def _lora_count(n_in, n_out, n_batch, rank, options):
+    return n_batch * rank * (n_in + n_out)
+
+
+register(
+    MethodSpec(
+        name="lora",
+        layer_class=_m.LoRA,
+        summary="LoRA: y = xK + b + s(xA)B, s = alpha/r (rslora: alpha/sqrt(r))",
+        options={"rslora": False, "init": "kaiming"},
+        choices={"init": ("kaiming", "gaussian"), "rslora": (True, False)},
+        noop_at_init="exact",
+        mergeable=True,
+        unmergeable=True,
+        rank_bounded=False,
+        trainable_count=_lora_count,
+    )
+)
+
+register(
+    MethodSpec(
+        name="dora",
+        layer_class=_m.DoRA,
+        summary="DoRA: magnitude m times the normalized direction K + sAB",
+        options={"rslora": False, "init": "kaiming"},
+        choices={"init": ("kaiming", "gaussian"), "rslora": (True, False)},
+        noop_at_init="exact",
+        mergeable=True,
+        unmergeable=True,
+        rank_bounded=False,
+        trainable_count=lambda n_in, n_out, nb, r, o: nb * (r * (n_in + n_out) + n_out),
+    )
+)
+
+register(
+    MethodSpec(
+        name="pissa",
+        layer_class=_m.PiSSA,
+        summary="PiSSA: LoRA from the top-r SVD triplets, residual frozen base",
+        options={"rslora": False, "svd_niter": None},
+        choices={"rslora": (True, False), "svd_niter": _niter_ok},
+        noop_at_init="roundoff",
+        mergeable=True,
+        unmergeable=True,
+        rank_bounded=True,
+        trainable_count=_lora_count,
+    )
+)
+
+
+def methods():
+    """Names of the registered adapter methods.
+
+    Example:
+
+    >>> import keras_lowrank
+    >>> "lora" in keras_lowrank.methods()
+    True
+    """
+    return sorted(_REGISTRY)
