@@ -253,7 +253,8 @@ class Adapter(keras.layers.Wrapper):
     # ------------------------------------------------------------------
     # Counting
     def trainable_count(self):
-        return sum(math.prod(v.shape) for v in self.trainable_variables)
+        """Trainable parameters of the adapter itself (not a trained bias)."""
+        return sum(math.prod(v.shape) for v in self._adapter_vars.values() if v.trainable)
 
     # ------------------------------------------------------------------
     # Serialization

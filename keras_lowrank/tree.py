@@ -83,6 +83,12 @@ def _swap_in_functional(func, old, new):
             history = getattr(tensor, "_keras_history", None)
             if history is not None and history[0] is old:
                 tensor._keras_history = type(history)(new, *history[1:])
+    nodes = getattr(func, "_nodes", None)
+    if nodes is not None:
+        prefix = f"{id(old)}_ib-"
+        for key in [k for k in nodes if k.startswith(prefix)]:
+            nodes.discard(key)
+            nodes.add(f"{id(new)}_ib-{key[len(prefix):]}")
     new._inbound_nodes = old._inbound_nodes
     new._outbound_nodes = old._outbound_nodes
 
@@ -129,7 +135,7 @@ def _functionals_of(layer):
     out = []
     if isinstance(layer, Functional):
         out.append(layer)
-    inner = vars(layer).get("_functional")
+    inner = getattr(layer, "_functional", None)
     if inner is not None and isinstance(inner, Functional):
         out.append(inner)
     return out

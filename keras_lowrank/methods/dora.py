@@ -71,10 +71,16 @@ class DoRA(LoRA):
 
     def merged_matrix(self, matrix):
         v = matrix + self.delta_matrix()
-        norm = linalg.column_norm(v)
-        self.merge_norm.assign(norm)
         m = self.read(self.magnitude)
-        return ops.expand_dims(m / norm, -2) * v
+        return ops.expand_dims(m / linalg.column_norm(v), -2) * v
+
+    def merge_in_place(self):
+        if self.merged:
+            return
+        norm = linalg.column_norm(self.base_matrix() + self.delta_matrix())
+        super().merge_in_place()
+        # Kept so that the merged layer can be unmerged.
+        self.merge_norm.assign(norm)
 
     def unmerged_matrix(self, matrix):
         m = self.read(self.magnitude)

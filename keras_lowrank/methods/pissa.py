@@ -67,8 +67,9 @@ class PiSSA(LoRA):
         root = ops.sqrt(s / self.scaling)
         a = u * ops.expand_dims(root, -2)
         b = ops.expand_dims(root, -1) * ops.swapaxes(v, -1, -2)
+        # Separate buffers: JAX donates each variable's buffer in the train step.
         for var, value in ((self.lora_a, a), (self.lora_b, b), (self.lora_a0, a), (self.lora_b0, b)):
-            var.assign(value)
+            var.assign(ops.copy(value))
         residual = w - self.scaling * ops.matmul(a, b)
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(residual))
 

@@ -1,0 +1,172 @@
+"""Shared fixtures: tiny models of every kind, and a NumPy restatement of
+each method's formula for the adapter contract."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_lowrank  # noqa: E402,F401
+
+BACKEND = keras.backend.backend()
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_policy():
+    keras.utils.set_random_seed(1234)
+    policy = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
+# ----------------------------------------------------------------------
+# Small layers for the numerics checks.
+# Dense: 5 -> 6 with tanh; EinsumDense "btd,ndh->btnh" with kernel (n=2, d=5,
+# h=3), so its matrix view is 5 x 6 with the kernel axes permuted.
+DENSE_X = np.random.RandomState(0).normal(size=(3, 5)).astype("float32")
+EINSUM_X = np.random.RandomState(1).normal(size=(2, 4, 5)).astype("float32")
+
+
+def dense_model():
+    inp = keras.Input((5,))
+    out = keras.layers.Dense(6, activation="tanh", name="target")(inp)
+    return keras.Model(inp, out)
+
+
+def einsum_model():
+    inp = keras.Input((4, 5))
+    out = keras.layers.EinsumDense(
+        "btd,ndh->btnh", output_shape=(4, 2, 3), bias_axes="nh", name="target"
+    )(inp)
+    return keras.Model(inp, out)
+
+
+SMALL = {"dense": (dense_model, DENSE_X), "einsum": (einsum_model, EINSUM_X)}
+
+
+def perturb(adapter, scale=0.3, seed=0):
+    """Move every trainable variable off its no-op start."""
+    rng = np.random.RandomState(seed)
+    for v in adapter.trainable_variables:
+        value = rng.normal(scale=scale, size=tuple(v.shape)).astype("float32")
+        if v.name == "magnitude":
+            value = np.abs(value) + 0.5
+        v.assign(value)
+
+
+# ----------------------------------------------------------------------
+# Independent NumPy statement of the matrix view and of every method.
+def np_matricize(equation, kernel):
+    inp, rest = equation.split(",")
+    ker, out = rest.split("->")
+    inp, out = inp.replace("...", ""), out.replace("...", "")
+    red = [c for c in ker if c in inp and c not in out]
+    prod = [c for c in ker if c in out and c not in inp]
+    perm = [ker.index(c) for c in red + prod]
+    n_in = int(np.prod([kernel.shape[ker.index(c)] for c in red]))
+    w = np.transpose(kernel, perm).reshape(n_in, -1)
+
+    def back(m):
+        shape = [kernel.shape[i] for i in perm]
+        return np.transpose(m.reshape(shape), np.argsort(perm))
+
+    return w, back
+
+
+def _v(adapter, name):
+    return to_np(adapter._adapter_vars[name]).astype("float64")
+
+
+def _col_norm(m):
+    return np.sqrt((m**2).sum(axis=0))
+
+
+def ref_lora(adapter, w):
+    return w + adapter.scaling * _v(adapter, "lora_a") @ _v(adapter, "lora_b")
+
+
+def ref_dora(adapter, w):
+    v = w + adapter.scaling * _v(adapter, "lora_a") @ _v(adapter, "lora_b")
+    return _v(adapter, "magnitude")[None, :] * v / _col_norm(v)[None, :]
+
+
+# Each registered method must have an entry here: the contract fails for a
+# method without its NumPy statement.
+REFERENCE_MERGED = {
+    "lora": ref_lora,
+    "dora": ref_dora,
+    "pissa": ref_lora,  # K_res + s A B; K_res is the layer's own frozen kernel
+}
+
+
+def np_layer_output(adapter, x, merged_matrix_fn):
+    """Output of the adapted layer restated in NumPy from its own variables."""
+    from keras_lowrank import bases
+
+    kernel = to_np(bases.kernel_variable(adapter.layer)).astype("float64")
+    eq = adapter.geometry.equation
+    w, back = np_matricize(eq, kernel)
+    k2 = back(merged_matrix_fn(adapter, w))
+    y = np.einsum(eq, x.astype("float64"), k2)
+    if adapter.layer.bias is not None:
+        y = y + to_np(adapter.layer.bias)
+    name = keras.activations.serialize(adapter.activation)
+    if name == "tanh":
+        y = np.tanh(y)
+    elif name not in ("linear", None):
+        raise AssertionError(f"test restates linear/tanh only, got {name}")
+    return y
+
+
+# ----------------------------------------------------------------------
+# Tiny KerasHub models (spec/keras-notes §4.4)
+def hub():
+    import keras_hub
+
+    return keras_hub
+
+
+def gemma_backbone(vocab=20):
+    return hub().models.GemmaBackbone(
+        vocabulary_size=vocab, num_layers=2, num_query_heads=4, num_key_value_heads=1,
+        hidden_dim=16, intermediate_dim=32, head_dim=4,
+    )
+
+
+def llama_backbone():
+    return hub().models.LlamaBackbone(
+        vocabulary_size=10, num_layers=2, num_query_heads=4, num_key_value_heads=2,
+        hidden_dim=8, intermediate_dim=8,
+    )
+
+
+def bert_backbone():
+    return hub().models.BertBackbone(
+        vocabulary_size=10, num_layers=2, num_heads=2, hidden_dim=4,
+        intermediate_dim=8, max_sequence_length=8,
+    )
+
+
+def gpt2_backbone():
+    return hub().models.GPT2Backbone(
+        vocabulary_size=10, num_layers=2, num_heads=2, hidden_dim=4,
+        intermediate_dim=8, max_sequence_length=8,
+    )
+
+
+def token_inputs(vocab, batch=2, seq=8, segment=False, seed=0):
+    rng = np.random.RandomState(seed)
+    x = {
+        "token_ids": rng.randint(0, vocab, (batch, seq)).astype("int32"),
+        "padding_mask": np.ones((batch, seq), "int32"),
+    }
+    if segment:
+        x["segment_ids"] = np.zeros((batch, seq), "int32")
+    return x

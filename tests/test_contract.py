@@ -1,0 +1,597 @@
+"""The adapter contract (spec/adapter-contract.md), once, over the registry.
+
+Every registered method runs every check; a method that cannot meet a point
+declares it in its registry entry and the check asserts the declaration.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lowrank as kl
+from keras_lowrank import registry
+from keras_lowrank.adapter import Adapter
+
+from conftest import BACKEND
+from conftest import REFERENCE_MERGED
+from conftest import SMALL
+from conftest import gemma_backbone
+from conftest import np_layer_output
+from conftest import perturb
+from conftest import to_np
+from conftest import token_inputs
+
+METHODS = kl.methods()
+KINDS = sorted(SMALL)
+
+
+def adapted_small(method, kind, **options):
+    make, x = SMALL[kind]
+    model = make()
+    y_base = to_np(model(x))
+    kl.enable_adapter(model, method=method, rank=2, targets=["target"], **options)
+    adapter = model.get_layer("target")
+    assert isinstance(adapter, Adapter)
+    return model, adapter, x, y_base
+
+
+def snapshot(model):
+    return (
+        [type(l).__name__ for l in model._flatten_layers()],
+        [to_np(w).copy() for w in model.weights],
+        [v.trainable for v in model.weights],
+    )
+
+
+def assert_unchanged(model, before):
+    after = snapshot(model)
+    assert after[0] == before[0]
+    assert len(after[1]) == len(before[1])
+    for a, b in zip(after[1], before[1]):
+        np.testing.assert_array_equal(a, b)
+    assert after[2] == before[2]
+
+
+def test_every_method_has_a_numpy_statement():
+    assert set(METHODS) <= set(REFERENCE_MERGED), "add the method's formula to conftest"
+
+
+# 1. No-op at start ----------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_noop_at_start(method, kind):
+    spec = registry.get(method)
+    model, _, x, y_base = adapted_small(method, kind)
+    y = to_np(model(x))
+    if spec.noop_at_init == "exact":
+        np.testing.assert_array_equal(y, y_base)
+    elif spec.noop_at_init == "roundoff":
+        np.testing.assert_allclose(y, y_base, atol=1e-5 * max(1.0, np.abs(y_base).max()))
+    else:
+        assert spec.noop_at_init == "no"
+        assert np.abs(y - y_base).max() > 0
+
+
+# 2. Formula -------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_formula(method, kind):
+    model, adapter, x, _ = adapted_small(method, kind)
+    perturb(adapter)
+    y = to_np(model(x))
+    ref = np_layer_output(adapter, x, REFERENCE_MERGED[method])
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+# 3. Merge parity ----------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_parity(method, kind):
+    spec = registry.get(method)
+    model, adapter, x, _ = adapted_small(method, kind)
+    perturb(adapter)
+    y = to_np(model(x))
+    assert spec.mergeable
+    kl.merge(model)
+    assert not kl.adapters(model)
+    assert not any(isinstance(l, Adapter) for l in model._flatten_layers())
+    names = {v.name for v in model.weights}
+    assert names <= {"kernel", "bias"}
+    y_merged = to_np(model(x))
+    scale = max(1.0, np.abs(y).max())
+    assert np.abs(y_merged - y).max() <= 1e-5 * scale
+
+
+# 4. Unmerge / disable ---------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_disable_and_unmerge(method, kind):
+    spec = registry.get(method)
+    model, adapter, x, y_base = adapted_small(method, kind)
+    perturb(adapter)
+    y = to_np(model(x))
+    tol = 1e-5 * max(1.0, np.abs(y_base).max())
+    with kl.disable_adapter(model):
+        np.testing.assert_allclose(to_np(model(x)), y_base, atol=tol)
+    np.testing.assert_allclose(to_np(model(x)), y, atol=tol)
+    kl.merge(model, unload=False)
+    assert adapter.merged
+    np.testing.assert_allclose(to_np(model(x)), y, atol=tol)
+    with pytest.raises(ValueError, match="unmerge"):
+        kl.set_adapter_enabled(model, False)
+    if spec.unmergeable:
+        kl.unmerge(model)
+        assert not adapter.merged
+        np.testing.assert_allclose(to_np(model(x)), y, atol=tol)
+        with kl.disable_adapter(model):
+            np.testing.assert_allclose(to_np(model(x)), y_base, atol=tol)
+
+
+# 5. Precision -------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_precision(method, policy):
+    keras.config.set_dtype_policy(policy)
+    make, x = SMALL["einsum"]
+    model = make()
+    kernel32 = to_np(model.get_layer("target").kernel).astype("float32")
+    y_base = to_np(model(x)).astype("float32")
+    kl.enable_adapter(model, method=method, rank=2, targets=["target"])
+    adapter = model.get_layer("target")
+    y0 = to_np(model(x)).astype("float32")
+    tol = 2e-2 * max(1.0, np.abs(y_base).max())
+    np.testing.assert_allclose(y0, y_base, atol=tol)
+    # Norms / SVDs were taken in float32 of the stored kernel.
+    w = adapter.geometry.kernel_to_matrix(keras.ops.convert_to_tensor(kernel32))
+    if method == "dora":
+        np.testing.assert_allclose(
+            to_np(adapter.magnitude).astype("float32"),
+            np.sqrt((to_np(w) ** 2).sum(0)), rtol=2e-3,
+        )
+    if method == "pissa":
+        s = np.linalg.svd(to_np(w).astype("float64"), compute_uv=False)[:2]
+        a, b = to_np(adapter.lora_a0).astype("float64"), to_np(adapter.lora_b0).astype("float64")
+        got = np.linalg.svd(adapter.scaling * a @ b, compute_uv=False)[:2]
+        np.testing.assert_allclose(got, s, rtol=1e-2)
+    perturb(adapter, scale=0.1)
+    y = to_np(model(x)).astype("float32")
+    assert np.all(np.isfinite(y))
+    # Backward: finite, non-zero gradients for the adapter.
+    grads = _adapter_grads(model, adapter, x)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert any(np.abs(g).max() > 0 for g in grads)
+    kl.merge(model)
+    y_m = to_np(model(x)).astype("float32")
+    np.testing.assert_allclose(y_m, y, atol=5e-2 * max(1.0, np.abs(y).max()))
+
+
+def _adapter_grads(model, adapter, x):
+    variables = adapter.trainable_variables
+    if BACKEND == "jax":
+        import jax
+
+        def loss_fn(values):
+            mapping = list(zip(variables, values))
+            with keras.StatelessScope(state_mapping=mapping):
+                out = model(x)
+            return keras.ops.sum(keras.ops.cast(out, "float32") ** 2)
+
+        grads = jax.grad(loss_fn)([v.value for v in variables])
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(model(x), "float32") ** 2)
+        grads = tape.gradient(loss, [v.value for v in variables])
+    else:
+        import torch
+
+        out = model(x)
+        loss = (out.float() ** 2).sum()
+        grads = torch.autograd.grad(loss, [v.value for v in variables])
+    return [to_np(g).astype("float32") for g in grads]
+
+
+# 6. Gradient mask -------------------------------------------------------
+def _mask_model():
+    inp = keras.Input((4,), dtype="int32")
+    h = keras.layers.Embedding(10, 6, name="emb")(inp)
+    h = keras.layers.LayerNormalization(name="norm")(h)
+    h = keras.layers.EinsumDense("btd,dhk->bthk", output_shape=(4, 2, 3), bias_axes="hk", name="proj")(h)
+    h = keras.layers.Reshape((4, 6))(h)
+    h = keras.layers.Dense(8, activation="relu", name="ffn")(h)
+    out = keras.layers.Dense(10, name="logits")(h)
+    return keras.Model(inp, out)
+
+
+@pytest.mark.parametrize("train_bias", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_mask(method, train_bias):
+    spec = registry.get(method)
+    model = _mask_model()
+    summary = kl.enable_adapter(model, method=method, rank=2, train_bias=train_bias)
+    assert summary.adapted_paths == ["proj", "ffn"]  # the head is left alone
+    expected = 0
+    for _, a in kl.adapters(model):
+        g = a.geometry
+        n = spec.trainable_count(g.n_in, g.n_out, g.n_shared, a.rank, {})
+        assert a.trainable_count() == n
+        expected += n + (math.prod(a.layer.bias.shape) if train_bias else 0)
+    assert summary.trainable_params == expected
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for _, a in kl.adapters(model):
+        perturb(a, scale=0.2)  # B = 0 would leave A without gradient
+    before = {id(v): to_np(v).copy() for v in model.weights}
+    x = np.random.RandomState(0).randint(0, 10, (8, 4)).astype("int32")
+    y = np.random.RandomState(1).randint(0, 10, (8, 4)).astype("int32")
+    model.train_on_batch(x, y)
+    trainable_ids = {id(v) for v in model.trainable_weights}
+    for v in model.weights:
+        changed = not np.array_equal(to_np(v), before[id(v)])
+        if id(v) in trainable_ids:
+            assert changed, f"{v.path} did not train"
+        else:
+            assert not changed, f"frozen {v.path} changed"
+    names = sorted(v.path.split("/")[-1] for v in model.trainable_weights)
+    own = sorted(
+        n for _, a in kl.adapters(model) for n in (v.path.split("/")[-1] for v in a.trainable_variables)
+    )
+    assert names == own
+    has_bias = any(v.path.endswith("bias") for v in model.trainable_weights)
+    assert has_bias == train_bias
+
+
+# 7. Learns -------------------------------------------------------------
+def _fit_losses(model, x, y, epochs=12, lr=2e-2):
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hist = model.fit(x, y, epochs=epochs, batch_size=len(y), verbose=0)
+    return hist.history["loss"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_learns_gemma_causal_lm(method):
+    import keras_hub
+
+    lm = keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
+    x = token_inputs(20, batch=4, seq=8)
+    y = (x["token_ids"] + 3) % 20
+    kl.enable_adapter(lm, method=method, rank=2)
+    losses = _fit_losses(lm, x, y)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("model_name", ["llama", "bert", "gpt2"])
+def test_learns_other_hub_models(model_name):
+    import conftest
+
+    bb = getattr(conftest, f"{model_name}_backbone")()
+    x = token_inputs(10, batch=4, seq=8, segment=model_name == "bert")
+    seq_out = bb(x)["sequence_output"] if model_name == "bert" else bb(x)
+    assert seq_out.shape[-1] > 0
+    inputs = {k: keras.Input((8,), dtype="int32", name=k) for k in x}
+    feats = bb(inputs)
+    feats = feats["sequence_output"] if model_name == "bert" else feats
+    out = keras.layers.Dense(10, name="logits")(feats)
+    model = keras.Model(inputs, out)
+    y = (x["token_ids"] + 1) % 10
+    summary = kl.enable_adapter(model, method="lora", rank=2, trainable_layers=["logits"])
+    assert "logits" not in summary.adapted_paths
+    losses = _fit_losses(model, x, y, epochs=40, lr=3e-2)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+# 8. Training-time machinery -----------------------------------------------
+@pytest.mark.parametrize("method", METHODS)
+def test_training_machinery_declared(method):
+    """Methods of this release have no in-step machinery (schedules, masks,
+    rank sampling, base updates): their trainable variables change only by
+    the optimizer, which test_gradient_mask checks inside the compiled step."""
+    layer_cls = registry.get(method).layer_class
+    assert not hasattr(layer_cls, "train_step_update")
+
+
+# 9. .keras round trip -------------------------------------------------------
+def _subclassed_model():
+    @keras.saving.register_keras_serializable(package="klr_tests")
+    class Tiny(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.proj = keras.layers.EinsumDense("bd,dk->bk", output_shape=(6,), name="proj")
+            self.hidden = keras.layers.Dense(6, activation="relu", name="hidden")
+            self.logits = keras.layers.Dense(3, name="logits")
+
+        def call(self, x):
+            return self.logits(self.hidden(self.proj(x)))
+
+    m = Tiny()
+    m(np.zeros((1, 5), "float32"))
+    return m
+
+
+def _roundtrip_models():
+    return {
+        "functional": (lambda: SMALL["einsum"][0](), SMALL["einsum"][1]),
+        "sequential": (
+            lambda: keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, name="a"), keras.layers.Dense(3, name="logits")]),
+            SMALL["dense"][1],
+        ),
+        "subclassed": (_subclassed_model, SMALL["dense"][1]),
+        "gemma_backbone": (gemma_backbone, token_inputs(20)),
+    }
+
+
+def _train_one_step_changes_adapters(model, x):
+    y_ref = to_np(model(x))
+    target = np.random.RandomState(3).normal(size=y_ref.shape).astype("float32")
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    before = [to_np(v).copy() for v in model.trainable_weights]
+    assert before, "no trainable adapter variable after reload"
+    model.train_on_batch(x, target)
+    after = [to_np(v) for v in model.trainable_weights]
+    assert any(not np.array_equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("kind", ["functional", "sequential", "subclassed", "gemma_backbone"])
+@pytest.mark.parametrize("method", METHODS)
+def test_keras_roundtrip(method, kind, tmp_path):
+    make, x = _roundtrip_models()[kind]
+    model = make()
+    kl.enable_adapter(model, method=method, rank=2, targets=None if kind != "functional" else ["target"])
+    for _, a in kl.adapters(model):
+        perturb(a)
+    y = to_np(model(x))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_np(loaded(x)), y, rtol=1e-5, atol=1e-5)
+    assert [(p, a.method, a.rank) for p, a in kl.adapters(loaded)] == [
+        (p, a.method, a.rank) for p, a in kl.adapters(model)
+    ]
+    assert sorted(v.path.split("/")[-1] for v in loaded.trainable_weights) == sorted(
+        v.path.split("/")[-1] for v in model.trainable_weights
+    )
+    _train_one_step_changes_adapters(loaded, x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keras_roundtrip_task_model(method, tmp_path):
+    import keras_hub
+
+    lm = keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
+    x = token_inputs(20)
+    kl.enable_adapter(lm, method=method, rank=2)
+    for _, a in kl.adapters(lm):
+        perturb(a, scale=0.1)
+    y = to_np(lm(x))
+    path = str(tmp_path / "lm.keras")
+    lm.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded).__name__ == "GemmaCausalLM"
+    np.testing.assert_allclose(to_np(loaded(x)), y, rtol=1e-5, atol=1e-5)
+    assert len(kl.adapters(loaded)) == len(kl.adapters(lm))
+
+
+# 10. Adapter-only file ---------------------------------------------------
+@pytest.mark.parametrize("train_bias", [False, True])
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_file(method, train_bias, tmp_path):
+    bb = gemma_backbone() if not train_bias else _bert_like()
+    base_weights = [to_np(w).copy() for w in bb.weights]
+    x = token_inputs(20) if not train_bias else np.random.RandomState(0).normal(size=(2, 5)).astype("float32")
+    kl.enable_adapter(bb, method=method, rank=2, train_bias=train_bias)
+    for _, a in kl.adapters(bb):
+        perturb(a)
+        if train_bias:
+            a.layer.bias.assign(np.full(a.layer.bias.shape, 0.25, "float32"))
+    y = to_np(bb(x))
+    f = tmp_path / "adapter.safetensors"
+    kl.save_adapter(bb, f)
+    assert f.stat().st_size < 64 * 1024
+    fresh = gemma_backbone() if not train_bias else _bert_like()
+    for w, v in zip(fresh.weights, base_weights):
+        w.assign(v)
+    kl.load_adapter(fresh, f)
+    np.testing.assert_allclose(to_np(fresh(x)), y, rtol=1e-5, atol=1e-5)
+    assert [(p, a.method) for p, a in kl.adapters(fresh)] == [(p, a.method) for p, a in kl.adapters(bb)]
+
+
+def _bert_like():
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(6, activation="relu", name="ffn")(inp)
+    return keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+
+
+def test_pissa_as_lora(tmp_path):
+    bb = gemma_backbone()
+    base_weights = [to_np(w).copy() for w in bb.weights]
+    x = token_inputs(20)
+    kl.enable_adapter(bb, method="pissa", rank=2, alpha=4)
+    for _, a in kl.adapters(bb):
+        perturb(a)
+    y = to_np(bb(x))
+    f = tmp_path / "as_lora.safetensors"
+    kl.save_adapter(bb, f, as_lora=True)
+    fresh = gemma_backbone()
+    for w, v in zip(fresh.weights, base_weights):
+        w.assign(v)
+    kl.load_adapter(fresh, f)
+    assert {a.method for _, a in kl.adapters(fresh)} == {"lora"}
+    assert {a.rank for _, a in kl.adapters(fresh)} == {4}
+    assert {a.scaling for _, a in kl.adapters(fresh)} == {2.0}
+    np.testing.assert_allclose(to_np(fresh(x)), y, rtol=1e-4, atol=1e-4)
+
+
+# 11. Cross-backend -------------------------------------------------------
+CROSS_SCRIPT = r"""
+import json, os, sys
+import numpy as np, keras
+import keras_lowrank as kl
+out = sys.argv[1]
+keras.utils.set_random_seed(7)
+x = np.random.RandomState(0).normal(size=(2, 4, 5)).astype("float32")
+result = {}
+for method in kl.methods():
+    inp = keras.Input((4, 5))
+    h = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(4, 2, 3), bias_axes="nh", name="target")(inp)
+    h = keras.layers.Reshape((4, 6))(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="mix")(h))
+    base = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    kl.enable_adapter(model, method=method, rank=2, targets=["target", "mix"])
+    rng = np.random.RandomState(1)
+    for _, a in kl.adapters(model):
+        for v in a.trainable_variables:
+            val = rng.normal(scale=0.3, size=tuple(v.shape)).astype("float32")
+            v.assign(np.abs(val) + 0.5 if v.name == "magnitude" else val)
+    y = keras.ops.convert_to_numpy(model(x))
+    model.save(os.path.join(out, method + ".keras"))
+    kl.save_adapter(model, os.path.join(out, method + ".safetensors"))
+    np.savez(os.path.join(out, method + ".npz"), y=y, *base)
+print(json.dumps({"backend": keras.backend.backend()}))
+"""
+
+
+@pytest.mark.parametrize("source", [b for b in ("jax", "tensorflow", "torch") if b != BACKEND])
+def test_cross_backend(source, tmp_path):
+    env = dict(os.environ, KERAS_BACKEND=source)
+    proc = subprocess.run(
+        [sys.executable, "-c", CROSS_SCRIPT, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["backend"] == source
+    x = np.random.RandomState(0).normal(size=(2, 4, 5)).astype("float32")
+    for method in kl.methods():
+        saved = np.load(tmp_path / f"{method}.npz")
+        loaded = keras.saving.load_model(str(tmp_path / f"{method}.keras"))
+        np.testing.assert_allclose(to_np(loaded(x)), saved["y"], rtol=1e-5, atol=1e-5)
+        # adapter-only file onto a fresh base with the saved base weights
+        inp = keras.Input((4, 5))
+        h = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(4, 2, 3), bias_axes="nh", name="target")(inp)
+        h = keras.layers.Reshape((4, 6))(h)
+        fresh = keras.Model(inp, keras.layers.Dense(3, name="mix")(h))
+        for i, w in enumerate(fresh.weights):
+            w.assign(saved[f"arr_{i}"])
+        kl.load_adapter(fresh, tmp_path / f"{method}.safetensors")
+        np.testing.assert_allclose(to_np(fresh(x)), saved["y"], rtol=1e-5, atol=1e-5)
+
+
+# 12. Bad input --------------------------------------------------------------
+def _bad_model():
+    inp = keras.Input((4,), dtype="int32")
+    h = keras.layers.Embedding(10, 6, name="emb")(inp)
+    h = keras.layers.Dense(5, name="ffn")(h)
+    h = keras.layers.EinsumDense("btd,dk->btk", output_shape=(4, 3), name="proj")(h)
+    return keras.Model(inp, keras.layers.Dense(2, name="logits")(h))
+
+
+BAD_CALLS = [
+    ("rank0", dict(rank=0), ValueError, "rank"),
+    ("rank_negative", dict(rank=-2), ValueError, "rank=-2"),
+    ("rank_float", dict(rank=2.0), ValueError, "rank=2.0"),
+    ("rank_str", dict(rank="4"), ValueError, "rank='4'"),
+    ("unknown_option", dict(rank=2, colour="red"), ValueError, "colour"),
+    ("bad_dropout", dict(rank=2, dropout=1.5), ValueError, "dropout"),
+    ("targets_nothing", dict(rank=2, targets=["nope"]), ValueError, "Layer paths that exist"),
+    ("targets_glob_nothing", dict(rank=2, targets=["*/nothing*"]), ValueError, "nothing"),
+    ("exclude_nothing", dict(rank=2, exclude=["nope"]), ValueError, "nope"),
+    ("unsupported_layer", dict(rank=2, targets=["emb"]), TypeError, "emb"),
+    ("rank_per_layer", dict(rank=2, rank_pattern={"proj": 0}), ValueError, "proj"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_input_leaves_model_unchanged(method, case):
+    _, kwargs, exc, needle = case
+    model = _bad_model()
+    before = snapshot(model)
+    with pytest.raises(exc, match=needle.replace("*", r"\*")):
+        kl.enable_adapter(model, method=method, **kwargs)
+    assert_unchanged(model, before)
+
+
+def test_unknown_method_leaves_model_unchanged():
+    model = _bad_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Unknown adapter method 'loraa'"):
+        kl.enable_adapter(model, method="loraa", rank=2)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_larger_than_layer_allows(method):
+    spec = registry.get(method)
+    model = _bad_model()
+    before = snapshot(model)
+    if spec.rank_bounded:
+        # proj is a 5x3 matrix: rank <= 3; the error names the layer and rank
+        with pytest.raises(ValueError, match=r"rank=4 .*'proj'"):
+            kl.enable_adapter(model, method=method, rank=4)
+        assert_unchanged(model, before)
+    else:
+        kl.enable_adapter(model, method=method, rank=4)
+        assert model.get_layer("proj").rank == 4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_second_adapter_on_same_layer(method):
+    model = _bad_model()
+    kl.enable_adapter(model, method=method, rank=2, targets=["ffn"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'ffn' already has"):
+        kl.enable_adapter(model, method="lora", rank=2, targets=["ffn", "proj"])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_file_for_another_model_or_method(method, tmp_path):
+    model = _bad_model()
+    kl.enable_adapter(model, method=method, rank=2)
+    f = tmp_path / "a.safetensors"
+    kl.save_adapter(model, f)
+    # another model: different layer paths
+    other = SMALL["dense"][0]()
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="different model"):
+        kl.load_adapter(other, f)
+    assert_unchanged(other, before)
+    # same paths, other shapes
+    inp = keras.Input((4,), dtype="int32")
+    h = keras.layers.Embedding(10, 6, name="emb")(inp)
+    h = keras.layers.Dense(7, name="ffn")(h)
+    h = keras.layers.EinsumDense("btd,dk->btk", output_shape=(4, 3), name="proj")(h)
+    wrong = keras.Model(inp, keras.layers.Dense(2, name="logits")(h))
+    before = snapshot(wrong)
+    with pytest.raises(ValueError, match=r"'ffn' has a kernel of shape \(6, 7\)"):
+        kl.load_adapter(wrong, f)
+    assert_unchanged(wrong, before)
+    # same model, other method already in place
+    other_method = next(m for m in METHODS if m != method)
+    fresh = _bad_model()
+    kl.enable_adapter(fresh, method=other_method, rank=2)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=f"holds a '{method}' adapter"):
+        kl.load_adapter(fresh, f)
+    assert_unchanged(fresh, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_producing_nan_is_refused(method):
+    model = _bad_model()
+    kl.enable_adapter(model, method=method, rank=2)
+    a = model.get_layer("ffn")
+    bad = np.full(tuple(a.trainable_variables[0].shape), np.inf, "float32")
+    a.trainable_variables[0].assign(bad)
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match="'ffn'"):
+        kl.merge(model)
+    assert_unchanged(model, before)
+    with pytest.raises(FloatingPointError, match="'ffn'"):
+        kl.merge(model, unload=False)
+    assert_unchanged(model, before)
