@@ -4,11 +4,11 @@ Example:
 
 >>> import keras, numpy as np
 >>> import keras_lowrank
->>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+>>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
 ...                           keras.layers.Dense(4, name="logits")])
 >>> summary = model.enable_adapter(method="lora", rank=2)
 >>> summary.adapted_paths
-['dense']
+['hidden']
 """
 
 import keras as _keras

@@ -287,6 +287,9 @@ def freeze(model, trainable_layers=None):
             v.trainable = False
     for entry in keep:
         entry.layer.trainable = True
+        for sub in entry.layer._flatten_layers():
+            for v in sub._trainable_variables:
+                v.trainable = True
     for entry in entries:
         if isinstance(entry.layer, Adapter):
             entry.layer.trainable = True
@@ -299,22 +302,28 @@ def _after_change(model):
 
 
 def reset_compiled_functions(model):
+    """Drop traced train/test/predict functions; if the optimizer was already
+    built on the old trainable variables, recompile with a fresh copy of it
+    (same class and config) and the same loss and metrics."""
     for attr in ("train_function", "test_function", "predict_function"):
         if hasattr(model, attr):
             setattr(model, attr, None)
-    if getattr(model, "compiled", False) and getattr(model, "optimizer", None) is not None:
-        optimizer = model.optimizer
-        if getattr(optimizer, "built", False):
-            # The trainable variables changed; rebuild the optimizer state.
-            config = model.get_compile_config()
-            try:
-                model.compile_from_config(config)
-            except Exception as e:  # keep the user informed, never silent
-                warnings.warn(
-                    "The model was compiled before its adapters changed and "
-                    f"could not be recompiled automatically ({e}); call "
-                    "model.compile(...) again before training."
-                )
+    optimizer = getattr(model, "optimizer", None)
+    if not getattr(model, "compiled", False) or not getattr(optimizer, "built", False):
+        return
+    compile_config = getattr(model, "_compile_config", None)
+    try:
+        kwargs = dict(compile_config.config)
+        kwargs["optimizer"] = type(optimizer).from_config(optimizer.get_config())
+        # The base compile: task models with a custom compile() resolved their
+        # "auto" arguments already, and these are the resolved ones.
+        keras.Model.compile(model, **kwargs)
+    except Exception as e:  # keep the user informed, never silent
+        warnings.warn(
+            "The model was compiled before its adapters changed and could not "
+            f"be recompiled automatically ({e}); call model.compile(...) again "
+            "before training."
+        )
 
 
 def enable_adapter(
@@ -361,11 +370,11 @@ def enable_adapter(
 
     >>> import keras, numpy as np
     >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
     ...                           keras.layers.Dense(4, name="logits")])
     >>> summary = keras_lowrank.enable_adapter(model, method="lora", rank=2)
     >>> summary.adapted_paths
-    ['dense']
+    ['hidden']
     """
     spec = registry.get(method)
     if not isinstance(model, keras.layers.Layer):

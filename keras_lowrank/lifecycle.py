@@ -46,7 +46,7 @@ def merge(model, unload=True):
 
     >>> import keras, numpy as np
     >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
     ...                           keras.layers.Dense(4, name="logits")])
     >>> _ = keras_lowrank.enable_adapter(model, rank=2)
     >>> keras_lowrank.merge(model)
@@ -107,7 +107,7 @@ def disable_adapter(model):
 
     >>> import keras, numpy as np
     >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
     >>> _ = keras_lowrank.enable_adapter(model, targets=["dense"], rank=2)
     >>> with keras_lowrank.disable_adapter(model):
     ...     y_base = model(np.ones((1, 8), "float32"))

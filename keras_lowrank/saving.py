@@ -37,7 +37,7 @@ def save_adapter(model, path, as_lora=False):
 
     >>> import keras, numpy as np, tempfile, os
     >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
     >>> _ = keras_lowrank.enable_adapter(model, targets=["dense"], rank=2)
     >>> f = os.path.join(tempfile.mkdtemp(), "a.safetensors")
     >>> keras_lowrank.save_adapter(model, f)

@@ -29,7 +29,7 @@ class DoRA(LoRA):
     >>> import keras, numpy as np
     >>> import keras_lowrank
     >>> layer = keras_lowrank.layers.DoRA(keras.layers.Dense(6), rank=2)
-    >>> layer(np.ones((3, 4), "float32")).shape
+    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
     (3, 6)
     """
 

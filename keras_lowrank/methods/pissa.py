@@ -34,7 +34,7 @@ class PiSSA(LoRA):
     >>> dense = keras.layers.Dense(6)
     >>> dense.build((None, 4))
     >>> layer = keras_lowrank.layers.PiSSA(dense, rank=2)
-    >>> layer(np.ones((3, 4), "float32")).shape
+    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
     (3, 6)
     """
 

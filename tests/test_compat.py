@@ -1,0 +1,54 @@
+"""Pins for the Keras internals keras-lowrank relies on (keras_lowrank/_compat.py
+and the layer swap in keras_lowrank/tree.py). A Keras release that moves one
+fails here, by name."""
+
+import doctest
+import importlib
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lowrank import _compat
+
+
+def test_autocast_scope_reads_stored_dtype():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = keras.layers.Dense(3)
+    layer.build((None, 2))
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            with _compat.no_autocast():
+                raw = layer.kernel.value
+            return layer.kernel.value, raw
+
+    cast, raw = Probe()(np.ones((1, 2), "float32"))
+    assert keras.backend.standardize_dtype(raw.dtype) == "float32"
+    assert keras.backend.standardize_dtype(cast.dtype) == "bfloat16"
+
+
+def test_tracker_and_functional_internals_exist():
+    layer = keras.layers.Dense(2)
+    assert hasattr(layer, "_tracker") and hasattr(layer._tracker, "replace_tracked_value")
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2)(inp))
+    assert hasattr(model, "_operations") and hasattr(model, "_nodes")
+    assert hasattr(model, "_operations_by_depth")
+    from keras.src.ops.function import make_node_key
+
+    op = model.layers[-1]
+    assert make_node_key(op, 0) in model._nodes
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["keras_lowrank", "keras_lowrank.adapt", "keras_lowrank.lifecycle", "keras_lowrank.saving",
+     "keras_lowrank.methods.lora", "keras_lowrank.methods.dora", "keras_lowrank.methods.pissa",
+     "keras_lowrank.registry", "keras_lowrank.geometry"],
+)
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(module)
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+    assert result.attempted > 0
