@@ -174,7 +174,9 @@ class Adapter(keras.layers.Wrapper):
         """`scale * (x A) B` in rows of the matrix view."""
         rows = self.geometry.inputs_to_rows(x)
         h = ops.matmul(rows, ops.cast(a, rows.dtype))
-        return ops.matmul(h, ops.cast(b, rows.dtype)) * ops.cast(scale, rows.dtype)
+        if scale != 1.0:  # scale the r-wide tensor, not the output
+            h = h * ops.cast(scale, h.dtype)
+        return ops.matmul(h, ops.cast(b, rows.dtype))
 
     # ------------------------------------------------------------------
     # Values, in float32 and outside any autocast scope

@@ -1,0 +1,170 @@
+"""4-bit NormalFloat (NF4) with optional double quantization, in keras.ops.
+
+Bit-compatible with bitsandbytes' `quantize_4bit(..., quant_type="nf4")`:
+the values are taken in the order of the flattened *torch-layout* weight
+(`Wᵀ` of the matrix view, row-major: 64 consecutive input features of one
+output unit per block), each block is scaled by `1 / absmax` (the tail block
+is divided by its absmax), clipped to [-1, 1] and mapped to the nearest NF4
+value (a value on a midpoint goes down), and two codes share a byte, the
+first in the high nibble. Double quantization stores the absmax constants as
+8-bit codes of bitsandbytes' signed dynamic map, in blocks of 256, after
+subtracting their mean.
+"""
+
+import numpy as np
+from keras import ops
+
+from keras_lowrank.quant._dynamic_map import DYNAMIC_MAP
+
+#: the bitsandbytes NF4 table (index 0..15)
+NF4_TABLE = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+        0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0,
+    ],
+    dtype="float32",
+)
+
+BLOCK = 64
+ABSMAX_BLOCK = 256
+
+
+
+
+def _midpoints(code):
+    code = ops.convert_to_tensor(code, "float32")
+    return (code[:-1] + code[1:]) / 2.0
+
+
+def _bucketize(x, bounds):
+    """torch.bucketize(x, bounds, right=False): the number of bounds < x."""
+    return ops.sum(ops.cast(ops.expand_dims(x, -1) > bounds, "int32"), axis=-1)
+
+
+_TINY = np.float32(1e-38)  # bitsandbytes' floor of a tail block's absmax
+
+
+def _scale(values, am):
+    # x * (1 / absmax), clipped; an all-zero block maps to 0 (bitsandbytes
+    # divides by max(absmax, 1e-38); some backends flush that subnormal).
+    nonzero = am > 0
+    inv = 1.0 / ops.where(nonzero, am, ops.ones_like(am))
+    return ops.where(nonzero, ops.clip(values * inv, -1.0, 1.0), ops.zeros_like(values))
+
+
+def _blockwise_scale(flat, block):
+    """Per-block absmax and the scaled values, bitsandbytes' arithmetic."""
+    n = flat.shape[0]
+    rem = n % block
+    full = n - rem
+    parts, absmax = [], []
+    if full:
+        com = ops.reshape(flat[:full], (full // block, block))
+        am = ops.max(ops.abs(com), axis=-1)
+        parts.append(ops.reshape(_scale(com, ops.expand_dims(am, -1)), (-1,)))
+        absmax.append(am)
+    if rem:
+        tail = flat[full:]
+        am = ops.max(ops.abs(tail))
+        # bitsandbytes divides the tail block (no reciprocal)
+        nonzero = am > 0
+        safe = ops.where(nonzero, am, ops.ones_like(am))
+        parts.append(ops.where(nonzero, ops.clip(tail / safe, -1.0, 1.0), ops.zeros_like(tail)))
+        absmax.append(ops.reshape(ops.where(nonzero, am, _TINY), (1,)))
+    scaled = ops.concatenate(parts) if len(parts) > 1 else parts[0]
+    absmax = ops.concatenate(absmax) if len(absmax) > 1 else absmax[0]
+    return scaled, absmax
+
+
+def check_finite(values, where="kernel"):
+    ok = bool(ops.convert_to_numpy(ops.all(ops.isfinite(values))))
+    if not ok:
+        raise ValueError(
+            f"NF4 quantization of {where}: the values contain NaN or inf, "
+            "which have no 4-bit code."
+        )
+
+
+def quantize_blockwise_8bit(values, block=ABSMAX_BLOCK, code=None):
+    """8-bit blockwise quantization with the dynamic map: (codes, absmax)."""
+    code = DYNAMIC_MAP if code is None else code
+    flat = ops.reshape(ops.cast(values, "float32"), (-1,))
+    scaled, absmax = _blockwise_scale(flat, block)
+    q = _bucketize(scaled, _midpoints(code))
+    return ops.cast(q, "uint8"), absmax
+
+
+def dequantize_blockwise_8bit(codes, absmax, block=ABSMAX_BLOCK, code=None):
+    code = ops.convert_to_tensor(DYNAMIC_MAP if code is None else code, "float32")
+    n = codes.shape[0]
+    vals = ops.take(code, ops.cast(codes, "int32"))
+    return _times_block_absmax(vals, absmax, block, n)
+
+
+def _times_block_absmax(vals, absmax, block, n):
+    n_blocks = absmax.shape[0]
+    pad = n_blocks * block - n
+    if pad:
+        vals = ops.concatenate([vals, ops.zeros((pad,), vals.dtype)])
+    out = ops.reshape(vals, (n_blocks, block)) * ops.expand_dims(absmax, -1)
+    out = ops.reshape(out, (-1,))
+    return out[:n] if pad else out
+
+
+def quantize_nf4(values, double_quant=True, block=BLOCK, where="kernel"):
+    """Quantize a float tensor (taken in row-major order) to NF4.
+
+    Returns a dict of arrays: `codes` (uint8, two per byte), and either
+    `absmax` (float32, one per block) or, with double quantization,
+    `absmax_codes` (uint8), `absmax_scale` (float32, one per 256 blocks) and
+    `absmax_offset` (float32 scalar).
+    """
+    flat = ops.reshape(ops.cast(values, "float32"), (-1,))
+    check_finite(flat, where)
+    scaled, absmax = _blockwise_scale(flat, block)
+    q = _bucketize(scaled, _midpoints(NF4_TABLE))
+    if q.shape[0] % 2:
+        q = ops.concatenate([q, ops.full((1,), 7, "int32")])  # 0.0 pads
+    pairs = ops.reshape(q, (-1, 2))
+    codes = ops.cast(pairs[:, 0] * 16 + pairs[:, 1], "uint8")
+    out = {"codes": codes}
+    if double_quant:
+        # The mean in float64 on the host: the same offset on every backend
+        # (a float32 reduction's order differs between them).
+        am64 = np.asarray(ops.convert_to_numpy(absmax), dtype=np.float64)
+        offset = ops.convert_to_tensor(np.float32(am64.mean()), "float32")
+        q2, absmax2 = quantize_blockwise_8bit(absmax - offset)
+        out.update(absmax_codes=q2, absmax_scale=absmax2, absmax_offset=offset)
+    else:
+        out["absmax"] = absmax
+    return out
+
+
+def dequantize_absmax(state, n_blocks=None):
+    if "absmax" in state:
+        return ops.cast(state["absmax"], "float32")
+    am = dequantize_blockwise_8bit(state["absmax_codes"], state["absmax_scale"])
+    return am + ops.cast(state["absmax_offset"], "float32")
+
+
+def dequantize_nf4(state, numel, block=BLOCK):
+    """The float32 values (flat, row-major) of an NF4 state."""
+    codes = ops.cast(state["codes"], "int32")
+    high = codes // 16
+    low = codes - high * 16
+    idx = ops.reshape(ops.stack([high, low], axis=-1), (-1,))
+    vals = ops.take(ops.convert_to_tensor(NF4_TABLE), idx)
+    vals = vals[:numel] if vals.shape[0] != numel else vals
+    return _times_block_absmax(vals, dequantize_absmax(state), block, numel)
+
+
+def storage_bits(state, numel):
+    """Bits per quantized value, from the stored arrays."""
+    total = 0
+    for v in state.values():
+        arr = np.asarray(ops.convert_to_numpy(v))
+        total += arr.size * arr.dtype.itemsize * 8
+    return total / numel
