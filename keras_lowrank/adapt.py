@@ -240,14 +240,21 @@ def _build_adapter(adapter, path):
         adapter._build_shapes_dict = dict(shapes)
 
 
-def _install(model, plan, init):
-    """Wrap each `(entry, spec, options)` of `plan`; all or nothing."""
+def _install(model, plan, init, base=None, double_quant=True):
+    """Wrap each `(entry, spec, options)` of `plan`; all or nothing.
+
+    With `base` (e.g. `"nf4"`), the frozen kernels move to that storage, the
+    data-dependent init running before (SVD inits) or after it.
+    """
+    convert = bases.converter(base, double_quant)
     created = []
     try:
         for entry, spec, options in plan:
-            adapter = _construct(spec, entry.layer, options, init)
+            adapter = _construct(spec, entry.layer, options, init and convert is None)
             created.append((entry, adapter))
             _build_adapter(adapter, entry.path)
+            if convert is not None:
+                adapter.attach_base(convert, init)
     except Exception:
         for entry, adapter in created:
             _undo_construct(entry.layer, adapter)
@@ -258,13 +265,16 @@ def _install(model, plan, init):
 
 
 def _undo_construct(layer, adapter):
-    if adapter.built:
-        w = adapter.original_matrix(adapter.base_matrix())
+    """Give `layer` (the original float layer) back its state."""
+    if adapter.built and bases.base_kind(layer) == "float":
+        w = adapter.geometry.kernel_to_matrix(bases.read_kernel(layer))
+        w = adapter.original_matrix(w)
         bases.assign_kernel(layer, adapter.geometry.matrix_to_kernel(w))
     layer.activation = adapter.activation
-    for var in (bases.kernel_variable(layer), bases.bias_variable(layer)):
-        if var is not None:
-            var.trainable = True
+    bases.freeze_kernel(layer, trainable=True)
+    bias = bases.bias_variable(layer)
+    if bias is not None:
+        bias.trainable = True
 
 
 def freeze(model, trainable_layers=None):
@@ -338,6 +348,8 @@ def enable_adapter(
     alpha_pattern=None,
     train_bias=False,
     trainable_layers=None,
+    base=None,
+    double_quant=True,
     verbose=False,
     **options,
 ):
@@ -359,6 +371,11 @@ def enable_adapter(
         train_bias: keep the adapted layers' biases trainable.
         trainable_layers: patterns of further layers to keep trainable
             (e.g. a classifier head or the norms).
+        base: storage of the frozen kernels: `None`/`"float"` (as they are)
+            or `"nf4"` (4-bit NormalFloat, QLoRA's base; SVD inits decompose
+            the full-precision kernel and quantize the residual).
+        double_quant: with `base="nf4"`, also quantize the block constants
+            (4.127 instead of 4.5 bits per parameter).
         verbose: print the summary table.
         **options: method options (see `keras_lowrank.methods()` and the
             method's layer class).
@@ -385,6 +402,11 @@ def enable_adapter(
             "before enable_adapter."
         )
     check_rank(rank, "enable_adapter")
+    bases.check_base(base, double_quant)
+    if base not in (None, "float") and base not in spec.bases:
+        raise ValueError(
+            f"Method {method!r} cannot run over a {base!r} base; it supports {spec.bases}."
+        )
     base_options = spec.validate_options(
         {"dropout": dropout, "train_bias": train_bias, **options}
     )
@@ -417,7 +439,7 @@ def enable_adapter(
         opts = dict(base_options, rank=r, alpha=a)
         plan.append((entry, spec, opts))
 
-    _install(model, plan, init=True)
+    _install(model, plan, init=True, base=base, double_quant=double_quant)
     freeze(model, trainable_layers)
     mark_adapted(model, trainable_layers)
     _after_change(model)
@@ -460,7 +482,13 @@ class AdaptedModel:
 def plan_of(model):
     layers = {}
     for path, a in adapters(model):
-        layers[path] = {"method": a.method, "merged": a.merged, **a.adapter_config()}
+        layers[path] = {
+            "method": a.method,
+            "merged": a.merged,
+            "base": bases.base_kind(a.layer),
+            "double_quant": getattr(a.layer, "double_quant", True),
+            **a.adapter_config(),
+        }
     return {
         "layers": layers,
         "trainable_layers": getattr(model, "_klr_trainable_layers", None),
@@ -470,7 +498,7 @@ def plan_of(model):
 def apply_plan(model, plan):
     """Re-create adapters (without data-dependent init) as a plan describes."""
     entries = {e.path: e for e in tree.walk(model)}
-    todo = []
+    groups = {}
     for path, cfg in plan["layers"].items():
         entry = entries.get(path)
         if entry is None:
@@ -480,6 +508,8 @@ def apply_plan(model, plan):
             )
         cfg = dict(cfg)
         spec = registry.get(cfg.pop("method"))
+        base = cfg.pop("base", "float")
+        double_quant = cfg.pop("double_quant", True)
         if isinstance(entry.layer, Adapter):
             if entry.layer.method != spec.name:
                 raise ValueError(
@@ -487,8 +517,9 @@ def apply_plan(model, plan):
                     f"the saved plan a {spec.name!r} one."
                 )
             continue
-        todo.append((entry, spec, cfg))
-    _install(model, todo, init=False)
+        groups.setdefault((base, double_quant), []).append((entry, spec, cfg))
+    for (base, double_quant), todo in groups.items():
+        _install(model, todo, init=False, base=base, double_quant=double_quant)
     freeze(model, plan.get("trainable_layers"))
     mark_adapted(model, plan.get("trainable_layers"))
     _after_change(model)

@@ -125,6 +125,30 @@ class Adapter(keras.layers.Wrapper):
     def initialize_from_base(self):
         """Data-dependent initialization (SVD inits); plain inits need none."""
 
+    #: SVD inits decompose the full-precision kernel and quantize the
+    #: residual (QPiSSA); others initialize from the quantized base, so that
+    #: they start as a no-op on it.
+    init_on_full_precision = False
+
+    def attach_base(self, convert, init):
+        """Move the frozen kernel into another storage (e.g. NF4).
+
+        `convert` maps the float layer to its replacement. With `init`, the
+        data-dependent initialization runs before or after the conversion,
+        as the method needs.
+        """
+        if init and self.init_on_full_precision:
+            self.initialize_from_base()
+        new = convert(self.layer)
+        old = self.layer
+        from keras_lowrank import tree
+
+        tree.replace_child(self, old, new)
+        self.geometry = KernelGeometry.from_layer(new)
+        self.freeze_base()
+        if init and not self.init_on_full_precision:
+            self.initialize_from_base()
+
     def add_adapter_weight(self, name, shape, initializer, trainable=True):
         var = self.add_weight(
             name=name,
@@ -137,7 +161,7 @@ class Adapter(keras.layers.Wrapper):
         return var
 
     def freeze_base(self):
-        bases.kernel_variable(self.layer).trainable = False
+        bases.freeze_kernel(self.layer)
         bias = bases.bias_variable(self.layer)
         if bias is not None:
             bias.trainable = self.train_bias
@@ -207,10 +231,21 @@ class Adapter(keras.layers.Wrapper):
         """The matrix of the base the adapter was put on (PiSSA: K_res + s A0 B0)."""
         return matrix
 
+    def _refuse_quantized(self, what):
+        if bases.base_kind(self.layer) != "float":
+            raise ValueError(
+                f"Cannot {what} layer {self.name!r} in place: its kernel is "
+                f"stored as {bases.base_kind(self.layer)}, and folding the update "
+                "into it would re-quantize (a silent loss). Use "
+                "keras_lowrank.merge(model) for a float kernel, or "
+                "merge(model, requantize=True) to re-quantize and see the error."
+            )
+
     def merge_in_place(self):
         """Fold the update into the wrapped kernel (keeps the adapter)."""
         if self.merged:
             return
+        self._refuse_quantized("merge")
         w = self.merged_matrix(self.base_matrix())
         check_finite(w, self.name, "merge")
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
@@ -225,16 +260,13 @@ class Adapter(keras.layers.Wrapper):
         self.merged = False
 
     def to_plain_layer(self):
-        """A plain Dense/EinsumDense with the merged kernel."""
+        """A plain (unbuilt) Dense/EinsumDense and the merged float kernel."""
         w = self.base_matrix()
         if not self.merged:
             w = self.merged_matrix(w)
         check_finite(w, self.name, "merge")
         kernel = self.geometry.matrix_to_kernel(w)
-        cls = type(self.layer)
-        config = bases.plain_config(self.layer, self.activation)
-        config["name"] = self.name
-        plain = cls.from_config(config)
+        plain = bases.plain_layer(self.layer, self.activation, self.name)
         return plain, kernel
 
     # ------------------------------------------------------------------

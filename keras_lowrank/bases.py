@@ -12,12 +12,52 @@ from keras import ops
 from keras_lowrank import _compat
 
 
+#: frozen-base storages `enable_adapter(base=...)` accepts
+BASES = ("float", "nf4")
+
+
+def _nf4_class():
+    from keras_lowrank.quant.layers import NF4Linear
+
+    return NF4Linear
+
+
+def is_nf4(layer):
+    return isinstance(layer, _nf4_class())
+
+
 def is_linear_layer(layer):
     """True for the layer types an adapter can wrap."""
-    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense))
+    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) or is_nf4(layer)
+
+
+def base_kind(layer):
+    """`"nf4"` or `"float"`: how the frozen kernel is stored."""
+    return "nf4" if is_nf4(layer) else "float"
+
+
+def check_base(base, double_quant=True):
+    if base not in (None,) + BASES:
+        raise ValueError(
+            f"Unknown base={base!r}; frozen-base storages: {BASES} (None = as it is)."
+        )
+    if double_quant not in (True, False):
+        raise ValueError(f"double_quant must be True or False; received {double_quant!r}.")
+
+
+def converter(base, double_quant=True):
+    """A function turning a float base layer into the requested storage."""
+    if base in (None, "float"):
+        return None
+    if base == "nf4":
+        nf4 = _nf4_class()
+        return lambda layer: nf4.from_layer(layer, double_quant=double_quant)
+    raise ValueError(f"Unknown base={base!r}.")
 
 
 def layer_equation(layer):
+    if is_nf4(layer):
+        return layer.equation
     if isinstance(layer, keras.layers.EinsumDense):
         return layer.equation
     if isinstance(layer, keras.layers.Dense):
@@ -62,33 +102,61 @@ def check_supported(layer, path=None):
 
 
 def float_kernel_shape(layer):
+    if is_nf4(layer):
+        return layer.kernel_shape
     return tuple(layer._kernel.shape)
 
 
 def kernel_variable(layer):
-    return layer._kernel
+    """The float kernel variable (`None` for a quantized storage)."""
+    return None if is_nf4(layer) else layer._kernel
+
+
+def freeze_kernel(layer, trainable=False):
+    var = kernel_variable(layer)
+    if var is not None:
+        var.trainable = trainable
 
 
 def read_kernel(layer):
-    """The kernel as a float32 tensor, never autocast."""
+    """The kernel as a float32 tensor (dequantized), never autocast."""
+    if is_nf4(layer):
+        return layer.dequantized_kernel()
     with _compat.no_autocast():
         value = kernel_variable(layer).value
     return ops.cast(value, "float32")
 
 
 def assign_kernel(layer, value):
+    """Set the kernel (a quantized storage re-quantizes `value`)."""
+    if is_nf4(layer):
+        layer.quantize_kernel(value)
+        return
     var = kernel_variable(layer)
     var.assign(ops.cast(value, var.dtype))
+
+
+def build_input_shape(layer):
+    if is_nf4(layer):
+        return layer.source_input_shape
+    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    return next(iter(shapes.values()), None)
 
 
 def bias_variable(layer):
     return getattr(layer, "bias", None)
 
 
-def plain_config(layer, activation):
-    """Config of a plain copy of `layer` with `activation` restored."""
-    config = layer.get_config()
+def plain_layer(layer, activation, name):
+    """An unbuilt plain Dense/EinsumDense like `layer`, with `activation`."""
+    if is_nf4(layer):
+        cls = layer.plain_layer_class()
+        config = dict(layer.source["config"])
+    else:
+        cls = type(layer)
+        config = layer.get_config()
     config["activation"] = keras.activations.serialize(activation)
+    config["name"] = name
     for key in ("lora_rank", "lora_alpha", "quantization_config"):
         config.pop(key, None)
-    return config
+    return cls.from_config(config)

@@ -215,6 +215,29 @@ class KernelGeometry:
         in_ndim = n_lead + len(self.shared) + len(self.reduced)
         return self._plan(in_ndim)
 
+    def output_shape(self, input_shape):
+        """Static output shape of `einsum(equation, x, kernel)`."""
+        input_shape = tuple(input_shape)
+        plan_inp, out = self._inp, self._out
+        dims = {}
+        if "..." in plan_inp:
+            n_ell = len(input_shape) - len(plan_inp.replace("...", ""))
+            pos = plan_inp.index("...")
+            ell_dims = input_shape[pos : pos + n_ell]
+            labels = plan_inp.replace("...", "")
+            rest = input_shape[:pos] + input_shape[pos + n_ell :]
+        else:
+            ell_dims, labels, rest = (), plan_inp, input_shape
+        dims.update(zip(labels, rest))
+        dims.update(self._dim)
+        result = []
+        parts = out.split("...")
+        for i, part in enumerate(parts):
+            if i:
+                result.extend(ell_dims)
+            result.extend(dims[c] for c in part)
+        return tuple(result)
+
     def column_vector_to_rows(self, v):
         """A per-output-column vector `batch_shape + (n_out,)` broadcastable
         against rows."""

@@ -2,6 +2,8 @@
 
 import contextlib
 
+from keras import ops
+
 from keras_lowrank import adapt
 from keras_lowrank import bases
 from keras_lowrank import tree
@@ -17,8 +19,7 @@ def _adapter_entries(model):
 
 def _build_plain(adapter, path):
     plain, kernel = adapter.to_plain_layer()
-    shapes = getattr(adapter.layer, "_build_shapes_dict", None) or {}
-    input_shape = next(iter(shapes.values()), None)
+    input_shape = bases.build_input_shape(adapter.layer)
     if input_shape is None:
         input_shape = (None, adapter.geometry.n_in)
     with tree.path_scope(path):
@@ -31,7 +32,28 @@ def _build_plain(adapter, path):
     return plain
 
 
-def merge(model, unload=True):
+def _requantized(adapter, path):
+    """The merged adapter as a stand-alone NF4 layer, and its error."""
+    from keras_lowrank.quant.layers import NF4Linear
+
+    plain = _build_plain(adapter, path)
+    exact = bases.read_kernel(plain)
+    with tree.path_scope(path):
+        q = NF4Linear.from_layer(
+            plain,
+            double_quant=getattr(adapter.layer, "double_quant", True),
+            activation=adapter.activation,
+            name=adapter.name,
+        )
+    err = ops.abs(bases.read_kernel(q) - exact)
+    report = {
+        "max_abs_error": float(ops.convert_to_numpy(ops.max(err))),
+        "mean_abs_error": float(ops.convert_to_numpy(ops.mean(err))),
+    }
+    return q, report
+
+
+def merge(model, unload=True, requantize=False):
     """Fold every adapter into its base kernel.
 
     With `unload=True` (default) each adapter layer is replaced, in place, by
@@ -39,6 +61,11 @@ def merge(model, unload=True):
     has no keras-lowrank layer left, and saves and loads without
     `keras_lowrank`. With `unload=False` the adapters stay, with their update
     folded into the kernel, and `unmerge(model)` takes it out again.
+
+    A quantized (NF4) base merges into a float kernel by default. With
+    `requantize=True` the merged kernel is quantized again into a stand-alone
+    NF4 layer, and `merge` returns `{path: {"max_abs_error", "mean_abs_error"}}`,
+    the re-quantization error of each kernel: never a silent loss.
 
     Raises `FloatingPointError` (model unchanged) if a merge produces NaN/inf.
 
@@ -54,6 +81,8 @@ def merge(model, unload=True):
     ['Dense', 'Dense']
     """
     entries = _adapter_entries(model)
+    if requantize and not unload:
+        raise ValueError("merge(requantize=True) replaces the adapters; it needs unload=True.")
     if not unload:
         done = []
         try:
@@ -66,7 +95,14 @@ def merge(model, unload=True):
             raise
         adapt.reset_compiled_functions(model)
         return
-    plains = [(e, _build_plain(e.layer, e.path)) for e in entries]
+    report = {}
+    if requantize:
+        plains = []
+        for e in entries:
+            q, report[e.path] = _requantized(e.layer, e.path)
+            plains.append((e, q))
+    else:
+        plains = [(e, _build_plain(e.layer, e.path)) for e in entries]
     for e, plain in plains:
         adapter = e.layer
         # Give the wrapped layer its activation back, in case the user holds it.
@@ -74,6 +110,7 @@ def merge(model, unload=True):
         tree.replace_layer(model, e, plain)
     adapt.mark_adapted(model)
     adapt._after_change(model)
+    return report if requantize else None
 
 
 def unmerge(model):

@@ -33,6 +33,8 @@ class MethodSpec:
     trainable_count: Callable
     #: option name -> allowed values (tuple) or a predicate
     choices: dict = dataclasses.field(default_factory=dict)
+    #: frozen-base storages the method composes with
+    bases: tuple = ("float", "nf4")
     status: str = "stable"
 
     @property

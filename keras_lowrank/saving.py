@@ -11,6 +11,7 @@ import numpy as np
 from keras import ops
 
 from keras_lowrank import adapt
+from keras_lowrank import bases
 from keras_lowrank import registry
 from keras_lowrank import tree
 from keras_lowrank.adapter import Adapter
@@ -71,6 +72,8 @@ def save_adapter(model, path, as_lora=False):
                 "train_bias": a.train_bias,
                 "seed": a.seed,
             }
+        cfg["base"] = bases.base_kind(a.layer)
+        cfg["double_quant"] = getattr(a.layer, "double_quant", True)
         cfg["kernel_shape"] = list(a.geometry.kernel_shape)
         cfg["equation"] = a.geometry.equation
         layers[lpath] = cfg
@@ -112,6 +115,9 @@ def load_adapter(model, path):
         cfg = dict(cfg)
         kernel_shape = tuple(cfg.pop("kernel_shape"))
         cfg.pop("equation", None)
+        base = cfg.pop("base", "float")
+        double_quant = cfg.pop("double_quant", True)
+        bases.check_base(base, double_quant)
         entry = entries.get(lpath)
         if entry is None:
             raise ValueError(
@@ -129,8 +135,6 @@ def load_adapter(model, path):
                 )
             have = layer.geometry.kernel_shape
         else:
-            from keras_lowrank import bases
-
             bases.check_supported(layer, lpath)
             have = bases.float_kernel_shape(layer)
         if tuple(have) != kernel_shape:
@@ -138,18 +142,18 @@ def load_adapter(model, path):
                 f"Layer {lpath!r} has a kernel of shape {tuple(have)}; the "
                 f"adapter file was made for shape {kernel_shape}."
             )
-        todo.append((entry, spec, cfg))
+        todo.append((entry, spec, cfg, base, double_quant))
 
     # Build the adapters we need (not yet in the model) and check the tensors.
     fresh = []
-    for entry, spec, cfg in todo:
+    for entry, spec, cfg, _, _ in todo:
         if not isinstance(entry.layer, Adapter):
             options = {k: v for k, v in cfg.items() if k not in ("method",)}
             fresh.append((entry, spec, options))
     created = adapt._install(model, fresh, init=False) if fresh else []
     try:
         current = {e.path: e.layer for e in tree.walk(model)}
-        for entry, spec, cfg in todo:
+        for entry, spec, cfg, _, _ in todo:
             a = current[entry.path]
             state = a.adapter_state()
             names = {k.split(SEP, 1)[1] for k in tensors if k.split(SEP, 1)[0] == entry.path}
@@ -172,18 +176,22 @@ def load_adapter(model, path):
             e = tree.find(model, _path_of(model, a))
             a.layer.activation = a.activation
             tree.replace_layer(model, e, a.layer)
-            from keras_lowrank import bases
-
-            for var in (bases.kernel_variable(a.layer), bases.bias_variable(a.layer)):
-                if var is not None:
-                    var.trainable = True
+            bases.freeze_kernel(a.layer, trainable=True)
+            if bases.bias_variable(a.layer) is not None:
+                bases.bias_variable(a.layer).trainable = True
         raise
-    for entry, spec, cfg in todo:
+    fresh_ids = {id(a) for a in created}
+    for entry, spec, cfg, base, double_quant in todo:
         a = current[entry.path]
         original = a.original_matrix(a.base_matrix())
         for name, var in a.adapter_state().items():
             var.assign(tensors[f"{entry.path}{SEP}{name}"])
         a.rebase(original)
+        # A fresh float base moves to the saved storage after the rebase, so
+        # that an SVD residual is quantized from full precision, as at save.
+        convert = bases.converter(base, double_quant)
+        if id(a) in fresh_ids and convert is not None:
+            a.attach_base(convert, init=False)
     adapt.freeze(model, plan.get("trainable_layers"))
     adapt.mark_adapted(model, plan.get("trainable_layers"))
     adapt._after_change(model)

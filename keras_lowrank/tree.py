@@ -118,13 +118,18 @@ def _replace_in_attrs(parent, old, new):
                 modules[key] = new
 
 
+def replace_child(parent, old, new):
+    """Replace a direct sublayer `old` of `parent` by `new`."""
+    with _compat.unlocked(parent):
+        _compat.replace_in_layer_store(parent, old, new)
+        _replace_in_attrs(parent, old, new)
+
+
 def replace_layer(model, entry, new):
     """Put `new` everywhere `entry.layer` is referenced in `model`."""
     old = entry.layer
     for parent in entry.parents:
-        with _compat.unlocked(parent):
-            _compat.replace_in_layer_store(parent, old, new)
-            _replace_in_attrs(parent, old, new)
+        replace_child(parent, old, new)
         for func in _functionals_of(parent):
             _swap_in_functional(func, old, new)
 

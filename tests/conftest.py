@@ -110,7 +110,7 @@ def np_layer_output(adapter, x, merged_matrix_fn):
     """Output of the adapted layer restated in NumPy from its own variables."""
     from keras_lowrank import bases
 
-    kernel = to_np(bases.kernel_variable(adapter.layer)).astype("float64")
+    kernel = to_np(bases.read_kernel(adapter.layer)).astype("float64")
     eq = adapter.geometry.equation
     w, back = np_matricize(eq, kernel)
     k2 = back(merged_matrix_fn(adapter, w))

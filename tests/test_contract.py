@@ -436,22 +436,23 @@ out = sys.argv[1]
 keras.utils.set_random_seed(7)
 x = np.random.RandomState(0).normal(size=(2, 4, 5)).astype("float32")
 result = {}
-for method in kl.methods():
+for method, base in [(m, b) for m in kl.methods() for b in (None, "nf4")]:
+    tag = method + "_" + str(base)
     inp = keras.Input((4, 5))
     h = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(4, 2, 3), bias_axes="nh", name="target")(inp)
     h = keras.layers.Reshape((4, 6))(h)
     model = keras.Model(inp, keras.layers.Dense(3, name="mix")(h))
-    base = [keras.ops.convert_to_numpy(w) for w in model.weights]
-    kl.enable_adapter(model, method=method, rank=2, targets=["target", "mix"])
+    weights = [keras.ops.convert_to_numpy(w) for w in model.weights]
+    kl.enable_adapter(model, method=method, rank=2, targets=["target", "mix"], base=base)
     rng = np.random.RandomState(1)
     for _, a in kl.adapters(model):
         for v in a.trainable_variables:
             val = rng.normal(scale=0.3, size=tuple(v.shape)).astype("float32")
             v.assign(np.abs(val) + 0.5 if v.name == "magnitude" else val)
     y = keras.ops.convert_to_numpy(model(x))
-    model.save(os.path.join(out, method + ".keras"))
-    kl.save_adapter(model, os.path.join(out, method + ".safetensors"))
-    np.savez(os.path.join(out, method + ".npz"), y=y, *base)
+    model.save(os.path.join(out, tag + ".keras"))
+    kl.save_adapter(model, os.path.join(out, tag + ".safetensors"))
+    np.savez(os.path.join(out, tag + ".npz"), y=y, *weights)
 print(json.dumps({"backend": keras.backend.backend()}))
 """
 
@@ -466,9 +467,9 @@ def test_cross_backend(source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["backend"] == source
     x = np.random.RandomState(0).normal(size=(2, 4, 5)).astype("float32")
-    for method in kl.methods():
-        saved = np.load(tmp_path / f"{method}.npz")
-        loaded = keras.saving.load_model(str(tmp_path / f"{method}.keras"))
+    for tag in [f"{m}_{b}" for m in kl.methods() for b in (None, "nf4")]:
+        saved = np.load(tmp_path / f"{tag}.npz")
+        loaded = keras.saving.load_model(str(tmp_path / f"{tag}.keras"))
         np.testing.assert_allclose(to_np(loaded(x)), saved["y"], rtol=1e-5, atol=1e-5)
         # adapter-only file onto a fresh base with the saved base weights
         inp = keras.Input((4, 5))
@@ -477,7 +478,7 @@ def test_cross_backend(source, tmp_path):
         fresh = keras.Model(inp, keras.layers.Dense(3, name="mix")(h))
         for i, w in enumerate(fresh.weights):
             w.assign(saved[f"arr_{i}"])
-        kl.load_adapter(fresh, tmp_path / f"{method}.safetensors")
+        kl.load_adapter(fresh, tmp_path / f"{tag}.safetensors")
         np.testing.assert_allclose(to_np(fresh(x)), saved["y"], rtol=1e-5, atol=1e-5)
 
 
@@ -595,3 +596,31 @@ def test_merge_producing_nan_is_refused(method):
     with pytest.raises(FloatingPointError, match="'ffn'"):
         kl.merge(model, unload=False)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("kind", ["bert_classifier", "llama", "gpt2"])
+def test_keras_roundtrip_more_hub_models(kind, tmp_path):
+    import keras_hub
+
+    import conftest
+
+    if kind == "bert_classifier":
+        model = keras_hub.models.BertTextClassifier(
+            backbone=conftest.bert_backbone(), num_classes=2, preprocessor=None
+        )
+        x = token_inputs(10, segment=True)
+        targets = ["all-linear", "logits"]  # the top-level functional head too
+    else:
+        model = getattr(conftest, f"{kind}_backbone")()
+        x = token_inputs(10)
+        targets = None
+    kl.enable_adapter(model, method="lora", rank=2, targets=targets)
+    for _, a in kl.adapters(model):
+        perturb(a, scale=0.2)
+    y = to_np(model(x))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_np(loaded(x)), y, rtol=1e-5, atol=1e-5)
+    assert [p for p, _ in kl.adapters(loaded)] == [p for p, _ in kl.adapters(model)]
+    _train_one_step_changes_adapters(loaded, x)

@@ -40,6 +40,7 @@ class PiSSA(LoRA):
 
     method = "pissa"
     rank_bounded = True
+    init_on_full_precision = True  # QPiSSA: quantize the residual
 
     def __init__(self, layer, rank=8, svd_niter=None, init="svd", **kwargs):
         kwargs.pop("init", None)

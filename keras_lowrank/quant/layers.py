@@ -1,0 +1,211 @@
+"""`NF4Linear`: a frozen Dense/EinsumDense kernel stored in NF4.
+
+It computes what the original layer computed (`einsum(equation, x, K) + b`,
+no activation: adapters hold the activation), with `K` dequantized on the
+fly in float32 and cast to the compute dtype. The codes and constants are
+saved as they are, so a `.keras` round trip never re-quantizes.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lowrank.geometry import KernelGeometry
+from keras_lowrank.quant import nf4
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class NF4Linear(keras.layers.Layer):
+    """A frozen linear layer whose kernel is stored as 4-bit NormalFloat.
+
+    Build one from a built `Dense`/`EinsumDense` with `NF4Linear.from_layer`.
+    The kernel's matrix view is quantized in bitsandbytes' layout (blocks of
+    64 consecutive input features of one output unit), with double
+    quantization of the block constants by default (4.127 bits per
+    parameter; 4.5 without).
+
+    Args:
+        equation: the einsum equation (`Dense`: `"...a,ab->...b"`).
+        kernel_shape: the float kernel's shape.
+        bias_shape: the bias shape, or `None`.
+        double_quant: quantize the absmax constants to 8 bits.
+        source: the serialized original layer (used to merge back into it).
+        source_input_shape: the input shape the original layer was built with.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_lowrank.quant.layers import NF4Linear
+    >>> dense = keras.layers.Dense(128)
+    >>> dense.build((None, 64))
+    >>> q = NF4Linear.from_layer(dense)
+    >>> round(q.bits_per_parameter(), 3)
+    4.127
+    """
+
+    def __init__(
+        self,
+        equation,
+        kernel_shape,
+        bias_shape=None,
+        double_quant=True,
+        source=None,
+        source_input_shape=None,
+        activation=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.equation = equation
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        self.bias_shape = None if bias_shape is None else tuple(int(d) for d in bias_shape)
+        self.double_quant = bool(double_quant)
+        self.source = source
+        self.source_input_shape = (
+            None if source_input_shape is None else tuple(source_input_shape)
+        )
+        self.geometry = KernelGeometry(equation, self.kernel_shape)
+        self.numel = math.prod(self.kernel_shape)
+        self.bias = None
+        # None under an adapter (the adapter holds the activation); set on a
+        # re-quantized merged layer that stands alone.
+        self.activation = keras.activations.get(activation) if activation is not None else None
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_layer(cls, layer, double_quant=True, kernel=None, activation=None, name=None):
+        """Quantize a built Dense/EinsumDense (or `kernel`, if given)."""
+        from keras_lowrank import bases
+
+        shapes = getattr(layer, "_build_shapes_dict", None) or {}
+        input_shape = next(iter(shapes.values()), None)
+        bias = bases.bias_variable(layer)
+        source = keras.saving.serialize_keras_object(layer)
+        q = cls(
+            bases.layer_equation(layer),
+            bases.float_kernel_shape(layer),
+            bias_shape=None if bias is None else tuple(bias.shape),
+            double_quant=double_quant,
+            source=source,
+            source_input_shape=input_shape,
+            activation=activation,
+            name=name or layer.name,
+            dtype=layer.dtype_policy,
+        )
+        q.build()
+        q.quantize_kernel(bases.read_kernel(layer) if kernel is None else kernel)
+        if bias is not None:
+            q.bias.assign(bias)
+        return q
+
+    def _state_shapes(self):
+        n_blocks = -(-self.numel // nf4.BLOCK)
+        shapes = {"codes": ((self.numel + 1) // 2, "uint8")}
+        if self.double_quant:
+            shapes["absmax_codes"] = (n_blocks, "uint8")
+            shapes["absmax_scale"] = (-(-n_blocks // nf4.ABSMAX_BLOCK), "float32")
+            shapes["absmax_offset"] = ((), "float32")
+        else:
+            shapes["absmax"] = (n_blocks, "float32")
+        return shapes
+
+    def build(self, input_shape=None):
+        self._state = {}
+        for name, (shape, dtype) in self._state_shapes().items():
+            self._state[name] = self.add_weight(
+                name=name,
+                shape=shape if isinstance(shape, tuple) else (shape,),
+                dtype=dtype,
+                initializer="zeros",
+                trainable=False,
+            )
+        if self.bias_shape is not None:
+            self.bias = self.add_weight(
+                name="bias", shape=self.bias_shape, initializer="zeros", trainable=False
+            )
+        self.built = True
+
+    # ------------------------------------------------------------------
+    def _torch_layout(self, matrix):
+        """Matrix view -> the flattened torch-layout weight (Wᵀ, row-major)."""
+        return ops.reshape(ops.swapaxes(matrix, -1, -2), (-1,))
+
+    def quantize_kernel(self, kernel):
+        """Quantize a float kernel (kernel layout) into this layer's state."""
+        matrix = self.geometry.kernel_to_matrix(ops.cast(kernel, "float32"))
+        state = nf4.quantize_nf4(
+            self._torch_layout(matrix), double_quant=self.double_quant, where=repr(self.name)
+        )
+        for name, value in state.items():
+            self._state[name].assign(value)
+
+    def dequantized_matrix(self):
+        """The float32 matrix view of the stored kernel."""
+        state = {k: v.value for k, v in self._state.items()}
+        flat = nf4.dequantize_nf4(state, self.numel)
+        g = self.geometry
+        wt = ops.reshape(flat, g.batch_shape + (g.n_out, g.n_in))
+        return ops.swapaxes(wt, -1, -2)
+
+    def dequantized_kernel(self):
+        return self.geometry.matrix_to_kernel(self.dequantized_matrix())
+
+    def call(self, inputs):
+        kernel = ops.cast(self.dequantized_kernel(), self.compute_dtype)
+        y = ops.einsum(self.equation, inputs, kernel)
+        if self.bias is not None:
+            y = y + ops.cast(self.bias, y.dtype)
+        if self.activation is not None:
+            y = self.activation(y)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return self.geometry.output_shape(input_shape)
+
+    # ------------------------------------------------------------------
+    def plain_layer_class(self):
+        name = self.source["class_name"] if self.source else None
+        return keras.layers.EinsumDense if name == "EinsumDense" else keras.layers.Dense
+
+    def bits_per_parameter(self):
+        state = {k: v for k, v in self._state.items()}
+        return nf4.storage_bits(state, self.numel)
+
+    def save_own_variables(self, store):
+        for name, var in self._state.items():
+            store[name] = var
+        if self.bias is not None:
+            store["bias"] = self.bias
+
+    def load_own_variables(self, store):
+        expected = set(self._state) | ({"bias"} if self.bias is not None else set())
+        if set(store.keys()) != expected:
+            raise ValueError(
+                f"NF4 layer {self.name!r} expected {sorted(expected)}, the file "
+                f"holds {sorted(store.keys())}."
+            )
+        for name, var in self._state.items():
+            var.assign(np.asarray(store[name]))
+        if self.bias is not None:
+            self.bias.assign(store["bias"])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "equation": self.equation,
+                "kernel_shape": list(self.kernel_shape),
+                "bias_shape": None if self.bias_shape is None else list(self.bias_shape),
+                "double_quant": self.double_quant,
+                "source": self.source,
+                "source_input_shape": None
+                if self.source_input_shape is None
+                else list(self.source_input_shape),
+                "activation": None
+                if self.activation is None
+                else keras.activations.serialize(self.activation),
+            }
+        )
+        return config
