@@ -55,3 +55,14 @@ def replace_in_layer_store(parent, old, new):
         for i, layer in enumerate(layers):
             if layer is old:
                 list.__setitem__(layers, i, new)
+
+
+def as_tensor(value):
+    """A backend tensor from a variable's value.
+
+    `keras.ops.convert_to_tensor` keeps a TensorFlow variable a variable, and
+    some ops (`swapaxes`) then fail on it; a same-shape reshape reads it into
+    a tensor on every backend without copying."""
+    from keras import ops
+
+    return ops.reshape(value, tuple(value.shape))

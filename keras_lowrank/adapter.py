@@ -194,10 +194,13 @@ class Adapter(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
 
-    def lowrank_rows(self, x, a, b, scale):
-        """`scale * (x A) B` in rows of the matrix view."""
+    def lowrank_rows(self, x, a_t, b, scale):
+        """`scale * (x A) B` in rows of the matrix view, with `A` stored
+        transposed, `a_t: (r, n_in)` (PEFT's `lora_A` layout: XLA and torch
+        compute its gradient `dhᵀ x` much faster in that shape than `xᵀ dh`)."""
         rows = self.geometry.inputs_to_rows(x)
-        h = ops.matmul(rows, ops.cast(a, rows.dtype))
+        a = ops.cast(_compat.as_tensor(a_t), rows.dtype)
+        h = ops.matmul(rows, ops.swapaxes(a, -1, -2))
         if scale != 1.0:  # scale the r-wide tensor, not the output
             h = h * ops.cast(scale, h.dtype)
         return ops.matmul(h, ops.cast(b, rows.dtype))
@@ -206,7 +209,7 @@ class Adapter(keras.layers.Wrapper):
     # Values, in float32 and outside any autocast scope
     def read(self, var):
         with _compat.no_autocast():
-            return ops.cast(var.value, "float32")
+            return ops.cast(_compat.as_tensor(var.value), "float32")
 
     def base_matrix(self):
         return self.geometry.kernel_to_matrix(bases.read_kernel(self.layer))

@@ -123,7 +123,7 @@ def read_kernel(layer):
     if is_nf4(layer):
         return layer.dequantized_kernel()
     with _compat.no_autocast():
-        value = kernel_variable(layer).value
+        value = _compat.as_tensor(kernel_variable(layer).value)
     return ops.cast(value, "float32")
 
 

@@ -84,16 +84,21 @@ def _v(adapter, name):
     return to_np(adapter._adapter_vars[name]).astype("float64")
 
 
+def factor_a(adapter, name="lora_a"):
+    """`A` in Keras layout (n_in, r); the variable stores `Aᵀ` (r, n_in)."""
+    return np.swapaxes(_v(adapter, name), -1, -2)
+
+
 def _col_norm(m):
     return np.sqrt((m**2).sum(axis=0))
 
 
 def ref_lora(adapter, w):
-    return w + adapter.scaling * _v(adapter, "lora_a") @ _v(adapter, "lora_b")
+    return w + adapter.scaling * factor_a(adapter) @ _v(adapter, "lora_b")
 
 
 def ref_dora(adapter, w):
-    v = w + adapter.scaling * _v(adapter, "lora_a") @ _v(adapter, "lora_b")
+    v = w + adapter.scaling * factor_a(adapter) @ _v(adapter, "lora_b")
     return _v(adapter, "magnitude")[None, :] * v / _col_norm(v)[None, :]
 
 

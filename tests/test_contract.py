@@ -156,7 +156,7 @@ def test_precision(method, policy):
         )
     if method == "pissa":
         s = np.linalg.svd(to_np(w).astype("float64"), compute_uv=False)[:2]
-        a, b = to_np(adapter.lora_a0).astype("float64"), to_np(adapter.lora_b0).astype("float64")
+        a, b = to_np(adapter.lora_a0).astype("float64").T, to_np(adapter.lora_b0).astype("float64")
         got = np.linalg.svd(adapter.scaling * a @ b, compute_uv=False)[:2]
         np.testing.assert_allclose(got, s, rtol=1e-2)
     perturb(adapter, scale=0.1)

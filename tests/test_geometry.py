@@ -74,7 +74,7 @@ def test_rank_is_on_the_full_matrix_as_in_peft():
     model = keras.Model(inp, layer(inp))
     kl.enable_adapter(model, method="lora", rank=2, targets=["target"])
     a = model.get_layer("target")
-    assert tuple(a.lora_a.shape) == (16, 2)
+    assert tuple(a.lora_a.shape) == (2, 16)  # Aᵀ: A is (d_model, r)
     assert tuple(a.lora_b.shape) == (2, 16)
     assert a.trainable_count() == 16 * 2 + 2 * 16
     perturb(a)
@@ -103,7 +103,7 @@ def test_shared_axes_become_a_batch_of_matrices():
         kernel = to_np(a.layer.kernel).astype("float64")
         ref = np.zeros_like(y, dtype="float64")
         for n in range(3):
-            w = kernel[n] + a.scaling * to_np(a.lora_a)[n] @ to_np(a.lora_b)[n]
+            w = kernel[n] + a.scaling * to_np(a.lora_a)[n].T @ to_np(a.lora_b)[n]
             if method == "dora":
                 w = to_np(a.magnitude)[n] * w / np.sqrt((w**2).sum(0))
             ref[:, n, :] = x[:, n, :] @ w + to_np(a.layer.bias)[n]

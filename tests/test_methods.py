@@ -56,7 +56,7 @@ def test_lora_matches_keras_builtin_lora():
     a = ours.get_layer("target")
     perturb(a)
     layer = theirs.get_layer("target")
-    layer.lora_kernel_a.assign(a.lora_a)
+    layer.lora_kernel_a.assign(to_np(a.lora_a).T)
     layer.lora_kernel_b.assign(a.lora_b)
     np.testing.assert_allclose(to_np(ours(x)), to_np(theirs(x)), rtol=1e-5, atol=1e-6)
 
@@ -91,6 +91,7 @@ def test_dora_norm_is_detached():
     perturb(a)
     k = to_np(a.layer.kernel).astype("float64")
     A, B, m = (to_np(v).astype("float64") for v in (a.lora_a, a.lora_b, a.magnitude))
+    A = A.T
     s = a.scaling
     # loss = sum(y); y = x (m/n ⊙ (K + sAB)) + b with n constant:
     # dL/dB = s Aᵀ xᵀ 1 ⊙ (m/n) broadcast on columns.
@@ -141,7 +142,7 @@ def test_pissa_takes_the_principal_components(svd_niter):
     kl.enable_adapter(model, method="pissa", rank=3, alpha=6, targets=["target"], svd_niter=svd_niter)
     a = model.get_layer("target")
     np.testing.assert_allclose(to_np(model(x)), y0, atol=1e-5)
-    ab = a.scaling * to_np(a.lora_a).astype("float64") @ to_np(a.lora_b).astype("float64")
+    ab = a.scaling * to_np(a.lora_a).astype("float64").T @ to_np(a.lora_b).astype("float64")
     np.testing.assert_allclose(np.linalg.svd(ab, compute_uv=False)[:3], s[:3], rtol=1e-4)
     residual = to_np(a.layer.kernel)
     np.testing.assert_allclose(np.linalg.svd(residual, compute_uv=False)[0], s[3], rtol=1e-3)

@@ -28,7 +28,9 @@ class LoRA(Adapter):
 
     `y = x K + b + s (dropout(x) A) B` with `A: (n_in, r)`, `B: (r, n_out)`
     in the matrix view of the kernel, `s = alpha / r` (or `alpha / sqrt(r)`
-    with `rslora=True`). `A` starts `U(±1/sqrt(n_in))` (PEFT's default,
+    with `rslora=True`). The variable `lora_a` holds `Aᵀ`, shape `(r, n_in)`
+    (PEFT's `lora_A` layout, faster to train); `lora_b` holds `B`.
+    `A` starts `U(±1/sqrt(n_in))` (PEFT's default,
     `init="kaiming"`) or `N(0, 1/r²)` (`init="gaussian"`), `B` starts at zero,
     so the layer starts as a no-op.
 
@@ -70,7 +72,7 @@ class LoRA(Adapter):
     def build_adapter(self, geometry):
         batch, n_in, n_out = geometry.batch_shape, geometry.n_in, geometry.n_out
         a_init = lora_a_initializer(self.init, n_in, self.rank, self.seed, self.name)
-        self.lora_a = self.add_adapter_weight("lora_a", batch + (n_in, self.rank), a_init)
+        self.lora_a = self.add_adapter_weight("lora_a", batch + (self.rank, n_in), a_init)
         self.lora_b = self.add_adapter_weight("lora_b", batch + (self.rank, n_out), "zeros")
 
     def adapter_output(self, x, y, training):
@@ -78,9 +80,12 @@ class LoRA(Adapter):
         rows = self.lowrank_rows(x, self.lora_a, self.lora_b, self.scaling)
         return y + ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
 
+    def factor_a(self):
+        """`A` in the Keras layout `(n_in, r)`, float32."""
+        return ops.swapaxes(self.read(self.lora_a), -1, -2)
+
     def delta_matrix(self):
-        a, b = self.read(self.lora_a), self.read(self.lora_b)
-        return self.scaling * ops.matmul(a, b)
+        return self.scaling * ops.matmul(self.factor_a(), self.read(self.lora_b))
 
     def get_config(self):
         config = super().get_config()

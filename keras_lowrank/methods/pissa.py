@@ -57,25 +57,27 @@ class PiSSA(LoRA):
 
     def build_adapter(self, geometry):
         batch, n_in, n_out, r = geometry.batch_shape, geometry.n_in, geometry.n_out, self.rank
-        self.lora_a = self.add_adapter_weight("lora_a", batch + (n_in, r), "zeros")
+        self.lora_a = self.add_adapter_weight("lora_a", batch + (r, n_in), "zeros")
         self.lora_b = self.add_adapter_weight("lora_b", batch + (r, n_out), "zeros")
-        self.lora_a0 = self.add_adapter_weight("lora_a0", batch + (n_in, r), "zeros", trainable=False)
+        self.lora_a0 = self.add_adapter_weight("lora_a0", batch + (r, n_in), "zeros", trainable=False)
         self.lora_b0 = self.add_adapter_weight("lora_b0", batch + (r, n_out), "zeros", trainable=False)
 
     def initialize_from_base(self):
         w = self.base_matrix()
         u, s, v = linalg.svd(w, rank=self.rank, niter=self.svd_niter, seed=self.seed)
         root = ops.sqrt(s / self.scaling)
-        a = u * ops.expand_dims(root, -2)
+        a = u * ops.expand_dims(root, -2)  # (n_in, r)
         b = ops.expand_dims(root, -1) * ops.swapaxes(v, -1, -2)
+        residual = w - self.scaling * ops.matmul(a, b)
+        a = ops.swapaxes(a, -1, -2)  # stored as Aᵀ
         # Separate buffers: JAX donates each variable's buffer in the train step.
         for var, value in ((self.lora_a, a), (self.lora_b, b), (self.lora_a0, a), (self.lora_b0, b)):
             var.assign(ops.copy(value))
-        residual = w - self.scaling * ops.matmul(a, b)
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(residual))
 
     def initial_delta(self):
-        return self.scaling * ops.matmul(self.read(self.lora_a0), self.read(self.lora_b0))
+        a0 = ops.swapaxes(self.read(self.lora_a0), -1, -2)
+        return self.scaling * ops.matmul(a0, self.read(self.lora_b0))
 
     def base_output(self, x, y):
         rows = self.lowrank_rows(x, self.lora_a0, self.lora_b0, self.scaling)
@@ -90,7 +92,7 @@ class PiSSA(LoRA):
 
     def as_lora_state(self):
         """The update as a plain rank-2r LoRA for the original kernel (§16)."""
-        a = ops.concatenate([self.read(self.lora_a), self.read(self.lora_a0)], axis=-1)
+        a = ops.concatenate([self.read(self.lora_a), self.read(self.lora_a0)], axis=-2)
         b = ops.concatenate([self.read(self.lora_b), -self.read(self.lora_b0)], axis=-2)
         alpha = self.alpha * (math.sqrt(2.0) if self.rslora else 2.0)
         return {"lora_a": a, "lora_b": b}, {"rank": 2 * self.rank, "alpha": alpha}
