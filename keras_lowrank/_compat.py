@@ -66,3 +66,45 @@ def as_tensor(value):
     from keras import ops
 
     return ops.reshape(value, tuple(value.shape))
+
+
+def keras_dequantize(layer):
+    """Float32 kernel of a Keras int8/int4 Dense or EinsumDense, with Keras's
+    own layout rules (keras/src/layers/core/{dense,einsum_dense}.py,
+    `_get_kernel_with_merged_lora`)."""
+    from keras import ops
+    from keras.src.quantizers import dequantize_with_sz_map
+    from keras.src.quantizers import unpack_int4
+
+    mode = layer.quantization_mode
+    einsum = isinstance(layer, keras.layers.EinsumDense)
+    codes = as_tensor(layer._kernel.value)
+    scale = ops.cast(as_tensor(layer.kernel_scale.value), "float32")
+    if mode == "int8":
+        if einsum:
+            scale = layer._adjust_scale_for_dequant(scale)
+        return ops.divide(ops.cast(codes, "float32"), scale)
+    if mode == "int4":
+        columns = layer._int4_unpacked_column_size if einsum else layer._orig_output_dim
+        unpacked = unpack_int4(codes, columns, axis=-1)
+        block = getattr(layer, "_int4_block_size", None)
+        if block is not None and block != -1:
+            kernel = dequantize_with_sz_map(
+                unpacked, scale, as_tensor(layer.kernel_zero.value),
+                as_tensor(layer.g_idx.value), group_axis=0,
+            )
+            kernel = ops.cast(kernel, "float32")
+        else:
+            kernel = ops.divide(ops.cast(unpacked, "float32"), scale)
+        if einsum:
+            kernel = ops.reshape(kernel, tuple(layer.original_kernel_shape))
+        return kernel
+    raise NotImplementedError(f"Keras quantization mode {mode!r}")
+
+
+def keras_float_kernel_shape(layer):
+    if layer.quantization_mode == "int4":
+        if isinstance(layer, keras.layers.EinsumDense):
+            return tuple(layer.original_kernel_shape)
+        return (layer._orig_input_dim, layer._orig_output_dim)
+    return tuple(layer._kernel.shape)

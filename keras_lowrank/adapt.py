@@ -253,8 +253,10 @@ def _install(model, plan, init, base=None, double_quant=True):
             adapter = _construct(spec, entry.layer, options, init and convert is None)
             created.append((entry, adapter))
             _build_adapter(adapter, entry.path)
-            if convert is not None:
-                adapter.attach_base(convert, init)
+            # (a model rebuilt from a config may already hold the storage)
+            if convert is not None and bases.base_kind(adapter.layer) != base:
+                with tree.path_scope(entry.path + "/" + adapter.layer.name):
+                    adapter.attach_base(convert, init)
     except Exception:
         for entry, adapter in created:
             _undo_construct(entry.layer, adapter)
@@ -371,9 +373,12 @@ def enable_adapter(
         train_bias: keep the adapted layers' biases trainable.
         trainable_layers: patterns of further layers to keep trainable
             (e.g. a classifier head or the norms).
-        base: storage of the frozen kernels: `None`/`"float"` (as they are)
-            or `"nf4"` (4-bit NormalFloat, QLoRA's base; SVD inits decompose
-            the full-precision kernel and quantize the residual).
+        base: storage of the frozen kernels: `None`/`"float"` (as they are),
+            `"nf4"` (4-bit NormalFloat, QLoRA's base), or `"int8"`/`"int4"`
+            (Keras's own quantizers). SVD inits decompose the full-precision
+            kernel and quantize the residual. A model already quantized with
+            `model.quantize("int8"|"int4")` is adapted over its quantized
+            kernels as it is.
         double_quant: with `base="nf4"`, also quantize the block constants
             (4.127 instead of 4.5 bits per parameter).
         verbose: print the summary table.
@@ -423,6 +428,14 @@ def enable_adapter(
                 "merge it (keras_lowrank.merge) before adding another."
             )
         bases.check_supported(layer, entry.path)
+        mode = bases.quantization_mode(layer)
+        if mode is not None and spec.layer_class.init_on_full_precision:
+            raise ValueError(
+                f"Layer {entry.path!r} is already quantized by Keras (mode={mode!r}); "
+                f"method {method!r} decomposes the full-precision kernel and "
+                f"rewrites it, which a {mode} kernel cannot give back. Adapt the "
+                f"float model with base={mode!r} instead."
+            )
         r = _per_layer(entry, rank_pattern, rank)
         check_rank(r, entry.path)
         a = _per_layer(entry, alpha_pattern, alpha)

@@ -63,7 +63,9 @@ class Adapter(keras.layers.Wrapper):
         **kwargs,
     ):
         kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", layer.dtype_policy)
+        # The float policy of the wrapped layer (never its quantized policy:
+        # the adapter computes in float, the wrapped layer quantizes itself).
+        kwargs.setdefault("dtype", bases.float_policy_name(layer))
         super().__init__(layer, **kwargs)
         check_rank(rank, self.name)
         if not (0.0 <= float(dropout) < 1.0):

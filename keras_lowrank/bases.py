@@ -13,7 +13,9 @@ from keras_lowrank import _compat
 
 
 #: frozen-base storages `enable_adapter(base=...)` accepts
-BASES = ("float", "nf4")
+BASES = ("float", "nf4", "int8", "int4")
+#: Keras quantization modes an adapter can sit on
+KERAS_MODES = ("int8", "int4")
 
 
 def _nf4_class():
@@ -32,8 +34,10 @@ def is_linear_layer(layer):
 
 
 def base_kind(layer):
-    """`"nf4"` or `"float"`: how the frozen kernel is stored."""
-    return "nf4" if is_nf4(layer) else "float"
+    """`"float"`, `"nf4"`, `"int8"` or `"int4"`: how the kernel is stored."""
+    if is_nf4(layer):
+        return "nf4"
+    return quantization_mode(layer) or "float"
 
 
 def check_base(base, double_quant=True):
@@ -52,7 +56,37 @@ def converter(base, double_quant=True):
     if base == "nf4":
         nf4 = _nf4_class()
         return lambda layer: nf4.from_layer(layer, double_quant=double_quant)
+    if base in KERAS_MODES:
+        return lambda layer: keras_quantized_copy(layer, base)
     raise ValueError(f"Unknown base={base!r}.")
+
+
+def float_policy_name(layer):
+    """The layer's float dtype policy name (`"float32"`, `"mixed_bfloat16"`)."""
+    compute, variable = layer.compute_dtype, layer.variable_dtype
+    if compute == variable:
+        return variable
+    return f"mixed_{compute}"
+
+
+def keras_quantized_copy(layer, mode):
+    """A copy of a float Dense/EinsumDense quantized by Keras's own
+    `quantize(mode)` (the original is left as it is)."""
+    input_shape = build_input_shape(layer)
+    if input_shape is None:
+        raise ValueError(
+            f"Layer {layer.name!r}: cannot copy it for {mode} quantization, "
+            "its build input shape is unknown."
+        )
+    config = layer.get_config()
+    config["dtype"] = float_policy_name(layer)  # not a DTypePolicyMap
+    copy = type(layer).from_config(config)
+    copy.build(input_shape)
+    copy._kernel.assign(layer._kernel)
+    if layer.bias is not None:
+        copy.bias.assign(layer.bias)
+    copy.quantize(mode)
+    return copy
 
 
 def layer_equation(layer):
@@ -83,11 +117,11 @@ def check_supported(layer, path=None):
     if not layer.built:
         raise ValueError(f"Layer {where!r} is not built; build the model first.")
     mode = quantization_mode(layer)
-    if mode is not None:
+    if mode is not None and mode not in KERAS_MODES:
         raise NotImplementedError(
-            f"Layer {where!r} is quantized (mode={mode!r}); adapters over "
-            "Keras-quantized kernels are not supported in this release. "
-            "Adapt the float model, or quantize after merging."
+            f"Layer {where!r} is quantized with mode={mode!r}; adapters sit on "
+            f"float, NF4 and Keras {KERAS_MODES} kernels only (Keras itself "
+            "silently ignores or blocks LoRA on this mode)."
         )
     if getattr(layer, "lora_enabled", False):
         raise ValueError(
@@ -104,6 +138,8 @@ def check_supported(layer, path=None):
 def float_kernel_shape(layer):
     if is_nf4(layer):
         return layer.kernel_shape
+    if quantization_mode(layer) is not None:
+        return _compat.keras_float_kernel_shape(layer)
     return tuple(layer._kernel.shape)
 
 
@@ -122,6 +158,9 @@ def read_kernel(layer):
     """The kernel as a float32 tensor (dequantized), never autocast."""
     if is_nf4(layer):
         return layer.dequantized_kernel()
+    if quantization_mode(layer) is not None:
+        with _compat.no_autocast():
+            return _compat.keras_dequantize(layer)
     with _compat.no_autocast():
         value = _compat.as_tensor(kernel_variable(layer).value)
     return ops.cast(value, "float32")
@@ -132,6 +171,11 @@ def assign_kernel(layer, value):
     if is_nf4(layer):
         layer.quantize_kernel(value)
         return
+    if quantization_mode(layer) is not None:
+        raise NotImplementedError(
+            f"Layer {layer.name!r}: re-quantizing a Keras {quantization_mode(layer)} "
+            "kernel in place is not supported."
+        )
     var = kernel_variable(layer)
     var.assign(ops.cast(value, var.dtype))
 
@@ -155,6 +199,8 @@ def plain_layer(layer, activation, name):
     else:
         cls = type(layer)
         config = layer.get_config()
+        if quantization_mode(layer) is not None:
+            config["dtype"] = float_policy_name(layer)
     config["activation"] = keras.activations.serialize(activation)
     config["name"] = name
     for key in ("lora_rank", "lora_alpha", "quantization_config"):

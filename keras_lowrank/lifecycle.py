@@ -33,20 +33,26 @@ def _build_plain(adapter, path):
 
 
 def _requantized(adapter, path):
-    """The merged adapter as a stand-alone NF4 layer, and its error."""
+    """The merged adapter as a stand-alone layer in its base's storage, and
+    the re-quantization error of its kernel."""
     from keras_lowrank.quant.layers import NF4Linear
 
+    kind = bases.base_kind(adapter.layer)
     plain = _build_plain(adapter, path)
     exact = bases.read_kernel(plain)
     with tree.path_scope(path):
-        q = NF4Linear.from_layer(
-            plain,
-            double_quant=getattr(adapter.layer, "double_quant", True),
-            activation=adapter.activation,
-            name=adapter.name,
-        )
+        if kind in bases.KERAS_MODES:
+            q = bases.keras_quantized_copy(plain, kind)
+        else:
+            q = NF4Linear.from_layer(
+                plain,
+                double_quant=getattr(adapter.layer, "double_quant", True),
+                activation=adapter.activation,
+                name=adapter.name,
+            )
     err = ops.abs(bases.read_kernel(q) - exact)
     report = {
+        "storage": kind if kind != "float" else "nf4",
         "max_abs_error": float(ops.convert_to_numpy(ops.max(err))),
         "mean_abs_error": float(ops.convert_to_numpy(ops.mean(err))),
     }
@@ -62,9 +68,10 @@ def merge(model, unload=True, requantize=False):
     `keras_lowrank`. With `unload=False` the adapters stay, with their update
     folded into the kernel, and `unmerge(model)` takes it out again.
 
-    A quantized (NF4) base merges into a float kernel by default. With
-    `requantize=True` the merged kernel is quantized again into a stand-alone
-    NF4 layer, and `merge` returns `{path: {"max_abs_error", "mean_abs_error"}}`,
+    A quantized base (NF4, int8, int4) merges into a float kernel by default.
+    With `requantize=True` the merged kernel is quantized again, into the
+    base's storage (NF4 for a float base), as a stand-alone layer, and
+    `merge` returns `{path: {"storage", "max_abs_error", "mean_abs_error"}}`,
     the re-quantization error of each kernel: never a silent loss.
 
     Raises `FloatingPointError` (model unchanged) if a merge produces NaN/inf.

@@ -34,7 +34,7 @@ class MethodSpec:
     #: option name -> allowed values (tuple) or a predicate
     choices: dict = dataclasses.field(default_factory=dict)
     #: frozen-base storages the method composes with
-    bases: tuple = ("float", "nf4")
+    bases: tuple = ("float", "nf4", "int8", "int4")
     status: str = "stable"
 
     @property
