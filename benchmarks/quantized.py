@@ -1,0 +1,1001 @@
+#!/usr/bin/env python
+"""Quantized frozen bases: storage bits, dequantization error, LoRA step time and memory.
+
+One process per Keras backend (`--backend jax|tensorflow|torch`): the script
+sets `KERAS_BACKEND` before Keras is imported. `--all` runs itself once per
+backend in a subprocess and prints one combined report (`--markdown PATH`
+also writes it as markdown). Each backend run has three parts:
+
+1. storage: a 1024x1024 Dense kernel (Gaussian, std 0.02) stored as NF4
+   (double quantization), NF4 (no double quantization), Keras int8, Keras
+   int4 (default: grouped, block_size 128) and Keras int4 per-channel
+   (`Int4QuantizationConfig(block_size=-1)`); float32 and bfloat16 as
+   references. Bits per base parameter are counted from the arrays stored by
+   `model.save_weights(...weights.h5)` (every array of the layer except the
+   bias, over the kernel's parameter count).
+2. error: max / mean absolute error and relative Frobenius error of the
+   dequantized kernel vs the float32 kernel, for each storage. NF4:
+   `NF4Linear.dequantized_kernel()`; Keras int8/int4: the quantized layer
+   called on the identity matrix (each identity row quantizes exactly, so the
+   output rows are the dequantized kernel rows), cross-checked against a
+   manual dequantization of the stored integers.
+3. train step: LoRA r=8 (`model.train_on_batch`) on a KerasHub
+   GemmaCausalLM over a float32, a bfloat16 and an NF4 base. Step times: the
+   three models in one process, 3 warm-up steps each, then timed steps
+   interleaved round-robin; medians. Memory: each variant again in its own
+   subprocess, which reports its RSS after imports, after building /
+   adapting / compiling the model, and its peak RSS
+   (`getrusage(RUSAGE_SELF).ru_maxrss`) at the end of its training steps.
+
+See benchmarks/README.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BACKENDS = ("jax", "tensorflow", "torch")
+VARIANTS = ("f32", "bf16", "nf4")
+VARIANT_LABEL = {"f32": "float32 base", "bf16": "bfloat16 base", "nf4": "NF4 base"}
+RANK = 8
+SEED = 1234
+LR = 1e-4
+KERNEL_N = 1024
+KERNEL_STD = 0.02
+NF4_VS_BF16_LIMIT = 1.5
+
+SHAPES = {
+    "full": dict(
+        vocabulary_size=1000,
+        hidden_dim=512,
+        num_layers=4,
+        num_query_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_dim=2048,
+        seq_len=128,
+        batch=8,
+    ),
+    "small": dict(
+        vocabulary_size=1000,
+        hidden_dim=64,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        intermediate_dim=256,
+        seq_len=16,
+        batch=4,
+    ),
+}
+
+# storage key -> (label, target bits or None)
+STORAGES = {
+    "float32": ("float32 (reference)", None),
+    "bfloat16": ("bfloat16 (reference)", None),
+    "nf4_dq": ("NF4, double quant", 4.127),
+    "nf4": ("NF4, no double quant", 4.5),
+    "int8": ("Keras int8 (per-channel)", None),
+    "int4": ("Keras int4 (default: grouped, block 128)", None),
+    "int4_pc": ("Keras int4 per-channel (block_size=-1)", None),
+}
+BITS_TOLERANCE = 5e-4
+
+
+# ----------------------------------------------------------------------
+# Environment
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def versions(names):
+    out = {}
+    for name in names:
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception as e:  # pragma: no cover - informational
+            out[name] = f"n/a ({type(e).__name__})"
+    return out
+
+
+def environment():
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def load1():
+    return os.getloadavg()[0]
+
+
+def rss_now_mib():
+    """Current resident set size (VmRSS) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def hwm_mib():
+    """VmHWM: the peak RSS of this process's own address space, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def rss_peak_mib():
+    """Peak RSS of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def dtype_bytes(dtype):
+    import numpy as np
+
+    name = str(getattr(dtype, "name", dtype))
+    if name == "bfloat16":
+        return 2
+    return np.dtype(name).itemsize
+
+
+# ----------------------------------------------------------------------
+# Timing
+def summarize_times(seconds):
+    ms = sorted(1000.0 * s for s in seconds)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    return {
+        "median_ms": statistics.median(ms),
+        "min_ms": ms[0],
+        "p25_ms": q[0],
+        "p75_ms": q[2],
+        "n": len(ms),
+    }
+
+
+def time_interleaved(fns, warmup, steps, log=print):
+    """Warm every callable up, then time them round-robin; medians in ms."""
+    warm = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        warm[name] = time.perf_counter() - t0
+        log(f"  warm-up {name}: {warmup} calls in {warm[name]:.1f}s")
+    names = list(fns)
+    times = {n: [] for n in names}
+    for i in range(steps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    out = {n: summarize_times(t) for n, t in times.items()}
+    for n in names:
+        out[n]["warmup_s"] = warm[n]
+    return out
+
+
+# ----------------------------------------------------------------------
+# Part 1 + 2: storage bits and dequantization error
+def stored_arrays(path):
+    """{group path: {name: array}} of every h5 group holding datasets."""
+    import h5py
+    import numpy as np
+
+    groups = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                parent, _, key = name.rpartition("/")
+                groups.setdefault(parent, {})[key] = np.asarray(obj)
+        f.visititems(visit)
+    return groups
+
+
+def keras_stored_names(layer):
+    """Names of the arrays `Dense.save_own_variables` writes, in its index order.
+
+    Replays Keras's own rule (the spec of the layer's mode, minus the bias if
+    there is none, minus `kernel_zero`/`g_idx` where the layer has none) so
+    the bias can be told apart from the other `vars/<i>` entries.
+    """
+    mode = layer.quantization_mode
+    names = []
+    for name in layer.variable_serialization_spec[mode]:
+        if name == "bias" and layer.bias is None:
+            continue
+        if name in ("kernel_zero", "g_idx") and getattr(layer, name, None) is None:
+            continue
+        names.append(name)
+    return names
+
+
+def run_storage(backend, log):
+    import numpy as np
+
+    import keras
+    from keras import ops
+
+    import keras_lowrank
+
+    info = {"loadavg_start": load1(), "kernel": [KERNEL_N, KERNEL_N], "std": KERNEL_STD}
+    rng = np.random.default_rng(SEED)
+    kernel = rng.normal(0.0, KERNEL_STD, (KERNEL_N, KERNEL_N)).astype("float32")
+    bias = np.zeros((KERNEL_N,), "float32")
+    n_params = kernel.size
+    eye = np.eye(KERNEL_N, dtype="float32")
+    rows = {}
+    tmp = tempfile.mkdtemp(prefix="kl_quant_")
+
+    def make_model(dtype="float32"):
+        inp = keras.Input((KERNEL_N,), dtype=dtype)
+        dense = keras.layers.Dense(KERNEL_N, name="proj", dtype=dtype)
+        model = keras.Model(inp, dense(inp))
+        dense.kernel.assign(kernel)
+        dense.bias.assign(bias)
+        return model, dense
+
+    def saved(model, key):
+        path = os.path.join(tmp, f"{key}.weights.h5")
+        model.save_weights(path)
+        groups = {g: a for g, a in stored_arrays(path).items() if a}
+        size = os.path.getsize(path)
+        os.unlink(path)
+        return groups, size
+
+    def errors(deq):
+        d = np.asarray(deq, dtype=np.float64) - kernel.astype(np.float64)
+        return {
+            "max_abs": float(np.max(np.abs(d))),
+            "mean_abs": float(np.mean(np.abs(d))),
+            "rel_frobenius": float(np.linalg.norm(d) / np.linalg.norm(kernel.astype(np.float64))),
+        }
+
+    def row(key, arrays, deq, extra=None):
+        bits = sum(a.size * a.dtype.itemsize * 8 for a in arrays.values()) / n_params
+        r = {
+            "arrays": {k: [list(a.shape), str(a.dtype) if a.dtype.kind != "V"
+                           else f"opaque {a.dtype.itemsize}-byte (bfloat16)"]
+                       for k, a in arrays.items()},
+            "bits_saved": bits,
+            **errors(deq),
+        }
+        r.update(extra or {})
+        rows[key] = r
+        log(f"  {key:9s} {bits:7.4f} bits  max {r['max_abs']:.3e}  mean {r['mean_abs']:.3e}  "
+            f"relF {r['rel_frobenius']:.3e}")
+
+    # float32 / bfloat16 references
+    for key, dtype in (("float32", "float32"), ("bfloat16", "bfloat16")):
+        model, dense = make_model(dtype)
+        groups, _ = saved(model, key)
+        (group, arrays), = groups.items()
+        names = keras_stored_names(dense)
+        arrays = {names[int(k)]: a for k, a in arrays.items()}
+        arrays.pop("bias")
+        deq = ops.convert_to_numpy(ops.cast(dense.kernel, "float32"))
+        row(key, arrays, deq, {"group": group})
+
+    # NF4 through enable_adapter (the way a model gets it)
+    for key, dq in (("nf4_dq", True), ("nf4", False)):
+        model, dense = make_model()
+        keras_lowrank.enable_adapter(model, method="lora", rank=RANK, targets=["proj"],
+                                     base="nf4", double_quant=dq)
+        (_, adapter), = keras_lowrank.adapters(model)
+        q = adapter.layer
+        groups, _ = saved(model, key)
+        base_groups = {g: a for g, a in groups.items() if "codes" in a}
+        (group, arrays), = base_groups.items()
+        arrays = {k: a for k, a in arrays.items() if k != "bias"}
+        deq = ops.convert_to_numpy(q.dequantized_kernel())
+        row(key, arrays, deq, {"group": group, "bits_per_parameter()": float(q.bits_per_parameter())})
+
+    # Keras's own int8 / int4
+    configs = {"int8": ("int8", None), "int4": ("int4", None)}
+    pc_config = None
+    try:
+        pc_config = keras.quantizers.Int4QuantizationConfig(block_size=-1)
+        configs["int4_pc"] = ("int4", pc_config)
+    except Exception as e:  # noqa: BLE001
+        info["int4_pc_skipped"] = f"Int4QuantizationConfig(block_size=-1) failed: {type(e).__name__}: {e}"
+    for key, (mode, config) in configs.items():
+        model, dense = make_model()
+        try:
+            if config is None:
+                dense.quantize(mode)
+            else:
+                dense.quantize(mode, config=config)
+        except Exception as e:  # noqa: BLE001
+            info[f"{key}_skipped"] = f"layer.quantize({mode!r}, config=...) failed: {type(e).__name__}: {e}"
+            log(f"  {key}: skipped ({info[f'{key}_skipped']})")
+            continue
+        groups, _ = saved(model, key)
+        (group, arrays), = groups.items()
+        names = keras_stored_names(dense)
+        if len(names) != len(arrays):
+            raise RuntimeError(f"{key}: stored {sorted(arrays)} vs expected names {names}")
+        arrays = {names[int(k)]: a for k, a in arrays.items()}
+        arrays.pop("bias")
+        # dequantized kernel: the quantized layer on the identity, minus the (zero) bias
+        deq = ops.convert_to_numpy(dense(eye)).astype("float32") - bias
+        manual = manual_dequant(dense, mode, arrays)
+        extra = {"group": group,
+                 "block_size": getattr(dense, "_int4_block_size", None) if mode == "int4" else None,
+                 "identity_vs_manual_max_abs": float(np.max(np.abs(manual - deq)))}
+        row(key, arrays, deq, extra)
+    info["rows"] = rows
+    info["loadavg_end"] = load1()
+    return info
+
+
+def manual_dequant(dense, mode, arrays):
+    """Dequantize the stored Keras int8 / int4 arrays by hand (cross-check)."""
+    import numpy as np
+
+    from keras import ops
+    from keras import quantizers
+
+    n_out = dense.units
+    if mode == "int8":
+        return arrays["kernel"].astype("float32") / arrays["kernel_scale"].astype("float32")
+    q = ops.convert_to_numpy(quantizers.unpack_int4(arrays["kernel"], n_out, axis=-1)).astype("float32")
+    scale = arrays["kernel_scale"].astype("float32")
+    if "kernel_zero" not in arrays:  # per-channel, symmetric
+        return q / scale
+    from keras.src.quantizers.quantizers import dequantize_with_sz_map
+
+    return np.asarray(ops.convert_to_numpy(dequantize_with_sz_map(
+        q, scale, arrays["kernel_zero"], arrays["g_idx"], group_axis=0)), "float32")
+
+
+# ----------------------------------------------------------------------
+# Part 3: Gemma LoRA train step over three bases
+def gemma_setup(shape):
+    import numpy as np
+
+    import keras
+    import keras_hub
+
+    import keras_lowrank
+
+    b, t, vocab = shape["batch"], shape["seq_len"], shape["vocabulary_size"]
+    rng = np.random.default_rng(SEED)
+    x = {
+        "token_ids": rng.integers(0, vocab, (b, t)).astype("int32"),
+        "padding_mask": np.ones((b, t), "int32"),
+    }
+    y = rng.integers(0, vocab, (b, t)).astype("int32")
+
+    def build(variant):
+        dtype = "bfloat16" if variant == "bf16" else "float32"
+        keras.utils.set_random_seed(SEED)
+        bb = keras_hub.models.GemmaBackbone(
+            vocabulary_size=vocab,
+            num_layers=shape["num_layers"],
+            num_query_heads=shape["num_query_heads"],
+            num_key_value_heads=shape["num_key_value_heads"],
+            hidden_dim=shape["hidden_dim"],
+            intermediate_dim=shape["intermediate_dim"],
+            head_dim=shape["head_dim"],
+            dtype=dtype,
+        )
+        lm = keras_hub.models.GemmaCausalLM(backbone=bb, preprocessor=None, dtype=dtype)
+        summary = keras_lowrank.enable_adapter(
+            lm, method="lora", rank=RANK, base="nf4" if variant == "nf4" else None
+        )
+        lm.compile(
+            optimizer=keras.optimizers.Adam(LR),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            weighted_metrics=[],
+            jit_compile="auto",
+        )
+        return lm, describe(lm, summary)
+
+    return x, y, build
+
+
+def describe(lm, summary):
+    import numpy as np
+
+    import keras_lowrank
+
+    def nbytes(v):
+        return int(np.prod(v.shape)) * dtype_bytes(v.dtype)
+
+    ads = keras_lowrank.adapters(lm)
+    base_bytes = 0
+    base_params = 0
+    base_dtypes = set()
+    for _, a in ads:
+        base = a.layer
+        for v in base.non_trainable_weights:
+            base_bytes += nbytes(v)
+            base_dtypes.add(str(v.dtype))
+        kshape = getattr(base, "kernel_shape", None) or tuple(base.kernel.shape)
+        base_params += int(np.prod(kshape))
+    trainable = lm.trainable_variables
+    return {
+        "adapted_layers": len(summary.adapted_paths),
+        "adapters": len(ads),
+        "base_class": sorted({type(a.layer).__name__ for _, a in ads}),
+        "base_bytes": base_bytes,
+        "base_params": base_params,
+        "base_bits_per_param": 8.0 * base_bytes / max(base_params, 1),
+        "base_dtypes": sorted(base_dtypes),
+        "trainable_params": int(sum(np.prod(v.shape) for v in trainable)),
+        "trainable_variables": len(trainable),
+        "trainable_dtypes": sorted({str(v.dtype) for v in trainable}),
+        "compute_dtype": lm.compute_dtype,
+        "model_weight_bytes": int(sum(nbytes(v) for v in lm.weights)),
+        "jit_compile": bool(lm.jit_compile),
+        "run_eagerly": bool(lm.run_eagerly),
+    }
+
+
+def run_timing(backend, shape, warmup, steps, log):
+    info = {"loadavg_start": load1()}
+    x, y, build = gemma_setup(shape)
+    models, variants = {}, {}
+    for v in VARIANTS:
+        t0 = time.perf_counter()
+        models[v], variants[v] = build(v)
+        variants[v]["build_s"] = time.perf_counter() - t0
+        log(f"{v}: {variants[v]}")
+    fns = {v: (lambda m=models[v]: m.train_on_batch(x, y)) for v in VARIANTS}
+    log(f"timing train steps: warm-up {warmup}, timed {steps} (interleaved)")
+    times = time_interleaved(fns, warmup, steps, log)
+    for v, s in times.items():
+        log(f"  {v:5s} {s['median_ms']:9.1f} ms  (min {s['min_ms']:.1f})")
+    losses = {v: float(m.train_on_batch(x, y)) for v, m in models.items()}
+    info.update(
+        variants=variants,
+        times=times,
+        final_loss=losses,
+        ratios=timing_ratios(times),
+        loadavg_end=load1(),
+    )
+    return info
+
+
+def timing_ratios(times, stat="median_ms"):
+    med = {k: v[stat] for k, v in times.items()}
+    return {
+        "nf4/bf16": med["nf4"] / med["bf16"],
+        "nf4/f32": med["nf4"] / med["f32"],
+        "bf16/f32": med["bf16"] / med["f32"],
+    }
+
+
+def run_memory_child(backend, shape, variant, warmup, steps):
+    """One variant alone in this process: RSS after build, peak RSS at the end."""
+    info = {"loadavg_start": load1()}
+    import keras  # noqa: F401  (the backend is imported here)
+    import keras_hub  # noqa: F401
+
+    import keras_lowrank  # noqa: F401
+
+    info["rss_after_imports_mib"] = rss_now_mib()
+    info["peak_after_imports_mib"] = rss_peak_mib()
+    info["hwm_after_imports_mib"] = hwm_mib()
+    x, y, build = gemma_setup(shape)
+    lm, info["variant"] = build(variant)
+    info["rss_after_build_mib"] = rss_now_mib()
+    info["peak_after_build_mib"] = rss_peak_mib()
+    info["hwm_after_build_mib"] = hwm_mib()
+    t = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        lm.train_on_batch(x, y)
+        if i >= warmup:
+            t.append(time.perf_counter() - t0)
+    info["times"] = summarize_times(t) if t else None
+    info["rss_end_mib"] = rss_now_mib()
+    info["peak_end_mib"] = rss_peak_mib()
+    info["hwm_end_mib"] = hwm_mib()
+    info["loadavg_end"] = load1()
+    return info
+
+
+def run_backend(backend, shape, shape_name, warmup, steps, mem_steps):
+    log = lambda *a: print(f"[{backend}]", *a, flush=True)  # noqa: E731
+    info = {"backend": backend, "loadavg_start": load1()}
+
+    # The memory subprocesses are started before this process imports Keras:
+    # Linux counts the RSS high-water mark of the process that exec()s into
+    # `ru_maxrss` (Python spawns with vfork), so a child started from a
+    # process that already holds a backend (~0.8-1 GiB) would inherit that
+    # peak. `VmHWM` (the child's own address space) is recorded alongside.
+    log("part 3a: peak memory, one subprocess per variant")
+    info["rss_when_spawning_mib"] = rss_now_mib()
+    info["memory"] = {}
+    for v in VARIANTS:
+        argv = ["--backend", backend, "--memory-variant", v, "--warmup", str(warmup),
+                "--steps", str(mem_steps)]
+        if shape_name == "small":
+            argv.append("--small")
+        info["memory"][v] = run_child(argv, {"KERAS_BACKEND": backend})
+        m = info["memory"][v]
+        if "error" not in m:
+            log(f"  {v}: rss after build {m['rss_after_build_mib']:.0f} MiB, "
+                f"peak end {m['peak_end_mib']:.0f} MiB")
+
+    os.environ["KERAS_BACKEND"] = backend
+    import keras
+
+    assert keras.backend.backend() == backend, keras.backend.backend()
+    log("part 1+2: storage bits and dequantization error")
+    info["storage"] = run_storage(backend, log)
+
+    log("part 3b: step time, the three variants interleaved in this process")
+    try:
+        info["timing"] = run_timing(backend, shape, warmup, steps, log)
+    except Exception as e:  # noqa: BLE001 - reported as a MISS, never hidden
+        import traceback
+
+        traceback.print_exc()
+        info["timing"] = {"error": f"{type(e).__name__}: {e}"}
+
+    info["loadavg_end"] = load1()
+    info["versions"] = versions(["keras", "keras_hub", "keras_lowrank", "numpy", "h5py", backend])
+    if backend == "jax":
+        info["versions"].update(versions(["jaxlib"]))
+    if backend == "torch":
+        import torch
+
+        info["torch_num_threads"] = torch.get_num_threads()
+    return info
+
+
+# ----------------------------------------------------------------------
+# Report
+def verdict(value, limit):
+    return "PASS" if value <= limit else "MISS"
+
+
+def compiled_label(backend, variants):
+    jit = [v["jit_compile"] for v in variants.values()]
+    eager = any(v["run_eagerly"] for v in variants.values())
+    if backend == "torch" and not any(jit) and not eager:
+        return "eager torch"
+    if backend == "tensorflow" and not any(jit) and not eager:
+        return "tf.function, no XLA"
+    if backend == "jax" and all(jit):
+        return "jax.jit (XLA)"
+    return f"jit_compile={jit}, run_eagerly={eager}"
+
+
+def fmt_bytes(n):
+    return f"{n / 2**20:.2f} MiB"
+
+
+def render(results, meta):
+    lines = []
+    shape = meta["shape"]
+    env = meta["environment"]
+    ok = [b for b in BACKENDS if b in results and "error" not in results[b]]
+    lines.append("## Setup\n")
+    lines.append(
+        f"- machine: {env['cpu_model']}, os.cpu_count()={env['cpu_count']}, "
+        f"{env['platform']}, Python {env['python']}"
+    )
+    lines.append(
+        f"- storage / error: one {KERNEL_N}x{KERNEL_N} `Dense` kernel drawn from "
+        f"N(0, {KERNEL_STD}^2) (seed {SEED}), bias zero; bits = sum of "
+        f"`size * itemsize * 8` of the arrays `model.save_weights(*.weights.h5)` "
+        f"stores for the layer, bias excluded, / {KERNEL_N * KERNEL_N:,}"
+    )
+    lines.append(
+        f"- train step: KerasHub `GemmaBackbone` vocabulary {shape['vocabulary_size']}, "
+        f"hidden {shape['hidden_dim']}, {shape['num_layers']} layers, "
+        f"{shape['num_query_heads']} query / {shape['num_key_value_heads']} kv heads, "
+        f"head_dim {shape['head_dim']}, intermediate_dim {shape['intermediate_dim']}, in "
+        f"`GemmaCausalLM(preprocessor=None)`; batch {shape['batch']} x seq "
+        f"{shape['seq_len']} random tokens; LoRA r={RANK} on every Dense/EinsumDense "
+        f"(`enable_adapter(lm, method=\"lora\", rank={RANK}[, base=\"nf4\"])`); "
+        f"Adam({LR}); `SparseCategoricalCrossentropy(from_logits=True)`; no metrics; "
+        f"`jit_compile=\"auto\"`"
+    )
+    lines.append(
+        f"- step time: the three models in one process, {meta['warmup']} warm-up "
+        f"`train_on_batch` calls each, then {meta['steps']} timed calls each, "
+        f"interleaved round-robin (order rotating); median [p25-p75] in ms"
+    )
+    lines.append(
+        f"- memory: each variant alone in a fresh subprocess: RSS (`VmRSS`) after "
+        f"importing keras/keras_hub/keras_lowrank, RSS after build + enable_adapter "
+        f"+ compile, and `getrusage(RUSAGE_SELF).ru_maxrss` after build and at the end "
+        f"of {meta['warmup']} + {meta['mem_steps']} train steps"
+    )
+    lines.append(
+        "- bfloat16 base: backbone and task model built with `dtype=\"bfloat16\"`, "
+        "so the LoRA variables (and Adam's slots) are bfloat16 too and the loss is "
+        "computed from bfloat16 logits; the float32 and NF4 variants compute in float32 "
+        "(NF4 dequantizes each kernel to float32 in every forward)"
+    )
+    lines.append("")
+
+    # --- Part 1: bits
+    if ok:
+        lines.append("## 1. Bits per base parameter, counted from the saved variables\n")
+        lines.append("| storage | stored arrays (bias excluded) | " + " | ".join(ok) + " | target |")
+        lines.append("|---|---|" + "---|" * len(ok) + "---|")
+        first = results[ok[0]]["storage"]
+        for key, (label, target) in STORAGES.items():
+            if key not in first["rows"]:
+                continue
+            r0 = first["rows"][key]
+            arrays = ", ".join(
+                f"`{n}` {dt}{tuple(s) if s else '()'}" for n, (s, dt) in r0["arrays"].items()
+            )
+            cells = []
+            for b in ok:
+                r = results[b]["storage"]["rows"].get(key)
+                cells.append("n/a" if r is None else f"{r['bits_saved']:.4f}")
+            tcell = "-"
+            if target is not None:
+                worst = max(abs(results[b]["storage"]["rows"][key]["bits_saved"] - target) for b in ok)
+                tcell = f"{target} {'PASS' if worst < BITS_TOLERANCE else 'MISS'}"
+            lines.append(f"| {label} | {arrays} | " + " | ".join(cells) + f" | {tcell} |")
+        lines.append("")
+        skipped = {k: v for b in ok for k, v in results[b]["storage"].items() if k.endswith("_skipped")}
+        for k, v in skipped.items():
+            lines.append(f"- skipped {k[:-len('_skipped')]}: {v}")
+        for key in ("nf4_dq", "nf4"):
+            if key in first["rows"]:
+                lines.append(
+                    f"- {STORAGES[key][0]}: `NF4Linear.bits_per_parameter()` = "
+                    f"{first['rows'][key]['bits_per_parameter()']:.4f} ({ok[0]})"
+                )
+        lines.append(
+            "- Keras int4 grouped stores, besides the packed codes, a float32 scale and "
+            "an int8 zero point per (group of 128 inputs, output) and a float32 `g_idx` "
+            "per input row; int8 and int4 per-channel store one float32 scale per output"
+        )
+        lines.append("")
+
+        # --- Part 2: error
+        lines.append(
+            f"## 2. Dequantization error vs the float32 kernel (N(0, {KERNEL_STD}^2), "
+            f"{KERNEL_N}x{KERNEL_N})\n"
+        )
+        lines.append("| storage | backends | max abs | mean abs | relative Frobenius | dequantization |")
+        lines.append("|---|---|---|---|---|---|")
+        for key, (label, _) in STORAGES.items():
+            # one row per distinct result; backends that agree share a row
+            groups = {}
+            for b in ok:
+                r = results[b]["storage"]["rows"].get(key)
+                if r is None:
+                    continue
+                cells = (f"{r['max_abs']:.3e}", f"{r['mean_abs']:.3e}", f"{r['rel_frobenius']:.4f}")
+                if key.startswith("nf4"):
+                    how = "`dequantized_kernel()`"
+                elif key in ("float32", "bfloat16"):
+                    how = "cast to float32"
+                else:
+                    how = (f"layer(eye) - bias; vs manual dequantization: max diff "
+                           f"{r['identity_vs_manual_max_abs']:.1e}")
+                groups.setdefault(cells, []).append((b, how))
+            for cells, members in groups.items():
+                hows = sorted({h for _, h in members})
+                lines.append(
+                    f"| {label} | {', '.join(b for b, _ in members)} | " + " | ".join(cells)
+                    + f" | {'; '.join(hows)} |"
+                )
+        lines.append("")
+
+    # --- Part 3: step time
+    timed = [b for b in ok if "error" not in results[b]["timing"]]
+    if timed:
+        lines.append("## 3. LoRA r=8 train step over three bases\n")
+        lines.append("### Step time (ms, median [p25-p75], interleaved in one process)\n")
+        lines.append(
+            "| backend | compiled | float32 base | bfloat16 base | NF4 base | "
+            f"NF4 / bf16 [<= {NF4_VS_BF16_LIMIT}] | NF4 / f32 | bf16 / f32 |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for b in timed:
+            t = results[b]["timing"]
+            cells = [
+                f"{t['times'][v]['median_ms']:.1f} [{t['times'][v]['p25_ms']:.1f}-"
+                f"{t['times'][v]['p75_ms']:.1f}]"
+                for v in VARIANTS
+            ]
+            r = t["ratios"]
+            lines.append(
+                f"| {b} | {compiled_label(b, t['variants'])} | " + " | ".join(cells) + " | "
+                f"{r['nf4/bf16']:.3f} {verdict(r['nf4/bf16'], NF4_VS_BF16_LIMIT)} | "
+                f"{r['nf4/f32']:.3f} | {r['bf16/f32']:.3f} |"
+            )
+        lines.append("")
+        lines.append(
+            "Same ratios from the fastest (min) step of each variant (information "
+            "only; PASS/MISS uses medians):\n"
+        )
+        lines.append("| backend | NF4 / bf16 | NF4 / f32 | bf16 / f32 |")
+        lines.append("|---|---|---|---|")
+        for b in timed:
+            r = timing_ratios(results[b]["timing"]["times"], "min_ms")
+            lines.append(f"| {b} | {r['nf4/bf16']:.3f} | {r['nf4/f32']:.3f} | {r['bf16/f32']:.3f} |")
+        lines.append("")
+        lines.append("Warm-up (first calls include tracing / compilation), seconds for "
+                     f"{meta['warmup']} calls:\n")
+        lines.append("| backend | " + " | ".join(VARIANT_LABEL[v] for v in VARIANTS) + " |")
+        lines.append("|---" * (len(VARIANTS) + 1) + "|")
+        for b in timed:
+            t = results[b]["timing"]["times"]
+            lines.append(f"| {b} | " + " | ".join(f"{t[v]['warmup_s']:.1f}" for v in VARIANTS) + " |")
+        lines.append("")
+
+    # --- Part 3: memory
+    if ok:
+        lines.append("### Memory (MiB, each variant alone in its own subprocess)\n")
+        lines.append(
+            "| backend | base | RSS after imports | RSS after build | build delta | "
+            "ru_maxrss after build | ru_maxrss at end | VmHWM at end | "
+            "peak at end - RSS after build | step ms (median, not interleaved) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for b in ok:
+            for v in VARIANTS:
+                m = results[b]["memory"].get(v, {"error": "not run"})
+                if "error" in m:
+                    lines.append(f"| {b} | {VARIANT_LABEL[v]} | FAILED: {m['error']} |" + " |" * 7)
+                    continue
+                st = m["times"]["median_ms"] if m.get("times") else float("nan")
+                lines.append(
+                    f"| {b} | {VARIANT_LABEL[v]} | {m['rss_after_imports_mib']:.0f} | "
+                    f"{m['rss_after_build_mib']:.0f} | "
+                    f"{m['rss_after_build_mib'] - m['rss_after_imports_mib']:+.0f} | "
+                    f"{m['peak_after_build_mib']:.0f} | {m['peak_end_mib']:.0f} | "
+                    f"{m['hwm_end_mib']:.0f} | "
+                    f"{m['peak_end_mib'] - m['rss_after_build_mib']:+.0f} | {st:.1f} |"
+                )
+        lines.append("")
+        lines.append(
+            "RSS after imports includes the backend and TensorFlow (imported by "
+            "keras_hub); \"build delta\" is the model (weights, adapters, quantization "
+            "transients still held by the allocator, optimizer not yet built); "
+            "\"peak at end - RSS after build\" is what the train steps (compilation, "
+            "activations, gradients, Adam slots) added on top. `ru_maxrss` and `VmHWM` "
+            "agree when the child did not inherit a parent's high-water mark (the "
+            "children are spawned before the parent imports Keras).\n"
+        )
+
+        # --- stored base bytes
+        lines.append("### Stored base bytes per variant\n")
+        lines.append(
+            "Sum over the adapted layers of the bytes of their bases' non-trainable "
+            f"weights (`adapter.layer.non_trainable_weights`) [{ok[0]}; identical on "
+            "every backend unless noted]:\n"
+        )
+        lines.append(
+            "| base | adapted layers | base class | base bytes | bits / base param | "
+            "base dtypes | trainable params | trainable dtypes | all model weights |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        src = results[ok[0]]
+        vinfo = (src["timing"].get("variants") if "error" not in src["timing"] else None) or {
+            v: src["memory"][v]["variant"] for v in VARIANTS if "error" not in src["memory"].get(v, {"error": 1})
+        }
+        for v in VARIANTS:
+            d = vinfo.get(v)
+            if d is None:
+                continue
+            lines.append(
+                f"| {VARIANT_LABEL[v]} | {d['adapted_layers']} | {', '.join(d['base_class'])} | "
+                f"{d['base_bytes']:,} ({fmt_bytes(d['base_bytes'])}) | "
+                f"{d['base_bits_per_param']:.3f} | {', '.join(d['base_dtypes'])} | "
+                f"{d['trainable_params']:,} | {', '.join(d['trainable_dtypes'])} | "
+                f"{fmt_bytes(d['model_weight_bytes'])} |"
+            )
+        diffs = []
+        for b in ok[1:]:
+            t = results[b]["timing"]
+            if "error" in t:
+                continue
+            for v in VARIANTS:
+                if t["variants"][v]["base_bytes"] != vinfo[v]["base_bytes"]:
+                    diffs.append(f"{b}/{v}: {t['variants'][v]['base_bytes']:,}")
+        if diffs:
+            lines.append("")
+            lines.append("Differs on: " + "; ".join(diffs))
+        lines.append("")
+
+    # --- targets
+    if results:
+        lines.append("## Targets\n")
+        for b in BACKENDS:
+            if b not in results:
+                continue
+            r = results[b]
+            if "error" in r:
+                lines.append(f"- [{b}] MISS: backend run failed ({r['error']})")
+                continue
+            for key in ("nf4_dq", "nf4"):
+                label, target = STORAGES[key]
+                bits = r["storage"]["rows"][key]["bits_saved"]
+                lines.append(
+                    f"- [{b}] {label}: {bits:.4f} bits/param (target {target}) "
+                    f"{'PASS' if abs(bits - target) < BITS_TOLERANCE else 'MISS'}"
+                )
+            t = r["timing"]
+            if "error" in t:
+                lines.append(f"- [{b}] NF4 step <= {NF4_VS_BF16_LIMIT}x bf16 step: MISS (timing failed)")
+            else:
+                v = t["ratios"]["nf4/bf16"]
+                lines.append(
+                    f"- [{b}] NF4-base step <= {NF4_VS_BF16_LIMIT}x bfloat16-base step: "
+                    f"{v:.3f} {verdict(v, NF4_VS_BF16_LIMIT)}"
+                )
+        lines.append("")
+
+    # --- load
+    loads = []
+    for b in BACKENDS:
+        r = results.get(b)
+        if not r or "error" in r:
+            continue
+        parts = [("storage", r["storage"])]
+        parts += [(f"memory {v}", r["memory"][v]) for v in VARIANTS if v in r["memory"]]
+        parts.append(("timing", r["timing"]))
+        cells = [
+            f"{name} {p['loadavg_start']:.2f} -> {p['loadavg_end']:.2f}"
+            for name, p in parts
+            if "loadavg_start" in p and "loadavg_end" in p
+        ]
+        loads.append(f"- {b}: " + "; ".join(cells))
+    if loads:
+        lines.append(
+            "1-minute load average at start -> end of each part (the machine is shared; "
+            f"with {env['cpu_count']} cores, anything well above the benchmark's own ~1-2 "
+            "means other processes competed for the cores):\n"
+        )
+        lines.extend(loads)
+        lines.append("")
+    lines.append("## Versions\n")
+    seen = {}
+    for r in results.values():
+        for k, v in r.get("versions", {}).items():
+            seen.setdefault(k, v)
+    extra = [f"torch threads {results[b]['torch_num_threads']}"
+             for b in ok if "torch_num_threads" in results[b]]
+    lines.append(", ".join(f"{k} {v}" for k, v in sorted(seen.items())) +
+                 (("; " + ", ".join(extra)) if extra else ""))
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------
+# Driver
+def run_child(argv_extra, env_extra):
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    env = dict(os.environ)
+    env.update(env_extra)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    cmd = [sys.executable, os.path.abspath(__file__), *argv_extra, "--json-out", path]
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env)
+    wall = time.perf_counter() - t0
+    try:
+        if proc.returncode != 0:
+            return {"error": f"exit status {proc.returncode}"}
+        with open(path) as f:
+            out = json.load(f)
+        out["wall_s"] = wall
+        return out
+    finally:
+        os.unlink(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backend", choices=BACKENDS, help="run every part on this backend")
+    p.add_argument("--all", action="store_true", help="every backend, each in a subprocess")
+    p.add_argument("--small", action="store_true", help="tiny Gemma shapes for a functional check")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per variant (default 15; 10 with --small)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant (default 3)")
+    p.add_argument("--mem-steps", type=int, default=5,
+                   help="steps after warm-up in each memory subprocess (default 5)")
+    p.add_argument("--memory-variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--markdown", help="write the report as markdown to this path")
+    p.add_argument("--json-out", help="write raw results as JSON to this path")
+    args = p.parse_args(argv)
+    if bool(args.backend) == args.all:
+        p.error("give exactly one of --backend, --all")
+    if args.memory_variant and not args.backend:
+        p.error("--memory-variant needs --backend")
+    steps = args.steps or (10 if args.small else 15)
+    if not args.memory_variant and (steps < 10 or args.warmup < 3):
+        print("note: fewer than 10 timed / 3 warm-up steps", flush=True)
+    shape_name = "small" if args.small else "full"
+    shape = SHAPES[shape_name]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    if args.memory_variant:
+        os.environ["KERAS_BACKEND"] = args.backend
+        out = run_memory_child(args.backend, shape, args.memory_variant, args.warmup, steps)
+        print(f"[{args.backend}/{args.memory_variant}] " + json.dumps(
+            {k: v for k, v in out.items() if k != "variant"}), flush=True)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
+
+    meta = {
+        "shape_name": shape_name,
+        "shape": shape,
+        "steps": steps,
+        "warmup": args.warmup,
+        "mem_steps": args.mem_steps,
+        "environment": environment(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    results = {}
+    if args.all:
+        extra = ["--steps", str(steps), "--warmup", str(args.warmup), "--mem-steps", str(args.mem_steps)]
+        if args.small:
+            extra.append("--small")
+        for b in BACKENDS:
+            results[b] = run_child(["--backend", b, *extra], {"KERAS_BACKEND": b})
+    else:
+        results[args.backend] = run_backend(
+            args.backend, shape, shape_name, args.warmup, steps, args.mem_steps
+        )
+
+    if args.json_out:
+        part = next(iter(results.values()))
+        with open(args.json_out, "w") as f:
+            json.dump(part if not args.all else {"meta": meta, "results": results}, f, indent=1)
+
+    report = render(results, meta)
+    print()
+    print(report, flush=True)
+    if args.markdown:
+        cmd = "python benchmarks/quantized.py " + (
+            "--all" if args.all else f"--backend {args.backend}"
+        ) + (" --small" if args.small else "") + (f" --steps {steps}" if args.steps else "") + (
+            f" --markdown {args.markdown}"
+        )
+        header = [
+            "# Quantized-base benchmark",
+            "",
+            f"Measured {meta['date']} on a {meta['environment']['cpu_count']}-core CPU VM "
+            f"({meta['environment']['cpu_model']}), shapes `{shape_name}`, with",
+            f"`{cmd}`.",
+            "",
+        ]
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(header) + "\n" + report)
+        print(f"wrote {args.markdown}", flush=True)
+    failed = [k for k, r in results.items() if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
