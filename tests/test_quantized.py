@@ -372,3 +372,29 @@ def test_requantizing_merge_in_the_base_storage(base):
     assert report["target"]["storage"] == base
     assert 0 < report["target"]["max_abs_error"] < 0.5
     assert bases.base_kind(model.get_layer("target")) == base
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_precision_on_nf4_base(method, policy):
+    """Contract point 5 over NF4: forward, backward and merge under reduced
+    precision; the kernel is dequantized in float32, then cast."""
+    keras.config.set_dtype_policy(policy)
+    make, x = SMALL["einsum"]
+    model = make()
+    kl.enable_adapter(model, method=method, rank=2, targets=["target"], base="nf4")
+    a = model.get_layer("target")
+    assert keras.backend.standardize_dtype(a.lora_b.dtype) == ("float32" if policy.startswith("mixed") else "float16")
+    y0 = to_np(model(x)).astype("float32")
+    with kl.disable_adapter(model):
+        y_base = to_np(model(x)).astype("float32")
+    np.testing.assert_allclose(y0, y_base, atol=2e-2 * max(1.0, np.abs(y_base).max()))
+    perturb(a, scale=0.1)
+    y = to_np(model(x)).astype("float32")
+    assert np.all(np.isfinite(y))
+    from test_contract import _adapter_grads
+
+    grads = _adapter_grads(model, a, x)
+    assert all(np.all(np.isfinite(g)) for g in grads) and any(np.abs(g).max() > 0 for g in grads)
+    kl.merge(model)
+    np.testing.assert_allclose(to_np(model(x)).astype("float32"), y, atol=5e-2 * max(1.0, np.abs(y).max()))

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lowrank import _compat
 from keras_lowrank.geometry import KernelGeometry
 from keras_lowrank.quant import nf4
 
@@ -143,7 +144,10 @@ class NF4Linear(keras.layers.Layer):
 
     def dequantized_matrix(self):
         """The float32 matrix view of the stored kernel."""
-        state = {k: v.value for k, v in self._state.items()}
+        # Read in the stored dtypes: under a mixed policy the float32
+        # constants would otherwise be autocast to the compute dtype.
+        with _compat.no_autocast():
+            state = {k: _compat.as_tensor(v.value) for k, v in self._state.items()}
         flat = nf4.dequantize_nf4(state, self.numel)
         g = self.geometry
         wt = ops.reshape(flat, g.batch_shape + (g.n_out, g.n_in))
