@@ -128,10 +128,6 @@ class KernelGeometry:
         """The largest rank a matrix of this shape can have."""
         return min(self.n_in, self.n_out)
 
-    @property
-    def is_plain_matrix(self):
-        return not self.shared
-
     # ------------------------------------------------------------------
     # Kernel <-> matrix
     def kernel_to_matrix(self, kernel):

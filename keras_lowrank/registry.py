@@ -80,17 +80,6 @@ def get(name):
     return _REGISTRY[name]
 
 
-def all_specs():
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
-
-
-def method_for_layer(layer):
-    for spec in _REGISTRY.values():
-        if type(layer) is spec.layer_class:
-            return spec
-    raise ValueError(f"{type(layer).__name__} is not a registered adapter layer.")
-
-
 def _niter_ok(v):
     """None or an int >= 0"""
     return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
