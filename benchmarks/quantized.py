@@ -519,7 +519,9 @@ def run_memory_child(backend, shape, variant, warmup, steps):
 
 def run_backend(backend, shape, shape_name, warmup, steps, mem_steps):
     log = lambda *a: print(f"[{backend}]", *a, flush=True)  # noqa: E731
-    info = {"backend": backend, "loadavg_start": load1()}
+    info = {"backend": backend, "loadavg_start": load1(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "steps": steps, "warmup": warmup, "mem_steps": mem_steps, "shape_name": shape_name}
 
     # The memory subprocesses are started before this process imports Keras:
     # Linux counts the RSS high-water mark of the process that exec()s into
@@ -689,19 +691,18 @@ def render(results, meta):
                 if r is None:
                     continue
                 cells = (f"{r['max_abs']:.3e}", f"{r['mean_abs']:.3e}", f"{r['rel_frobenius']:.4f}")
+                groups.setdefault(cells, []).append((b, r))
+            for cells, members in groups.items():
                 if key.startswith("nf4"):
                     how = "`dequantized_kernel()`"
                 elif key in ("float32", "bfloat16"):
                     how = "cast to float32"
                 else:
-                    how = (f"layer(eye) - bias; vs manual dequantization: max diff "
-                           f"{r['identity_vs_manual_max_abs']:.1e}")
-                groups.setdefault(cells, []).append((b, how))
-            for cells, members in groups.items():
-                hows = sorted({h for _, h in members})
+                    worst = max(r["identity_vs_manual_max_abs"] for _, r in members)
+                    how = f"layer(eye) - bias; vs manual dequantization: max diff {worst:.1e}"
                 lines.append(
                     f"| {label} | {', '.join(b for b, _ in members)} | " + " | ".join(cells)
-                    + f" | {'; '.join(hows)} |"
+                    + f" | {how} |"
                 )
         lines.append("")
 
@@ -922,11 +923,14 @@ def main(argv=None):
     p.add_argument("--mem-steps", type=int, default=5,
                    help="steps after warm-up in each memory subprocess (default 5)")
     p.add_argument("--memory-variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="render one report from the --json-out files of earlier --backend "
+                        "(or --all) runs, e.g. to replace a backend whose run was disturbed")
     p.add_argument("--markdown", help="write the report as markdown to this path")
     p.add_argument("--json-out", help="write raw results as JSON to this path")
     args = p.parse_args(argv)
-    if bool(args.backend) == args.all:
-        p.error("give exactly one of --backend, --all")
+    if sum([bool(args.backend), args.all, bool(args.combine)]) != 1:
+        p.error("give exactly one of --backend, --all, --combine")
     if args.memory_variant and not args.backend:
         p.error("--memory-variant needs --backend")
     steps = args.steps or (10 if args.small else 15)
@@ -956,7 +960,29 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     results = {}
-    if args.all:
+    if args.combine:
+        sources = []
+        for path in args.combine:
+            with open(path) as f:
+                data = json.load(f)
+            if "results" in data:  # an --all file
+                results.update(data["results"])
+                meta.update({k: v for k, v in data["meta"].items() if k != "date"})
+                sources.append(f"{path} ({data['meta']['date']}: {', '.join(data['results'])})")
+            else:
+                results[data["backend"]] = data
+                shape_name = data.get("shape_name", shape_name)
+                meta.update({k: data[k] for k in ("steps", "warmup", "mem_steps") if k in data})
+                sources.append(f"{path} ({data.get('date', '?')}: {data['backend']})")
+            if "meta" in data:
+                shape_name = data["meta"]["shape_name"]
+        if len({json.dumps(r.get("shape_name", shape_name)) for r in results.values()}) > 1:
+            p.error("--combine: the files were measured with different shapes")
+        meta["combined_from"] = sources
+        meta["shape_name"] = shape_name
+        meta["shape"] = SHAPES[shape_name]
+        results = {b: results[b] for b in BACKENDS if b in results}
+    elif args.all:
         extra = ["--steps", str(steps), "--warmup", str(args.warmup), "--mem-steps", str(args.mem_steps)]
         if args.small:
             extra.append("--small")
@@ -976,19 +1002,28 @@ def main(argv=None):
     print()
     print(report, flush=True)
     if args.markdown:
-        cmd = "python benchmarks/quantized.py " + (
-            "--all" if args.all else f"--backend {args.backend}"
-        ) + (" --small" if args.small else "") + (f" --steps {steps}" if args.steps else "") + (
-            f" --markdown {args.markdown}"
-        )
+        if args.combine:
+            cmd = ("python benchmarks/quantized.py --combine " + " ".join(args.combine)
+                   + f" --markdown {args.markdown}")
+        else:
+            cmd = "python benchmarks/quantized.py " + (
+                "--all" if args.all else f"--backend {args.backend}"
+            ) + (" --small" if args.small else "") + (f" --steps {steps}" if args.steps else "") + (
+                f" --markdown {args.markdown}"
+            )
         header = [
             "# Quantized-base benchmark",
             "",
-            f"Measured {meta['date']} on a {meta['environment']['cpu_count']}-core CPU VM "
+            ("Report rendered" if meta.get("combined_from") else "Measured")
+            + f" {meta['date']} on a {meta['environment']['cpu_count']}-core CPU VM "
             f"({meta['environment']['cpu_model']}), shapes `{shape_name}`, with",
             f"`{cmd}`.",
             "",
         ]
+        if meta.get("combined_from"):
+            header += ["Combined from these runs (per-backend results, each measured "
+                       "in its own process at the time given):", ""]
+            header += [f"- {src}" for src in meta["combined_from"]] + [""]
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
         with open(args.markdown, "w") as f:
             f.write("\n".join(header) + "\n" + report)

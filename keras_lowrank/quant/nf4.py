@@ -28,6 +28,9 @@ NF4_TABLE = np.array(
     dtype="float32",
 )
 
+#: the two NF4 values of every byte: [NF4[b >> 4], NF4[b & 15]]
+NF4_PAIRS = np.stack([NF4_TABLE[np.arange(256) // 16], NF4_TABLE[np.arange(256) % 16]], axis=-1)
+
 BLOCK = 64
 ABSMAX_BLOCK = 256
 
@@ -152,11 +155,9 @@ def dequantize_absmax(state, n_blocks=None):
 
 def dequantize_nf4(state, numel, block=BLOCK):
     """The float32 values (flat, row-major) of an NF4 state."""
+    # One lookup per byte gives both values (high nibble first).
     codes = ops.cast(state["codes"], "int32")
-    high = codes // 16
-    low = codes - high * 16
-    idx = ops.reshape(ops.stack([high, low], axis=-1), (-1,))
-    vals = ops.take(ops.convert_to_tensor(NF4_TABLE), idx)
+    vals = ops.reshape(ops.take(ops.convert_to_tensor(NF4_PAIRS), codes, axis=0), (-1,))
     vals = vals[:numel] if vals.shape[0] != numel else vals
     return _times_block_absmax(vals, dequantize_absmax(state), block, numel)
 
