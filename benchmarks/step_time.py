@@ -30,12 +30,19 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+from _common import environment  # noqa: E402
+from _common import run_script  # noqa: E402
+from _common import summarize_times  # noqa: E402
+from _common import verdict  # noqa: E402
+from _common import versions  # noqa: E402
+
+
+def run_child(argv_extra, env_extra):
+    return run_script(__file__, argv_extra, env_extra)
+
 
 BACKENDS = ("jax", "tensorflow", "torch")
 RANK = 8
@@ -79,51 +86,8 @@ TARGETS = [
 
 # ----------------------------------------------------------------------
 # Environment
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def versions(names):
-    out = {}
-    for name in names:
-        try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except Exception as e:  # pragma: no cover - informational
-            out[name] = f"n/a ({type(e).__name__})"
-    return out
-
-
-def environment():
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
 # ----------------------------------------------------------------------
 # Timing
-def summarize_times(seconds):
-    ms = sorted(1000.0 * s for s in seconds)
-    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
-    return {
-        "median_ms": statistics.median(ms),
-        "min_ms": ms[0],
-        "p25_ms": q[0],
-        "p75_ms": q[2],
-        "n": len(ms),
-    }
-
-
 def time_interleaved(fns, warmup, steps, log=print):
     """Warm every callable up, then time them round-robin; medians in ms."""
     for name, fn in fns.items():
@@ -393,10 +357,6 @@ def run_peft(shape, warmup, steps):
 
 # ----------------------------------------------------------------------
 # Report
-def verdict(value, limit):
-    return "PASS" if value <= limit else "MISS"
-
-
 def render(results, meta):
     """Markdown report of the results of every part that ran."""
     lines = []
@@ -591,28 +551,6 @@ def compiled_label(backend, r):
 
 # ----------------------------------------------------------------------
 # Driver
-def run_child(argv_extra, env_extra):
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    env = dict(os.environ)
-    env.update(env_extra)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    cmd = [sys.executable, os.path.abspath(__file__), *argv_extra, "--json-out", path]
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
-    wall = time.perf_counter() - t0
-    try:
-        if proc.returncode != 0:
-            return {"error": f"exit status {proc.returncode}"}
-        with open(path) as f:
-            out = json.load(f)
-        out["wall_s"] = wall
-        return out
-    finally:
-        os.unlink(path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", choices=BACKENDS, help="run the Keras part on this backend")
