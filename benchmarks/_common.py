@@ -10,6 +10,39 @@ import sys
 import tempfile
 import time
 
+BACKENDS = ("jax", "tensorflow", "torch")
+RANK = 8
+SEED = 1234
+LR = 1e-4
+
+# The Gemma-shaped model both benchmarks train. Gemma v1 (KerasHub) splits
+# `intermediate_dim` in two gates of intermediate_dim // 2 each; the PEFT
+# model of step_time.py uses intermediate_size = that half.
+SHAPES = {
+    "full": dict(
+        vocabulary_size=1000,
+        hidden_dim=512,
+        num_layers=4,
+        num_query_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_dim=2048,
+        seq_len=128,
+        batch=8,
+    ),
+    "small": dict(
+        vocabulary_size=1000,
+        hidden_dim=64,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        intermediate_dim=256,
+        seq_len=16,
+        batch=4,
+    ),
+}
+
 
 def cpu_model():
     try:

@@ -40,6 +40,11 @@ import tempfile
 import time
 
 from _common import environment  # noqa: E402
+from _common import BACKENDS  # noqa: E402
+from _common import LR  # noqa: E402
+from _common import RANK  # noqa: E402
+from _common import SEED  # noqa: E402
+from _common import SHAPES  # noqa: E402
 from _common import run_script  # noqa: E402
 from _common import summarize_times  # noqa: E402
 from _common import verdict  # noqa: E402
@@ -50,40 +55,12 @@ def run_child(argv_extra, env_extra):
     return run_script(__file__, argv_extra, env_extra)
 
 
-BACKENDS = ("jax", "tensorflow", "torch")
 VARIANTS = ("f32", "bf16", "nf4")
 VARIANT_LABEL = {"f32": "float32 base", "bf16": "bfloat16 base", "nf4": "NF4 base"}
-RANK = 8
-SEED = 1234
-LR = 1e-4
 KERNEL_N = 1024
 KERNEL_STD = 0.02
 NF4_VS_BF16_LIMIT = 1.5
 
-SHAPES = {
-    "full": dict(
-        vocabulary_size=1000,
-        hidden_dim=512,
-        num_layers=4,
-        num_query_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        intermediate_dim=2048,
-        seq_len=128,
-        batch=8,
-    ),
-    "small": dict(
-        vocabulary_size=1000,
-        hidden_dim=64,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=4,
-        head_dim=16,
-        intermediate_dim=256,
-        seq_len=16,
-        batch=4,
-    ),
-}
 
 # storage key -> (label, target bits or None)
 STORAGES = {

@@ -34,6 +34,11 @@ import sys
 import time
 
 from _common import environment  # noqa: E402
+from _common import BACKENDS  # noqa: E402
+from _common import LR  # noqa: E402
+from _common import RANK  # noqa: E402
+from _common import SEED  # noqa: E402
+from _common import SHAPES  # noqa: E402
 from _common import run_script  # noqa: E402
 from _common import summarize_times  # noqa: E402
 from _common import verdict  # noqa: E402
@@ -43,38 +48,6 @@ from _common import versions  # noqa: E402
 def run_child(argv_extra, env_extra):
     return run_script(__file__, argv_extra, env_extra)
 
-
-BACKENDS = ("jax", "tensorflow", "torch")
-RANK = 8
-SEED = 1234
-LR = 1e-4
-
-# Gemma v1 (KerasHub) splits `intermediate_dim` in two gates of
-# intermediate_dim // 2 each; the PEFT model uses intermediate_size = that half.
-SHAPES = {
-    "full": dict(
-        vocabulary_size=1000,
-        hidden_dim=512,
-        num_layers=4,
-        num_query_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        intermediate_dim=2048,
-        seq_len=128,
-        batch=8,
-    ),
-    "small": dict(
-        vocabulary_size=1000,
-        hidden_dim=64,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=4,
-        head_dim=16,
-        intermediate_dim=256,
-        seq_len=16,
-        batch=4,
-    ),
-}
 
 TARGETS = [
     # (ratio key, threshold, label)

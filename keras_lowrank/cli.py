@@ -463,5 +463,5 @@ def cmd_merge(args):
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     sys.exit(main())

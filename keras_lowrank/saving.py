@@ -136,6 +136,14 @@ def load_adapter(model, path):
             have = layer.geometry.kernel_shape
         else:
             bases.check_supported(layer, lpath)
+            mode = bases.quantization_mode(layer)
+            if mode is not None and spec.layer_class.init_on_full_precision:
+                raise ValueError(
+                    f"Layer {lpath!r} is quantized by Keras (mode={mode!r}); a "
+                    f"{spec.name!r} adapter rewrites its full-precision kernel. "
+                    "Load the file into the float model (the saved base storage "
+                    "is re-applied)."
+                )
             have = bases.float_kernel_shape(layer)
         if tuple(have) != kernel_shape:
             raise ValueError(

@@ -398,3 +398,18 @@ def test_precision_on_nf4_base(method, policy):
     assert all(np.all(np.isfinite(g)) for g in grads) and any(np.abs(g).max() > 0 for g in grads)
     kl.merge(model)
     np.testing.assert_allclose(to_np(model(x)).astype("float32"), y, atol=5e-2 * max(1.0, np.abs(y).max()))
+
+
+def test_pissa_file_onto_a_keras_quantized_model_is_refused(tmp_path):
+    make, _ = SMALL["dense"]
+    model = make()
+    kl.enable_adapter(model, method="pissa", rank=2, targets=["target"])
+    f = tmp_path / "p.safetensors"
+    kl.save_adapter(model, f)
+    other = make()
+    other.quantize("int8")
+    before = snapshot_weights(other)
+    with pytest.raises(ValueError, match="'target' is quantized by Keras"):
+        kl.load_adapter(other, f)
+    assert snapshot_weights(other) == before
+    assert bases.base_kind(other.get_layer("target")) == "int8"
