@@ -15,22 +15,23 @@ import keras as _keras
 
 from keras_lowrank import layers
 from keras_lowrank.adapt import AdapterSummary
-from keras_lowrank.adapt import adapters
+from keras_lowrank.adapt import count_params
 from keras_lowrank.adapt import enable_adapter
-from keras_lowrank.adapt import resolve_targets
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.geometry import KernelGeometry
 from keras_lowrank.lifecycle import disable_adapter
 from keras_lowrank.lifecycle import merge
 from keras_lowrank.lifecycle import set_adapter_enabled
 from keras_lowrank.lifecycle import unmerge
+from keras_lowrank.plan import adapters
 from keras_lowrank.registry import methods
 from keras_lowrank.saving import load_adapter
 from keras_lowrank.saving import save_adapter
+from keras_lowrank.targeting import resolve_targets
 from keras_lowrank.version import __version__
 
 
-def _model_enable_adapter(self, method="lora", rank=8, **kwargs):
+def _model_enable_adapter(self, method="lora", rank=None, **kwargs):
     return enable_adapter(self, method=method, rank=rank, **kwargs)
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "AdapterSummary",
     "KernelGeometry",
     "adapters",
+    "count_params",
     "disable_adapter",
     "enable_adapter",
     "layers",

@@ -108,3 +108,43 @@ def keras_float_kernel_shape(layer):
             return tuple(layer.original_kernel_shape)
         return (layer._orig_input_dim, layer._orig_output_dim)
     return tuple(layer._kernel.shape)
+
+
+def is_functional(layer):
+    """Whether `layer` is a Keras Functional model (graph of layers)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(layer, Functional)
+
+
+def compile_config(model):
+    """The arguments `model.compile` was last called with (or `None`)."""
+    return getattr(model, "_compile_config", None)
+
+
+def created_trainable(layer):
+    """The variables `layer` itself created as trainable (whatever their
+    current flag), not those of its sublayers."""
+    return list(layer._trainable_variables)
+
+
+def sublayers(layer):
+    """The direct sublayers Keras tracks for `layer`."""
+    return list(layer._layers)
+
+
+def build_shapes(layer):
+    """The input shapes `layer` was built with (a dict), or `None`."""
+    return getattr(layer, "_build_shapes_dict", None)
+
+
+def set_build_shapes(layer, shapes):
+    """Record build shapes on a layer built without them (an adapter built
+    around an already-built layer), so that Keras saves a build config."""
+    layer._build_shapes_dict = dict(shapes)
+
+
+def keras_quantized_storage(layer):
+    """The variables holding a Keras int8/int4 kernel (codes and constants)."""
+    names = ("_kernel", "kernel_scale", "kernel_zero", "g_idx")
+    return [getattr(layer, n) for n in names if getattr(layer, n, None) is not None]

@@ -2,31 +2,61 @@
 
 An adapter is a Keras `Wrapper` around a frozen `Dense` or `EinsumDense`.
 The wrapped layer computes the frozen pre-activation output (its activation
-is moved onto the adapter), the adapter adds its own contribution in the
-matrix view of the kernel (see `keras_lowrank.geometry`), then applies the
-activation. Subclasses declare their variables in `build_adapter`, their
-forward in `adapter_output`, and their merge rule in `merged_matrix`.
+and activity regularizer move onto the adapter), the adapter adds its own
+contribution in the matrix view of the kernel (see `keras_lowrank.geometry`),
+then applies the activation. Subclasses declare their options (`OPTIONS`),
+their variables (`variable_specs`), their forward (`adapter_output`) and their
+merge rule (`delta_matrix` or `merged_matrix`).
+
+Building an adapter creates its own variables only. `attach` is the one step
+that changes the wrapped layer (moves the activation, freezes the kernel,
+runs a data-dependent init); `detach` gives the layer back as it was, which
+is how a refused or failed call leaves the model unchanged.
 """
 
+import dataclasses
 import math
+import warnings
 
 import keras
 from keras import ops
 
 from keras_lowrank import _compat
 from keras_lowrank import bases
+from keras_lowrank import options as opt
+from keras_lowrank import tree
 from keras_lowrank.geometry import KernelGeometry
 
+#: the most elements one adapter variable may hold (the int32 index limit of
+#: several backends); a larger request is refused before anything is allocated
+MAX_VARIABLE_ELEMENTS = 2**31 - 1
 
-def check_rank(rank, where="layer"):
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise ValueError(
-            f"rank for {where!r} must be a positive int; received rank={rank!r}."
-        )
-    if rank <= 0:
-        raise ValueError(
-            f"rank for {where!r} must be a positive int; received rank={rank}."
-        )
+_UNSET = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableSpec:
+    """One adapter variable: name, shape, initializer, trainable."""
+
+    name: str
+    shape: tuple
+    initializer: object = "zeros"
+    trainable: bool = True
+
+
+def adapter_policy_name(layer):
+    """The dtype policy of an adapter around `layer`: the layer's compute
+    dtype, with float32 variables when the layer keeps half-precision ones
+    (Keras's Adam/AdamW cannot move a bfloat16 variable by a small step, so
+    bfloat16 adapter variables silently do not train; PEFT keeps its adapters
+    in float32 for the same reason)."""
+    compute = layer.compute_dtype
+    variable = layer.variable_dtype
+    if variable in ("float16", "bfloat16"):
+        variable = "float32"
+    if compute == variable:
+        return variable
+    return f"mixed_{compute}"
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -35,62 +65,76 @@ class Adapter(keras.layers.Wrapper):
 
     Args:
         layer: the `Dense` or `EinsumDense` layer to adapt. Its kernel is
-            frozen; its activation moves onto the adapter.
-        rank: adapter rank.
-        alpha: scaling numerator (`None`: the method's default, usually `rank`).
-        dropout: dropout rate on the adapter's input.
-        train_bias: keep the wrapped layer's bias trainable.
-        activation: activation applied after the adapter (default: the wrapped
-            layer's own activation).
+            frozen; its activation and activity regularizer move onto the
+            adapter.
+        activation: activation applied after the adapter (default: the
+            wrapped layer's own activation).
         merged: whether the adapter's update is folded into the kernel.
-        seed: seed of the adapter's dropout and random initializers.
+        enabled: whether the adapter contributes to the output.
+        **options: the method's options (`OPTIONS`), e.g. `rank`, `alpha`,
+            `dropout`, `train_bias`, `seed`; other keyword arguments go to
+            `keras.layers.Wrapper`.
     """
 
     method = None
-    #: whether the adapter may hold a rank larger than min(n_in, n_out)
-    rank_bounded = False
+    #: the options every adapter takes; subclasses add theirs
+    OPTIONS = (
+        opt.Option("train_bias", False, opt.boolean, "keep the wrapped layer's bias trainable"),
+        opt.Option("seed", None, opt.seed, "seed of random initializers and dropout"),
+    )
+    #: SVD inits decompose the full-precision kernel and quantize the
+    #: residual (QPiSSA); others initialize from the quantized base, so that
+    #: they start as a no-op on it.
+    init_on_full_precision = False
+    #: whether `attach(init=True)` rewrites the frozen kernel
+    rewrites_kernel = False
+    #: marks adapter layers for `keras_lowrank.tree` (no import cycle)
+    _klr_is_adapter = True
 
-    def __init__(
-        self,
-        layer,
-        rank=8,
-        alpha=None,
-        dropout=0.0,
-        train_bias=False,
-        activation=None,
-        merged=False,
-        seed=None,
-        **kwargs,
-    ):
+    def klr_layer_kind(self):
+        """The class of the layer this adapter stands for (stable keys)."""
+        return tree.layer_kind(self.layer)
+
+    @classmethod
+    def option_names(cls):
+        return [o.name for o in cls.OPTIONS]
+
+    def __init__(self, layer, activation=None, merged=False, enabled=True, **kwargs):
+        names = set(self.option_names())
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        regularizer = kwargs.pop("activity_regularizer", _UNSET)
         kwargs.setdefault("name", layer.name)
-        # The float policy of the wrapped layer (never its quantized policy:
-        # the adapter computes in float, the wrapped layer quantizes itself).
-        kwargs.setdefault("dtype", bases.float_policy_name(layer))
+        kwargs.setdefault("dtype", adapter_policy_name(layer))
         super().__init__(layer, **kwargs)
-        check_rank(rank, self.name)
-        if not (0.0 <= float(dropout) < 1.0):
-            raise ValueError(
-                f"dropout for {self.name!r} must be in [0, 1); received "
-                f"dropout={dropout!r}."
-            )
-        self.rank = int(rank)
-        self.alpha = float(rank if alpha is None else alpha)
-        self.dropout = float(dropout)
-        self.train_bias = bool(train_bias)
-        self.seed = seed
+        for key, value in opt.validate(self.OPTIONS, given, self.name, self.method).items():
+            setattr(self, key, value)
+        self.validate_options()
         if activation is None:
             activation = getattr(layer, "activation", None)
         self.activation = keras.activations.get(activation)
-        # The wrapped layer computes the pre-activation output only.
-        if getattr(layer, "activation", None) is not None:
-            layer.activation = keras.activations.linear
-        self.merged = bool(merged)
-        self.adapter_enabled = True
+        self.activity_regularizer = (
+            layer.activity_regularizer
+            if regularizer is _UNSET
+            else keras.regularizers.get(regularizer)
+        )
+        self.merged = opt.boolean.fn(merged) if merged is not None else False
+        self.adapter_enabled = bool(enabled)
         self.supports_masking = True
         self._init_from_base = True
+        #: set by keras_lowrank's plan, which attaches adapters itself
+        self._managed = False
+        self._attached = False
         self._adapter_vars = {}
-        if self.dropout > 0:
-            self.seed_generator = keras.random.SeedGenerator(seed)
+        self._detach_state = None
+        if getattr(self, "dropout", 0.0) > 0:
+            self.seed_generator = keras.random.SeedGenerator(self.seed)
+
+    def validate_options(self):
+        """Cross-option checks of a method (after each option's own check)."""
+
+    def options(self):
+        """The method options of this adapter, as declared in `OPTIONS`."""
+        return {name: getattr(self, name) for name in self.option_names()}
 
     # ------------------------------------------------------------------
     # Scaling
@@ -99,57 +143,56 @@ class Adapter(keras.layers.Wrapper):
         return self.alpha / self.rank
 
     # ------------------------------------------------------------------
-    # Build
+    # Variables
+    def variable_specs(self, geometry):
+        """The adapter's variables for a kernel of this geometry."""
+        raise NotImplementedError
+
+    def check_geometry(self, geometry, where=None):
+        """Refuse what this adapter cannot be on this kernel, before anything
+        is allocated: an equation with no matrix view, a rank the method
+        bounds, a variable too large to allocate."""
+        where = where or self.name
+        for spec in self.variable_specs(geometry):
+            n = math.prod(spec.shape)
+            if n > MAX_VARIABLE_ELEMENTS:
+                raise ValueError(
+                    f"Layer {where!r}: the {self.method} adapter's variable "
+                    f"{spec.name!r} would have shape {tuple(spec.shape)} "
+                    f"({n:,} elements; the limit is {MAX_VARIABLE_ELEMENTS:,}) "
+                    f"for a {_matrix_text(geometry)} kernel matrix with "
+                    f"{self._size_text()}; nothing was allocated."
+                )
+
+    def _size_text(self):
+        return f"rank={self.rank}" if hasattr(self, "rank") else "these options"
+
+    def rank_warnings(self, geometry):
+        """Ranks that are allowed but cannot help (PEFT allows them too)."""
+        rank = getattr(self, "rank", None)
+        if rank is not None and rank > geometry.rank_limit:
+            return [f"rank={rank} > min(n_in, n_out)={geometry.rank_limit} ({_matrix_text(geometry)})"]
+        return []
+
+    # ------------------------------------------------------------------
+    # Build and attach
     def build(self, input_shape=None):
         if not self.layer.built:
             self.layer.build(input_shape)
         bases.check_supported(self.layer, self.name)
         self.geometry = KernelGeometry.from_layer(self.layer)
-        self.validate_geometry(self.geometry)
+        self.check_geometry(self.geometry)
         self.build_adapter(self.geometry)
-        self.freeze_base()
-        if self._init_from_base:
-            self.initialize_from_base()
         self.built = True
-
-    def validate_geometry(self, geometry):
-        if self.rank_bounded and self.rank > geometry.rank_limit:
-            raise ValueError(
-                f"rank={self.rank} is larger than layer {self.name!r} allows "
-                f"for method {self.method!r}: its kernel is a "
-                f"{geometry.n_in}x{geometry.n_out} matrix, so rank <= "
-                f"{geometry.rank_limit}."
-            )
+        if not self._managed and not self._attached:
+            for warning in self.rank_warnings(self.geometry):
+                warnings.warn(f"Layer {self.name!r}: {warning}.", stacklevel=2)
+            self.attach(init=self._init_from_base)
 
     def build_adapter(self, geometry):
-        raise NotImplementedError
-
-    def initialize_from_base(self):
-        """Data-dependent initialization (SVD inits); plain inits need none."""
-
-    #: SVD inits decompose the full-precision kernel and quantize the
-    #: residual (QPiSSA); others initialize from the quantized base, so that
-    #: they start as a no-op on it.
-    init_on_full_precision = False
-
-    def attach_base(self, convert, init):
-        """Move the frozen kernel into another storage (e.g. NF4).
-
-        `convert` maps the float layer to its replacement. With `init`, the
-        data-dependent initialization runs before or after the conversion,
-        as the method needs.
-        """
-        if init and self.init_on_full_precision:
-            self.initialize_from_base()
-        new = convert(self.layer)
-        old = self.layer
-        from keras_lowrank import tree
-
-        tree.replace_child(self, old, new)
-        self.geometry = KernelGeometry.from_layer(new)
-        self.freeze_base()
-        if init and not self.init_on_full_precision:
-            self.initialize_from_base()
+        for spec in self.variable_specs(geometry):
+            var = self.add_adapter_weight(spec.name, spec.shape, spec.initializer, spec.trainable)
+            setattr(self, spec.name, var)
 
     def add_adapter_weight(self, name, shape, initializer, trainable=True):
         var = self.add_weight(
@@ -162,6 +205,76 @@ class Adapter(keras.layers.Wrapper):
         self._adapter_vars[name] = var
         return var
 
+    def attach(self, init):
+        """Take over the wrapped layer: move its activation and activity
+        regularizer here, freeze its kernel (and bias, unless `train_bias`),
+        and with `init` run the data-dependent initialization. `detach`
+        undoes all of it."""
+        layer = self.layer
+        kernel = bases.kernel_variable(layer)
+        bias = bases.bias_variable(layer)
+        saved = {
+            "layer": layer,
+            "activation": getattr(layer, "activation", None),
+            "activity_regularizer": layer.activity_regularizer,
+            "kernel_trainable": None if kernel is None else kernel.trainable,
+            "bias_trainable": None if bias is None else bias.trainable,
+            "kernel": None,
+        }
+        if init and self.rewrites_kernel and kernel is not None:
+            saved["kernel"] = ops.copy(kernel.value)
+        self._detach_state = saved
+        self._attached = True
+        if getattr(layer, "activation", None) is not None:
+            layer.activation = keras.activations.linear
+        layer.activity_regularizer = None
+        self.freeze_base()
+        if init:
+            self.initialize_from_base()
+
+    def detach(self):
+        """Give the wrapped layer back as it was before `attach`."""
+        saved = self._detach_state
+        if saved is None:
+            return
+        layer = saved["layer"]
+        if saved["kernel"] is not None:
+            bases.kernel_variable(layer).assign(saved["kernel"])
+        if hasattr(layer, "activation"):
+            layer.activation = saved["activation"]
+        layer.activity_regularizer = saved["activity_regularizer"]
+        kernel = bases.kernel_variable(layer)
+        if kernel is not None and saved["kernel_trainable"] is not None:
+            kernel.trainable = saved["kernel_trainable"]
+        bias = bases.bias_variable(layer)
+        if bias is not None and saved["bias_trainable"] is not None:
+            bias.trainable = saved["bias_trainable"]
+        self._detach_state = None
+        self._attached = False
+
+    def commit(self):
+        """Forget what `detach` needs (the change is final)."""
+        self._detach_state = None
+
+    def initialize_from_base(self):
+        """Data-dependent initialization (SVD inits); plain inits need none."""
+
+    def attach_base(self, convert, init):
+        """Move the frozen kernel into another storage (e.g. NF4).
+
+        `convert` maps the float layer to its replacement. With `init`, the
+        data-dependent initialization runs before or after the conversion,
+        as the method needs.
+        """
+        if init and self.init_on_full_precision:
+            self.initialize_from_base()
+        new = convert(self.layer)
+        tree.replace_child(self, self.layer, new)
+        self.geometry = KernelGeometry.from_layer(new)
+        self.freeze_base()
+        if init and not self.init_on_full_precision:
+            self.initialize_from_base()
+
     def freeze_base(self):
         bases.freeze_kernel(self.layer)
         bias = bases.bias_variable(self.layer)
@@ -171,7 +284,7 @@ class Adapter(keras.layers.Wrapper):
     # ------------------------------------------------------------------
     # Forward
     def adapter_input(self, x, training):
-        if self.dropout > 0 and training:
+        if getattr(self, "dropout", 0.0) > 0 and training:
             return keras.random.dropout(x, self.dropout, seed=self.seed_generator)
         return x
 
@@ -236,21 +349,25 @@ class Adapter(keras.layers.Wrapper):
         """The matrix of the base the adapter was put on (PiSSA: K_res + s A0 B0)."""
         return matrix
 
-    def _refuse_quantized(self, what):
-        if bases.base_kind(self.layer) != "float":
+    def refuse_in_place(self, what):
+        kind = bases.base_kind(self.layer)
+        if kind != "float":
             raise ValueError(
                 f"Cannot {what} layer {self.name!r} in place: its kernel is "
-                f"stored as {bases.base_kind(self.layer)}, and folding the update "
-                "into it would re-quantize (a silent loss). Use "
-                "keras_lowrank.merge(model) for a float kernel, or "
-                "merge(model, requantize=True) to re-quantize and see the error."
+                f"stored as {kind}, and folding the update into it would "
+                "re-quantize (a silent loss). Use keras_lowrank.merge(model) "
+                "for a float kernel, or merge(model, requantize=True) to "
+                "re-quantize and see the error."
             )
 
     def merge_in_place(self):
-        """Fold the update into the wrapped kernel (keeps the adapter)."""
+        """Fold the update into the wrapped kernel (keeps the adapter).
+
+        Callers that need all-or-nothing (`keras_lowrank.merge`) snapshot
+        the kernel and `adapter_state()` first (`snapshot`/`restore`)."""
         if self.merged:
             return
-        self._refuse_quantized("merge")
+        self.refuse_in_place("merge")
         w = self.merged_matrix(self.base_matrix())
         check_finite(w, self.name, "merge")
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
@@ -264,14 +381,37 @@ class Adapter(keras.layers.Wrapper):
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
         self.merged = False
 
+    def snapshot(self):
+        """Copies of the float kernel and the adapter state, for `restore`."""
+        kernel = bases.kernel_variable(self.layer)
+        return {
+            "kernel": None if kernel is None else ops.copy(kernel.value),
+            "state": {k: ops.copy(v.value) for k, v in self.adapter_state().items()},
+            "merged": self.merged,
+            "enabled": self.adapter_enabled,
+        }
+
+    def restore(self, snap):
+        """Put back exactly what `snapshot` saw (bit for bit)."""
+        if snap["kernel"] is not None:
+            bases.kernel_variable(self.layer).assign(snap["kernel"])
+        state = self.adapter_state()
+        for k, value in snap["state"].items():
+            state[k].assign(value)
+        self.merged = snap["merged"]
+        self.adapter_enabled = snap["enabled"]
+
     def to_plain_layer(self):
         """A plain (unbuilt) Dense/EinsumDense and the merged float kernel."""
         w = self.base_matrix()
         if not self.merged:
-            w = self.merged_matrix(w)
+            # A disabled adapter folds to the base it computes.
+            w = self.merged_matrix(w) if self.adapter_enabled else self.original_matrix(w)
         check_finite(w, self.name, "merge")
         kernel = self.geometry.matrix_to_kernel(w)
-        plain = bases.plain_layer(self.layer, self.activation, self.name)
+        plain = bases.plain_layer(
+            self.layer, self.activation, self.name, self.activity_regularizer
+        )
         return plain, kernel
 
     # ------------------------------------------------------------------
@@ -282,6 +422,15 @@ class Adapter(keras.layers.Wrapper):
         if self.train_bias and bases.bias_variable(self.layer) is not None:
             state["base_bias"] = bases.bias_variable(self.layer)
         return state
+
+    def state_shapes(self, geometry):
+        """Name -> shape of `adapter_state()` for a kernel of this geometry,
+        known before the adapter is built."""
+        shapes = {s.name: tuple(s.shape) for s in self.variable_specs(geometry)}
+        bias = bases.bias_variable(self.layer)
+        if self.train_bias and bias is not None:
+            shapes["base_bias"] = tuple(bias.shape)
+        return shapes
 
     def rebase(self, original):
         """Make the frozen kernel consistent with the adapter's (just loaded)
@@ -299,24 +448,14 @@ class Adapter(keras.layers.Wrapper):
     # Serialization
     def get_config(self):
         config = super().get_config()
+        config.update(self.options())
         config.update(
             {
-                "rank": self.rank,
-                "alpha": self.alpha,
-                "dropout": self.dropout,
-                "train_bias": self.train_bias,
                 "activation": keras.activations.serialize(self.activation),
                 "merged": self.merged,
-                "seed": self.seed,
+                "enabled": self.adapter_enabled,
             }
         )
-        return config
-
-    def adapter_config(self):
-        """The method options of this adapter (no layer, no Keras fields)."""
-        config = self.get_config()
-        for key in ("layer", "name", "trainable", "dtype", "activation", "merged"):
-            config.pop(key, None)
         return config
 
     @classmethod
@@ -349,6 +488,11 @@ class Adapter(keras.layers.Wrapper):
                     f"{tuple(var.shape)} but the file holds {tuple(value.shape)}."
                 )
             var.assign(value)
+
+
+def _matrix_text(geometry):
+    prefix = f"{geometry.n_shared}x" if geometry.batch_shape else ""
+    return f"{prefix}{geometry.n_in}x{geometry.n_out}"
 
 
 def check_finite(matrix, name, what):

@@ -6,6 +6,8 @@ for "the kernel as a float32 matrix" and "replace the kernel" without caring
 about the layer type.
 """
 
+import math
+
 import keras
 from keras import ops
 
@@ -183,7 +185,7 @@ def assign_kernel(layer, value):
 def build_input_shape(layer):
     if is_nf4(layer):
         return layer.source_input_shape
-    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    shapes = _compat.build_shapes(layer) or {}
     return next(iter(shapes.values()), None)
 
 
@@ -191,8 +193,9 @@ def bias_variable(layer):
     return getattr(layer, "bias", None)
 
 
-def plain_layer(layer, activation, name):
-    """An unbuilt plain Dense/EinsumDense like `layer`, with `activation`."""
+def plain_layer(layer, activation, name, activity_regularizer=None):
+    """An unbuilt plain Dense/EinsumDense like `layer`, with `activation`
+    and `activity_regularizer` (which an adapter held)."""
     if is_nf4(layer):
         cls = layer.plain_layer_class()
         config = dict(layer.source["config"])
@@ -202,7 +205,24 @@ def plain_layer(layer, activation, name):
         if quantization_mode(layer) is not None:
             config["dtype"] = float_policy_name(layer)
     config["activation"] = keras.activations.serialize(activation)
+    config["activity_regularizer"] = (
+        None if activity_regularizer is None else keras.regularizers.serialize(activity_regularizer)
+    )
     config["name"] = name
     for key in ("lora_rank", "lora_alpha", "quantization_config"):
         config.pop(key, None)
     return cls.from_config(config)
+
+
+def storage_params(layer):
+    """`(stored elements, float kernel parameters)` of a linear layer whose
+    kernel is quantized (NF4, Keras int8/int4); `None` for any other layer.
+    Lets parameter counts mean parameters, not packed codes."""
+    if is_nf4(layer):
+        stored = sum(math.prod(v.shape) for v in layer.storage_variables())
+        return stored, layer.numel
+    mode = quantization_mode(layer)
+    if mode in KERAS_MODES and isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        stored = sum(math.prod(v.shape) for v in _compat.keras_quantized_storage(layer))
+        return stored, math.prod(float_kernel_shape(layer))
+    return None

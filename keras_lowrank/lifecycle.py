@@ -4,17 +4,31 @@ import contextlib
 
 from keras import ops
 
-from keras_lowrank import adapt
 from keras_lowrank import bases
+from keras_lowrank import compiled
+from keras_lowrank import plan as plan_lib
 from keras_lowrank import tree
-from keras_lowrank.adapter import Adapter
 
 
 def _adapter_entries(model):
-    entries = [e for e in tree.walk(model) if isinstance(e.layer, Adapter)]
+    entries = [e for e in tree.walk(model) if tree.is_adapter(e.layer)]
     if not entries:
         raise ValueError(f"Model {model.name!r} has no adapters.")
     return entries
+
+
+def _all_or_nothing(entries, step):
+    """Run `step(adapter)` on every adapter; if one fails, put every adapter
+    (kernel and variables) back bit for bit and re-raise."""
+    snapshots = []
+    try:
+        for e in entries:
+            snapshots.append((e.layer, e.layer.snapshot()))
+            step(e.layer)
+    except BaseException:
+        for adapter, snap in reversed(snapshots):
+            adapter.restore(snap)
+        raise
 
 
 def _build_plain(adapter, path):
@@ -88,19 +102,24 @@ def merge(model, unload=True, requantize=False):
     ['Dense', 'Dense']
     """
     entries = _adapter_entries(model)
+    if requantize not in (True, False) or unload not in (True, False):
+        raise ValueError(
+            f"merge: unload and requantize must be True or False; received "
+            f"unload={unload!r}, requantize={requantize!r}."
+        )
     if requantize and not unload:
         raise ValueError("merge(requantize=True) replaces the adapters; it needs unload=True.")
     if not unload:
-        done = []
-        try:
-            for e in entries:
-                e.layer.merge_in_place()
-                done.append(e.layer)
-        except Exception:
-            for a in done:
-                a.unmerge_in_place()
-            raise
-        adapt.reset_compiled_functions(model)
+        for e in entries:
+            if not e.layer.merged:
+                e.layer.refuse_in_place("merge")
+                if not e.layer.adapter_enabled:
+                    raise ValueError(
+                        f"Layer {e.path!r} has its adapter disabled; enable it "
+                        "(set_adapter_enabled(model, True)) before merging in place."
+                    )
+        _all_or_nothing(entries, lambda a: a.merge_in_place())
+        compiled.reset_compiled_functions(model)
         return
     report = {}
     if requantize:
@@ -114,23 +133,26 @@ def merge(model, unload=True, requantize=False):
         adapter = e.layer
         # Give the wrapped layer its activation back, in case the user holds it.
         adapter.layer.activation = adapter.activation
+        adapter.layer.activity_regularizer = adapter.activity_regularizer
         tree.replace_layer(model, e, plain)
-    adapt.mark_adapted(model)
-    adapt._after_change(model)
+    plan_lib.mark_adapted(model)
+    compiled.after_change(model)
     return report if requantize else None
 
 
 def unmerge(model):
     """Take the update of adapters merged with `merge(model, unload=False)`
     back out of their kernels."""
-    for e in _adapter_entries(model):
-        e.layer.unmerge_in_place()
-    adapt.reset_compiled_functions(model)
+    entries = _adapter_entries(model)
+    _all_or_nothing(entries, lambda a: a.unmerge_in_place())
+    compiled.reset_compiled_functions(model)
 
 
 def set_adapter_enabled(model, enabled):
     """Switch every adapter of `model` on or off (the base output)."""
     entries = _adapter_entries(model)
+    if enabled not in (True, False):
+        raise ValueError(f"enabled must be True or False; received {enabled!r}.")
     if not enabled:
         merged = [e.path for e in entries if e.layer.merged]
         if merged:
@@ -140,7 +162,7 @@ def set_adapter_enabled(model, enabled):
             )
     for e in entries:
         e.layer.adapter_enabled = bool(enabled)
-    adapt.reset_compiled_functions(model)
+    compiled.reset_compiled_functions(model)
 
 
 @contextlib.contextmanager
@@ -156,8 +178,12 @@ def disable_adapter(model):
     >>> with keras_lowrank.disable_adapter(model):
     ...     y_base = model(np.ones((1, 8), "float32"))
     """
+    entries = _adapter_entries(model)
+    before = [(e.layer, e.layer.adapter_enabled) for e in entries]
     set_adapter_enabled(model, False)
     try:
         yield model
     finally:
-        set_adapter_enabled(model, True)
+        for adapter, enabled in before:
+            adapter.adapter_enabled = enabled
+        compiled.reset_compiled_functions(model)

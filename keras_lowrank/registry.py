@@ -11,9 +11,7 @@ import dataclasses
 from typing import Callable
 
 from keras_lowrank import methods as _m
-
-#: options every method accepts
-COMMON_OPTIONS = {"rank": 8, "alpha": None, "dropout": 0.0, "train_bias": False, "seed": None}
+from keras_lowrank import options as opt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +19,6 @@ class MethodSpec:
     name: str
     layer_class: type
     summary: str
-    #: method-specific options and their defaults (on top of COMMON_OPTIONS)
-    options: dict
     #: "exact", "roundoff" (float32 round-off), or "no"
     noop_at_init: str
     mergeable: bool
@@ -31,35 +27,22 @@ class MethodSpec:
     rank_bounded: bool
     #: trainable parameters of one layer: f(n_in, n_out, n_batch, rank, options)
     trainable_count: Callable
-    #: option name -> allowed values (tuple) or a predicate
-    choices: dict = dataclasses.field(default_factory=dict)
     #: frozen-base storages the method composes with
     bases: tuple = ("float", "nf4", "int8", "int4")
     status: str = "stable"
 
     @property
+    def options(self):
+        """The method's `Option` declarations."""
+        return self.layer_class.OPTIONS
+
+    @property
     def defaults(self):
-        return {**COMMON_OPTIONS, **self.options}
+        return {o.name: o.default for o in self.options}
 
     def validate_options(self, options, where="enable_adapter"):
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for method {self.name!r} "
-                f"({where}); valid options: {sorted(self.defaults)}."
-            )
-        for key, allowed in self.choices.items():
-            if key not in options:
-                continue
-            value = options[key]
-            ok = allowed(value) if callable(allowed) else value in allowed
-            if not ok:
-                raise ValueError(
-                    f"Invalid {key}={value!r} for method {self.name!r} "
-                    f"({where}); allowed: "
-                    f"{allowed if not callable(allowed) else allowed.__doc__}."
-                )
-        return {**self.defaults, **options}
+        """Check and complete `options` (unknown names, types and values)."""
+        return opt.validate(self.options, options, where, self.name)
 
 
 _REGISTRY = {}
@@ -80,11 +63,6 @@ def get(name):
     return _REGISTRY[name]
 
 
-def _niter_ok(v):
-    """None or an int >= 0"""
-    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-
-
 def _lora_count(n_in, n_out, n_batch, rank, options):
     return n_batch * rank * (n_in + n_out)
 
@@ -94,8 +72,6 @@ register(
         name="lora",
         layer_class=_m.LoRA,
         summary="LoRA: y = xK + b + s(xA)B, s = alpha/r (rslora: alpha/sqrt(r))",
-        options={"rslora": False, "init": "kaiming"},
-        choices={"init": ("kaiming", "gaussian"), "rslora": (True, False)},
         noop_at_init="exact",
         mergeable=True,
         unmergeable=True,
@@ -109,8 +85,6 @@ register(
         name="dora",
         layer_class=_m.DoRA,
         summary="DoRA: magnitude m times the normalized direction K + sAB",
-        options={"rslora": False, "init": "kaiming"},
-        choices={"init": ("kaiming", "gaussian"), "rslora": (True, False)},
         noop_at_init="exact",
         mergeable=True,
         unmergeable=True,
@@ -124,8 +98,6 @@ register(
         name="pissa",
         layer_class=_m.PiSSA,
         summary="PiSSA: LoRA from the top-r SVD triplets, residual frozen base",
-        options={"rslora": False, "svd_niter": None},
-        choices={"rslora": (True, False), "svd_niter": _niter_ok},
         noop_at_init="roundoff",
         mergeable=True,
         unmergeable=True,

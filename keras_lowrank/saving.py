@@ -1,24 +1,35 @@
 """Adapter-only files: every variable an adapter changed, in safetensors.
 
-The file's metadata holds the plan (method and options per layer path) and
-the base kernel shape of each layer, so loading can rebuild the adapters on a
-fresh copy of the base model and refuse a file made for another model.
+The file's metadata holds the plan (method, options, base storage and kernel
+shape per layer), so loading can rebuild the adapters on a fresh copy of the
+base model and refuse a file made for another model. Layers are keyed by
+their `tree` key: the names you or the library gave them, and their position
+among siblings where Keras made the name up (`dense_3` → `dense[1]`), so a
+file loads onto any build of the same architecture, in this process or
+another.
+
+Loading checks the whole file before it changes anything: its format, the
+plan (each layer's options are validated like `enable_adapter`'s
+arguments), that every tensor is a finite float tensor of a variable the
+adapter has, with its shape, and that no tensor belongs to a layer outside
+the plan.
 """
 
 import json
+import os
+import tempfile
 
 import numpy as np
 from keras import ops
 
 from keras_lowrank import adapt
-from keras_lowrank import bases
-from keras_lowrank import registry
-from keras_lowrank import tree
-from keras_lowrank.adapter import Adapter
+from keras_lowrank import plan as plan_lib
+from keras_lowrank.plan import SEP
 
 FORMAT = "keras_lowrank.adapter"
-VERSION = "1"
-SEP = "::"
+#: "1": layers keyed by path, options beside the other fields;
+#: "2": layers keyed by stable key, options nested
+VERSION = str(plan_lib.FORMAT_VERSION)
 
 
 def _np(x):
@@ -27,6 +38,9 @@ def _np(x):
 
 def save_adapter(model, path, as_lora=False):
     """Save only the adapters of `model` to a safetensors file.
+
+    The file is written beside `path` first and renamed into place, so a
+    failed write never leaves a half-written file.
 
     Args:
         model: a model with adapters.
@@ -45,25 +59,27 @@ def save_adapter(model, path, as_lora=False):
     """
     from safetensors.numpy import save_file
 
-    tensors = {}
-    layers = {}
-    found = adapt.adapters(model)
+    if as_lora not in (True, False):
+        raise ValueError(f"as_lora must be True or False; received {as_lora!r}.")
+    found = {e.key: e.layer for e in plan_lib.tree.walk(model) if plan_lib.tree.is_adapter(e.layer)}
     if not found:
         raise ValueError(f"Model {model.name!r} has no adapters to save.")
-    for lpath, a in found:
-        cfg = {"method": a.method, **a.adapter_config()}
-        state = {name: var for name, var in a.adapter_state().items()}
+    config = plan_lib.plan_config(model, with_shapes=True)
+    tensors = {}
+    for key, cfg in config["layers"].items():
+        a = found[key]
+        state = dict(a.adapter_state())
         if as_lora and a.method != "lora":
             if not hasattr(a, "as_lora_state"):
                 raise ValueError(
-                    f"as_lora=True: layer {lpath!r} has a {a.method!r} adapter, "
+                    f"as_lora=True: layer {cfg['path']!r} has a {a.method!r} adapter, "
                     "which has no plain-LoRA form; save it as it is."
                 )
             lora_state, overrides = a.as_lora_state()
             extra = {k: v for k, v in state.items() if k == "base_bias"}
             state = {**lora_state, **extra}
-            cfg = {
-                "method": "lora",
+            cfg["method"] = "lora"
+            cfg["options"] = {
                 "rank": overrides["rank"],
                 "alpha": overrides["alpha"],
                 "rslora": a.rslora,
@@ -72,142 +88,124 @@ def save_adapter(model, path, as_lora=False):
                 "train_bias": a.train_bias,
                 "seed": a.seed,
             }
-        cfg["base"] = bases.base_kind(a.layer)
-        cfg["double_quant"] = getattr(a.layer, "double_quant", True)
-        cfg["kernel_shape"] = list(a.geometry.kernel_shape)
-        cfg["equation"] = a.geometry.equation
-        layers[lpath] = cfg
         for name, value in state.items():
-            tensors[f"{lpath}{SEP}{name}"] = np.ascontiguousarray(_np(value))
+            tensors[f"{key}{SEP}{name}"] = np.ascontiguousarray(_np(value))
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "model": type(model).__name__,
-        "plan": json.dumps({"layers": layers, "trainable_layers": getattr(model, "_klr_trainable_layers", None)}),
+        "plan": json.dumps(config),
     }
-    save_file(tensors, str(path), metadata=meta)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".klr-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def read_adapter_file(path):
-    """`(plan, tensors)` of an adapter file."""
+def read_adapter_file(path, tensors=True):
+    """`(metadata, plan, tensors)` of an adapter file, every part checked.
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` naming
+    the file and the fault for anything malformed. With `tensors=False` only
+    the metadata is read (no tensor is loaded).
+    """
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="np") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a keras_lowrank adapter file.")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return json.loads(meta["plan"]), tensors
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"No such adapter file: {name}")
+    if not os.path.isfile(name):
+        raise ValueError(f"{name} is not a file.")
+    try:
+        with safe_open(name, framework="np") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            if meta.get("format") != FORMAT:
+                raise ValueError(
+                    f"{name} is a safetensors file but not a keras_lowrank adapter "
+                    "file (its metadata has no format 'keras_lowrank.adapter')."
+                )
+            values = {k: f.get_tensor(k) for k in keys} if tensors else None
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own errors: not a safetensors file
+        raise ValueError(
+            f"{name} is not a readable safetensors adapter file ({type(e).__name__}: {e})."
+        ) from None
+    version = meta.get("version")
+    if version not in ("1", VERSION):
+        raise ValueError(
+            f"{name} is adapter format {version!r}; this keras-lowrank reads "
+            f"formats '1' and {VERSION!r}. Upgrade keras-lowrank."
+        )
+    if "plan" not in meta:
+        raise ValueError(f"{name} has no adapter plan in its metadata.")
+    try:
+        plan = json.loads(meta["plan"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: the adapter plan is not valid JSON ({e}).") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict):
+        raise ValueError(f"{name}: the adapter plan is malformed (no 'layers' mapping).")
+    if version == "1":
+        plan = dict(plan, format_version=1)
+    elif plan.get("format_version") != plan_lib.FORMAT_VERSION:
+        raise ValueError(f"{name}: the plan's format_version does not match the file's version.")
+    if values is not None:
+        for key, value in values.items():
+            if value.dtype.kind != "f":
+                raise ValueError(
+                    f"{name}: tensor {key!r} has dtype {value.dtype}; adapter "
+                    "tensors are floating point (nothing was loaded)."
+                )
+            if not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"{name}: tensor {key!r} holds NaN or inf values (nothing was loaded)."
+                )
+    return meta, plan, values
 
 
 def load_adapter(model, path):
-    """Load an adapter file into `model` (a fresh copy of the base model, or
-    the same model with the same adapters).
+    """Load an adapter file into `model`: a fresh copy of the base model (in
+    this process or another), or the same model with the same adapters.
 
-    Every check runs before the model is touched: the layer paths must exist,
-    the kernel shapes and the methods must match, and every variable must be
-    in the file with the right shape.
+    Every check runs before the model is touched: the layers must exist
+    (matched by key, see the module docstring), each layer's config must be
+    valid for its method, the kernel shapes must match, and every variable
+    must be in the file as a finite float tensor of the right shape. A
+    refused file leaves the model as it was.
+
+    Example:
+
+    >>> import keras, numpy as np, tempfile, os
+    >>> import keras_lowrank
+    >>> build = lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+    ...                                   keras.layers.Dense(4)])
+    >>> src = build()
+    >>> _ = keras_lowrank.enable_adapter(src, rank=2)
+    >>> f = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+    >>> keras_lowrank.save_adapter(src, f)
+    >>> fresh = build()  # Keras names its layers dense_2, dense_3
+    >>> keras_lowrank.load_adapter(fresh, f).adapted_paths == [fresh.layers[0].name]
+    True
     """
-    plan, tensors = read_adapter_file(path)
-    entries = {e.path: e for e in tree.walk(model)}
-    todo = []
-    for lpath, cfg in plan["layers"].items():
-        cfg = dict(cfg)
-        kernel_shape = tuple(cfg.pop("kernel_shape"))
-        cfg.pop("equation", None)
-        base = cfg.pop("base", "float")
-        double_quant = cfg.pop("double_quant", True)
-        bases.check_base(base, double_quant)
-        entry = entries.get(lpath)
-        if entry is None:
-            raise ValueError(
-                f"Adapter file {path} was saved for a different model: it "
-                f"names layer {lpath!r}, which {model.name!r} does not have. "
-                f"Layer paths that exist: {sorted(entries)}."
-            )
-        spec = registry.get(cfg["method"])
-        layer = entry.layer
-        if isinstance(layer, Adapter):
-            if layer.method != spec.name:
-                raise ValueError(
-                    f"Layer {lpath!r} has a {layer.method!r} adapter; the file "
-                    f"holds a {spec.name!r} adapter."
-                )
-            have = layer.geometry.kernel_shape
-        else:
-            bases.check_supported(layer, lpath)
-            mode = bases.quantization_mode(layer)
-            if mode is not None and spec.layer_class.init_on_full_precision:
-                raise ValueError(
-                    f"Layer {lpath!r} is quantized by Keras (mode={mode!r}); a "
-                    f"{spec.name!r} adapter rewrites its full-precision kernel. "
-                    "Load the file into the float model (the saved base storage "
-                    "is re-applied)."
-                )
-            have = bases.float_kernel_shape(layer)
-        if tuple(have) != kernel_shape:
-            raise ValueError(
-                f"Layer {lpath!r} has a kernel of shape {tuple(have)}; the "
-                f"adapter file was made for shape {kernel_shape}."
-            )
-        todo.append((entry, spec, cfg, base, double_quant))
+    where = f"adapter file {os.fspath(path)}"
+    _, config, tensors = read_adapter_file(path)
+    plan = plan_lib.Plan.from_saved(model, config, where, tensors=tensors)
+    plan.prepare()
 
-    # Build the adapters we need (not yet in the model) and check the tensors.
-    fresh = []
-    for entry, spec, cfg, _, _ in todo:
-        if not isinstance(entry.layer, Adapter):
-            options = {k: v for k, v in cfg.items() if k not in ("method",)}
-            fresh.append((entry, spec, options))
-    created = adapt._install(model, fresh, init=False) if fresh else []
-    try:
-        current = {e.path: e.layer for e in tree.walk(model)}
-        for entry, spec, cfg, _, _ in todo:
-            a = current[entry.path]
-            state = a.adapter_state()
-            names = {k.split(SEP, 1)[1] for k in tensors if k.split(SEP, 1)[0] == entry.path}
-            if names != set(state):
-                raise ValueError(
-                    f"Adapter file {path}: layer {entry.path!r} ({spec.name}) "
-                    f"needs {sorted(state)}, the file holds {sorted(names)}."
-                )
-            for name, var in state.items():
-                value = tensors[f"{entry.path}{SEP}{name}"]
-                if tuple(value.shape) != tuple(var.shape):
-                    raise ValueError(
-                        f"Adapter file {path}: {entry.path}{SEP}{name} has "
-                        f"shape {tuple(value.shape)}, the layer needs "
-                        f"{tuple(var.shape)}."
-                    )
-    except Exception:
-        # Take the freshly installed adapters out again.
-        for a in created:
-            e = tree.find(model, _path_of(model, a))
-            a.layer.activation = a.activation
-            tree.replace_layer(model, e, a.layer)
-            bases.freeze_kernel(a.layer, trainable=True)
-            if bases.bias_variable(a.layer) is not None:
-                bases.bias_variable(a.layer).trainable = True
-        raise
-    fresh_ids = {id(a) for a in created}
-    for entry, spec, cfg, base, double_quant in todo:
-        a = current[entry.path]
+    def fill(lp):
+        a = lp.adapter
         original = a.original_matrix(a.base_matrix())
         for name, var in a.adapter_state().items():
-            var.assign(tensors[f"{entry.path}{SEP}{name}"])
+            var.assign(lp.tensors[name])
         a.rebase(original)
-        # A fresh float base moves to the saved storage after the rebase, so
-        # that an SVD residual is quantized from full precision, as at save.
-        convert = bases.converter(base, double_quant)
-        if id(a) in fresh_ids and convert is not None:
-            a.attach_base(convert, init=False)
-    adapt.freeze(model, plan.get("trainable_layers"))
-    adapt.mark_adapted(model, plan.get("trainable_layers"))
-    adapt._after_change(model)
+
+    plan.apply(init=False, fill=fill)
     return adapt.summarize(model)
-
-
-def _path_of(model, layer):
-    for e in tree.walk(model):
-        if e.layer is layer:
-            return e.path
-    return None

@@ -1,13 +1,22 @@
 """Walking a Keras model's layer tree, and swapping one layer for another.
 
-A layer's *path* is the `/`-joined names from the model down to it
-(`"decoder_block_0/attention/query"`); it is what targets match against,
-what summaries print and what adapter files are keyed by. Paths do not depend
-on variable names, so they survive `.keras` round trips.
+Every sublayer has two names here:
+
+- its *path*, the `/`-joined layer names from the model down to it
+  (`"decoder_block_0/attention/query"`): what targets match against and what
+  summaries print;
+- its *key*, the same path in which every name Keras made up (`dense_3`,
+  `sequential_1`, `gemma_backbone_2`: the class name in snake case, with or
+  without a number) is replaced by the layer's position among its siblings
+  of the same class (`dense[1]`). Names a user or a library gave are kept.
+  The key is the same for every build of the same architecture, in one
+  process or another, and it is what adapter files and `.keras` adapter
+  plans are keyed by.
 """
 
 import contextlib
 import dataclasses
+import re
 
 import keras
 
@@ -19,18 +28,45 @@ class Entry:
     path: str
     layer: object
     parents: list
+    key: str = ""
+
+
+def snake_case(name):
+    """Keras's rule for the name of an unnamed layer of class `name`."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def layer_kind(layer):
+    """The class Keras would have named `layer` after: an adapter or a
+    quantized base answers for the layer it stands for."""
+    kind = getattr(layer, "klr_layer_kind", None)
+    return kind() if callable(kind) else type(layer)
+
+
+def is_generated_name(layer):
+    """Whether `layer.name` looks made up by Keras (`dense`, `dense_12`)."""
+    base = snake_case(layer_kind(layer).__name__)
+    return re.fullmatch(re.escape(base) + r"(_\d+)?", layer.name) is not None
+
+
+def is_adapter(layer):
+    return getattr(layer, "_klr_is_adapter", False)
 
 
 def walk(model, into_adapters=False):
     """All sublayers of `model` (not the model itself), depth first."""
-    from keras_lowrank.adapter import Adapter
-
     entries = {}
     order = []
 
-    def visit(layer, prefix):
+    def visit(layer, prefix, key_prefix):
         seen_names = {}
-        for child in list(layer._layers):
+        seen_kinds = {}
+        for child in _compat.sublayers(layer):
+            kind = snake_case(layer_kind(child).__name__)
+            position = seen_kinds.get(kind, 0)
+            seen_kinds[kind] = position + 1
             if id(child) in entries:
                 entries[id(child)].parents.append(layer)
                 continue
@@ -40,13 +76,15 @@ def walk(model, into_adapters=False):
             if count:
                 name = f"{name}#{count}"
             path = f"{prefix}/{name}" if prefix else name
-            entry = Entry(path, child, [layer])
+            part = f"{kind}[{position}]" if is_generated_name(child) else name
+            key = f"{key_prefix}/{part}" if key_prefix else part
+            entry = Entry(path, child, [layer], key)
             entries[id(child)] = entry
             order.append(entry)
-            if into_adapters or not isinstance(child, Adapter):
-                visit(child, path)
+            if into_adapters or not is_adapter(child):
+                visit(child, path, key)
 
-    visit(model, "")
+    visit(model, "", "")
     return order
 
 
@@ -135,13 +173,11 @@ def replace_layer(model, entry, new):
 
 
 def _functionals_of(layer):
-    from keras.src.models.functional import Functional
-
     out = []
-    if isinstance(layer, Functional):
+    if _compat.is_functional(layer):
         out.append(layer)
     inner = getattr(layer, "_functional", None)
-    if inner is not None and isinstance(inner, Functional):
+    if inner is not None and _compat.is_functional(inner):
         out.append(inner)
     return out
 

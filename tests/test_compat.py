@@ -45,7 +45,8 @@ def test_tracker_and_functional_internals_exist():
     "module",
     ["keras_lowrank", "keras_lowrank.adapt", "keras_lowrank.lifecycle", "keras_lowrank.saving",
      "keras_lowrank.methods.lora", "keras_lowrank.methods.dora", "keras_lowrank.methods.pissa",
-     "keras_lowrank.registry", "keras_lowrank.geometry"],
+     "keras_lowrank.registry", "keras_lowrank.geometry", "keras_lowrank.options",
+     "keras_lowrank.targeting", "keras_lowrank.quant.layers"],
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)

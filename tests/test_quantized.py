@@ -384,7 +384,8 @@ def test_precision_on_nf4_base(method, policy):
     model = make()
     kl.enable_adapter(model, method=method, rank=2, targets=["target"], base="nf4")
     a = model.get_layer("target")
-    assert keras.backend.standardize_dtype(a.lora_b.dtype) == ("float32" if policy.startswith("mixed") else "float16")
+    # adapter variables are float32 under every policy; they compute in the layer's dtype
+    assert keras.backend.standardize_dtype(a.lora_b.dtype) == "float32"
     y0 = to_np(model(x)).astype("float32")
     with kl.disable_adapter(model):
         y_base = to_np(model(x)).astype("float32")

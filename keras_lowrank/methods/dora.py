@@ -3,12 +3,15 @@
 `K' = m ⊙ (K + sAB) / ‖K + sAB‖_c`, with the column norm held constant in the
 backward pass (paper §4.3). The forward never builds `K'`: it rescales the
 frozen layer's output, `y = b + g ⊙ (x K + s x A B)` with `g = m / n`.
+The column norm is computed scaled and floored (`linalg.column_norm`), so a
+zero column or a kernel of values near 1e-30 or 1e20 gives no NaN.
 """
 
 import keras
 from keras import ops
 
 from keras_lowrank import linalg
+from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import LoRA
 
 
@@ -21,8 +24,8 @@ class DoRA(LoRA):
     zero, so the layer starts as a no-op.
 
     Args:
-        layer, rank, alpha, rslora, init, dropout, train_bias, activation,
-        merged, seed: as for `LoRA`.
+        layer, rank, alpha, rslora, init, dropout, train_bias, seed,
+        activation, merged, enabled: as for `LoRA`.
 
     Example:
 
@@ -35,14 +38,13 @@ class DoRA(LoRA):
 
     method = "dora"
 
-    def build_adapter(self, geometry):
-        super().build_adapter(geometry)
+    def variable_specs(self, geometry):
         shape = geometry.batch_shape + (geometry.n_out,)
-        self.magnitude = self.add_adapter_weight("magnitude", shape, "ones")
-        # Column norm at merge time, so that a merged layer can be unmerged.
-        self.merge_norm = self.add_adapter_weight(
-            "merge_norm", shape, "ones", trainable=False
-        )
+        return super().variable_specs(geometry) + [
+            VariableSpec("magnitude", shape, "ones"),
+            # Column norm at merge time, so that a merged layer can be unmerged.
+            VariableSpec("merge_norm", shape, "ones", trainable=False),
+        ]
 
     def initialize_from_base(self):
         w = self.base_matrix() + self.delta_matrix()
@@ -77,6 +79,7 @@ class DoRA(LoRA):
     def merge_in_place(self):
         if self.merged:
             return
+        self.refuse_in_place("merge")
         norm = linalg.column_norm(self.base_matrix() + self.delta_matrix())
         super().merge_in_place()
         # Kept so that the merged layer can be unmerged.

@@ -5,21 +5,28 @@ import math
 import keras
 from keras import ops
 
+from keras_lowrank import options as opt
 from keras_lowrank.adapter import Adapter
+from keras_lowrank.adapter import VariableSpec
 
 INITS = ("kaiming", "gaussian")
 
+#: the options of every low-rank (A, B) method
+RANK = opt.Option("rank", 8, opt.positive_int, "adapter rank r")
+ALPHA = opt.Option(
+    "alpha", None, opt.positive_float_or_none, "scaling numerator (None: the rank, scale 1)"
+)
+DROPOUT = opt.Option("dropout", 0.0, opt.rate, "dropout rate on the adapter's input")
+RSLORA = opt.Option("rslora", False, opt.boolean, "scale by alpha/sqrt(r) instead of alpha/r")
 
-def lora_a_initializer(init, n_in, rank, seed=None, where="layer"):
-    """PEFT's inits of the down-projection, in Keras layout `(n_in, r)`."""
+
+def lora_a_initializer(init, n_in, rank, seed=None):
+    """PEFT's inits of the down-projection (`U(±1/sqrt(n_in))` or
+    `N(0, 1/r²)`)."""
     if init == "kaiming":
         bound = 1.0 / math.sqrt(n_in)
         return keras.initializers.RandomUniform(-bound, bound, seed=seed)
-    if init == "gaussian":
-        return keras.initializers.RandomNormal(stddev=1.0 / rank, seed=seed)
-    raise ValueError(
-        f"init for {where!r} must be one of {INITS}; received init={init!r}."
-    )
+    return keras.initializers.RandomNormal(stddev=1.0 / rank, seed=seed)
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -29,8 +36,8 @@ class LoRA(Adapter):
     `y = x K + b + s (dropout(x) A) B` with `A: (n_in, r)`, `B: (r, n_out)`
     in the matrix view of the kernel, `s = alpha / r` (or `alpha / sqrt(r)`
     with `rslora=True`). The variable `lora_a` holds `Aᵀ`, shape `(r, n_in)`
-    (PEFT's `lora_A` layout, faster to train); `lora_b` holds `B`.
-    `A` starts `U(±1/sqrt(n_in))` (PEFT's default,
+    (PEFT's `lora_A` layout, faster to train); `lora_b` holds `B`,
+    shape `(r, n_out)`. `A` starts `U(±1/sqrt(n_in))` (PEFT's default,
     `init="kaiming"`) or `N(0, 1/r²)` (`init="gaussian"`), `B` starts at zero,
     so the layer starts as a no-op.
 
@@ -40,7 +47,7 @@ class LoRA(Adapter):
         alpha: scaling numerator (default `rank`).
         rslora: use `alpha / sqrt(rank)`.
         init: `"kaiming"` or `"gaussian"`.
-        dropout, train_bias, activation, merged, seed: see `Adapter`.
+        dropout, train_bias, seed, activation, merged, enabled: see `Adapter`.
 
     Example:
 
@@ -52,16 +59,17 @@ class LoRA(Adapter):
     """
 
     method = "lora"
+    OPTIONS = (
+        RANK,
+        ALPHA,
+        DROPOUT,
+        RSLORA,
+        opt.Option("init", "kaiming", opt.choice(*INITS), "init of A: PEFT's kaiming-uniform or gaussian"),
+    ) + Adapter.OPTIONS
 
-    def __init__(self, layer, rank=8, alpha=None, rslora=False, init="kaiming", **kwargs):
-        super().__init__(layer, rank=rank, alpha=alpha, **kwargs)
-        if init not in INITS:
-            raise ValueError(
-                f"init for {self.name!r} must be one of {INITS}; received "
-                f"init={init!r}."
-            )
-        self.rslora = bool(rslora)
-        self.init = init
+    def validate_options(self):
+        if self.alpha is None:
+            self.alpha = float(self.rank)
 
     @property
     def scaling(self):
@@ -69,11 +77,13 @@ class LoRA(Adapter):
             return self.alpha / math.sqrt(self.rank)
         return self.alpha / self.rank
 
-    def build_adapter(self, geometry):
-        batch, n_in, n_out = geometry.batch_shape, geometry.n_in, geometry.n_out
-        a_init = lora_a_initializer(self.init, n_in, self.rank, self.seed, self.name)
-        self.lora_a = self.add_adapter_weight("lora_a", batch + (self.rank, n_in), a_init)
-        self.lora_b = self.add_adapter_weight("lora_b", batch + (self.rank, n_out), "zeros")
+    def variable_specs(self, geometry):
+        batch, n_in, n_out, r = geometry.batch_shape, geometry.n_in, geometry.n_out, self.rank
+        a_init = lora_a_initializer(getattr(self, "init", "kaiming"), n_in, r, self.seed)
+        return [
+            VariableSpec("lora_a", batch + (r, n_in), a_init),
+            VariableSpec("lora_b", batch + (r, n_out), "zeros"),
+        ]
 
     def adapter_output(self, x, y, training):
         x = self.adapter_input(x, training)
@@ -86,8 +96,3 @@ class LoRA(Adapter):
 
     def delta_matrix(self):
         return self.scaling * ops.matmul(self.factor_a(), self.read(self.lora_b))
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"rslora": self.rslora, "init": self.init})
-        return config

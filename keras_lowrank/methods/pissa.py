@@ -7,6 +7,13 @@ from keras import ops
 
 from keras_lowrank import bases
 from keras_lowrank import linalg
+from keras_lowrank import options as opt
+from keras_lowrank.adapter import Adapter
+from keras_lowrank.adapter import VariableSpec
+from keras_lowrank.methods.lora import ALPHA
+from keras_lowrank.methods.lora import DROPOUT
+from keras_lowrank.methods.lora import RANK
+from keras_lowrank.methods.lora import RSLORA
 from keras_lowrank.methods.lora import LoRA
 
 
@@ -22,8 +29,8 @@ class PiSSA(LoRA):
     (`save_adapter(..., as_lora=True)`), and loaded onto a fresh base.
 
     Args:
-        layer, rank, alpha, rslora, dropout, train_bias, activation, merged,
-        seed: as for `LoRA` (`init` is the SVD).
+        layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
+        merged, enabled: as for `LoRA` (the init is the SVD).
         svd_niter: `None` for an exact SVD; an int for a randomized SVD with
             that many subspace iterations.
 
@@ -39,28 +46,40 @@ class PiSSA(LoRA):
     """
 
     method = "pissa"
-    rank_bounded = True
+    OPTIONS = (
+        RANK,
+        ALPHA,
+        DROPOUT,
+        RSLORA,
+        opt.Option(
+            "svd_niter", None, opt.nonneg_int_or_none,
+            "None: exact SVD; an int: randomized SVD with that many subspace iterations",
+        ),
+    ) + Adapter.OPTIONS
     init_on_full_precision = True  # QPiSSA: quantize the residual
+    rewrites_kernel = True
 
-    def __init__(self, layer, rank=8, svd_niter=None, init="svd", **kwargs):
-        kwargs.pop("init", None)
-        super().__init__(layer, rank=rank, init="kaiming", **kwargs)
-        self.init = "svd"
-        if svd_niter is not None and (
-            isinstance(svd_niter, bool) or not isinstance(svd_niter, int) or svd_niter < 0
-        ):
+    def check_geometry(self, geometry, where=None):
+        where = where or self.name
+        if self.rank > geometry.rank_limit:
             raise ValueError(
-                f"svd_niter for {self.name!r} must be None or an int >= 0; "
-                f"received svd_niter={svd_niter!r}."
+                f"rank={self.rank} is larger than layer {where!r} allows for "
+                f"method {self.method!r}: its kernel is a {geometry.n_in}x"
+                f"{geometry.n_out} matrix, so rank <= {geometry.rank_limit}."
             )
-        self.svd_niter = svd_niter
+        super().check_geometry(geometry, where)
 
-    def build_adapter(self, geometry):
+    def rank_warnings(self, geometry):
+        return []
+
+    def variable_specs(self, geometry):
         batch, n_in, n_out, r = geometry.batch_shape, geometry.n_in, geometry.n_out, self.rank
-        self.lora_a = self.add_adapter_weight("lora_a", batch + (r, n_in), "zeros")
-        self.lora_b = self.add_adapter_weight("lora_b", batch + (r, n_out), "zeros")
-        self.lora_a0 = self.add_adapter_weight("lora_a0", batch + (r, n_in), "zeros", trainable=False)
-        self.lora_b0 = self.add_adapter_weight("lora_b0", batch + (r, n_out), "zeros", trainable=False)
+        return [
+            VariableSpec("lora_a", batch + (r, n_in)),
+            VariableSpec("lora_b", batch + (r, n_out)),
+            VariableSpec("lora_a0", batch + (r, n_in), trainable=False),
+            VariableSpec("lora_b0", batch + (r, n_out), trainable=False),
+        ]
 
     def initialize_from_base(self):
         w = self.base_matrix()
@@ -70,6 +89,12 @@ class PiSSA(LoRA):
         b = ops.expand_dims(root, -1) * ops.swapaxes(v, -1, -2)
         residual = w - self.scaling * ops.matmul(a, b)
         a = ops.swapaxes(a, -1, -2)  # stored as Aᵀ
+        for value, what in ((a, "A"), (b, "B"), (residual, "residual kernel")):
+            if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(value)))):
+                raise FloatingPointError(
+                    f"PiSSA init of layer {self.name!r}: the {what} has NaN or "
+                    "inf values (is the kernel finite?); the model was left unchanged."
+                )
         # Separate buffers: JAX donates each variable's buffer in the train step.
         for var, value in ((self.lora_a, a), (self.lora_b, b), (self.lora_a0, a), (self.lora_b0, b)):
             var.assign(ops.copy(value))
@@ -88,6 +113,10 @@ class PiSSA(LoRA):
 
     def rebase(self, original):
         w = original - self.initial_delta()
+        if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(w)))):
+            raise FloatingPointError(
+                f"Layer {self.name!r}: the residual kernel would have NaN or inf values."
+            )
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
 
     def as_lora_state(self):
@@ -96,9 +125,3 @@ class PiSSA(LoRA):
         b = ops.concatenate([self.read(self.lora_b), -self.read(self.lora_b0)], axis=-2)
         alpha = self.alpha * (math.sqrt(2.0) if self.rslora else 2.0)
         return {"lora_a": a, "lora_b": b}, {"rank": 2 * self.rank, "alpha": alpha}
-
-    def get_config(self):
-        config = super().get_config()
-        config["svd_niter"] = self.svd_niter
-        config.pop("init", None)
-        return config

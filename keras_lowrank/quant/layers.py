@@ -16,6 +16,9 @@ from keras_lowrank import _compat
 from keras_lowrank.geometry import KernelGeometry
 from keras_lowrank.quant import nf4
 
+#: the equation `keras_lowrank` gives a `Dense` layer
+DENSE_EQUATION = "...a,ab->...b"
+
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class NF4Linear(keras.layers.Layer):
@@ -80,7 +83,7 @@ class NF4Linear(keras.layers.Layer):
         """Quantize a built Dense/EinsumDense (or `kernel`, if given)."""
         from keras_lowrank import bases
 
-        shapes = getattr(layer, "_build_shapes_dict", None) or {}
+        shapes = _compat.build_shapes(layer) or {}
         input_shape = next(iter(shapes.values()), None)
         bias = bases.bias_variable(layer)
         source = keras.saving.serialize_keras_object(layer)
@@ -92,6 +95,7 @@ class NF4Linear(keras.layers.Layer):
             source=source,
             source_input_shape=input_shape,
             activation=activation,
+            activity_regularizer=layer.activity_regularizer,
             name=name or layer.name,
             dtype=layer.dtype_policy,
         )
@@ -158,7 +162,12 @@ class NF4Linear(keras.layers.Layer):
 
     def call(self, inputs):
         kernel = ops.cast(self.dequantized_kernel(), self.compute_dtype)
-        y = ops.einsum(self.equation, inputs, kernel)
+        if self.equation == DENSE_EQUATION:
+            # matmul, not einsum: TensorFlow's float16 einsum with an
+            # ellipsis is wrong on the CPU.
+            y = ops.matmul(inputs, kernel)
+        else:
+            y = ops.einsum(self.equation, inputs, kernel)
         if self.bias is not None:
             y = y + ops.cast(self.bias, y.dtype)
         if self.activation is not None:
@@ -172,6 +181,14 @@ class NF4Linear(keras.layers.Layer):
     def plain_layer_class(self):
         name = self.source["class_name"] if self.source else None
         return keras.layers.EinsumDense if name == "EinsumDense" else keras.layers.Dense
+
+    def klr_layer_kind(self):
+        """The class of the float layer this one stands for (stable keys)."""
+        return self.plain_layer_class()
+
+    def storage_variables(self):
+        """The variables holding the quantized kernel (codes and constants)."""
+        return list(self._state.values())
 
     def bits_per_parameter(self):
         state = {k: v for k, v in self._state.items()}

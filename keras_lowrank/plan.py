@@ -1,0 +1,593 @@
+"""The plan: which adapter goes on which layer, validated once, applied once.
+
+`enable_adapter`, `load_adapter` and the `.keras` reload all go through a
+`Plan`:
+
+1. building the plan resolves every layer and validates every option, the
+   geometry, the storage and (for adapter files) every tensor, and changes
+   nothing in the model;
+2. `plan.prepare()` constructs the adapters and allocates their own
+   variables (still nothing in the model changes);
+3. `plan.apply(init, fill)` attaches them, initializes them (or fills them
+   from a file), moves frozen kernels to their storage, swaps the adapters
+   into the model and freezes the rest. If anything fails on the way, `apply`
+   puts back every layer, kernel, variable and trainable flag it touched.
+
+The model carries its plan across `.keras` round trips: a model with
+adapters serializes as `keras_lowrank>AdaptedModel`, its original
+serialization under `"base"` and `plan_config(model)` under `"adapters"`.
+Layers are keyed by `tree` keys, which are the same for every build of the
+same architecture.
+"""
+
+import dataclasses
+import re
+import warnings
+
+import keras
+
+from keras_lowrank import _compat
+from keras_lowrank import bases
+from keras_lowrank import compiled
+from keras_lowrank import registry
+from keras_lowrank import targeting
+from keras_lowrank import tree
+from keras_lowrank.geometry import EquationError
+from keras_lowrank.geometry import KernelGeometry
+
+#: version of the saved plan (adapter files and `.keras` adapter plans);
+#: 1 keyed layers by path and kept the options beside the other fields
+FORMAT_VERSION = 2
+
+#: fields of a saved layer entry besides its options
+_LAYER_FIELDS = ("path", "method", "base", "double_quant", "merged", "enabled",
+                 "kernel_shape", "equation", "options")
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    """One adapter of a plan."""
+
+    entry: tree.Entry
+    spec: registry.MethodSpec
+    options: dict
+    base: str = "float"
+    double_quant: bool = True
+    merged: bool = False
+    enabled: bool = True
+    adapter: object = None
+    existing: bool = False
+    geometry: KernelGeometry = None
+    #: variable name -> array, for a plan read from an adapter file
+    tensors: dict = None
+
+    @property
+    def path(self):
+        return self.entry.path
+
+    @property
+    def key(self):
+        return self.entry.key
+
+
+class Plan:
+    """Validated adapters for a model (see the module docstring)."""
+
+    def __init__(self, model, layers, trainable_layers=None, entries=None,
+                 heads=(), head_rule=None):
+        self.model = model
+        self.layers = layers
+        self.trainable_layers = trainable_layers
+        self.entries = entries
+        self.heads = list(heads)
+        self.head_rule = head_rule
+        self.warnings = []
+
+    # ------------------------------------------------------------------
+    # Build
+    @classmethod
+    def for_model(cls, model, method, options, targets=None, exclude=None,
+                  rank_pattern=None, alpha_pattern=None, trainable_layers=None,
+                  base=None, double_quant=True):
+        """The plan of `enable_adapter(model, method, ...)`."""
+        spec = registry.get(method)
+        check_model(model)
+        bases.check_base(base, double_quant)
+        base = base or "float"
+        if base not in spec.bases:
+            raise ValueError(
+                f"Method {method!r} cannot run over a {base!r} base; it supports {spec.bases}."
+            )
+        names = {o.name for o in spec.options}
+        for option, value in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+            if value and option.split("_")[0] not in names:
+                raise ValueError(
+                    f"{option} is given, but method {method!r} has no "
+                    f"{option.split('_')[0]!r} option."
+                )
+        base_options = spec.validate_options(options, "enable_adapter")
+        rank_pairs = targeting.pattern_dict(rank_pattern, "rank_pattern")
+        alpha_pairs = targeting.pattern_dict(alpha_pattern, "alpha_pattern")
+        keep = targeting.patterns(trainable_layers, "trainable_layers")
+        entries = tree.walk(model)
+        chosen, heads, rule = targeting.select(model, targets, exclude, entries)
+        targeting.matching_entries(entries, keep, "trainable_layers")
+        layers = []
+        for entry in chosen:
+            if tree.is_adapter(entry.layer):
+                raise ValueError(
+                    f"Layer {entry.path!r} already has a {entry.layer.method!r} adapter; "
+                    "merge it (keras_lowrank.merge) before adding another."
+                )
+            layer_options = dict(base_options)
+            if rank_pairs:
+                layer_options["rank"] = targeting.per_layer(entry, rank_pairs, layer_options["rank"])
+            if alpha_pairs:
+                layer_options["alpha"] = targeting.per_layer(entry, alpha_pairs, layer_options["alpha"])
+            layers.append(
+                _new_layer(entry, spec, layer_options, base, double_quant, entry.path)
+            )
+        plan = cls(model, layers, _pattern_sources(keep), entries, heads, rule)
+        plan.collect_warnings()
+        return plan
+
+    @classmethod
+    def from_saved(cls, model, config, where, tensors=None):
+        """The plan a saved config describes (an adapter file's, with its
+        `tensors`, or a `.keras` file's). Everything is checked before
+        anything changes: the layers exist, the options are valid for the
+        method, the kernels have the saved shapes, and every tensor is the
+        float tensor of a variable the adapter has, with its shape."""
+        check_model(model)
+        if not isinstance(config, dict) or not isinstance(config.get("layers"), dict):
+            raise ValueError(f"{where}: the adapter plan is malformed (no 'layers' mapping).")
+        version = config.get("format_version", 1)
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(
+                f"{where} was written in adapter format {version!r}; this "
+                f"keras-lowrank reads formats 1 and {FORMAT_VERSION}. Upgrade keras-lowrank."
+            )
+        entries = tree.walk(model)
+        by_key = {(e.key if version >= 2 else e.path): e for e in entries}
+        layers = []
+        for name, raw in config["layers"].items():
+            entry = by_key.get(name)
+            if entry is None:
+                raise ValueError(_missing_layer_message(where, name, version, model, entries))
+            fields = _saved_fields(raw, name, version, where)
+            spec = registry.get(fields["method"]) if isinstance(fields["method"], str) else None
+            if spec is None:
+                raise ValueError(f"{where}: layer {entry.path!r} has no valid 'method'.")
+            label = f"{entry.path!r} in {where}"
+            options = spec.validate_options(fields["options"], label)
+            base, double_quant = fields["base"], fields["double_quant"]
+            try:
+                bases.check_base(base, double_quant)
+            except ValueError as e:
+                raise ValueError(f"{where}: layer {entry.path!r}: {e}") from None
+            if base not in spec.bases:
+                raise ValueError(
+                    f"{where}: layer {entry.path!r} holds a {spec.name!r} adapter "
+                    f"over a {base!r} base, which the method does not support."
+                )
+            for flag in ("merged", "enabled"):
+                if not isinstance(fields[flag], bool):
+                    raise ValueError(f"{where}: layer {entry.path!r}: {flag!r} must be true or false.")
+            layer = entry.layer
+            if tree.is_adapter(layer):
+                lp = _existing_layer(entry, spec, options, where, tensors is not None)
+            else:
+                if tensors is not None and fields["merged"]:
+                    raise ValueError(f"{where}: layer {entry.path!r} is saved as merged.")
+                lp = _new_layer(entry, spec, options, base, double_quant, entry.path, where)
+            lp.merged, lp.enabled = fields["merged"], fields["enabled"]
+            shape = fields.get("kernel_shape")
+            if shape is not None and tuple(lp.geometry.kernel_shape) != tuple(shape):
+                raise ValueError(
+                    f"Layer {entry.path!r} has a kernel of shape "
+                    f"{tuple(lp.geometry.kernel_shape)}; {where} was made for shape "
+                    f"{tuple(shape)}."
+                )
+            layers.append(lp)
+        keep = config.get("trainable_layers")
+        pats = targeting.patterns(keep, f"trainable_layers of {where}")
+        targeting.matching_entries(entries, pats, f"trainable_layers of {where}")
+        plan = cls(model, layers, _pattern_sources(pats), entries)
+        if tensors is not None:
+            plan.check_tensors(tensors, where)
+        return plan
+
+    def collect_warnings(self):
+        for lp in self.layers:
+            for text in lp.adapter.rank_warnings(lp.geometry):
+                self.warnings.append(f"{lp.path}: {text}")
+        if self.warnings:
+            shown = "; ".join(self.warnings[:5])
+            more = f" (and {len(self.warnings) - 5} more)" if len(self.warnings) > 5 else ""
+            warnings.warn(
+                f"Adapter ranks above what the kernel can use: {shown}{more}. They "
+                "are allowed (as in PEFT), but add parameters without adding rank.",
+                stacklevel=4,
+            )
+
+    def check_tensors(self, tensors, where):
+        """Every tensor belongs to a planned layer, and every layer gets
+        exactly the tensors its adapter has, as finite floats of the right
+        shape."""
+        by_layer = {}
+        known = {lp.key: lp for lp in self.layers} | {lp.path: lp for lp in self.layers}
+        for name in tensors:
+            layer_name, sep, var = name.partition(SEP)
+            if not sep or layer_name not in known:
+                raise ValueError(
+                    f"{where}: tensor {name!r} belongs to no layer of the file's plan."
+                )
+            by_layer.setdefault(known[layer_name].key, {})[var] = tensors[name]
+        for lp in self.layers:
+            want = lp.adapter.state_shapes(lp.geometry)
+            have = by_layer.get(lp.key, {})
+            if set(have) != set(want):
+                raise ValueError(
+                    f"{where}: layer {lp.path!r} ({lp.spec.name}) needs "
+                    f"{sorted(want)}, the file holds {sorted(have)}."
+                )
+            for var, value in have.items():
+                if tuple(value.shape) != tuple(want[var]):
+                    raise ValueError(
+                        f"{where}: {lp.path}{SEP}{var} has shape {tuple(value.shape)}, "
+                        f"the layer needs {tuple(want[var])}."
+                    )
+            lp.tensors = have
+
+    # ------------------------------------------------------------------
+    # Apply
+    def prepare(self):
+        """Construct and build the new adapters (their variables only)."""
+        for lp in self.layers:
+            if lp.existing or lp.adapter.built:
+                continue
+            with tree.path_scope(lp.path):
+                lp.adapter.build(None)
+            shapes = _compat.build_shapes(lp.entry.layer)
+            if shapes:
+                _compat.set_build_shapes(lp.adapter, shapes)
+
+    def apply(self, init, fill=None):
+        """Attach, initialize or `fill`, convert, swap and freeze; all or
+        nothing."""
+        model = self.model
+        flags = _trainable_flags(model)
+        attached, swapped, snapshots = [], [], []
+        try:
+            for lp in self.layers:
+                a = lp.adapter
+                if lp.existing:
+                    snapshots.append((a, a.snapshot()))
+                    if fill is not None:
+                        fill(lp)
+                    continue
+                convert = None
+                if bases.base_kind(a.layer) != lp.base and lp.base != "float":
+                    convert = bases.converter(lp.base, lp.double_quant)
+                with tree.path_scope(lp.path):
+                    a.attach(init=init and convert is None)
+                attached.append(a)
+                if fill is not None:
+                    fill(lp)
+                if convert is not None:
+                    with tree.path_scope(lp.path + "/" + a.layer.name):
+                        a.attach_base(convert, init)
+                a.merged, a.adapter_enabled = lp.merged, lp.enabled
+            for lp in self.layers:
+                if not lp.existing:
+                    tree.replace_layer(model, lp.entry, lp.adapter)
+                    swapped.append(lp)
+            freeze(model, self.trainable_layers)
+            mark_adapted(model, self.trainable_layers)
+        except BaseException:
+            for lp in reversed(swapped):
+                back = tree.Entry(lp.path, lp.adapter, lp.entry.parents, lp.key)
+                tree.replace_layer(model, back, lp.entry.layer)
+            for a in reversed(attached):
+                a.detach()
+            for a, snap in snapshots:
+                a.restore(snap)
+            _restore_trainable_flags(flags)
+            mark_adapted(model)
+            compiled.after_change(model)
+            raise
+        for a in attached:
+            a.commit()
+        compiled.after_change(model)
+        return [lp.adapter for lp in self.layers]
+
+
+SEP = "::"
+
+
+def check_model(model):
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"keras_lowrank needs a Keras model; received {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built; call it on data or build it "
+            "before adding adapters."
+        )
+
+
+def _new_layer(entry, spec, options, base, double_quant, label, where=None):
+    layer = entry.layer
+    path = entry.path
+    bases.check_supported(layer, path)
+    mode = bases.quantization_mode(layer)
+    if mode is not None and spec.layer_class.init_on_full_precision:
+        if where is None:
+            raise ValueError(
+                f"Layer {path!r} is already quantized by Keras (mode={mode!r}); "
+                f"method {spec.name!r} decomposes the full-precision kernel and "
+                f"rewrites it, which a {mode} kernel cannot give back. Adapt the "
+                f"float model with base={mode!r} instead."
+            )
+        raise ValueError(
+            f"Layer {path!r} is quantized by Keras (mode={mode!r}); a "
+            f"{spec.name!r} adapter rewrites its full-precision kernel. Load "
+            f"{where} into the float model (the saved base storage is re-applied)."
+        )
+    kind = bases.base_kind(layer)
+    if kind != "float" and base not in ("float", kind):
+        raise ValueError(
+            f"Layer {path!r} is already stored as {kind}; base={base!r} would "
+            "quantize it a second time. Adapt it as it is (base=None)."
+        )
+    try:
+        geometry = KernelGeometry.from_layer(layer)
+    except EquationError as e:
+        raise ValueError(f"Layer {path!r}: {e}") from None
+    options = spec.validate_options(options, label)
+    adapter = spec.layer_class(layer, **options)
+    adapter._managed = True
+    adapter.check_geometry(geometry, path)
+    return LayerPlan(entry, spec, options, base, double_quant, adapter=adapter, geometry=geometry)
+
+
+def _existing_layer(entry, spec, options, where, loading):
+    a = entry.layer
+    if a.method != spec.name:
+        raise ValueError(
+            f"Layer {entry.path!r} has a {a.method!r} adapter; {where} holds a "
+            f"{spec.name!r} adapter."
+        )
+    if loading:
+        if a.merged:
+            raise ValueError(
+                f"Layer {entry.path!r} has its adapter merged into the kernel; "
+                f"call keras_lowrank.unmerge(model) before loading {where}, or load "
+                "it onto a fresh copy of the base model."
+            )
+        mine = {k: v for k, v in a.options().items() if k != "seed"}
+        theirs = {k: v for k, v in options.items() if k != "seed"}
+        if mine != theirs:
+            raise ValueError(
+                f"Layer {entry.path!r} has a {spec.name!r} adapter with options "
+                f"{mine}; {where} was saved with {theirs}. Load it onto a fresh "
+                "copy of the base model."
+            )
+    return LayerPlan(entry, spec, options, bases.base_kind(a.layer),
+                     getattr(a.layer, "double_quant", True), a.merged, a.adapter_enabled,
+                     adapter=a, existing=True, geometry=a.geometry)
+
+
+def _saved_fields(raw, name, version, where):
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: the entry of layer {name!r} is not a mapping.")
+    raw = dict(raw)
+    if version >= 2:
+        unknown = sorted(set(raw) - set(_LAYER_FIELDS))
+        if unknown:
+            raise ValueError(f"{where}: layer {name!r} has unknown fields {unknown}.")
+        options = raw.get("options", {})
+        if not isinstance(options, dict):
+            raise ValueError(f"{where}: the options of layer {name!r} are not a mapping.")
+    else:  # format 1: the options beside the other fields
+        options = {k: v for k, v in raw.items() if k not in _LAYER_FIELDS}
+    shape = raw.get("kernel_shape")
+    if shape is not None and (
+        not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)
+    ):
+        raise ValueError(f"{where}: layer {name!r} has a malformed kernel_shape {shape!r}.")
+    return {
+        "method": raw.get("method"),
+        "base": raw.get("base", "float"),
+        "double_quant": raw.get("double_quant", True),
+        "merged": raw.get("merged", False),
+        "enabled": raw.get("enabled", True),
+        "kernel_shape": shape,
+        "options": options,
+    }
+
+
+def _missing_layer_message(where, name, version, model, entries):
+    if version >= 2:
+        return (
+            f"{where} was saved for a different model: it names layer {name!r} "
+            f"(a layer key: names given by you or the library, positions where "
+            f"Keras made the name up), which {model.name!r} does not have. "
+            f"Layer keys that exist: {sorted(e.key for e in entries)}."
+        )
+    return (
+        f"{where} was saved for a different model: it names layer {name!r}, which "
+        f"{model.name!r} does not have. Layer paths that exist: "
+        f"{sorted(e.path for e in entries)}. (This file is in format 1, which keyed "
+        "layers by their names, including names Keras made up and numbers per "
+        "process: load it onto a model whose layers have those names, e.g. built "
+        "first in a fresh process, then save it again with this version, whose "
+        "keys do not depend on such names.)"
+    )
+
+
+def _pattern_sources(pats):
+    if not pats:
+        return None
+    return [("re:" + p.source.pattern) if isinstance(p.source, re.Pattern) else p.source
+            for p in pats]
+
+
+# ----------------------------------------------------------------------
+# Freezing
+def _trainable_flags(model):
+    layers = tree.all_layers_with_root(model)
+    return (
+        [(layer, layer.trainable) for layer in layers],
+        [(v, v.trainable) for layer in layers for v in _compat.created_trainable(layer)],
+    )
+
+
+def _restore_trainable_flags(flags):
+    layer_flags, var_flags = flags
+    for layer, value in layer_flags:
+        layer.trainable = value
+    for v, value in var_flags:
+        v.trainable = value
+
+
+def freeze(model, trainable_layers=None):
+    """Freeze everything but the adapters (and the layers the user names)."""
+    entries = tree.walk(model)
+    keep = targeting.matching_entries(
+        entries, targeting.patterns(trainable_layers, "trainable_layers"), "trainable_layers"
+    )
+    model.trainable = True
+    for layer in [model] + [e.layer for e in entries]:
+        if tree.is_adapter(layer):
+            continue
+        for v in _compat.created_trainable(layer):
+            v.trainable = False
+    for entry in keep:
+        entry.layer.trainable = True
+        for sub in [entry.layer] + [e.layer for e in tree.walk(entry.layer, into_adapters=True)]:
+            for v in _compat.created_trainable(sub):
+                v.trainable = True
+    for entry in entries:
+        if tree.is_adapter(entry.layer):
+            entry.layer.trainable = True
+            entry.layer.freeze_base()
+
+
+# ----------------------------------------------------------------------
+# The model remembers its plan across `.keras` round trips
+def adapters(model):
+    """`(path, adapter layer)` for every adapter in `model`."""
+    return [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
+
+
+def plan_config(model, with_shapes=False):
+    """The saved form of the model's adapters, keyed by layer key."""
+    layers = {}
+    for e in tree.walk(model):
+        a = e.layer
+        if not tree.is_adapter(a):
+            continue
+        cfg = {
+            "path": e.path,
+            "method": a.method,
+            "base": bases.base_kind(a.layer),
+            "double_quant": getattr(a.layer, "double_quant", True),
+            "merged": a.merged,
+            "enabled": a.adapter_enabled,
+            "options": a.options(),
+        }
+        if with_shapes:
+            cfg["kernel_shape"] = list(a.geometry.kernel_shape)
+            cfg["equation"] = a.geometry.equation
+        layers[e.key] = cfg
+    return {
+        "format_version": FORMAT_VERSION,
+        "layers": layers,
+        "trainable_layers": getattr(model, "_klr_trainable_layers", None),
+    }
+
+
+_ADAPTED_CLASSES = {}
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank", name="AdaptedModel")
+class AdaptedModel:
+    """Deserializer of models that carry adapters.
+
+    Loading rebuilds the original model, then re-applies the adapters
+    (structure only; the variables come from the file).
+    """
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        base = keras.saving.deserialize_keras_object(config["base"], custom_objects=custom_objects)
+        if not base.built:
+            raise ValueError(
+                f"Cannot rebuild the adapters of {base.name!r}: the model did "
+                "not build from its config."
+            )
+        plan = Plan.from_saved(base, config["adapters"], "the .keras file")
+        plan.prepare()
+        plan.apply(init=False)
+        return base
+
+    def get_config(self):
+        return {}
+
+
+def _adapted_class(base_cls):
+    if getattr(base_cls, "_klr_base_class", None) is not None:
+        return base_cls
+    cls = _ADAPTED_CLASSES.get(base_cls)
+    if cls is not None:
+        return cls
+
+    def get_config(self):
+        adapted = type(self)
+        self.__class__ = adapted._klr_base_class
+        try:
+            base = keras.saving.serialize_keras_object(self)
+        finally:
+            self.__class__ = adapted
+        base.pop("compile_config", None)
+        return {"base": base, "adapters": plan_config(self)}
+
+    def from_config(klass, config, custom_objects=None):
+        return AdaptedModel.from_config(config, custom_objects)
+
+    cls = type(
+        base_cls.__name__,
+        (base_cls,),
+        {
+            "get_config": get_config,
+            "from_config": classmethod(from_config),
+            "_klr_base_class": base_cls,
+            # Not the base class's module: Keras imports a keras/keras_hub
+            # module named in a file and would find the plain class there,
+            # which cannot read this config. Named here, a file loaded
+            # without `import keras_lowrank` fails with Keras's "make sure
+            # custom classes are imported" and this module's name.
+            "__module__": __name__,
+            "__qualname__": base_cls.__qualname__,
+            "__doc__": base_cls.__doc__,
+        },
+    )
+    keras.saving.register_keras_serializable("keras_lowrank", "AdaptedModel")(cls)
+    # Keep the name resolving to the generic deserializer.
+    keras.saving.register_keras_serializable("keras_lowrank", "AdaptedModel")(AdaptedModel)
+    _ADAPTED_CLASSES[base_cls] = cls
+    return cls
+
+
+def mark_adapted(model, trainable_layers=dataclasses.MISSING):
+    """Give `model` the class that serializes its adapters (or take it back
+    when none is left)."""
+    if trainable_layers is not dataclasses.MISSING:
+        object.__setattr__(model, "_klr_trainable_layers", trainable_layers)
+    has = bool(adapters(model))
+    base_cls = getattr(type(model), "_klr_base_class", None)
+    if has and base_cls is None:
+        model.__class__ = _adapted_class(type(model))
+    elif not has and base_cls is not None:
+        model.__class__ = base_cls
+
