@@ -15,7 +15,7 @@ import keras as _keras
 
 from keras_lowrank import layers
 from keras_lowrank.adapt import AdapterSummary
-from keras_lowrank.adapt import count_params
+from keras_lowrank.bases import count_params
 from keras_lowrank.adapt import enable_adapter
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.geometry import KernelGeometry

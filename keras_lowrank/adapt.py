@@ -1,14 +1,12 @@
 """`enable_adapter`: put adapter layers into any Keras model, and the summary
 of what it did."""
 
-import math
-
 from keras_lowrank import bases
 from keras_lowrank import tree
 from keras_lowrank.plan import Plan
 from keras_lowrank.plan import adapters
 
-__all__ = ["AdapterSummary", "adapters", "count_params", "enable_adapter", "summarize"]
+__all__ = ["AdapterSummary", "adapters", "enable_adapter", "summarize"]
 
 
 # ----------------------------------------------------------------------
@@ -74,23 +72,6 @@ class AdapterSummary:
     __repr__ = __str__
 
 
-def count(variables):
-    return int(sum(math.prod(v.shape) for v in variables))
-
-
-def count_params(model, trainable_only=False):
-    """Parameters of `model`, a quantized kernel counting as its float
-    kernel's size (not its packed codes and constants)."""
-    if trainable_only:
-        return count(model.trainable_weights)
-    total = count(model.weights)
-    for layer in tree.all_layers_with_root(model):
-        stored = bases.storage_params(layer)
-        if stored is not None:
-            total += stored[1] - stored[0]
-    return total
-
-
 def summarize(model, method=None, heads=(), head_rule=None):
     rows = []
     for entry in tree.walk(model):
@@ -102,13 +83,13 @@ def summarize(model, method=None, heads=(), head_rule=None):
                     "path": entry.path,
                     "method": a.method,
                     "rank": getattr(a, "rank", None),
-                    "matrix": ("" if not g.batch_shape else f"{g.n_shared}x") + f"{g.n_in}x{g.n_out}",
+                    "matrix": g.matrix_text(),
                     "base": bases.base_kind(a.layer),
                     "trainable": a.trainable_count(),
                 }
             )
     return AdapterSummary(
-        method, rows, count_params(model, trainable_only=True), count_params(model),
+        method, rows, bases.count_params(model, trainable_only=True), bases.count_params(model),
         heads, head_rule,
     )
 

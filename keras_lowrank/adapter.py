@@ -160,7 +160,7 @@ class Adapter(keras.layers.Wrapper):
                     f"Layer {where!r}: the {self.method} adapter's variable "
                     f"{spec.name!r} would have shape {tuple(spec.shape)} "
                     f"({n:,} elements; the limit is {MAX_VARIABLE_ELEMENTS:,}) "
-                    f"for a {_matrix_text(geometry)} kernel matrix with "
+                    f"for a {geometry.matrix_text()} kernel matrix with "
                     f"{self._size_text()}; nothing was allocated."
                 )
 
@@ -171,7 +171,7 @@ class Adapter(keras.layers.Wrapper):
         """Ranks that are allowed but cannot help (PEFT allows them too)."""
         rank = getattr(self, "rank", None)
         if rank is not None and rank > geometry.rank_limit:
-            return [f"rank={rank} > min(n_in, n_out)={geometry.rank_limit} ({_matrix_text(geometry)})"]
+            return [f"rank={rank} > min(n_in, n_out)={geometry.rank_limit} ({geometry.matrix_text()})"]
         return []
 
     # ------------------------------------------------------------------
@@ -319,6 +319,18 @@ class Adapter(keras.layers.Wrapper):
         if scale != 1.0:  # scale the r-wide tensor, not the output
             h = h * ops.cast(scale, h.dtype)
         return ops.matmul(h, ops.cast(b, rows.dtype))
+
+    def add_lowrank(self, x, y, a_t, b, scale):
+        """`y + scale (x A) B`, in the layer's output layout.
+
+        Computed as `y - (x A)(-scale) B`, which is the same bits: on
+        TensorFlow with oneDNN (the default on recent Intel CPUs) the graph
+        rewriter fuses `MatMul + bias + Add + Relu` into one node it then
+        cannot run, and logs "No registered '' OpKernel" and "remapper
+        failed" on every traced step (the result is right). A subtraction
+        does not match that pattern."""
+        rows = self.lowrank_rows(x, a_t, b, -scale)
+        return y - ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
 
     # ------------------------------------------------------------------
     # Values, in float32 and outside any autocast scope
@@ -488,11 +500,6 @@ class Adapter(keras.layers.Wrapper):
                     f"{tuple(var.shape)} but the file holds {tuple(value.shape)}."
                 )
             var.assign(value)
-
-
-def _matrix_text(geometry):
-    prefix = f"{geometry.n_shared}x" if geometry.batch_shape else ""
-    return f"{prefix}{geometry.n_in}x{geometry.n_out}"
 
 
 def check_finite(matrix, name, what):

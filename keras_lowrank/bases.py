@@ -12,6 +12,7 @@ import keras
 from keras import ops
 
 from keras_lowrank import _compat
+from keras_lowrank import tree
 
 
 #: frozen-base storages `enable_adapter(base=...)` accepts
@@ -226,3 +227,25 @@ def storage_params(layer):
         stored = sum(math.prod(v.shape) for v in _compat.keras_quantized_storage(layer))
         return stored, math.prod(float_kernel_shape(layer))
     return None
+
+
+def count_params(model, trainable_only=False):
+    """Parameters of `model`, a quantized kernel counting as its float
+    kernel's size (not its packed codes and constants).
+
+    Example:
+
+    >>> import keras
+    >>> from keras_lowrank import bases
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> bases.count_params(model)
+    36
+    """
+    variables = model.trainable_weights if trainable_only else model.weights
+    total = int(sum(math.prod(v.shape) for v in variables))
+    if not trainable_only:
+        for layer in tree.all_layers_with_root(model):
+            stored = storage_params(layer)
+            if stored is not None:
+                total += stored[1] - stored[0]
+    return total

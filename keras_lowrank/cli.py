@@ -82,6 +82,12 @@ def build_parser():
         "--alpha", type=float, default=None, help="adapter scaling numerator (default: rank)"
     )
     demo.add_argument(
+        "--base",
+        choices=("float", "nf4", "int8", "int4"),
+        default="float",
+        help="storage of the frozen kernels: float (as they are), nf4 (QLoRA), int8 or int4 (default: float)",
+    )
+    demo.add_argument(
         "--backend",
         choices=BACKENDS,
         default=None,
@@ -107,8 +113,10 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(func=cmd_demo)
 
-    inspect = sub.add_parser("inspect", help="list the adapters of a saved .keras model")
-    inspect.add_argument("file", metavar="FILE.keras")
+    inspect = sub.add_parser(
+        "inspect", help="list the adapters of a .keras model or an adapter file (no Keras needed)"
+    )
+    inspect.add_argument("file", metavar="FILE")
     inspect.set_defaults(func=cmd_inspect)
 
     merge = sub.add_parser(
@@ -170,20 +178,9 @@ def _use_backend(backend, argv):
 # ----------------------------------------------------------------------
 # Helpers
 def _table(head, rows):
-    """Format `rows` (tuples of strings) under `head` as aligned columns."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    import keras_lowrank_cli
 
-    def line(cells):
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _matrix(adapter):
-    g = adapter.geometry
-    shared = getattr(g, "batch_shape", ())
-    prefix = f"{g.n_shared}x" if shared else ""
-    return f"{prefix}{g.n_in}x{g.n_out}"
+    return keras_lowrank_cli.table(head, rows)
 
 
 def _count(variables):
@@ -250,9 +247,13 @@ def _load_model(path):
 def _check_output_path(path):
     if not str(path).endswith(".keras"):
         raise UsageError(f"the output file must end in .keras, got {path}")
+    if os.path.isdir(path):
+        raise UsageError(f"the output path is a folder: {path}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"the output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"the output folder is not writable: {folder}")
 
 
 # ----------------------------------------------------------------------
@@ -350,14 +351,15 @@ def cmd_demo(args):
         print("\n[1/4] task A training skipped")
 
     # 2. Add the adapters; only they train from here on.
-    print(f"\n[2/4] enable_adapter(method={args.method!r}, rank={args.rank}, alpha={args.alpha})")
+    print(f"\n[2/4] enable_adapter(method={args.method!r}, rank={args.rank}, alpha={args.alpha}, "
+          f"base={args.base!r})")
     with warnings.catch_warnings():
         # KerasHub tasks override compile(); Keras warns that it cannot
         # recompile them from their config. We compile again just below.
         warnings.filterwarnings("ignore", message=".*compile\\(\\)` was not called.*")
         try:
             summary = keras_lowrank.enable_adapter(
-                model, method=args.method, rank=args.rank, alpha=args.alpha
+                model, method=args.method, rank=args.rank, alpha=args.alpha, base=args.base
             )
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
@@ -410,37 +412,25 @@ def cmd_demo(args):
 # ----------------------------------------------------------------------
 # inspect
 def cmd_inspect(args):
-    """`keras-lowrank inspect FILE.keras`: print the adapters of a saved model."""
-    import keras_lowrank
+    """`keras-lowrank inspect FILE`: list the adapters of a `.keras` model or
+    an adapter file, from the file's metadata (Keras is not needed)."""
+    import keras_lowrank_cli
 
-    model = _load(args.file)
-    total = _count(model.weights)
-    trainable = _count(model.trainable_weights)
-    print(f"{args.file}: {type(model).__name__} {model.name!r}, {total:,} params")
-    found = keras_lowrank.adapters(model)
-    if not found:
-        print("no adapters in this model")
-        return 0
-    rows = []
-    adapter_params = 0
-    for path, a in found:
-        n = int(a.trainable_count())
-        adapter_params += n
-        rows.append((path, a.method, str(a.rank), f"{a.alpha:g}", _matrix(a), f"{n:,}"))
-    print(_table(("layer", "method", "rank", "alpha", "matrix", "trainable"), rows))
-    methods = sorted({a.method for _, a in found})
-    print(
-        f"adapters: {len(found)} ({', '.join(methods)})   adapter params: {adapter_params:,}   "
-        f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.3f}%)"
-    )
-    return 0
+    try:
+        return keras_lowrank_cli.inspect(args.file)
+    except keras_lowrank_cli.FileError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------
 # merge
 def cmd_merge(args):
     """`keras-lowrank merge IN.keras OUT.keras`: fold the adapters into the
-    kernels and save a model without keras-lowrank layers."""
+    kernels and save a model without keras-lowrank layers.
+
+    OUT is written to a temporary file beside it and renamed into place, so
+    a failed write keeps both files as they were; IN and OUT may be the same
+    file."""
     import keras_lowrank
 
     _check_output_path(args.output)
@@ -448,7 +438,7 @@ def cmd_merge(args):
     found = keras_lowrank.adapters(model)
     if not found:
         raise UsageError(f"{args.input} has no adapters to merge")
-    rows = [(path, a.method, str(a.rank), _matrix(a)) for path, a in found]
+    rows = [(path, a.method, str(getattr(a, "rank", "-")), a.geometry.matrix_text()) for path, a in found]
     try:
         keras_lowrank.merge(model)
     except FloatingPointError as e:
@@ -456,11 +446,31 @@ def cmd_merge(args):
     left = keras_lowrank.adapters(model)
     if left:
         raise CheckFailed(f"{len(left)} adapters were left after merging")
-    model.save(args.output)
+    _save_atomically(model, args.output)
     print(_table(("merged layer", "method", "rank", "matrix"), rows))
     print(f"merged {len(rows)} adapters into their kernels; saved {args.output} "
           f"({_count(model.weights):,} params, plain Dense/EinsumDense layers)")
     return 0
+
+
+def _save_atomically(model, path):
+    """`model.save(path)` through a temporary file in the same folder."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".klr-", suffix=".keras", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise UsageError(f"cannot write in {folder}: {e.strerror or e}") from None
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,11 @@ class KernelGeometry:
         against rows."""
         return ops.expand_dims(v, -2)
 
+    def matrix_text(self):
+        """`"n_in x n_out"` (with `"n_shared x"` in front for a batch)."""
+        prefix = f"{self.n_shared}x" if self.batch_shape else ""
+        return f"{prefix}{self.n_in}x{self.n_out}"
+
     def __repr__(self):
         return (
             f"KernelGeometry({self.equation!r}, kernel={self.kernel_shape}, "

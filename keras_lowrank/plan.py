@@ -41,7 +41,7 @@ FORMAT_VERSION = 2
 
 #: fields of a saved layer entry besides its options
 _LAYER_FIELDS = ("path", "method", "base", "double_quant", "merged", "enabled",
-                 "kernel_shape", "equation", "options")
+                 "kernel_shape", "equation", "options", "matrix", "trainable")
 
 
 @dataclasses.dataclass
@@ -480,8 +480,10 @@ def adapters(model):
     return [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
 
 
-def plan_config(model, with_shapes=False):
-    """The saved form of the model's adapters, keyed by layer key."""
+def plan_config(model):
+    """The saved form of the model's adapters, keyed by layer key. The
+    matrix, trainable and parameter counts are for readers of the file
+    (`keras-lowrank inspect`); loading ignores them."""
     layers = {}
     for e in tree.walk(model):
         a = e.layer
@@ -495,15 +497,18 @@ def plan_config(model, with_shapes=False):
             "merged": a.merged,
             "enabled": a.adapter_enabled,
             "options": a.options(),
+            "kernel_shape": list(a.geometry.kernel_shape),
+            "equation": a.geometry.equation,
+            "matrix": a.geometry.matrix_text(),
+            "trainable": int(a.trainable_count()),
         }
-        if with_shapes:
-            cfg["kernel_shape"] = list(a.geometry.kernel_shape)
-            cfg["equation"] = a.geometry.equation
         layers[e.key] = cfg
     return {
         "format_version": FORMAT_VERSION,
         "layers": layers,
         "trainable_layers": getattr(model, "_klr_trainable_layers", None),
+        "total_params": bases.count_params(model),
+        "trainable_params": bases.count_params(model, trainable_only=True),
     }
 
 

@@ -64,7 +64,7 @@ def save_adapter(model, path, as_lora=False):
     found = {e.key: e.layer for e in plan_lib.tree.walk(model) if plan_lib.tree.is_adapter(e.layer)}
     if not found:
         raise ValueError(f"Model {model.name!r} has no adapters to save.")
-    config = plan_lib.plan_config(model, with_shapes=True)
+    config = plan_lib.plan_config(model)
     tensors = {}
     for key, cfg in config["layers"].items():
         a = found[key]
@@ -79,6 +79,7 @@ def save_adapter(model, path, as_lora=False):
             extra = {k: v for k, v in state.items() if k == "base_bias"}
             state = {**lora_state, **extra}
             cfg["method"] = "lora"
+            cfg["trainable"] = int(sum(np.prod(tuple(v.shape)) for v in lora_state.values()))
             cfg["options"] = {
                 "rank": overrides["rank"],
                 "alpha": overrides["alpha"],

@@ -8,6 +8,9 @@ import contextlib
 import io
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,7 +39,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["demo", "--epochs-a", "1", "--epochs-b", "1", "--out", str(out)])
+        code = main(["demo", "--epochs-a", "1", "--epochs-b", "1", "--base", "nf4", "--out", str(out)])
     return code, buf.getvalue(), out
 
 
@@ -63,9 +66,66 @@ def test_inspect(demo, capsys):
     assert "alpha" in text and "trainable" in text
     rows = [line for line in text.splitlines() if "decoder_block" in line]
     assert len(rows) == 14, text  # 7 linear layers in each of the 2 blocks
-    assert all(" lora " in row for row in rows)
+    assert all(" lora " in row and " nf4 " in row for row in rows)
     assert "32x8" in text  # key/value kernels: hidden 32 -> 1 kv head x 8
     assert re.search(r"adapters: 14\b", text)
+    assert re.search(r"trainable params: [\d,]+ / [\d,]+", text)
+
+
+def test_inspect_adapter_file_without_keras(demo, tmp_path):
+    """`inspect` reads adapter files (and .keras files) from their metadata,
+    without importing Keras or a backend."""
+    _, _, out = demo
+    script = (
+        "import sys, keras_lowrank_cli\n"
+        "code = keras_lowrank_cli.main(['inspect', sys.argv[1]])\n"
+        "assert code == 0, code\n"
+        "heavy = [m for m in ('keras', 'jax', 'torch', 'tensorflow') if m in sys.modules]\n"
+        "print('imported:', heavy)\n"
+    )
+    for name in ("adapter.safetensors", "adapted.keras"):
+        proc = subprocess.run([sys.executable, "-c", script, str(out / name)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "imported: []" in proc.stdout, proc.stdout
+        rows = [line for line in proc.stdout.splitlines() if "decoder_block" in line]
+        assert len(rows) == 14 and all(" lora " in r for r in rows), proc.stdout
+        assert "32x8" in proc.stdout
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"12345678")
+    assert main(["inspect", str(junk)]) == 2
+
+
+def test_merge_writes_atomically(demo, capsys, tmp_path, monkeypatch):
+    _, _, out = demo
+    src = tmp_path / "same.keras"
+    shutil.copy(out / "adapted.keras", src)
+    # IN == OUT: loaded fully, then replaced
+    assert main(["merge", str(src), str(src)]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert main(["inspect", str(src)]) == 0
+    assert "no adapters" in capsys.readouterr().out
+    # an output path that is a folder, or in a missing folder: one line, exit 2
+    folder = tmp_path / "dir.keras"
+    folder.mkdir()
+    assert main(["merge", str(out / "adapted.keras"), str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and len(err.strip().splitlines()) == 1
+    # a write that fails half-way keeps the old OUT and leaves no temporary
+    target = tmp_path / "target.keras"
+    target.write_bytes(b"previous contents")
+
+    def failing_save(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", failing_save)
+    assert main(["merge", str(out / "adapted.keras"), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert target.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.keras", "same.keras", "target.keras"]
 
 
 def test_merge(demo, capsys, tmp_path):

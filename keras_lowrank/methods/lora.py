@@ -87,8 +87,7 @@ class LoRA(Adapter):
 
     def adapter_output(self, x, y, training):
         x = self.adapter_input(x, training)
-        rows = self.lowrank_rows(x, self.lora_a, self.lora_b, self.scaling)
-        return y + ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
+        return self.add_lowrank(x, y, self.lora_a, self.lora_b, self.scaling)
 
     def factor_a(self):
         """`A` in the Keras layout `(n_in, r)`, float32."""

@@ -105,8 +105,7 @@ class PiSSA(LoRA):
         return self.scaling * ops.matmul(a0, self.read(self.lora_b0))
 
     def base_output(self, x, y):
-        rows = self.lowrank_rows(x, self.lora_a0, self.lora_b0, self.scaling)
-        return y + ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
+        return self.add_lowrank(x, y, self.lora_a0, self.lora_b0, self.scaling)
 
     def original_matrix(self, matrix):
         return matrix + self.initial_delta()

@@ -42,8 +42,8 @@ class NF4Linear(keras.layers.Layer):
 
     >>> import keras, numpy as np
     >>> from keras_lowrank.quant.layers import NF4Linear
-    >>> dense = keras.layers.Dense(128)
-    >>> dense.build((None, 64))
+    >>> dense = keras.layers.Dense(512)
+    >>> dense.build((None, 256))
     >>> q = NF4Linear.from_layer(dense)
     >>> round(q.bits_per_parameter(), 3)
     4.127
