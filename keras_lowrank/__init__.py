@@ -14,6 +14,9 @@ Example:
 import keras as _keras
 
 from keras_lowrank import layers
+from keras_lowrank import training
+from keras_lowrank.methods import dylora
+from keras_lowrank.methods import vera
 from keras_lowrank.adapt import AdapterSummary
 from keras_lowrank.bases import count_params
 from keras_lowrank.adapt import enable_adapter
@@ -44,6 +47,7 @@ __all__ = [
     "KernelGeometry",
     "adapters",
     "count_params",
+    "dylora",
     "disable_adapter",
     "enable_adapter",
     "layers",
@@ -53,6 +57,8 @@ __all__ = [
     "resolve_targets",
     "save_adapter",
     "set_adapter_enabled",
+    "training",
     "unmerge",
+    "vera",
     "__version__",
 ]

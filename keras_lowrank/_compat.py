@@ -7,6 +7,7 @@ one fails loudly there instead of somewhere deep in a method.
 import contextlib
 
 import keras
+from keras import ops
 
 
 def no_autocast():
@@ -63,16 +64,24 @@ def as_tensor(value):
     `keras.ops.convert_to_tensor` keeps a TensorFlow variable a variable, and
     some ops (`swapaxes`) then fail on it; a same-shape reshape reads it into
     a tensor on every backend without copying."""
-    from keras import ops
-
     return ops.reshape(value, tuple(value.shape))
+
+
+def copy_value(variable):
+    """A copy of a variable's current value (a separate buffer)."""
+    return ops.copy(variable.value)
+
+
+def float_kernel(layer):
+    """The kernel variable of a float Dense/EinsumDense (not the `kernel`
+    property, which adds Keras's own LoRA and dequantizes)."""
+    return layer._kernel
 
 
 def keras_dequantize(layer):
     """Float32 kernel of a Keras int8/int4 Dense or EinsumDense, with Keras's
     own layout rules (keras/src/layers/core/{dense,einsum_dense}.py,
     `_get_kernel_with_merged_lora`)."""
-    from keras import ops
     from keras.src.quantizers import dequantize_with_sz_map
     from keras.src.quantizers import unpack_int4
 
@@ -117,6 +126,93 @@ def is_functional(layer):
     return isinstance(layer, Functional)
 
 
+def replace_in_attributes(parent, old, new):
+    """Point every attribute (and list or dict item) of `parent` that holds
+    `old` at `new`, and torch's module registry with them."""
+    for attr, value in list(vars(parent).items()):
+        if attr in ("_layers", "_tracker", "_operations"):
+            continue
+        if value is old:
+            object.__setattr__(parent, attr, new)
+            modules = vars(parent).get("_modules")
+            if modules is not None and attr in modules:
+                modules[attr] = new
+        elif isinstance(value, list) and any(v is old for v in value):
+            for i, v in enumerate(value):
+                if v is old:
+                    list.__setitem__(value, i, new)
+        elif isinstance(value, dict) and any(v is old for v in value.values()):
+            for k, v in list(value.items()):
+                if v is old:
+                    dict.__setitem__(value, k, new)
+    modules = vars(parent).get("_modules")
+    if modules:
+        for key, mod in list(modules.items()):
+            if mod is old:
+                modules[key] = new
+
+
+def sequential_graph(layer):
+    """The Functional graph a built Sequential model keeps (or `None`)."""
+    inner = getattr(layer, "_functional", None)
+    return inner if inner is not None and is_functional(inner) else None
+
+
+def _functionals_of(layer):
+    out = [layer] if is_functional(layer) else []
+    inner = sequential_graph(layer)
+    if inner is not None:
+        out.append(inner)
+    return out
+
+
+def replace_in_graph(parent, old, new):
+    """Swap the graph node `old` for `new` in the Functional graphs of
+    `parent`: its operation lists, its nodes and their output tensors."""
+    for func in _functionals_of(parent):
+        if old not in getattr(func, "_operations", []):
+            continue
+        ops_list = func._operations
+        ops_list[ops_list.index(old)] = new
+        by_depth = getattr(func, "_operations_by_depth", None)
+        if by_depth:
+            for depth, ops_at in by_depth.items():
+                by_depth[depth] = [new if o is old else o for o in ops_at]
+        for node in old._inbound_nodes:
+            node.operation = new
+            for tensor in node.outputs:
+                history = getattr(tensor, "_keras_history", None)
+                if history is not None and history[0] is old:
+                    tensor._keras_history = type(history)(new, *history[1:])
+        nodes = getattr(func, "_nodes", None)
+        if nodes is not None:
+            prefix = f"{id(old)}_ib-"
+            for key in [k for k in nodes if k.startswith(prefix)]:
+                nodes.discard(key)
+                nodes.add(f"{id(new)}_ib-{key[len(prefix):]}")
+        new._inbound_nodes = old._inbound_nodes
+        new._outbound_nodes = old._outbound_nodes
+
+
+def producer(tensor):
+    """`(operation, node index)` that produced a symbolic tensor, or `None`."""
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else (history[0], history[1])
+
+
+def node_inputs(operation, node_index):
+    """The input tensors of one call (node) of a graph operation."""
+    nodes = getattr(operation, "_inbound_nodes", [])
+    return list(nodes[node_index].input_tensors) if node_index < len(nodes) else []
+
+
+def call_context_training(layer):
+    """The `training` flag Keras resolved for the call in progress (`None`
+    outside a call or when nobody set it)."""
+    ctx = layer._get_call_context() if hasattr(layer, "_get_call_context") else None
+    return None if ctx is None else ctx.training
+
+
 def compile_config(model):
     """The arguments `model.compile` was last called with (or `None`)."""
     return getattr(model, "_compile_config", None)
@@ -148,3 +244,69 @@ def keras_quantized_storage(layer):
     """The variables holding a Keras int8/int4 kernel (codes and constants)."""
     names = ("_kernel", "kernel_scale", "kernel_zero", "g_idx")
     return [getattr(layer, n) for n in names if getattr(layer, n, None) is not None]
+
+
+# ----------------------------------------------------------------------
+# Optimizers
+def innermost_optimizer(optimizer):
+    """The optimizer that applies updates, inside any wrappers (Keras's
+    `LossScaleOptimizer`, keras-lowrank's `AdapterOptimizer`)."""
+    while getattr(optimizer, "inner_optimizer", None) is not None:
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+@contextlib.contextmanager
+def per_variable_learning_rate(optimizer, factor):
+    """Within the block, `optimizer` updates each variable `v` with its own
+    rule at `factor(v)` times its learning rate and weight decay.
+
+    Keras applies one learning rate to all variables: `apply` computes it and
+    hands it to `_backend_update_step(grads, variables, learning_rate)` (per
+    backend; PyTorch's runs all variables at once), after
+    `_apply_weight_decay(variables)` (which reads `weight_decay` and the
+    learning rate). Both are called here once per group of equal factor.
+    Runs at trace time: the groups are Python, the compiled step is plain."""
+    update = optimizer._backend_update_step
+    decay = optimizer._apply_weight_decay
+
+    def groups(pairs):
+        out = {}
+        for item, v in pairs:
+            out.setdefault(float(factor(v)), []).append(item)
+        return out
+
+    def grouped_update(grads, variables, learning_rate):
+        for f, items in groups([((g, v), v) for g, v in zip(grads, variables)]).items():
+            gs = [g for g, _ in items]
+            vs = [v for _, v in items]
+            update(gs, vs, learning_rate if f == 1.0 else learning_rate * f)
+
+    def grouped_decay(variables):
+        wd = optimizer.weight_decay
+        if wd is None:
+            return decay(variables)
+        try:
+            for f, vs in groups([(v, v) for v in variables]).items():
+                optimizer.weight_decay = wd * f
+                decay(vs)
+        finally:
+            optimizer.weight_decay = wd
+
+    optimizer._backend_update_step = grouped_update
+    optimizer._apply_weight_decay = grouped_decay
+    try:
+        yield
+    finally:
+        del optimizer._backend_update_step
+        del optimizer._apply_weight_decay
+
+
+def set_optimizer(model, optimizer):
+    """Replace the optimizer of a compiled model (before its train function
+    is made)."""
+    with unlocked(model):
+        model.optimizer = optimizer
+    for attr in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)

@@ -25,7 +25,6 @@ from keras_lowrank import _compat
 from keras_lowrank import bases
 from keras_lowrank import options as opt
 from keras_lowrank import tree
-from keras_lowrank.geometry import KernelGeometry
 
 #: the most elements one adapter variable may hold (the int32 index limit of
 #: several backends); a larger request is refused before anything is allocated
@@ -123,6 +122,9 @@ class Adapter(keras.layers.Wrapper):
         self._init_from_base = True
         #: set by keras_lowrank's plan, which attaches adapters itself
         self._managed = False
+        #: a layer built by hand (not by a plan, not from a file) makes its
+        #: own model-level state, if its method has one
+        self._standalone = True
         self._attached = False
         self._adapter_vars = {}
         self._detach_state = None
@@ -131,6 +133,24 @@ class Adapter(keras.layers.Wrapper):
 
     def validate_options(self):
         """Cross-option checks of a method (after each option's own check)."""
+
+    # ------------------------------------------------------------------
+    # Model-level state (`keras_lowrank.shared`)
+    def bind_shared(self, state):
+        """Use the model-level `state` of this adapter's method. The adapter
+        refers to it without tracking it: the model holds it, once."""
+        object.__setattr__(self, "_shared_ref", _Ref(state))
+
+    @property
+    def shared(self):
+        """The model-level state bound by `bind_shared` (or `None`)."""
+        ref = getattr(self, "_shared_ref", None)
+        return None if ref is None else ref.state
+
+    def standalone_state(self, geometry):
+        """The state a layer used on its own (outside `enable_adapter`)
+        makes for itself, for methods with model-level state."""
+        return None
 
     def options(self):
         """The method options of this adapter, as declared in `OPTIONS`."""
@@ -180,7 +200,14 @@ class Adapter(keras.layers.Wrapper):
         if not self.layer.built:
             self.layer.build(input_shape)
         bases.check_supported(self.layer, self.name)
-        self.geometry = KernelGeometry.from_layer(self.layer)
+        self.geometry = bases.geometry_of(self.layer)
+        if self.shared is None and self._standalone and not self._managed:
+            state = self.standalone_state(self.geometry)
+            if state is not None:
+                state.build()
+                state.initialize()
+                self.own_state = state  # tracked: saved with this layer
+                self.bind_shared(state)
         self.check_geometry(self.geometry)
         self.build_adapter(self.geometry)
         self.built = True
@@ -270,7 +297,7 @@ class Adapter(keras.layers.Wrapper):
             self.initialize_from_base()
         new = convert(self.layer)
         tree.replace_child(self, self.layer, new)
-        self.geometry = KernelGeometry.from_layer(new)
+        self.geometry = bases.geometry_of(new)
         self.freeze_base()
         if init and not self.init_on_full_precision:
             self.initialize_from_base()
@@ -289,6 +316,9 @@ class Adapter(keras.layers.Wrapper):
         return x
 
     def call(self, inputs, training=None):
+        own = getattr(self, "own_state", None)
+        if own is not None:  # a layer on its own runs its state's step hook
+            own.begin_call(bool(training))
         y = self.layer(inputs)
         if not self.merged:
             if self.adapter_enabled:
@@ -478,6 +508,7 @@ class Adapter(keras.layers.Wrapper):
         )
         obj = cls(layer, **config)
         obj._init_from_base = False  # the variables come from the file
+        obj._standalone = False  # the plan binds its model-level state
         return obj
 
     def save_own_variables(self, store):
@@ -500,6 +531,15 @@ class Adapter(keras.layers.Wrapper):
                     f"{tuple(var.shape)} but the file holds {tuple(value.shape)}."
                 )
             var.assign(value)
+
+
+class _Ref:
+    """A reference Keras neither tracks nor saves."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state):
+        self.state = state
 
 
 def check_finite(matrix, name, what):

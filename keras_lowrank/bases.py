@@ -1,9 +1,18 @@
-"""The frozen base layer under an adapter: what kind it is, and its kernel.
+"""The frozen base layer under an adapter: how its kernel is stored.
 
-Adapters wrap a plain Keras `Dense` or `EinsumDense`. This module is the one
-place that knows how such a layer stores its kernel, so the methods can ask
-for "the kernel as a float32 matrix" and "replace the kernel" without caring
-about the layer type.
+Adapters wrap a `Dense` or `EinsumDense` (or an `NF4Linear` standing for
+one). How that layer stores its kernel is a `Storage` strategy, one class
+per kind:
+
+- `FloatStorage`: a float kernel variable (any float dtype);
+- `NF4Storage`: keras-lowrank's 4-bit NormalFloat (`quant.layers.NF4Linear`);
+- `KerasQuantizedStorage("int8" | "int4")`: Keras's own quantized layers.
+
+Every question the rest of the library asks about a base layer ("the
+kernel as a float32 tensor", "replace the kernel", "turn this float layer
+into NF4", "how many parameters") goes to `storage_of(layer)`; a new storage
+is one new class here. The module-level functions are the shortcuts the
+methods use.
 """
 
 import math
@@ -13,7 +22,9 @@ from keras import ops
 
 from keras_lowrank import _compat
 from keras_lowrank import tree
-
+from keras_lowrank.geometry import KernelGeometry
+from keras_lowrank.quant.layers import DENSE_EQUATION
+from keras_lowrank.quant.layers import NF4Linear
 
 #: frozen-base storages `enable_adapter(base=...)` accepts
 BASES = ("float", "nf4", "int8", "int4")
@@ -21,26 +32,223 @@ BASES = ("float", "nf4", "int8", "int4")
 KERAS_MODES = ("int8", "int4")
 
 
-def _nf4_class():
-    from keras_lowrank.quant.layers import NF4Linear
-
-    return NF4Linear
-
-
-def is_nf4(layer):
-    return isinstance(layer, _nf4_class())
+def float_policy_name(layer):
+    """The layer's float dtype policy name (`"float32"`, `"mixed_bfloat16"`)."""
+    compute, variable = layer.compute_dtype, layer.variable_dtype
+    if compute == variable:
+        return variable
+    return f"mixed_{compute}"
 
 
+def _float32(value):
+    with _compat.no_autocast():
+        value = _compat.as_tensor(value)
+    return ops.cast(value, "float32")
+
+
+class Storage:
+    """How a frozen linear layer stores its kernel (one subclass per kind)."""
+
+    kind = None
+
+    def equation(self, layer):
+        raise NotImplementedError
+
+    def float_kernel_shape(self, layer):
+        raise NotImplementedError
+
+    def kernel_variable(self, layer):
+        """The float kernel variable, or `None` for a quantized storage."""
+        return None
+
+    def read_kernel(self, layer):
+        """The kernel as a float32 tensor (dequantized), never autocast."""
+        raise NotImplementedError
+
+    def assign_kernel(self, layer, value):
+        raise NotImplementedError(
+            f"Layer {layer.name!r}: its {self.kind} kernel cannot be rewritten in place."
+        )
+
+    def build_input_shape(self, layer):
+        shapes = _compat.build_shapes(layer) or {}
+        return next(iter(shapes.values()), None)
+
+    def plain_config(self, layer):
+        """`(class, config)` of a plain float layer like this one."""
+        config = layer.get_config()
+        config["dtype"] = float_policy_name(layer)
+        return type(layer), config
+
+    def storage_params(self, layer):
+        """`(stored elements, float kernel parameters)`, or `None` when they
+        are the same thing (a float kernel)."""
+        return None
+
+    def check(self, layer, where):
+        """Raise a clear error if an adapter cannot sit on this storage."""
+
+    def convert(self, layer, double_quant=True):
+        """A copy of the float `layer` in this storage."""
+        raise NotImplementedError
+
+
+class FloatStorage(Storage):
+    kind = "float"
+
+    def equation(self, layer):
+        if isinstance(layer, keras.layers.EinsumDense):
+            return layer.equation
+        return DENSE_EQUATION
+
+    def float_kernel_shape(self, layer):
+        return tuple(self.kernel_variable(layer).shape)
+
+    def kernel_variable(self, layer):
+        return _compat.float_kernel(layer)
+
+    def read_kernel(self, layer):
+        return _float32(self.kernel_variable(layer).value)
+
+    def assign_kernel(self, layer, value):
+        var = self.kernel_variable(layer)
+        var.assign(ops.cast(value, var.dtype))
+
+    def plain_config(self, layer):
+        return type(layer), layer.get_config()
+
+    def convert(self, layer, double_quant=True):
+        return layer
+
+
+class NF4Storage(Storage):
+    kind = "nf4"
+
+    def equation(self, layer):
+        return layer.equation
+
+    def float_kernel_shape(self, layer):
+        return layer.kernel_shape
+
+    def read_kernel(self, layer):
+        return layer.dequantized_kernel()
+
+    def assign_kernel(self, layer, value):
+        layer.quantize_kernel(value)
+
+    def build_input_shape(self, layer):
+        return layer.source_input_shape
+
+    def plain_config(self, layer):
+        return layer.plain_layer_class(), dict(layer.source["config"])
+
+    def storage_params(self, layer):
+        stored = sum(math.prod(v.shape) for v in layer.storage_variables())
+        return stored, layer.numel
+
+    def convert(self, layer, double_quant=True):
+        return NF4Linear.from_layer(layer, double_quant=double_quant)
+
+
+class KerasQuantizedStorage(Storage):
+    """A Dense/EinsumDense that Keras quantized (`layer.quantize(mode)`)."""
+
+    def __init__(self, mode):
+        self.kind = mode
+
+    def equation(self, layer):
+        return FloatStorage().equation(layer)
+
+    def float_kernel_shape(self, layer):
+        return _compat.keras_float_kernel_shape(layer)
+
+    def read_kernel(self, layer):
+        with _compat.no_autocast():
+            return _compat.keras_dequantize(layer)
+
+    def storage_params(self, layer):
+        stored = sum(math.prod(v.shape) for v in _compat.keras_quantized_storage(layer))
+        return stored, math.prod(self.float_kernel_shape(layer))
+
+    def convert(self, layer, double_quant=True):
+        """A copy of a float layer quantized by Keras's own `quantize`."""
+        input_shape = FLOAT.build_input_shape(layer)
+        if input_shape is None:
+            raise ValueError(
+                f"Layer {layer.name!r}: cannot copy it for {self.kind} quantization, "
+                "its build input shape is unknown."
+            )
+        config = layer.get_config()
+        config["dtype"] = float_policy_name(layer)  # not a DTypePolicyMap
+        copy = type(layer).from_config(config)
+        copy.build(input_shape)
+        FLOAT.kernel_variable(copy).assign(FLOAT.kernel_variable(layer))
+        if layer.bias is not None:
+            copy.bias.assign(layer.bias)
+        copy.quantize(self.kind)
+        return copy
+
+
+class UnsupportedStorage(Storage):
+    """A Keras quantization mode no adapter can sit on (float8, GPTQ, AWQ)."""
+
+    def __init__(self, mode):
+        self.kind = mode
+
+    def check(self, layer, where):
+        raise NotImplementedError(
+            f"Layer {where!r} is quantized with mode={self.kind!r}; adapters sit on "
+            f"float, NF4 and Keras {KERAS_MODES} kernels only (Keras itself "
+            "silently ignores or blocks LoRA on this mode)."
+        )
+
+
+FLOAT = FloatStorage()
+STORAGES = {
+    "float": FLOAT,
+    "nf4": NF4Storage(),
+    "int8": KerasQuantizedStorage("int8"),
+    "int4": KerasQuantizedStorage("int4"),
+}
+
+
+def storage_of(layer):
+    """The `Storage` of a linear layer, or `None` for any other layer."""
+    if isinstance(layer, NF4Linear):
+        return STORAGES["nf4"]
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        return None
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is None:
+        return FLOAT
+    return STORAGES.get(mode) or UnsupportedStorage(mode)
+
+
+def _storage(layer):
+    s = storage_of(layer)
+    if s is None:
+        raise TypeError(
+            f"Layer {layer.name!r} of type {type(layer).__name__} is not a Dense "
+            "or EinsumDense layer."
+        )
+    return s
+
+
+# ----------------------------------------------------------------------
+# Shortcuts
 def is_linear_layer(layer):
     """True for the layer types an adapter can wrap."""
-    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) or is_nf4(layer)
+    return storage_of(layer) is not None
 
 
 def base_kind(layer):
     """`"float"`, `"nf4"`, `"int8"` or `"int4"`: how the kernel is stored."""
-    if is_nf4(layer):
-        return "nf4"
-    return quantization_mode(layer) or "float"
+    return _storage(layer).kind
+
+
+def quantization_mode(layer):
+    """Keras's quantization mode of the layer (`None` for float and NF4)."""
+    return getattr(layer, "quantization_mode", None)
 
 
 def check_base(base, double_quant=True):
@@ -53,79 +261,26 @@ def check_base(base, double_quant=True):
 
 
 def converter(base, double_quant=True):
-    """A function turning a float base layer into the requested storage."""
+    """A function turning a float base layer into the requested storage
+    (`None` for the float storage)."""
     if base in (None, "float"):
         return None
-    if base == "nf4":
-        nf4 = _nf4_class()
-        return lambda layer: nf4.from_layer(layer, double_quant=double_quant)
-    if base in KERAS_MODES:
-        return lambda layer: keras_quantized_copy(layer, base)
-    raise ValueError(f"Unknown base={base!r}.")
-
-
-def float_policy_name(layer):
-    """The layer's float dtype policy name (`"float32"`, `"mixed_bfloat16"`)."""
-    compute, variable = layer.compute_dtype, layer.variable_dtype
-    if compute == variable:
-        return variable
-    return f"mixed_{compute}"
-
-
-def keras_quantized_copy(layer, mode):
-    """A copy of a float Dense/EinsumDense quantized by Keras's own
-    `quantize(mode)` (the original is left as it is)."""
-    input_shape = build_input_shape(layer)
-    if input_shape is None:
-        raise ValueError(
-            f"Layer {layer.name!r}: cannot copy it for {mode} quantization, "
-            "its build input shape is unknown."
-        )
-    config = layer.get_config()
-    config["dtype"] = float_policy_name(layer)  # not a DTypePolicyMap
-    copy = type(layer).from_config(config)
-    copy.build(input_shape)
-    copy._kernel.assign(layer._kernel)
-    if layer.bias is not None:
-        copy.bias.assign(layer.bias)
-    copy.quantize(mode)
-    return copy
-
-
-def layer_equation(layer):
-    if is_nf4(layer):
-        return layer.equation
-    if isinstance(layer, keras.layers.EinsumDense):
-        return layer.equation
-    if isinstance(layer, keras.layers.Dense):
-        return "...a,ab->...b"
-    raise TypeError(
-        f"Layer {layer.name!r} of type {type(layer).__name__} is not a Dense "
-        "or EinsumDense layer."
-    )
-
-
-def quantization_mode(layer):
-    return getattr(layer, "quantization_mode", None)
+    target = STORAGES[base]
+    return lambda layer: target.convert(layer, double_quant=double_quant)
 
 
 def check_supported(layer, path=None):
     """Raise a clear error for a layer no adapter can wrap."""
     where = path or layer.name
-    if not is_linear_layer(layer):
+    storage = storage_of(layer)
+    if storage is None:
         raise TypeError(
             f"Layer {where!r} is a {type(layer).__name__}; adapters wrap Dense "
             "and EinsumDense layers only."
         )
     if not layer.built:
         raise ValueError(f"Layer {where!r} is not built; build the model first.")
-    mode = quantization_mode(layer)
-    if mode is not None and mode not in KERAS_MODES:
-        raise NotImplementedError(
-            f"Layer {where!r} is quantized with mode={mode!r}; adapters sit on "
-            f"float, NF4 and Keras {KERAS_MODES} kernels only (Keras itself "
-            "silently ignores or blocks LoRA on this mode)."
-        )
+    storage.check(layer, where)
     if getattr(layer, "lora_enabled", False):
         raise ValueError(
             f"Layer {where!r} has Keras's built-in LoRA enabled "
@@ -138,17 +293,23 @@ def check_supported(layer, path=None):
         )
 
 
+def geometry_of(layer):
+    """The `KernelGeometry` (matrix view) of a linear layer's kernel."""
+    s = _storage(layer)
+    return KernelGeometry(s.equation(layer), s.float_kernel_shape(layer))
+
+
+def layer_equation(layer):
+    return _storage(layer).equation(layer)
+
+
 def float_kernel_shape(layer):
-    if is_nf4(layer):
-        return layer.kernel_shape
-    if quantization_mode(layer) is not None:
-        return _compat.keras_float_kernel_shape(layer)
-    return tuple(layer._kernel.shape)
+    return _storage(layer).float_kernel_shape(layer)
 
 
 def kernel_variable(layer):
     """The float kernel variable (`None` for a quantized storage)."""
-    return None if is_nf4(layer) else layer._kernel
+    return _storage(layer).kernel_variable(layer)
 
 
 def freeze_kernel(layer, trainable=False):
@@ -159,35 +320,16 @@ def freeze_kernel(layer, trainable=False):
 
 def read_kernel(layer):
     """The kernel as a float32 tensor (dequantized), never autocast."""
-    if is_nf4(layer):
-        return layer.dequantized_kernel()
-    if quantization_mode(layer) is not None:
-        with _compat.no_autocast():
-            return _compat.keras_dequantize(layer)
-    with _compat.no_autocast():
-        value = _compat.as_tensor(kernel_variable(layer).value)
-    return ops.cast(value, "float32")
+    return _storage(layer).read_kernel(layer)
 
 
 def assign_kernel(layer, value):
-    """Set the kernel (a quantized storage re-quantizes `value`)."""
-    if is_nf4(layer):
-        layer.quantize_kernel(value)
-        return
-    if quantization_mode(layer) is not None:
-        raise NotImplementedError(
-            f"Layer {layer.name!r}: re-quantizing a Keras {quantization_mode(layer)} "
-            "kernel in place is not supported."
-        )
-    var = kernel_variable(layer)
-    var.assign(ops.cast(value, var.dtype))
+    """Set the kernel (NF4 re-quantizes `value`; Keras int8/int4 refuse)."""
+    _storage(layer).assign_kernel(layer, value)
 
 
 def build_input_shape(layer):
-    if is_nf4(layer):
-        return layer.source_input_shape
-    shapes = _compat.build_shapes(layer) or {}
-    return next(iter(shapes.values()), None)
+    return _storage(layer).build_input_shape(layer)
 
 
 def bias_variable(layer):
@@ -197,14 +339,7 @@ def bias_variable(layer):
 def plain_layer(layer, activation, name, activity_regularizer=None):
     """An unbuilt plain Dense/EinsumDense like `layer`, with `activation`
     and `activity_regularizer` (which an adapter held)."""
-    if is_nf4(layer):
-        cls = layer.plain_layer_class()
-        config = dict(layer.source["config"])
-    else:
-        cls = type(layer)
-        config = layer.get_config()
-        if quantization_mode(layer) is not None:
-            config["dtype"] = float_policy_name(layer)
+    cls, config = _storage(layer).plain_config(layer)
     config["activation"] = keras.activations.serialize(activation)
     config["activity_regularizer"] = (
         None if activity_regularizer is None else keras.regularizers.serialize(activity_regularizer)
@@ -219,14 +354,8 @@ def storage_params(layer):
     """`(stored elements, float kernel parameters)` of a linear layer whose
     kernel is quantized (NF4, Keras int8/int4); `None` for any other layer.
     Lets parameter counts mean parameters, not packed codes."""
-    if is_nf4(layer):
-        stored = sum(math.prod(v.shape) for v in layer.storage_variables())
-        return stored, layer.numel
-    mode = quantization_mode(layer)
-    if mode in KERAS_MODES and isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
-        stored = sum(math.prod(v.shape) for v in _compat.keras_quantized_storage(layer))
-        return stored, math.prod(float_kernel_shape(layer))
-    return None
+    s = storage_of(layer)
+    return None if s is None else s.storage_params(layer)
 
 
 def count_params(model, trainable_only=False):

@@ -112,17 +112,6 @@ class KernelGeometry:
         self.inv_perm = [self.perm.index(i) for i in range(len(self.perm))]
         self._plans = {}
 
-    # ------------------------------------------------------------------
-    @classmethod
-    def from_layer(cls, layer, kernel_shape=None):
-        """Geometry of a `Dense` or `EinsumDense` layer."""
-        from keras_lowrank import bases
-
-        equation = bases.layer_equation(layer)
-        if kernel_shape is None:
-            kernel_shape = bases.float_kernel_shape(layer)
-        return cls(equation, kernel_shape)
-
     @property
     def rank_limit(self):
         """The largest rank a matrix of this shape can have."""

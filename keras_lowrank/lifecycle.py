@@ -49,24 +49,17 @@ def _build_plain(adapter, path):
 def _requantized(adapter, path):
     """The merged adapter as a stand-alone layer in its base's storage, and
     the re-quantization error of its kernel."""
-    from keras_lowrank.quant.layers import NF4Linear
-
     kind = bases.base_kind(adapter.layer)
+    target = kind if kind != "float" else "nf4"
     plain = _build_plain(adapter, path)
     exact = bases.read_kernel(plain)
     with tree.path_scope(path):
-        if kind in bases.KERAS_MODES:
-            q = bases.keras_quantized_copy(plain, kind)
-        else:
-            q = NF4Linear.from_layer(
-                plain,
-                double_quant=getattr(adapter.layer, "double_quant", True),
-                activation=adapter.activation,
-                name=adapter.name,
-            )
+        q = bases.STORAGES[target].convert(
+            plain, double_quant=getattr(adapter.layer, "double_quant", True)
+        )
     err = ops.abs(bases.read_kernel(q) - exact)
     report = {
-        "storage": kind if kind != "float" else "nf4",
+        "storage": target,
         "max_abs_error": float(ops.convert_to_numpy(ops.max(err))),
         "mean_abs_error": float(ops.convert_to_numpy(ops.mean(err))),
     }

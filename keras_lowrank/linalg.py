@@ -67,3 +67,11 @@ def column_norm(matrix):
     safe = ops.where(scale > 0, scale, ops.ones_like(scale))
     norm = ops.sqrt(ops.sum(ops.square(m / safe), axis=-2)) * ops.squeeze(safe, -2)
     return ops.maximum(norm, TINY)
+
+
+def qr(matrix):
+    """Reduced QR decomposition `M = Q R` in float32 (batched over leading
+    axes): `Q: (..., m, k)` with orthonormal columns, `R: (..., k, n)`,
+    `k = min(m, n)`. The same LAPACK convention (signs of `R`'s diagonal)
+    as `numpy.linalg.qr` and `torch.linalg.qr`."""
+    return ops.qr(ops.cast(matrix, "float32"), mode="reduced")

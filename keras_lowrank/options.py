@@ -116,6 +116,15 @@ def choice(*allowed):
     return Check(f"one of {allowed}", fn)
 
 
+def _finite_float(v):
+    if not _is_real(v) or not math.isfinite(float(v)):
+        raise ValueError
+    return float(v)
+
+
+finite_float = Check("a finite float", _finite_float)
+
+
 def float_at_least(low):
     def fn(v):
         if not _is_real(v) or not math.isfinite(float(v)) or float(v) < low:

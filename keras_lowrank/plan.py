@@ -30,7 +30,9 @@ from keras_lowrank import _compat
 from keras_lowrank import bases
 from keras_lowrank import compiled
 from keras_lowrank import registry
+from keras_lowrank import shared
 from keras_lowrank import targeting
+from keras_lowrank import training
 from keras_lowrank import tree
 from keras_lowrank.geometry import EquationError
 from keras_lowrank.geometry import KernelGeometry
@@ -49,7 +51,7 @@ class LayerPlan:
     """One adapter of a plan."""
 
     entry: tree.Entry
-    spec: registry.MethodSpec
+    spec: registry.Method
     options: dict
     base: str = "float"
     double_quant: bool = True
@@ -82,6 +84,8 @@ class Plan:
         self.heads = list(heads)
         self.head_rule = head_rule
         self.warnings = []
+        #: method -> (state, is_new) for methods with model-level state
+        self.states = {}
 
     # ------------------------------------------------------------------
     # Build
@@ -128,6 +132,7 @@ class Plan:
                 _new_layer(entry, spec, layer_options, base, double_quant, entry.path)
             )
         plan = cls(model, layers, _pattern_sources(keep), entries, heads, rule)
+        plan.plan_shared_states()
         plan.collect_warnings()
         return plan
 
@@ -193,9 +198,42 @@ class Plan:
         pats = targeting.patterns(keep, f"trainable_layers of {where}")
         targeting.matching_entries(entries, pats, f"trainable_layers of {where}")
         plan = cls(model, layers, _pattern_sources(pats), entries)
+        saved_states = config.get("shared") or {}
+        if not isinstance(saved_states, dict):
+            raise ValueError(f"{where}: the plan's 'shared' entry is not a mapping.")
+        plan.plan_shared_states(saved_states, where)
         if tensors is not None:
             plan.check_tensors(tensors, where)
         return plan
+
+    def plan_shared_states(self, saved=None, where="enable_adapter"):
+        """Create (or reuse the model's) model-level state of each method
+        that has one, and bind the planned adapters to it. Nothing is
+        attached to the model yet."""
+        by_method = {}
+        for lp in self.layers:
+            if lp.spec.shared_state is not None:
+                by_method.setdefault(lp.spec.name, []).append(lp)
+        for name, lps in by_method.items():
+            cls_ = lps[0].spec.shared_state
+            if saved is not None and name in saved:
+                config = saved[name]
+                if not isinstance(config, dict):
+                    raise ValueError(f"{where}: the {name} shared state config is malformed.")
+            else:
+                config = cls_.config_for(lps, where)
+            state = shared.get(self.model, name)
+            if state is not None:
+                state.check_fits(config, where)
+                is_new = False
+            else:
+                state = cls_(config)
+                with tree.path_scope(shared.ATTRIBUTE + "/x"):
+                    state.build()
+                is_new = True
+            self.states[name] = (state, is_new)
+            for lp in lps:
+                lp.adapter.bind_shared(state)
 
     def collect_warnings(self):
         for lp in self.layers:
@@ -216,8 +254,17 @@ class Plan:
         shape."""
         by_layer = {}
         known = {lp.key: lp for lp in self.layers} | {lp.path: lp for lp in self.layers}
+        state_tensors = {}
         for name in tensors:
             layer_name, sep, var = name.partition(SEP)
+            if sep and layer_name.startswith(shared.FILE_PREFIX):
+                method = layer_name[len(shared.FILE_PREFIX):]
+                if method not in self.states:
+                    raise ValueError(
+                        f"{where}: tensor {name!r} belongs to no shared state of the file's plan."
+                    )
+                state_tensors.setdefault(method, {})[var] = tensors[name]
+                continue
             if not sep or layer_name not in known:
                 raise ValueError(
                     f"{where}: tensor {name!r} belongs to no layer of the file's plan."
@@ -237,7 +284,25 @@ class Plan:
                         f"{where}: {lp.path}{SEP}{var} has shape {tuple(value.shape)}, "
                         f"the layer needs {tuple(want[var])}."
                     )
+                _check_kind(value, "float32", f"{lp.path}{SEP}{var}", where)
             lp.tensors = have
+        for method, (state, _) in self.states.items():
+            want = {k: tuple(v.shape) for k, v in state.file_state().items()}
+            have = state_tensors.get(method, {})
+            if set(have) != set(want):
+                raise ValueError(
+                    f"{where}: the {method} shared state needs {sorted(want)}, the "
+                    f"file holds {sorted(have)}."
+                )
+            variables = state.file_state()
+            for var, value in have.items():
+                if tuple(value.shape) != want[var]:
+                    raise ValueError(
+                        f"{where}: {shared.FILE_PREFIX}{method}{SEP}{var} has shape "
+                        f"{tuple(value.shape)}, the state needs {want[var]}."
+                    )
+                _check_kind(value, variables[var].dtype, f"{shared.FILE_PREFIX}{method}{SEP}{var}", where)
+        self.state_tensors = state_tensors
 
     # ------------------------------------------------------------------
     # Apply
@@ -257,8 +322,20 @@ class Plan:
         nothing."""
         model = self.model
         flags = _trainable_flags(model)
-        attached, swapped, snapshots = [], [], []
+        attached, swapped, snapshots, new_states, state_snaps = [], [], [], [], []
         try:
+            for method, (state, is_new) in self.states.items():
+                tensors = getattr(self, "state_tensors", {}).get(method)
+                if is_new:
+                    if init or tensors is None:
+                        state.initialize()
+                    shared.attach(model, state)
+                    new_states.append(method)
+                elif tensors is not None:
+                    state_snaps.append((state, {k: _compat.copy_value(v) for k, v in state.file_state().items()}))
+                if tensors is not None:
+                    for name, var in state.file_state().items():
+                        var.assign(tensors[name])
             for lp in self.layers:
                 a = lp.adapter
                 if lp.existing:
@@ -292,6 +369,11 @@ class Plan:
                 a.detach()
             for a, snap in snapshots:
                 a.restore(snap)
+            for state, values in state_snaps:
+                for name, var in state.file_state().items():
+                    var.assign(values[name])
+            for method in new_states:
+                shared.detach(model, method)
             _restore_trainable_flags(flags)
             mark_adapted(model)
             compiled.after_change(model)
@@ -303,6 +385,19 @@ class Plan:
 
 
 SEP = "::"
+
+
+def _check_kind(value, dtype, name, where):
+    """A file tensor goes into a variable of the same kind (float or int),
+    never cast across: an int or bool tensor for a float variable is an
+    error, not a silent conversion."""
+    want = "f" if "float" in str(dtype) else "i"
+    have = {"f": "f", "i": "i", "u": "i"}.get(value.dtype.kind, value.dtype.kind)
+    if have != want:
+        raise ValueError(
+            f"{where}: tensor {name!r} has dtype {value.dtype}; the variable it "
+            f"loads into is {dtype} (nothing was loaded)."
+        )
 
 
 def check_model(model):
@@ -340,7 +435,7 @@ def _new_layer(entry, spec, options, base, double_quant, label, where=None):
             "quantize it a second time. Adapt it as it is (base=None)."
         )
     try:
-        geometry = KernelGeometry.from_layer(layer)
+        geometry = bases.geometry_of(layer)
     except EquationError as e:
         raise ValueError(f"Layer {path!r}: {e}") from None
     options = spec.validate_options(options, label)
@@ -506,6 +601,7 @@ def plan_config(model):
     return {
         "format_version": FORMAT_VERSION,
         "layers": layers,
+        "shared": {m: dict(st.state_config) for m, st in shared.states(model).items()},
         "trainable_layers": getattr(model, "_klr_trainable_layers", None),
         "total_params": bases.count_params(model),
         "trainable_params": bases.count_params(model, trainable_only=True),
@@ -560,12 +656,36 @@ def _adapted_class(base_cls):
     def from_config(klass, config, custom_objects=None):
         return AdaptedModel.from_config(config, custom_objects)
 
+    def compile(self, *args, **kwargs):
+        base_cls.compile(self, *args, **kwargs)
+        training.after_compile(self)
+
+    def compile_from_config(self, config):
+        # Keras skips this for a class that overrides compile(); ours only
+        # adds the adapters' optimizer parts, so do what Keras would do for
+        # the base class.
+        if base_cls.compile is not keras.Model.compile:
+            return base_cls.compile_from_config(self, config)
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built and getattr(self, "optimizer", None) is not None:
+            self.optimizer.build(self.trainable_variables)
+
+    def call(self, *args, **kwargs):
+        training_flag = kwargs.get("training")
+        if training_flag is None:
+            training_flag = _compat.call_context_training(self)
+        shared.begin_call(self, bool(training_flag))
+        return base_cls.call(self, *args, **kwargs)
+
     cls = type(
         base_cls.__name__,
         (base_cls,),
         {
             "get_config": get_config,
             "from_config": classmethod(from_config),
+            "compile": compile,
+            "compile_from_config": compile_from_config,
+            "call": call,
             "_klr_base_class": base_cls,
             # Not the base class's module: Keras imports a keras/keras_hub
             # module named in a file and would find the plain class there,
@@ -589,7 +709,12 @@ def mark_adapted(model, trainable_layers=dataclasses.MISSING):
     when none is left)."""
     if trainable_layers is not dataclasses.MISSING:
         object.__setattr__(model, "_klr_trainable_layers", trainable_layers)
-    has = bool(adapters(model))
+    found = adapters(model)
+    has = bool(found)
+    in_use = {a.method for _, a in found}
+    for method in list(shared.states(model)):
+        if method not in in_use:
+            shared.detach(model, method)
     base_cls = getattr(type(model), "_klr_base_class", None)
     if has and base_cls is None:
         model.__class__ = _adapted_class(type(model))

@@ -1,110 +1,109 @@
-"""The method registry: method name -> layer class, options and promises.
+"""The method registry: one `Method` object per adapter method.
 
-Every method declares here what the shared machinery and the test suite need
-to know: its options with their defaults, whether it starts as a no-op and how
-exactly, whether it merges and unmerges, and its trainable-parameter formula.
-The adapter-contract suite is parametrized over this registry, so a method is
-tested the day it is registered.
+A method is declared once, beside its code (each module of
+`keras_lowrank.methods` ends with `register(Method(...))`), and everything
+else reads that declaration:
+
+- its typed options are its layer class's `OPTIONS` (`keras_lowrank.options`):
+  validation, `get_config`, the summary and the docs' option tables all come
+  from them;
+- `layer_class` is the adapter layer it puts on each Dense/EinsumDense;
+- `shared_state` (a `keras_lowrank.shared.SharedState` subclass, or `None`)
+  is its model-level state, created before its layers are injected and held
+  once by the model;
+- `training` lists its training-time parts (`keras_lowrank.training`):
+  where each runs inside the compiled train step;
+- `export_forms` lists what `save_adapter` can convert it to (`"lora"`);
+- the promises the adapter-contract suite checks: no-op at start, merge and
+  unmerge, the trainable-parameter formula, the base storages it composes
+  with. The suite is parametrized over this registry, so a method is tested
+  the day it is registered.
 """
 
 import dataclasses
 from typing import Callable
 
-from keras_lowrank import methods as _m
 from keras_lowrank import options as opt
+
+#: frozen-base storages a method composes with unless it says otherwise
+ALL_BASES = ("float", "nf4", "int8", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodSpec:
+class Method:
+    """One adapter method (see the module docstring)."""
+
     name: str
     layer_class: type
     summary: str
-    #: "exact", "roundoff" (float32 round-off), or "no"
-    noop_at_init: str
-    mergeable: bool
-    unmergeable: bool
-    #: rank must be <= min(n_in, n_out)
-    rank_bounded: bool
-    #: trainable parameters of one layer: f(n_in, n_out, n_batch, rank, options)
+    #: trainable parameters of one layer: f(geometry, options)
     trainable_count: Callable
-    #: frozen-base storages the method composes with
-    bases: tuple = ("float", "nf4", "int8", "int4")
+    #: "exact", "roundoff" (float32 round-off), or "no"
+    noop_at_init: str = "exact"
+    mergeable: bool = True
+    unmergeable: bool = True
+    bases: tuple = ALL_BASES
+    shared_state: type = None
+    training: tuple = ()
+    export_forms: tuple = ()
+    #: section of the method spec it implements
+    spec: str = ""
     status: str = "stable"
 
     @property
     def options(self):
-        """The method's `Option` declarations."""
+        """The method's `Option` declarations (its layer class's `OPTIONS`)."""
         return self.layer_class.OPTIONS
 
     @property
     def defaults(self):
         return {o.name: o.default for o in self.options}
 
+    @property
+    def rank_bounded(self):
+        """Whether `rank` must be <= min(n_in, n_out)."""
+        return bool(getattr(self.layer_class, "rank_bounded", False))
+
     def validate_options(self, options, where="enable_adapter"):
         """Check and complete `options` (unknown names, types and values)."""
         return opt.validate(self.options, options, where, self.name)
+
+    def options_table(self):
+        """The options as a Markdown table (name, default, allowed, meaning)."""
+        rows = ["| option | default | allowed | meaning |", "|---|---|---|---|"]
+        for o in self.options:
+            rows.append(f"| `{o.name}` | `{o.default!r}` | {o.check_fn!r} | {o.doc} |")
+        return "\n".join(rows)
 
 
 _REGISTRY = {}
 
 
-def register(spec):
-    if spec.name in _REGISTRY:
-        raise ValueError(f"Method {spec.name!r} is already registered.")
-    _REGISTRY[spec.name] = spec
-    return spec
+def register(method):
+    """Add `method` to the registry (once per name)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"Method {method.name!r} is already registered.")
+    if method.layer_class.method != method.name:
+        raise ValueError(
+            f"Method {method.name!r}: its layer class {method.layer_class.__name__} "
+            f"says method={method.layer_class.method!r}."
+        )
+    _REGISTRY[method.name] = method
+    return method
 
 
 def get(name):
-    if name not in _REGISTRY:
+    """The `Method` registered as `name`."""
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(
             f"Unknown adapter method {name!r}; available methods: {sorted(_REGISTRY)}."
         )
     return _REGISTRY[name]
 
 
-def _lora_count(n_in, n_out, n_batch, rank, options):
-    return n_batch * rank * (n_in + n_out)
-
-
-register(
-    MethodSpec(
-        name="lora",
-        layer_class=_m.LoRA,
-        summary="LoRA: y = xK + b + s(xA)B, s = alpha/r (rslora: alpha/sqrt(r))",
-        noop_at_init="exact",
-        mergeable=True,
-        unmergeable=True,
-        rank_bounded=False,
-        trainable_count=_lora_count,
-    )
-)
-
-register(
-    MethodSpec(
-        name="dora",
-        layer_class=_m.DoRA,
-        summary="DoRA: magnitude m times the normalized direction K + sAB",
-        noop_at_init="exact",
-        mergeable=True,
-        unmergeable=True,
-        rank_bounded=False,
-        trainable_count=lambda n_in, n_out, nb, r, o: nb * (r * (n_in + n_out) + n_out),
-    )
-)
-
-register(
-    MethodSpec(
-        name="pissa",
-        layer_class=_m.PiSSA,
-        summary="PiSSA: LoRA from the top-r SVD triplets, residual frozen base",
-        noop_at_init="roundoff",
-        mergeable=True,
-        unmergeable=True,
-        rank_bounded=True,
-        trainable_count=_lora_count,
-    )
-)
+def lowrank_count(geometry, options):
+    """`r (n_in + n_out)` per matrix: LoRA and its relatives."""
+    return geometry.n_shared * options["rank"] * (geometry.n_in + geometry.n_out)
 
 
 def methods():

@@ -24,6 +24,8 @@ from keras import ops
 
 from keras_lowrank import adapt
 from keras_lowrank import plan as plan_lib
+from keras_lowrank import registry
+from keras_lowrank import shared
 from keras_lowrank.plan import SEP
 
 FORMAT = "keras_lowrank.adapter"
@@ -36,6 +38,12 @@ def _np(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
+def _contiguous(x):
+    """A C-contiguous NumPy copy that keeps 0-d arrays 0-d
+    (`np.ascontiguousarray` makes them 1-d)."""
+    return np.array(_np(x), order="C", copy=True)
+
+
 def save_adapter(model, path, as_lora=False):
     """Save only the adapters of `model` to a safetensors file.
 
@@ -45,8 +53,11 @@ def save_adapter(model, path, as_lora=False):
     Args:
         model: a model with adapters.
         path: file path (conventionally `*.safetensors`).
-        as_lora: save SVD-initialized adapters (PiSSA) as a plain rank-2r
-            LoRA that applies to the *original* base kernel (spec §16).
+        as_lora: save every adapter whose method has a plain-LoRA form
+            (`Method.export_forms`) as a plain LoRA: PiSSA and OLoRA as the
+            rank-2r LoRA that applies to the *original* base kernel (spec
+            §16), DyLoRA at its inference rank, VeRA as `A diag(d)`,
+            `B diag(b)`, LoRA+ as LoRA.
 
     Example:
 
@@ -66,31 +77,39 @@ def save_adapter(model, path, as_lora=False):
         raise ValueError(f"Model {model.name!r} has no adapters to save.")
     config = plan_lib.plan_config(model)
     tensors = {}
+    converted = set()
     for key, cfg in config["layers"].items():
         a = found[key]
         state = dict(a.adapter_state())
         if as_lora and a.method != "lora":
-            if not hasattr(a, "as_lora_state"):
+            if "lora" not in registry.get(a.method).export_forms:
                 raise ValueError(
                     f"as_lora=True: layer {cfg['path']!r} has a {a.method!r} adapter, "
                     "which has no plain-LoRA form; save it as it is."
                 )
-            lora_state, overrides = a.as_lora_state()
+            lora_state, lora = a.as_lora_state()
             extra = {k: v for k, v in state.items() if k == "base_bias"}
             state = {**lora_state, **extra}
+            converted.add(a.method)
             cfg["method"] = "lora"
             cfg["trainable"] = int(sum(np.prod(tuple(v.shape)) for v in lora_state.values()))
             cfg["options"] = {
-                "rank": overrides["rank"],
-                "alpha": overrides["alpha"],
-                "rslora": a.rslora,
+                "rank": lora["rank"],
+                "alpha": lora["alpha"],
+                "rslora": lora["rslora"],
                 "init": "kaiming",
-                "dropout": a.dropout,
+                "dropout": getattr(a, "dropout", 0.0),
                 "train_bias": a.train_bias,
                 "seed": a.seed,
             }
         for name, value in state.items():
-            tensors[f"{key}{SEP}{name}"] = np.ascontiguousarray(_np(value))
+            tensors[f"{key}{SEP}{name}"] = _contiguous(value)
+    for method in converted:
+        config["shared"].pop(method, None)
+    for method, shared_state in shared.states(model).items():
+        if method in config["shared"]:
+            for name, value in shared_state.file_state().items():
+                tensors[f"{shared.FILE_PREFIX}{method}{SEP}{name}"] = _contiguous(value)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -160,12 +179,7 @@ def read_adapter_file(path, tensors=True):
         raise ValueError(f"{name}: the plan's format_version does not match the file's version.")
     if values is not None:
         for key, value in values.items():
-            if value.dtype.kind != "f":
-                raise ValueError(
-                    f"{name}: tensor {key!r} has dtype {value.dtype}; adapter "
-                    "tensors are floating point (nothing was loaded)."
-                )
-            if not np.all(np.isfinite(value)):
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 raise ValueError(
                     f"{name}: tensor {key!r} holds NaN or inf values (nothing was loaded)."
                 )

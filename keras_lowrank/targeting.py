@@ -105,7 +105,7 @@ def is_candidate(layer):
 # The output head
 def _model_outputs(model):
     """Symbolic outputs of the model, or `None` if it cannot be traced."""
-    for owner in (model, getattr(model, "_functional", None)):
+    for owner in (model, _compat.sequential_graph(model)):
         if owner is None:
             continue
         try:
@@ -144,20 +144,17 @@ def find_heads(model, entries):
     seen = set()
     stack = list(outputs)
     while stack:
-        t = stack.pop()
-        history = getattr(t, "_keras_history", None)
-        if history is None:
+        source = _compat.producer(stack.pop())
+        if source is None:
             continue
-        op, node_index = history[0], history[1]
+        op, node_index = source
         if id(op) in seen:
             continue
         seen.add(id(op))
         if is_candidate(op):
             ids.add(id(op))
         elif not _has_weights(op):
-            nodes = getattr(op, "_inbound_nodes", [])
-            if node_index < len(nodes):
-                stack.extend(nodes[node_index].input_tensors)
+            stack.extend(_compat.node_inputs(op, node_index))
     return ids, "position"
 
 

@@ -106,80 +106,21 @@ def path_scope(path):
         yield
 
 
-def _swap_in_functional(func, old, new):
-    if old not in getattr(func, "_operations", []):
-        return
-    ops_list = func._operations
-    ops_list[ops_list.index(old)] = new
-    by_depth = getattr(func, "_operations_by_depth", None)
-    if by_depth:
-        for depth, ops_at in by_depth.items():
-            by_depth[depth] = [new if o is old else o for o in ops_at]
-    for node in old._inbound_nodes:
-        node.operation = new
-        for i, tensor in enumerate(node.outputs):
-            history = getattr(tensor, "_keras_history", None)
-            if history is not None and history[0] is old:
-                tensor._keras_history = type(history)(new, *history[1:])
-    nodes = getattr(func, "_nodes", None)
-    if nodes is not None:
-        prefix = f"{id(old)}_ib-"
-        for key in [k for k in nodes if k.startswith(prefix)]:
-            nodes.discard(key)
-            nodes.add(f"{id(new)}_ib-{key[len(prefix):]}")
-    new._inbound_nodes = old._inbound_nodes
-    new._outbound_nodes = old._outbound_nodes
-
-
-def _replace_in_attrs(parent, old, new):
-    for attr, value in list(vars(parent).items()):
-        if attr in ("_layers", "_tracker", "_operations"):
-            continue
-        if value is old:
-            object.__setattr__(parent, attr, new)
-            # Keras/torch: keep torch's module registry in step.
-            modules = vars(parent).get("_modules")
-            if modules is not None and attr in modules:
-                modules[attr] = new
-        elif isinstance(value, list) and any(v is old for v in value):
-            for i, v in enumerate(value):
-                if v is old:
-                    list.__setitem__(value, i, new)
-        elif isinstance(value, dict) and any(v is old for v in value.values()):
-            for k, v in list(value.items()):
-                if v is old:
-                    dict.__setitem__(value, k, new)
-    modules = vars(parent).get("_modules")
-    if modules:
-        for key, mod in list(modules.items()):
-            if mod is old:
-                modules[key] = new
-
-
 def replace_child(parent, old, new):
     """Replace a direct sublayer `old` of `parent` by `new`."""
     with _compat.unlocked(parent):
         _compat.replace_in_layer_store(parent, old, new)
-        _replace_in_attrs(parent, old, new)
+        _compat.replace_in_attributes(parent, old, new)
 
 
 def replace_layer(model, entry, new):
-    """Put `new` everywhere `entry.layer` is referenced in `model`."""
+    """Put `new` everywhere `entry.layer` is referenced in `model`: in each
+    parent's attributes and tracked sublayers, and in the graph of every
+    Functional model (or Sequential's inner Functional) that calls it."""
     old = entry.layer
     for parent in entry.parents:
         replace_child(parent, old, new)
-        for func in _functionals_of(parent):
-            _swap_in_functional(func, old, new)
-
-
-def _functionals_of(layer):
-    out = []
-    if _compat.is_functional(layer):
-        out.append(layer)
-    inner = getattr(layer, "_functional", None)
-    if inner is not None and _compat.is_functional(inner):
-        out.append(inner)
-    return out
+        _compat.replace_in_graph(parent, old, new)
 
 
 def all_layers_with_root(model):

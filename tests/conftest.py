@@ -102,13 +102,47 @@ def ref_dora(adapter, w):
     return _v(adapter, "magnitude")[None, :] * v / _col_norm(v)[None, :]
 
 
+def ref_dylora(adapter, w):
+    """spec §4: K + (alpha/ℓ) A[:, :ℓ] B[:ℓ] at the inference rank ℓ."""
+    ell = adapter.eval_rank()
+    a = factor_a(adapter)[:, :ell]
+    return w + (adapter.alpha / ell) * a @ _v(adapter, "lora_b")[:ell]
+
+
+def ref_vera(adapter, w):
+    """spec §9: K + A diag(d) B diag(b), A and B sliced from the shared pair."""
+    n_in, n_out = w.shape
+    a = to_np(adapter.shared.vera_a).astype("float64")[:n_in]
+    b = to_np(adapter.shared.vera_b).astype("float64")[:, :n_out]
+    d = _v(adapter, "vera_lambda_d")
+    bv = _v(adapter, "vera_lambda_b")
+    return w + (a * d[None, :]) @ b * bv[None, :]
+
+
 # Each registered method must have an entry here: the contract fails for a
 # method without its NumPy statement.
 REFERENCE_MERGED = {
     "lora": ref_lora,
+    "loraplus": ref_lora,  # LoRA's layer; LoRA+ changes the optimizer only
     "dora": ref_dora,
+    "dylora": ref_dylora,
     "pissa": ref_lora,  # K_res + s A B; K_res is the layer's own frozen kernel
+    "olora": ref_lora,  # the same, from a QR init
+    "vera": ref_vera,
 }
+
+
+def families():
+    """One method per family (module of keras_lowrank.methods): the
+    end-to-end KerasHub flows run once per family, the contract on small
+    layers for every method."""
+    from keras_lowrank import registry
+
+    out = {}
+    for name in sorted(keras_lowrank.methods()):
+        module = registry.get(name).layer_class.__module__
+        out.setdefault(module, name)
+    return sorted(out.values())
 
 
 def np_layer_output(adapter, x, merged_matrix_fn):

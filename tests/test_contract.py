@@ -21,6 +21,7 @@ from keras_lowrank.adapter import Adapter
 from conftest import BACKEND
 from conftest import REFERENCE_MERGED
 from conftest import SMALL
+from conftest import families
 from conftest import gemma_backbone
 from conftest import np_layer_output
 from conftest import perturb
@@ -28,6 +29,8 @@ from conftest import to_np
 from conftest import token_inputs
 
 METHODS = kl.methods()
+#: one method per family: the KerasHub end-to-end flows run once per family
+FAMILIES = families()
 KINDS = sorted(SMALL)
 
 
@@ -220,7 +223,7 @@ def test_gradient_mask(method, train_bias):
     expected = 0
     for _, a in kl.adapters(model):
         g = a.geometry
-        n = spec.trainable_count(g.n_in, g.n_out, g.n_shared, a.rank, {})
+        n = spec.trainable_count(g, a.options())
         assert a.trainable_count() == n
         expected += n + (math.prod(a.layer.bias.shape) if train_bias else 0)
     assert summary.trainable_params == expected
@@ -232,11 +235,17 @@ def test_gradient_mask(method, train_bias):
     y = np.random.RandomState(1).randint(0, 10, (8, 4)).astype("int32")
     model.train_on_batch(x, y)
     trainable_ids = {id(v) for v in model.trainable_weights}
+    # The model-level state of a method with training parts is its in-step
+    # machinery (DyLoRA's rank of the step): it may change; nothing else may.
+    machinery = {
+        id(v) for m, st in kl.shared.states(model).items() if registry.get(m).training
+        for v in st.weights
+    }
     for v in model.weights:
         changed = not np.array_equal(to_np(v), before[id(v)])
         if id(v) in trainable_ids:
             assert changed, f"{v.path} did not train"
-        else:
+        elif id(v) not in machinery:
             assert not changed, f"frozen {v.path} changed"
     names = sorted(v.path.split("/")[-1] for v in model.trainable_weights)
     own = sorted(
@@ -255,6 +264,21 @@ def _fit_losses(model, x, y, epochs=12, lr=2e-2):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_learns(method):
+    """Every method lowers the loss of `fit` on a small model."""
+    inp = keras.Input((4,), dtype="int32")
+    h = keras.layers.Embedding(10, 8, name="emb")(inp)
+    h = keras.layers.Dense(8, activation="tanh", name="ffn")(h)
+    h = keras.layers.EinsumDense("btd,dk->btk", output_shape=(4, 8), name="proj")(h)
+    model = keras.Model(inp, keras.layers.Dense(10, name="logits")(h))
+    x = np.random.RandomState(0).randint(0, 10, (16, 4)).astype("int32")
+    y = (x + 3) % 10
+    kl.enable_adapter(model, method=method, rank=4)
+    losses = _fit_losses(model, x, y, epochs=30, lr=5e-2)
+    assert losses[-1] < 0.9 * losses[0]
+
+
+@pytest.mark.parametrize("method", FAMILIES)
 def test_learns_gemma_causal_lm(method):
     import keras_hub
 
@@ -286,14 +310,8 @@ def test_learns_other_hub_models(model_name):
     assert losses[-1] < 0.9 * losses[0]
 
 
-# 8. Training-time machinery -----------------------------------------------
-@pytest.mark.parametrize("method", METHODS)
-def test_training_machinery_declared(method):
-    """Methods of this release have no in-step machinery (schedules, masks,
-    rank sampling, base updates): their trainable variables change only by
-    the optimizer, which test_gradient_mask checks inside the compiled step."""
-    layer_cls = registry.get(method).layer_class
-    assert not hasattr(layer_cls, "train_step_update")
+# 8. Training-time machinery: tests/test_training.py, over the same registry
+# (test_training_parts_act_inside_fit and the resume-after-reload tests).
 
 
 # 9. .keras round trip -------------------------------------------------------
@@ -337,8 +355,12 @@ def _train_one_step_changes_adapters(model, x):
     assert any(not np.array_equal(a, b) for a, b in zip(after, before))
 
 
-@pytest.mark.parametrize("kind", ["functional", "sequential", "subclassed", "gemma_backbone"])
-@pytest.mark.parametrize("method", METHODS)
+ROUNDTRIP_CASES = [(m, k) for m in METHODS for k in ("functional", "sequential", "subclassed")] + [
+    (m, "gemma_backbone") for m in FAMILIES
+]
+
+
+@pytest.mark.parametrize("method,kind", ROUNDTRIP_CASES)
 def test_keras_roundtrip(method, kind, tmp_path):
     make, x = _roundtrip_models()[kind]
     model = make()
@@ -359,7 +381,7 @@ def test_keras_roundtrip(method, kind, tmp_path):
     _train_one_step_changes_adapters(loaded, x)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FAMILIES)
 def test_keras_roundtrip_task_model(method, tmp_path):
     import keras_hub
 
@@ -378,12 +400,17 @@ def test_keras_roundtrip_task_model(method, tmp_path):
 
 
 # 10. Adapter-only file ---------------------------------------------------
-@pytest.mark.parametrize("train_bias", [False, True])
-@pytest.mark.parametrize("method", METHODS)
-def test_adapter_file(method, train_bias, tmp_path):
-    bb = gemma_backbone() if not train_bias else _bert_like()
+ADAPTER_FILE_CASES = [(m, tb, False) for m in METHODS for tb in (False, True)] + [
+    (m, False, True) for m in FAMILIES
+]
+
+
+@pytest.mark.parametrize("method,train_bias,hub", ADAPTER_FILE_CASES)
+def test_adapter_file(method, train_bias, hub, tmp_path):
+    make = gemma_backbone if hub else _bert_like
+    bb = make()
     base_weights = [to_np(w).copy() for w in bb.weights]
-    x = token_inputs(20) if not train_bias else np.random.RandomState(0).normal(size=(2, 5)).astype("float32")
+    x = token_inputs(20) if hub else np.random.RandomState(0).normal(size=(2, 5)).astype("float32")
     kl.enable_adapter(bb, method=method, rank=2, train_bias=train_bias)
     for _, a in kl.adapters(bb):
         perturb(a)
@@ -393,7 +420,7 @@ def test_adapter_file(method, train_bias, tmp_path):
     f = tmp_path / "adapter.safetensors"
     kl.save_adapter(bb, f)
     assert f.stat().st_size < 64 * 1024
-    fresh = gemma_backbone() if not train_bias else _bert_like()
+    fresh = make()
     for w, v in zip(fresh.weights, base_weights):
         w.assign(v)
     kl.load_adapter(fresh, f)

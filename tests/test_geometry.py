@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import keras_lowrank as kl
+from keras_lowrank import bases
 from keras_lowrank.geometry import EquationError
 from keras_lowrank.geometry import KernelGeometry
 
@@ -35,7 +36,7 @@ def _layer(eq, in_shape, out_shape, bias_axes):
 def test_matrix_view_and_roundtrip(case):
     eq, in_shape, out_shape, bias_axes, n_in, n_out = case
     layer = _layer(eq, in_shape, out_shape, bias_axes)
-    g = KernelGeometry.from_layer(layer)
+    g = bases.geometry_of(layer)
     assert (g.n_in, g.n_out, g.batch_shape) == (n_in, n_out, ())
     kernel = to_np(layer.kernel)
     w = to_np(g.kernel_to_matrix(keras.ops.convert_to_tensor(kernel)))
@@ -86,7 +87,7 @@ def test_shared_axes_become_a_batch_of_matrices():
     # "bnd,ndk->bnk": one (d x k) matrix per n (a per-head kernel).
     eq, in_shape = "bnd,ndk->bnk", (2, 3, 5)
     layer = _layer(eq, in_shape, (3, 4), "nk")
-    g = KernelGeometry.from_layer(layer)
+    g = bases.geometry_of(layer)
     assert g.batch_shape == (3,) and (g.n_in, g.n_out) == (5, 4)
     inp = keras.Input(in_shape[1:])
     model = keras.Model(inp, layer(inp))

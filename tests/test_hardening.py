@@ -280,7 +280,7 @@ def test_non_float_tensors_are_refused(dtype, tmp_path):
         tensors[key] = np.ones(tensors[key].shape, dtype)
         return tensors, plan
 
-    _refused(_small(), _poisoned(tmp_path, "lora", None, change), f"dtype {dtype}")
+    _refused(_small(), _poisoned(tmp_path, "lora", None, change), f"has dtype {dtype}")
 
 
 @pytest.mark.parametrize(
@@ -655,7 +655,7 @@ def test_trainable_count_formula_is_unchanged_by_the_plan():
     for path, a in kl.adapters(model):
         g = a.geometry
         spec = registry.get(a.method)
-        assert a.trainable_count() == spec.trainable_count(g.n_in, g.n_out, g.n_shared, a.rank, {})
+        assert a.trainable_count() == spec.trainable_count(g, a.options())
         assert math.prod(a.lora_a.shape) == 2 * g.n_in
 
 

@@ -11,6 +11,7 @@ import keras
 from keras import ops
 
 from keras_lowrank import linalg
+from keras_lowrank import registry
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import LoRA
 
@@ -90,3 +91,14 @@ class DoRA(LoRA):
         norm = self.read(self.merge_norm)
         v = matrix * ops.expand_dims(norm / m, -2)
         return v - self.delta_matrix()
+
+
+registry.register(
+    registry.Method(
+        name="dora",
+        layer_class=DoRA,
+        summary="DoRA: magnitude m times the normalized direction K + sAB",
+        trainable_count=lambda g, o: g.n_shared * (o["rank"] * (g.n_in + g.n_out) + g.n_out),
+        spec="§8",
+    )
+)

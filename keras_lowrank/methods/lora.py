@@ -6,6 +6,8 @@ import keras
 from keras import ops
 
 from keras_lowrank import options as opt
+from keras_lowrank import registry
+from keras_lowrank import training
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 
@@ -95,3 +97,67 @@ class LoRA(Adapter):
 
     def delta_matrix(self):
         return self.scaling * ops.matmul(self.factor_a(), self.read(self.lora_b))
+
+    def as_lora_state(self):
+        """The adapter as a plain LoRA: `(state, {"rank", "alpha"})`."""
+        return {"lora_a": self.read(self.lora_a), "lora_b": self.read(self.lora_b)}, {
+            "rank": self.rank, "alpha": self.alpha, "rslora": self.rslora,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class LoRAPlus(LoRA):
+    """LoRA+ (spec §2): LoRA whose `B` (and every trainable 1-D variable of
+    the model, as PEFT groups them) learns at `lr_ratio` times the
+    optimizer's learning rate.
+
+    The layer is LoRA's; the ratio is a training part that
+    `model.compile` puts in place by wrapping the optimizer
+    (`keras_lowrank.training.AdapterOptimizer`), under any Keras optimizer
+    and learning-rate schedule. Merges, saves and exports as LoRA.
+
+    Args:
+        layer, rank, alpha, rslora, init, dropout, train_bias, seed,
+        activation, merged, enabled: as for `LoRA`.
+        lr_ratio: `η_B / η_A` (λ ≥ 1; the paper's default 16).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+    ...                           keras.layers.Dense(4, name="out")])
+    >>> _ = keras_lowrank.enable_adapter(model, method="loraplus", rank=2, lr_ratio=16.0)
+    >>> model.compile(optimizer="adam", loss="mse")
+    >>> type(model.optimizer).__name__
+    'AdapterOptimizer'
+    """
+
+    method = "loraplus"
+    OPTIONS = LoRA.OPTIONS + (
+        opt.Option("lr_ratio", 16.0, opt.float_at_least(1.0), "learning rate of B (and 1-D variables) / that of A"),
+    )
+
+
+registry.register(
+    registry.Method(
+        name="lora",
+        layer_class=LoRA,
+        summary="LoRA: y = xK + b + s(xA)B, s = alpha/r (rslora: alpha/sqrt(r))",
+        trainable_count=registry.lowrank_count,
+        export_forms=("lora",),
+        spec="§1",
+    )
+)
+
+registry.register(
+    registry.Method(
+        name="loraplus",
+        layer_class=LoRAPlus,
+        summary="LoRA+: LoRA with B learning lr_ratio times faster (any optimizer)",
+        trainable_count=registry.lowrank_count,
+        training=(training.LearningRateRatio("loraplus"),),
+        export_forms=("lora",),
+        spec="§2",
+    )
+)

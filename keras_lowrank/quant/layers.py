@@ -80,27 +80,41 @@ class NF4Linear(keras.layers.Layer):
     # ------------------------------------------------------------------
     @classmethod
     def from_layer(cls, layer, double_quant=True, kernel=None, activation=None, name=None):
-        """Quantize a built Dense/EinsumDense (or `kernel`, if given)."""
-        from keras_lowrank import bases
-
+        """Quantize a built float `Dense`/`EinsumDense` (or `kernel`, if
+        given, in the layer's kernel layout)."""
+        is_einsum = isinstance(layer, keras.layers.EinsumDense)
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) or getattr(
+            layer, "quantization_mode", None
+        ):
+            raise TypeError(
+                f"NF4Linear.from_layer needs a float Dense or EinsumDense layer; "
+                f"{layer.name!r} is a {type(layer).__name__}"
+                f"{' quantized as ' + layer.quantization_mode if getattr(layer, 'quantization_mode', None) else ''}."
+            )
+        float_kernel = _compat.float_kernel(layer)
         shapes = _compat.build_shapes(layer) or {}
-        input_shape = next(iter(shapes.values()), None)
-        bias = bases.bias_variable(layer)
-        source = keras.saving.serialize_keras_object(layer)
+        if activation is None:  # the layer's own (none under an adapter, which holds it)
+            activation = getattr(layer, "activation", None)
+            if activation is keras.activations.linear:
+                activation = None
+        bias = getattr(layer, "bias", None)
         q = cls(
-            bases.layer_equation(layer),
-            bases.float_kernel_shape(layer),
+            layer.equation if is_einsum else DENSE_EQUATION,
+            tuple(float_kernel.shape),
             bias_shape=None if bias is None else tuple(bias.shape),
             double_quant=double_quant,
-            source=source,
-            source_input_shape=input_shape,
+            source=keras.saving.serialize_keras_object(layer),
+            source_input_shape=next(iter(shapes.values()), None),
             activation=activation,
             activity_regularizer=layer.activity_regularizer,
             name=name or layer.name,
             dtype=layer.dtype_policy,
         )
         q.build()
-        q.quantize_kernel(bases.read_kernel(layer) if kernel is None else kernel)
+        if kernel is None:
+            with _compat.no_autocast():
+                kernel = ops.cast(_compat.as_tensor(float_kernel.value), "float32")
+        q.quantize_kernel(kernel)
         if bias is not None:
             q.bias.assign(bias)
         return q

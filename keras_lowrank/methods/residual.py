@@ -1,0 +1,219 @@
+"""The SVD/QR-init family: LoRA initialized from the kernel, residual base.
+
+These methods start LoRA's `A, B` from a decomposition of the kernel's
+matrix view `W` and freeze the residual `W - s A0 B0`, so the layer computes
+`W` at the start (to float32 round-off). What they share lives in
+`ResidualLoRA`, written once:
+
+- the initial factors `A0, B0` are kept (non-trainable), so that disabling
+  the adapter gives the original base (`K_res + s A0 B0`), an adapter file
+  can be loaded onto an original kernel (`rebase` recomputes the residual),
+  and `save_adapter(..., as_lora=True)` writes the plain rank-2r LoRA
+  `A' = [A | A0]`, `B' = [B ; -B0]` for the original kernel (spec §16);
+- the decomposition runs in float32 on the full-precision kernel, before a
+  quantized base stores the residual (QPiSSA);
+- merging is exact: `K' = K_res + s A B`.
+
+A method of the family only says how it decomposes `W` (`initial_factors`):
+
+- `PiSSA` (spec §16): the top-`r` singular triplets;
+- `OLoRA` (spec §20): the QR decomposition of `Wᵀ` (PyTorch layout).
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_lowrank import bases
+from keras_lowrank import linalg
+from keras_lowrank import options as opt
+from keras_lowrank import registry
+from keras_lowrank.adapter import Adapter
+from keras_lowrank.adapter import VariableSpec
+from keras_lowrank.methods.lora import ALPHA
+from keras_lowrank.methods.lora import DROPOUT
+from keras_lowrank.methods.lora import RANK
+from keras_lowrank.methods.lora import RSLORA
+from keras_lowrank.methods.lora import LoRA
+
+
+def _check_finite(value, name, what):
+    if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(value)))):
+        raise FloatingPointError(
+            f"Init of layer {name!r}: the {what} has NaN or inf values (is the "
+            "kernel finite?); the model was left unchanged."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class ResidualLoRA(LoRA):
+    """Base of the LoRA methods initialized from the kernel (not used
+    directly): see the module docstring."""
+
+    OPTIONS = (RANK, ALPHA, DROPOUT, RSLORA) + Adapter.OPTIONS
+    rank_bounded = True
+    init_on_full_precision = True  # quantize the residual (QPiSSA)
+    rewrites_kernel = True
+
+    def initial_factors(self, w):
+        """`(A (n_in, r), B (r, n_out))`, float32, from the matrix view `w`
+        (batched over leading axes): the initial LoRA factors, such that the
+        residual base is `w - s A B`."""
+        raise NotImplementedError
+
+    def check_geometry(self, geometry, where=None):
+        where = where or self.name
+        if self.rank > geometry.rank_limit:
+            raise ValueError(
+                f"rank={self.rank} is larger than layer {where!r} allows for "
+                f"method {self.method!r}: its kernel is a {geometry.n_in}x"
+                f"{geometry.n_out} matrix, so rank <= {geometry.rank_limit}."
+            )
+        super().check_geometry(geometry, where)
+
+    def rank_warnings(self, geometry):
+        return []
+
+    def variable_specs(self, geometry):
+        batch, n_in, n_out, r = geometry.batch_shape, geometry.n_in, geometry.n_out, self.rank
+        return [
+            VariableSpec("lora_a", batch + (r, n_in)),
+            VariableSpec("lora_b", batch + (r, n_out)),
+            VariableSpec("lora_a0", batch + (r, n_in), trainable=False),
+            VariableSpec("lora_b0", batch + (r, n_out), trainable=False),
+        ]
+
+    def initialize_from_base(self):
+        w = self.base_matrix()
+        a, b = self.initial_factors(w)
+        residual = w - self.scaling * ops.matmul(a, b)
+        a = ops.swapaxes(a, -1, -2)  # stored as Aᵀ
+        for value, what in ((a, "factor A"), (b, "factor B"), (residual, "residual kernel")):
+            _check_finite(value, self.name, what)
+        # Separate buffers: JAX donates each variable's buffer in the train step.
+        for var, value in ((self.lora_a, a), (self.lora_b, b), (self.lora_a0, a), (self.lora_b0, b)):
+            var.assign(ops.copy(value))
+        bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(residual))
+
+    def initial_delta(self):
+        a0 = ops.swapaxes(self.read(self.lora_a0), -1, -2)
+        return self.scaling * ops.matmul(a0, self.read(self.lora_b0))
+
+    def base_output(self, x, y):
+        return self.add_lowrank(x, y, self.lora_a0, self.lora_b0, self.scaling)
+
+    def original_matrix(self, matrix):
+        return matrix + self.initial_delta()
+
+    def rebase(self, original):
+        w = original - self.initial_delta()
+        _check_finite(w, self.name, "residual kernel")
+        bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
+
+    def as_lora_state(self):
+        """The update as a plain rank-2r LoRA for the original kernel (§16)."""
+        a = ops.concatenate([self.read(self.lora_a), self.read(self.lora_a0)], axis=-2)
+        b = ops.concatenate([self.read(self.lora_b), -self.read(self.lora_b0)], axis=-2)
+        alpha = self.alpha * (math.sqrt(2.0) if self.rslora else 2.0)
+        return {"lora_a": a, "lora_b": b}, {"rank": 2 * self.rank, "alpha": alpha, "rslora": self.rslora}
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class PiSSA(ResidualLoRA):
+    """LoRA initialized from the top-`r` singular triplets of the kernel.
+
+    With `W = U diag(σ) Vᵀ` (float32, matrix view) and `σ̃ = σ_r / s`:
+    `A = U_r diag(√σ̃)`, `B = diag(√σ̃) V_rᵀ`, and the frozen kernel becomes the
+    residual `W - s A B`, so the layer's output is unchanged at the start.
+
+    Args:
+        layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
+        merged, enabled: as for `LoRA` (the init is the SVD).
+        svd_niter: `None` for an exact SVD; an int for a randomized SVD with
+            that many subspace iterations.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> dense = keras.layers.Dense(6)
+    >>> dense.build((None, 4))
+    >>> layer = keras_lowrank.layers.PiSSA(dense, rank=2)
+    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+    (3, 6)
+    """
+
+    method = "pissa"
+    OPTIONS = ResidualLoRA.OPTIONS + (
+        opt.Option(
+            "svd_niter", None, opt.nonneg_int_or_none,
+            "None: exact SVD; an int: randomized SVD with that many subspace iterations",
+        ),
+    )
+
+    def initial_factors(self, w):
+        u, s, v = linalg.svd(w, rank=self.rank, niter=self.svd_niter, seed=self.seed)
+        root = ops.sqrt(s / self.scaling)
+        a = u * ops.expand_dims(root, -2)  # (n_in, r)
+        b = ops.expand_dims(root, -1) * ops.swapaxes(v, -1, -2)
+        return a, b
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class OLoRA(ResidualLoRA):
+    """LoRA initialized from the QR decomposition of the kernel (OLoRA).
+
+    As PEFT's `init_lora_weights="olora"`: `Q, R = qr(Wᵀ)` (float32,
+    reduced, `Wᵀ` the PyTorch-layout weight), `B = Q_rᵀ` (the first `r`
+    orthonormal columns), `A = R_rᵀ` (the first `r` rows of `R`), and the
+    frozen kernel becomes `W - s A B` (no division by `s`, unlike PiSSA).
+    QR is not transpose-invariant: the QR of `W` would give another init.
+
+    Args:
+        layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
+        merged, enabled: as for `LoRA` (the init is the QR).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> dense = keras.layers.Dense(6)
+    >>> dense.build((None, 4))
+    >>> layer = keras_lowrank.layers.OLoRA(dense, rank=2)
+    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+    (3, 6)
+    """
+
+    method = "olora"
+
+    def initial_factors(self, w):
+        q, r = linalg.qr(ops.swapaxes(w, -1, -2))  # Wᵀ = Q R
+        b = ops.swapaxes(q[..., :, : self.rank], -1, -2)  # (r, n_out)
+        a = ops.swapaxes(r[..., : self.rank, :], -1, -2)  # (n_in, r)
+        return a, b
+
+
+registry.register(
+    registry.Method(
+        name="pissa",
+        layer_class=PiSSA,
+        summary="PiSSA: LoRA from the top-r SVD triplets, residual frozen base",
+        trainable_count=registry.lowrank_count,
+        noop_at_init="roundoff",
+        export_forms=("lora",),
+        spec="§16",
+    )
+)
+
+registry.register(
+    registry.Method(
+        name="olora",
+        layer_class=OLoRA,
+        summary="OLoRA: LoRA from the QR decomposition of the kernel, residual frozen base",
+        trainable_count=registry.lowrank_count,
+        noop_at_init="roundoff",
+        export_forms=("lora",),
+        spec="§20",
+    )
+)

@@ -1,0 +1,216 @@
+"""VeRA: vector-based random matrix adaptation (spec §9).
+
+One pair of frozen random projections is shared by every VeRA layer of the
+model: `A_sh: (N_in, r)` and `B_sh: (r, N_out)`, `N_in`/`N_out` the largest
+input/output sizes of the adapted layers' matrix views. Each layer slices
+`A = A_sh[:n_in]`, `B = B_sh[:, :n_out]` and trains two vectors only,
+`d ∈ R^r` (starts at `d_initial`) and `b ∈ R^n_out` (starts at 0):
+
+    y = xK + bias + b ⊙ ((d ⊙ (dropout(x) A)) B),   ΔK = A diag(d) B diag(b).
+
+The projections are model-level state (`VeRAProjections`): created once,
+before the layers, from `projection_seed` with NumPy (`A_sh ~ U(±√(6/N_in))`,
+`B_sh ~ U(±√(6/r))`, PEFT's Kaiming-uniform bounds, generated in PyTorch's
+layouts `(r, N_in)` then `(N_out, r)`), so every backend gets the same
+numbers. `.keras` files store them once; adapter files store them once
+too, unless `save_projection=False`, in which case loading regenerates them
+from the seed.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lowrank import options as opt
+from keras_lowrank import registry
+from keras_lowrank import shared
+from keras_lowrank.adapter import Adapter
+from keras_lowrank.adapter import VariableSpec
+from keras_lowrank.methods.lora import DROPOUT
+
+
+def projections(rank, n_in, n_out, seed):
+    """The shared projections as NumPy float32 arrays, Keras layout:
+    `A_sh (n_in, rank)`, `B_sh (rank, n_out)`."""
+    rng = np.random.default_rng(seed)
+    bound_a = math.sqrt(6.0 / n_in)
+    bound_b = math.sqrt(6.0 / rank)
+    a_t = rng.uniform(-bound_a, bound_a, size=(rank, n_in))  # PyTorch's vera_A
+    b_t = rng.uniform(-bound_b, bound_b, size=(n_out, rank))  # PyTorch's vera_B
+    return a_t.T.astype("float32"), b_t.T.astype("float32")
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class VeRAProjections(shared.SharedState):
+    """The frozen random projections every VeRA layer of a model shares."""
+
+    method = "vera"
+
+    @classmethod
+    def config_for(cls, layer_plans, where):
+        ranks = {lp.options["rank"] for lp in layer_plans}
+        seeds = {lp.options["projection_seed"] for lp in layer_plans}
+        saves = {lp.options["save_projection"] for lp in layer_plans}
+        for name, values in (("rank", ranks), ("projection_seed", seeds), ("save_projection", saves)):
+            if len(values) > 1:
+                raise ValueError(
+                    f"{where}: VeRA layers share one pair of projections, so they "
+                    f"need one {name}; received {sorted(values, key=str)}."
+                )
+        return {
+            "rank": ranks.pop(),
+            "n_in": max(lp.geometry.n_in for lp in layer_plans),
+            "n_out": max(lp.geometry.n_out for lp in layer_plans),
+            "seed": seeds.pop(),
+            "save_projection": saves.pop(),
+        }
+
+    def check_fits(self, config, where):
+        mine = self.state_config
+        for key in ("rank", "seed", "save_projection"):
+            if config[key] != mine[key]:
+                raise ValueError(
+                    f"{where}: the model's VeRA projections have {key}={mine[key]!r}; "
+                    f"these layers ask for {config[key]!r}. VeRA layers of one model "
+                    "share one pair of projections."
+                )
+        if config["n_in"] > mine["n_in"] or config["n_out"] > mine["n_out"]:
+            raise ValueError(
+                f"{where}: the model's VeRA projections are {mine['n_in']}x{mine['rank']} "
+                f"and {mine['rank']}x{mine['n_out']}; these layers need "
+                f"{config['n_in']} inputs and {config['n_out']} outputs. Add all VeRA "
+                "layers in one enable_adapter call."
+            )
+
+    def build_state(self):
+        c = self.state_config
+        self.vera_a = self.add_weight(
+            name="vera_a", shape=(c["n_in"], c["rank"]), initializer="zeros",
+            trainable=False, dtype="float32",
+        )
+        self.vera_b = self.add_weight(
+            name="vera_b", shape=(c["rank"], c["n_out"]), initializer="zeros",
+            trainable=False, dtype="float32",
+        )
+
+    def initialize(self):
+        c = self.state_config
+        a, b = projections(c["rank"], c["n_in"], c["n_out"], c["seed"])
+        self.vera_a.assign(a)
+        self.vera_b.assign(b)
+
+    def file_state(self):
+        if not self.state_config.get("save_projection", True):
+            return {}
+        return {"vera_a": self.vera_a, "vera_b": self.vera_b}
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class VeRA(Adapter):
+    """Vector-based random matrix adaptation (spec §9).
+
+    Args:
+        layer: the `Dense`/`EinsumDense` to adapt.
+        rank: the rank `r` of the shared projections (PEFT's default 256).
+        d_initial: the start value of `d`.
+        projection_seed: seed of the shared projections (PEFT's
+            `projection_prng_key`).
+        save_projection: store the projections in adapter files (else they
+            are regenerated from the seed when loading).
+        dropout, train_bias, seed, activation, merged, enabled: see `Adapter`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+    ...                           keras.layers.Dense(16, name="hidden2"), keras.layers.Dense(4, name="out")])
+    >>> s = keras_lowrank.enable_adapter(model, method="vera", rank=4)
+    >>> [r["trainable"] for r in s.rows]  # r + n_out each
+    [20, 20]
+    """
+
+    method = "vera"
+    OPTIONS = (
+        opt.Option("rank", 256, opt.positive_int, "rank r of the shared projections"),
+        DROPOUT,
+        opt.Option("d_initial", 0.1, opt.finite_float, "start value of the scaling vector d"),
+        opt.Option("projection_seed", 0, opt.seed, "seed of the shared projections (NumPy)"),
+        opt.Option("save_projection", True, opt.boolean, "store the projections in adapter files"),
+    ) + Adapter.OPTIONS
+
+    def standalone_state(self, geometry):
+        return VeRAProjections({
+            "rank": self.rank, "n_in": geometry.n_in, "n_out": geometry.n_out,
+            "seed": self.projection_seed, "save_projection": self.save_projection,
+        })
+
+    def rank_warnings(self, geometry):
+        return []  # r above the layer's size is VeRA's normal case
+
+    def variable_specs(self, geometry):
+        batch = geometry.batch_shape
+        return [
+            VariableSpec("vera_lambda_d", batch + (self.rank,), keras.initializers.Constant(self.d_initial)),
+            VariableSpec("vera_lambda_b", batch + (geometry.n_out,), "zeros"),
+        ]
+
+    def _projections(self, dtype=None):
+        state = self.shared
+        if state is None:
+            raise ValueError(
+                f"VeRA layer {self.name!r} has no projections: load it through its "
+                "model (keras.saving.load_model or keras_lowrank.load_adapter)."
+            )
+        g = self.geometry
+        a = state.vera_a[: g.n_in, :]
+        b = state.vera_b[:, : g.n_out]
+        if dtype is not None:
+            return ops.cast(a, dtype), ops.cast(b, dtype)
+        return self.read_value(a), self.read_value(b)
+
+    def adapter_output(self, x, y, training):
+        x = self.adapter_input(x, training)
+        rows = self.geometry.inputs_to_rows(x)
+        a, b = self._projections(rows.dtype)
+        d = ops.cast(ops.expand_dims(self.vera_lambda_d, -2), rows.dtype)
+        bv = ops.cast(ops.expand_dims(self.vera_lambda_b, -2), rows.dtype)
+        out = ops.matmul(ops.matmul(rows, a) * d, b) * bv
+        # y + out, as a subtraction (see Adapter.add_lowrank)
+        return y - ops.cast(self.geometry.rows_to_outputs(-out, x), y.dtype)
+
+    def read_value(self, value):
+        return ops.cast(value, "float32")
+
+    def delta_matrix(self):
+        a, b = self._projections()
+        d = ops.expand_dims(self.read(self.vera_lambda_d), -2)
+        bv = ops.expand_dims(self.read(self.vera_lambda_b), -2)
+        return ops.matmul(a * d, b) * bv
+
+    def as_lora_state(self):
+        """The update as a plain rank-r LoRA (scale 1): `A' = A diag(d)`,
+        `B' = B diag(b)`."""
+        a, b = self._projections()
+        d = ops.expand_dims(self.read(self.vera_lambda_d), -2)
+        bv = ops.expand_dims(self.read(self.vera_lambda_b), -2)
+        lora_a = ops.swapaxes(a * d, -1, -2)
+        lora_b = b * bv
+        return {"lora_a": lora_a, "lora_b": lora_b}, {
+            "rank": self.rank, "alpha": float(self.rank), "rslora": False,
+        }
+
+
+registry.register(
+    registry.Method(
+        name="vera",
+        layer_class=VeRA,
+        summary="VeRA: shared frozen random projections, trained scaling vectors d and b",
+        trainable_count=lambda g, o: g.n_shared * (o["rank"] + g.n_out),
+        shared_state=VeRAProjections,
+        export_forms=("lora",),
+        spec="§9",
+    )
+)
