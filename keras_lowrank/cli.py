@@ -2,9 +2,12 @@
 
 Subcommands:
 
-- `keras-lowrank demo`: train a tiny KerasHub Gemma on a synthetic task A,
-  adapt it to a shifted task B with an adapter, save, reload and check.
-- `keras-lowrank inspect FILE.keras`: list the adapters a saved model holds.
+- `keras-lowrank demo [ARGS]`: the main job, `examples/finetune_gemma.py`
+  (installed as `keras_lowrank.examples.finetune_gemma`): train a tiny
+  KerasHub Gemma on a synthetic task A, adapt it to a shifted task B with an
+  adapter, save, reload, save the adapter alone, merge, and check.
+- `keras-lowrank inspect FILE`: list the adapters of a `.keras` model or an
+  adapter file, from its metadata, without Keras (`keras_lowrank_cli`).
 - `keras-lowrank merge IN.keras OUT.keras`: fold the adapters into the base
   kernels and save a plain model.
 
@@ -12,40 +15,16 @@ Exit codes: 0 on success, 1 when a check fails or an operation cannot be
 carried out, 2 on bad input (a missing or unreadable file, a bad option).
 
 Keras is imported inside the command functions, after `--backend` has been
-applied, and only `keras.ops` is used, so every command runs on JAX,
-TensorFlow and PyTorch alike.
+applied (a different backend than the running one re-runs the command in a
+fresh interpreter), so every command runs on JAX, TensorFlow and PyTorch.
 """
 
 import argparse
 import os
 import subprocess
 import sys
-import time
 
 BACKENDS = ("jax", "tensorflow", "torch")
-
-#: the built-in tiny Gemma of `demo`
-TINY_GEMMA = {
-    "vocabulary_size": 64,
-    "num_layers": 2,
-    "num_query_heads": 4,
-    "num_key_value_heads": 1,
-    "hidden_dim": 32,
-    "intermediate_dim": 64,
-    "head_dim": 8,
-}
-SEQ_LEN = 16
-#: sequences per training set, and in the held-out task-B set
-N_TRAIN = 512
-N_EVAL = 128
-BATCH_SIZE = 32
-#: task A: target = (token + SHIFT_A) % V; task B: target = (token + SHIFT_B) % V
-SHIFT_A = 1
-SHIFT_B = 3
-LR_BASE = 3e-3
-LR_ADAPTER = 1e-2
-#: largest |output difference| after a save/load round trip that counts as equal
-MATCH_TOL = 1e-5
 
 
 class UsageError(Exception):
@@ -69,49 +48,11 @@ def build_parser():
 
     demo = sub.add_parser(
         "demo",
-        help="adapt a tiny Gemma to a new synthetic task, save and reload it",
-        description=(
-            "Train a tiny KerasHub Gemma on task A (next token = token + "
-            f"{SHIFT_A}), add an adapter, fine-tune it on task B (next token "
-            f"= token + {SHIFT_B}), then save, reload and compare outputs."
-        ),
+        add_help=False,
+        help="the main job: adapt a tiny Gemma to a new synthetic task, save, reload, merge "
+        "(keras-lowrank demo --help for its options)",
     )
-    demo.add_argument("--method", default="lora", help="adapter method (default: lora)")
-    demo.add_argument("--rank", type=int, default=8, help="adapter rank (default: 8)")
-    demo.add_argument(
-        "--alpha", type=float, default=None, help="adapter scaling numerator (default: rank)"
-    )
-    demo.add_argument(
-        "--base",
-        choices=("float", "nf4", "int8", "int4"),
-        default="float",
-        help="storage of the frozen kernels: float (as they are), nf4 (QLoRA), int8 or int4 (default: float)",
-    )
-    demo.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default=None,
-        help="Keras backend (default: $KERAS_BACKEND or the Keras config)",
-    )
-    demo.add_argument(
-        "--preset",
-        default=None,
-        metavar="HANDLE_OR_DIR",
-        help=(
-            "load GemmaCausalLM.from_preset(HANDLE_OR_DIR) instead of the "
-            "built-in tiny model (real weights; task A training is then "
-            "skipped unless --epochs-a is given)"
-        ),
-    )
-    demo.add_argument(
-        "--epochs-a", type=int, default=None, help="epochs of base training on task A (default: 4)"
-    )
-    demo.add_argument(
-        "--epochs-b", type=int, default=4, help="epochs of adapter training on task B (default: 4)"
-    )
-    demo.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default: runs/demo)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=None)  # main() hands every argument after "demo" to the example
 
     inspect = sub.add_parser(
         "inspect", help="list the adapters of a .keras model or an adapter file (no Keras needed)"
@@ -135,16 +76,13 @@ def main(argv=None):
     of exiting, so the function can be called in-process.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return cmd_demo(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help and on bad arguments
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    backend = getattr(args, "backend", None)
-    if backend:
-        code = _use_backend(backend, argv)
-        if code is not None:
-            return code
     try:
         return args.func(args)
     except UsageError as e:
@@ -191,14 +129,6 @@ def _count(variables):
             n *= int(d)
         total += n
     return total
-
-
-def _size(path):
-    n = os.path.getsize(path)
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def _import_hub(required):
@@ -258,155 +188,18 @@ def _check_output_path(path):
 
 # ----------------------------------------------------------------------
 # demo
-def _synthetic(rng, n, vocab, shift):
-    """`n` random token sequences; the target of each token is
-    `(token + shift) % vocab`."""
-    tokens = rng.integers(0, vocab, size=(n, SEQ_LEN)).astype("int32")
-    x = {"token_ids": tokens, "padding_mask": (tokens * 0 + 1).astype("int32")}
-    y = ((tokens + shift) % vocab).astype("int32")
-    return x, y
+def cmd_demo(argv):
+    """`keras-lowrank demo ARGS`: `examples/finetune_gemma.py` with ARGS."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend", choices=BACKENDS, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.backend:
+        code = _use_backend(known.backend, ["demo", *argv])
+        if code is not None:
+            return code
+    from keras_lowrank.examples import finetune_gemma
 
-
-def _compile(model, learning_rate):
-    import keras
-
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-
-
-def _evaluate(model, x, y):
-    result = model.evaluate(x, y, batch_size=BATCH_SIZE, verbose=0, return_dict=True)
-    return float(result["loss"]), float(result["accuracy"])
-
-
-def _build_model(preset):
-    keras_hub = _import_hub(required=True)
-    if preset:
-        try:
-            model = keras_hub.models.GemmaCausalLM.from_preset(preset, preprocessor=None)
-        except Exception as e:
-            raise UsageError(f"could not load preset {preset!r}: {type(e).__name__}: {e}") from None
-    else:
-        backbone = keras_hub.models.GemmaBackbone(**TINY_GEMMA)
-        model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-    return model
-
-
-def cmd_demo(args):
-    """`keras-lowrank demo`: adapt a tiny Gemma from task A to task B.
-
-    Prints the adapter table, `loss before: X` / `loss after: Y` on held-out
-    task-B data, saves `OUT/adapted.keras` and `OUT/adapter.safetensors`,
-    reloads the `.keras` file and checks that the outputs match.
-    """
-    import warnings
-
-    import keras
-    import numpy as np
-    from keras import ops
-
-    import keras_lowrank
-
-    if args.method not in keras_lowrank.methods():
-        raise UsageError(
-            f"unknown method {args.method!r}; available: {', '.join(keras_lowrank.methods())}"
-        )
-    if args.rank < 1:
-        raise UsageError(f"--rank must be a positive integer, got {args.rank}")
-    epochs_a = args.epochs_a if args.epochs_a is not None else (0 if args.preset else 4)
-    if epochs_a < 0 or args.epochs_b < 0:
-        raise UsageError("--epochs-a and --epochs-b must be >= 0")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create the output folder {args.out}: {e}") from None
-
-    start = time.perf_counter()
-    keras.utils.set_random_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    model = _build_model(args.preset)
-    vocab = min(int(model.backbone.vocabulary_size), TINY_GEMMA["vocabulary_size"])
-    name = args.preset or "built-in tiny Gemma"
-    print(f"keras {keras.__version__} on {keras.backend.backend()}; model: {name}, "
-          f"{model.count_params():,} params")
-    print(f"task A: next token = (token + {SHIFT_A}) mod {vocab}; "
-          f"task B: next token = (token + {SHIFT_B}) mod {vocab}")
-    xa, ya = _synthetic(rng, N_TRAIN, vocab, SHIFT_A)
-    xb, yb = _synthetic(rng, N_TRAIN, vocab, SHIFT_B)
-    xb_eval, yb_eval = _synthetic(rng, N_EVAL, vocab, SHIFT_B)
-
-    # 1. Fully train the base on task A.
-    if epochs_a:
-        print(f"\n[1/4] training the base model on task A ({epochs_a} epochs)")
-        _compile(model, LR_BASE)
-        history = model.fit(
-            xa, ya, batch_size=BATCH_SIZE, epochs=epochs_a, shuffle=False, verbose=1
-        ).history
-        print(f"task-A training loss: {history['loss'][-1]:.4f}  "
-              f"accuracy: {history['accuracy'][-1]:.3f}")
-    else:
-        print("\n[1/4] task A training skipped")
-
-    # 2. Add the adapters; only they train from here on.
-    print(f"\n[2/4] enable_adapter(method={args.method!r}, rank={args.rank}, alpha={args.alpha}, "
-          f"base={args.base!r})")
-    with warnings.catch_warnings():
-        # KerasHub tasks override compile(); Keras warns that it cannot
-        # recompile them from their config. We compile again just below.
-        warnings.filterwarnings("ignore", message=".*compile\\(\\)` was not called.*")
-        try:
-            summary = keras_lowrank.enable_adapter(
-                model, method=args.method, rank=args.rank, alpha=args.alpha, base=args.base
-            )
-        except (ValueError, TypeError) as e:
-            raise UsageError(str(e)) from None
-    print(summary)
-    _compile(model, LR_ADAPTER)
-
-    # 3. Fine-tune the adapters on task B.
-    loss_before, acc_before = _evaluate(model, xb_eval, yb_eval)
-    print(f"\n[3/4] training the adapters on task B ({args.epochs_b} epochs)")
-    print(f"loss before: {loss_before:.4f}")
-    print(f"accuracy before: {acc_before:.3f}")
-    if args.epochs_b:
-        model.fit(xb, yb, batch_size=BATCH_SIZE, epochs=args.epochs_b, shuffle=False, verbose=1)
-    loss_after, acc_after = _evaluate(model, xb_eval, yb_eval)
-    print(f"loss after: {loss_after:.4f}")
-    print(f"accuracy after: {acc_after:.3f}")
-
-    # 4. Save, reload, compare.
-    print("\n[4/4] saving and reloading")
-    keras_path = os.path.join(args.out, "adapted.keras")
-    model.save(keras_path)
-    reloaded = _load_model(keras_path)
-    sample = {k: v[:8] for k, v in xb_eval.items()}
-    # predict_on_batch runs the compiled predict step (much faster than an
-    # eager call on JAX, which compiles every op on first use).
-    y0 = ops.cast(model.predict_on_batch(sample), "float32")
-    y1 = ops.cast(reloaded.predict_on_batch(sample), "float32")
-    diff = float(ops.convert_to_numpy(ops.max(ops.abs(y0 - y1))))
-    n_adapters = len(keras_lowrank.adapters(reloaded))
-    print(f"saved {keras_path}; reloaded with {n_adapters} adapters")
-    print(f"max abs difference of the outputs: {diff:.3g}")
-    match = diff <= MATCH_TOL and n_adapters == len(summary.rows)
-    print(f"outputs match: {'yes' if match else 'no'}")
-
-    adapter_path = os.path.join(args.out, "adapter.safetensors")
-    try:
-        keras_lowrank.save_adapter(model, adapter_path)
-    except ImportError:
-        print("adapter-only file skipped (pip install safetensors)")
-    else:
-        ratio = os.path.getsize(adapter_path) / os.path.getsize(keras_path)
-        print(f"adapter only: {adapter_path} ({_size(adapter_path)}) vs full model: "
-              f"{keras_path} ({_size(keras_path)}), {100 * ratio:.1f}% of its size")
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    if not match:
-        raise CheckFailed("the reloaded model does not reproduce the outputs")
-    return 0
+    return finetune_gemma.main(argv, prog="keras-lowrank demo")
 
 
 # ----------------------------------------------------------------------

@@ -220,8 +220,14 @@ def select(model, targets=None, exclude=None, entries=None):
         ids = {id(e.layer) for e in hits}
         chosen = [e for e in chosen if id(e.layer) not in ids]
     if not chosen:
+        hint = ""
+        if include_all and heads:
+            hint = (
+                f" The only Dense/EinsumDense layers are the output head "
+                f"{[e.path for e in heads]}, which is left out unless targeted by name."
+            )
         raise ValueError(
-            f"No layer left to adapt after targets={targets!r}, exclude={exclude!r}. "
+            f"No layer left to adapt after targets={targets!r}, exclude={exclude!r}.{hint} "
             f"Layer paths that exist: {available}."
         )
     return chosen, heads, rule

@@ -134,7 +134,7 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
     >>> import keras
     >>> from keras_lowrank.training import AdapterOptimizer
     >>> opt = AdapterOptimizer(keras.optimizers.Adam(1e-3), {"dense/lora_b": 16.0})
-    >>> float(opt.learning_rate)
+    >>> round(float(opt.learning_rate), 6)
     0.001
     """
 

@@ -54,9 +54,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
 print(" ".join(r.split(";")[0].replace(" ", "") for r in requires("keras-hub")
                if "tensorflow-text" not in r and "extra ==" not in r))')"
   # keras-lowrank with its [files] extra, and its [test] extra but keras-hub
+  # (peft runs in PyTorch as the reference of the parity tests)
   # shellcheck disable=SC2086
   pip_q "jax[cpu]" tensorflow-cpu $TORCH_SPEC -e ".[files]" $hub_requires \
-    pytest h5py "bitsandbytes; platform_system != 'Darwin'"
+    pytest h5py peft "bitsandbytes; platform_system != 'Darwin'"
   python -c "import keras, keras_hub, jax, torch, tensorflow, safetensors" \
     || { echo "[setup] the installation is incomplete; see $VENV/setup.log" >&2; exit 1; }
   echo "$WANT" > "$STAMP"

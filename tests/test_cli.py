@@ -39,7 +39,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        code = main(["demo", "--epochs-a", "1", "--epochs-b", "1", "--base", "nf4", "--out", str(out)])
+        code = main(["demo", "--small", "--epochs-a", "1", "--epochs-b", "2", "--base", "nf4", "--out", str(out)])
     return code, buf.getvalue(), out
 
 

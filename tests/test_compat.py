@@ -44,12 +44,42 @@ def test_tracker_and_functional_internals_exist():
 @pytest.mark.parametrize(
     "module",
     ["keras_lowrank", "keras_lowrank.adapt", "keras_lowrank.lifecycle", "keras_lowrank.saving",
-     "keras_lowrank.methods.lora", "keras_lowrank.methods.dora", "keras_lowrank.methods.pissa",
+     "keras_lowrank.methods.lora", "keras_lowrank.methods.dora",
      "keras_lowrank.registry", "keras_lowrank.geometry", "keras_lowrank.options",
-     "keras_lowrank.targeting", "keras_lowrank.quant.layers"],
+     "keras_lowrank.targeting", "keras_lowrank.quant.layers", "keras_lowrank.bases",
+     "keras_lowrank.training", "keras_lowrank.methods.dylora", "keras_lowrank.methods.vera",
+     "keras_lowrank.methods.residual"],
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
     assert result.attempted > 0
+
+
+def test_optimizer_layer_and_call_context_internals_exist():
+    """_compat.per_variable_learning_rate, float_kernel, created_trainable
+    and call_context_training rely on these."""
+    opt = keras.optimizers.Adam()
+    assert callable(opt._backend_update_step) and callable(opt._apply_weight_decay)
+    assert hasattr(opt, "weight_decay")
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    assert _compat.float_kernel(layer) is layer.kernel
+    assert [v.name for v in _compat.created_trainable(layer)] == ["kernel", "bias"]
+    assert callable(layer._get_call_context)
+
+
+def test_docs_show_every_methods_options_as_declared():
+    """docs/methods.md holds each method's option table exactly as its
+    declarations give it (`Method.options_table()`), so they cannot drift."""
+    import os
+
+    import keras_lowrank as kl
+    from keras_lowrank import registry
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "methods.md")
+    text = open(path, encoding="utf-8").read()
+    for name in kl.methods():
+        table = registry.get(name).options_table()
+        assert f"## `{name}`" in text and table in text, f"docs/methods.md: update {name}:\n{table}"

@@ -179,3 +179,240 @@ print(float(np.abs(y - np.load({str(tmp_path / 'y.npy')!r})).max()))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-4
+
+
+# --- DyLoRA (spec §4) --------------------------------------------------------
+def _dylora_model(rank=4, **options):
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(6, name="a")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, name="b")(h))
+    kl.enable_adapter(model, method="dylora", rank=rank, targets=["a", "b"], **options)
+    return model
+
+
+def test_dylora_at_full_rank_unfrozen_is_lora():
+    """spec §4: for ℓ = r_max and frozen=False, DyLoRA ≡ LoRA with α/r_max."""
+    x = SMALL["dense"][1]
+    dy = _dylora_model(rank=3, alpha=6.0, frozen=False)
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(6, name="a")(inp)
+    lora = keras.Model(inp, keras.layers.Dense(3, name="b")(h))
+    for name in ("a", "b"):
+        lora.get_layer(name).set_weights([to_np(w) for w in dy.get_layer(name).layer.weights])
+    kl.enable_adapter(lora, method="lora", rank=3, alpha=6.0, targets=["a", "b"])
+    for name in ("a", "b"):
+        perturb(dy.get_layer(name), seed=1)
+        for v in ("lora_a", "lora_b"):
+            getattr(lora.get_layer(name), v).assign(getattr(dy.get_layer(name), v))
+    np.testing.assert_allclose(to_np(dy(x)), to_np(lora(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(dy(x, training=True)), to_np(lora(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_dylora_any_rank_for_inference_merge_and_export(tmp_path):
+    x = SMALL["dense"][1]
+    model = _dylora_model(rank=4, alpha=8.0)
+    a_layer = model.get_layer("a")
+    for name in ("a", "b"):
+        perturb(model.get_layer(name), seed=2)
+    outputs = {}
+    for ell in (1, 2, 4):
+        kl.dylora.set_rank(model, ell)
+        assert kl.dylora.get_rank(model) == ell and a_layer.eval_rank() == ell
+        y = to_np(model(x))
+        # NumPy: K + (α/ℓ) A[:, :ℓ] B[:ℓ] in both layers
+        h = x.astype("float64")
+        for name in ("a", "b"):
+            lyr = model.get_layer(name)
+            k = to_np(lyr.layer.kernel).astype("float64")
+            a = to_np(lyr.lora_a).astype("float64").T[:, :ell]
+            b = to_np(lyr.lora_b).astype("float64")[:ell]
+            h = h @ (k + (8.0 / ell) * a @ b) + to_np(lyr.layer.bias)
+        np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-5)
+        outputs[ell] = y
+    # merge at a rank, and the rank-ℓ LoRA export, reproduce that rank
+    kl.dylora.set_rank(model, 2)
+    f = tmp_path / "as_lora.safetensors"
+    kl.save_adapter(model, f, as_lora=True)
+    with pytest.raises(ValueError, match="set_rank"):
+        kl.dylora.set_rank(model, 9)
+    kl.merge(model, unload=False)
+    with pytest.raises(ValueError, match="merged"):
+        kl.dylora.set_rank(model, 3)
+    np.testing.assert_allclose(to_np(model(x)), outputs[2], rtol=1e-5, atol=1e-5)
+    kl.unmerge(model)
+    plain = _dylora_model(rank=4)
+    for name in ("a", "b"):
+        plain.get_layer(name).layer.kernel.assign(model.get_layer(name).layer.kernel)
+        plain.get_layer(name).layer.bias.assign(model.get_layer(name).layer.bias)
+    kl.merge(plain)
+    kl.load_adapter(plain, f)
+    assert {a.method for _, a in kl.adapters(plain)} == {"lora"}
+    assert {a.rank for _, a in kl.adapters(plain)} == {2}
+    np.testing.assert_allclose(to_np(plain(x)), outputs[2], rtol=1e-5, atol=1e-5)
+
+
+def test_dylora_frozen_gradient_reaches_only_the_current_component():
+    """spec §4: with frozen=True, the gradient w.r.t. A[:, :ℓ-1] is zero."""
+    model = _dylora_model(rank=4)
+    a = model.get_layer("a")
+    perturb(a, seed=3)
+    perturb(model.get_layer("b"), seed=4)
+    state = kl.shared.get(model, "dylora")
+    state.train_rank.assign(3)
+    x = SMALL["dense"][1]
+
+    def train_grads():
+        variables = [a.lora_a, a.lora_b]
+        if BACKEND == "jax":
+            import jax
+
+            def loss_fn(values):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    out = a.call(x, training=True)
+                return keras.ops.sum(out**2)
+
+            return [to_np(g) for g in jax.grad(loss_fn)([v.value for v in variables])]
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(a.call(x, training=True) ** 2)
+            return [to_np(g) for g in tape.gradient(loss, [v.value for v in variables])]
+        import torch
+
+        out = a.call(x, training=True)
+        return [to_np(g) for g in torch.autograd.grad((out**2).sum(), [v.value for v in variables])]
+
+    ga, gb = train_grads()
+    assert np.abs(ga[:2]).max() == 0 and np.abs(gb[:2]).max() == 0
+    assert np.abs(ga[2]).max() > 0 and np.abs(gb[2]).max() > 0
+    assert np.abs(ga[3:]).max() == 0 and np.abs(gb[3:]).max() == 0
+
+
+def test_dylora_evaluate_ranks():
+    model = _dylora_model(rank=3)
+    for name in ("a", "b"):
+        perturb(model.get_layer(name), seed=5)
+    model.compile(loss="mse")
+    x = SMALL["dense"][1]
+    y = np.zeros((3, 3), "float32")
+    kl.dylora.set_rank(model, 2)
+    res = kl.dylora.evaluate_ranks(model, x, y, verbose=0)
+    assert sorted(res) == [1, 2, 3] and kl.dylora.get_rank(model) == 2
+    for ell, metrics in res.items():
+        kl.dylora.set_rank(model, ell)
+        np.testing.assert_allclose(metrics["loss"], float(np.mean(to_np(model(x)) ** 2)), rtol=1e-4)
+
+
+# --- VeRA (spec §9) ----------------------------------------------------------
+def _vera_model(**options):
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(7, activation="tanh", name="a")(inp)
+    h = keras.layers.EinsumDense("bd,dk->bk", output_shape=(4,), bias_axes="k", name="b")(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+    kl.enable_adapter(model, method="vera", rank=4, targets=["a", "b"], **options)
+    return model
+
+
+def _projection_vars(model):
+    return [v for v in model.weights if v.path.split("/")[-1] in ("vera_a", "vera_b")]
+
+
+def test_vera_projections_exist_once_and_stay_tied(tmp_path):
+    x = SMALL["dense"][1]
+    model = _vera_model(projection_seed=3)
+    a, b = model.get_layer("a"), model.get_layer("b")
+    assert a.shared is b.shared
+    assert sorted(v.path.split("/")[-1] for v in _projection_vars(model)) == ["vera_a", "vera_b"]
+    assert tuple(a.shared.vera_a.shape) == (7, 4) and tuple(a.shared.vera_b.shape) == (4, 7)
+    want_a, want_b = kl.vera.projections(4, 7, 7, 3)  # NumPy: the same on every backend
+    np.testing.assert_array_equal(to_np(a.shared.vera_a), want_a)
+    np.testing.assert_array_equal(to_np(a.shared.vera_b), want_b)
+    assert np.abs(want_a).max() <= np.sqrt(6 / 7) and np.abs(want_b).max() <= np.sqrt(6 / 4)
+    for name in ("a", "b"):
+        perturb(model.get_layer(name), seed=6)
+    y = to_np(model(x))
+    # A change made through one layer is seen by every layer that shares it.
+    def check_tied(m):
+        sa, sb = m.get_layer("a"), m.get_layer("b")
+        assert sa.shared is sb.shared and len(_projection_vars(m)) == 2
+        old = to_np(sa.shared.vera_b).copy()
+        y0 = to_np(sb(np.ones((2, 7), "float32")))
+        sa.shared.vera_b.assign(old * 2)
+        assert not np.allclose(to_np(sb(np.ones((2, 7), "float32"))), y0)
+        sa.shared.vera_b.assign(old)
+
+    check_tied(model)
+    # optimizer: one slot set per trainable variable, none for the projections
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    model.fit(x, np.zeros((3, 3), "float32"), epochs=1, verbose=0)
+    n_train = len(model.trainable_variables)
+    assert n_train == 4 and len([v for v in model.optimizer.variables if len(v.shape)]) == 2 * n_train
+    y = to_np(model(x))
+    # .keras round trip
+    path = str(tmp_path / "v.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(to_np(loaded(x)), y, rtol=1e-5, atol=1e-6)
+    check_tied(loaded)
+    # merge(unload=False), disable, unmerge keep the tie; merge drops the state
+    kl.merge(model, unload=False)
+    kl.unmerge(model)
+    with kl.disable_adapter(model):
+        pass
+    check_tied(model)
+    np.testing.assert_allclose(to_np(model(x)), y, rtol=1e-5, atol=1e-5)
+    # adapter files hold the projections once (or not at all)
+    for save in (True, False):
+        m = _vera_model(projection_seed=3, save_projection=save)
+        for name in ("a", "b"):
+            for v in model.get_layer(name).trainable_variables:
+                getattr(m.get_layer(name), v.path.split("/")[-1]).assign(v)
+        f = tmp_path / f"v{save}.safetensors"
+        kl.save_adapter(m, f)
+        _, plan, tensors = kl.saving.read_adapter_file(f)
+        shared_keys = sorted(k for k in tensors if k.startswith("@"))
+        assert shared_keys == (["@vera::vera_a", "@vera::vera_b"] if save else [])
+        inp = keras.Input((5,))
+        h = keras.layers.Dense(7, activation="tanh", name="a")(inp)
+        h = keras.layers.EinsumDense("bd,dk->bk", output_shape=(4,), bias_axes="k", name="b")(h)
+        target = keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+        for name in ("a", "b", "out"):
+            src = model.get_layer(name)
+            inner = src.layer if hasattr(src, "layer") else src
+            target.get_layer(name).set_weights([to_np(w) for w in inner.weights])
+        kl.load_adapter(target, f)
+        check_tied(target)
+        np.testing.assert_allclose(to_np(target(x)), y, rtol=1e-5, atol=1e-5)
+    kl.merge(model)
+    assert kl.shared.states(model) == {} and not _projection_vars(model)
+
+
+def test_vera_layers_must_share_rank_and_seed():
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(7, name="a")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, name="out")(keras.layers.Dense(4, name="b")(h)))
+    with pytest.raises(ValueError, match="one rank"):
+        kl.enable_adapter(model, method="vera", rank=4, targets=["a", "b"], rank_pattern={"b": 2})
+    kl.enable_adapter(model, method="vera", rank=4, targets=["b"])
+    with pytest.raises(ValueError, match="projection"):
+        kl.enable_adapter(model, method="vera", rank=4, targets=["a"], projection_seed=9)
+    assert type(model.get_layer("a")).__name__ == "Dense"
+
+
+# --- OLoRA (spec §20) --------------------------------------------------------
+def test_olora_init_is_the_qr_of_the_transposed_kernel():
+    model = _dense(units=6, n_in=5)
+    k = to_np(model.get_layer("target").kernel).astype("float64")
+    x = SMALL["dense"][1]
+    y0 = to_np(model(x))
+    kl.enable_adapter(model, method="olora", rank=2, alpha=4.0, targets=["target"])
+    a = model.get_layer("target")
+    q, r = np.linalg.qr(k.T)
+    np.testing.assert_allclose(to_np(a.lora_a), r[:2], rtol=1e-4, atol=1e-5)  # Aᵀ = R_r
+    np.testing.assert_allclose(to_np(a.lora_b), q[:, :2].T, rtol=1e-4, atol=1e-5)  # B = Q_rᵀ
+    s = 4.0 / 2
+    np.testing.assert_allclose(to_np(a.layer.kernel), k - s * r[:2].T @ q[:, :2].T, atol=1e-5)
+    np.testing.assert_allclose(to_np(model(x)), y0, atol=1e-5)
+    with kl.disable_adapter(model):
+        np.testing.assert_allclose(to_np(model(x)), y0, atol=1e-5)
