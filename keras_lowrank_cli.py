@@ -201,6 +201,7 @@ def main(argv=None):
         except FileError as e:
             print(f"keras-lowrank inspect: error: {e}", file=sys.stderr)
             return 2
+    # Imported here, not at the top: everything in keras_lowrank imports Keras.
     from keras_lowrank.cli import main as full_main
 
     return full_main(argv)

@@ -27,11 +27,12 @@ also writes it as markdown). Each backend run has three parts:
    adapting / compiling the model, and its peak RSS
    (`getrusage(RUSAGE_SELF).ru_maxrss`) at the end of its training steps.
 
-See benchmarks/README.md.
+Run it as `python benchmarks/run.py quantized [options]` (or directly,
+`python benchmarks/quantized.py [options]`). See benchmarks/README.md.
 """
 
 import argparse
-import datetime
+import importlib
 import json
 import os
 import resource
@@ -39,21 +40,43 @@ import sys
 import tempfile
 import time
 
-from _common import environment  # noqa: E402
-from _common import BACKENDS  # noqa: E402
-from _common import LR  # noqa: E402
-from _common import RANK  # noqa: E402
-from _common import SEED  # noqa: E402
-from _common import SHAPES  # noqa: E402
-from _common import run_script  # noqa: E402
-from _common import summarize_times  # noqa: E402
-from _common import verdict  # noqa: E402
-from _common import versions  # noqa: E402
+from _common import BACKENDS
+from _common import LR
+from _common import RANK
+from _common import SEED
+from _common import SHAPES
+from _common import add_output_args
+from _common import add_run_args
+from _common import backend_facts
+from _common import build_gemma
+from _common import command_line
+from _common import compile_lm
+from _common import compiled_label
+from _common import count_params
+from _common import exit_status
+from _common import failed_target
+from _common import forward_args
+from _common import gemma_batch
+from _common import load_span
+from _common import log_times
+from _common import make_log
+from _common import make_meta
+from _common import machine_line
+from _common import print_report
+from _common import ratios
+from _common import resolve_run
+from _common import run_backends
+from _common import run_child
+from _common import summarize_times
+from _common import time_interleaved
+from _common import utc_now
+from _common import verdict
+from _common import versions_section
+from _common import write_json
+from _common import write_markdown
 
-
-def run_child(argv_extra, env_extra):
-    return run_script(__file__, argv_extra, env_extra)
-
+SUITE = "quantized"
+PROG = "python benchmarks/quantized.py"
 
 VARIANTS = ("f32", "bf16", "nf4")
 VARIANT_LABEL = {"f32": "float32 base", "bf16": "bfloat16 base", "nf4": "NF4 base"}
@@ -73,6 +96,8 @@ STORAGES = {
     "int4_pc": ("Keras int4 per-channel (block_size=-1)", None),
 }
 BITS_TOLERANCE = 5e-4
+# (numerator, denominator) variants of the step-time ratios reported
+TIMING_PAIRS = [("nf4", "bf16"), ("nf4", "f32"), ("bf16", "f32")]
 
 
 # ----------------------------------------------------------------------
@@ -111,31 +136,6 @@ def dtype_bytes(dtype):
     if name == "bfloat16":
         return 2
     return np.dtype(name).itemsize
-
-
-# ----------------------------------------------------------------------
-# Timing
-def time_interleaved(fns, warmup, steps, log=print):
-    """Warm every callable up, then time them round-robin; medians in ms."""
-    warm = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        warm[name] = time.perf_counter() - t0
-        log(f"  warm-up {name}: {warmup} calls in {warm[name]:.1f}s")
-    names = list(fns)
-    times = {n: [] for n in names}
-    for i in range(steps):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    out = {n: summarize_times(t) for n, t in times.items()}
-    for n in names:
-        out[n]["warmup_s"] = warm[n]
-    return out
 
 
 # ----------------------------------------------------------------------
@@ -314,44 +314,17 @@ def manual_dequant(dense, mode, arrays):
 # ----------------------------------------------------------------------
 # Part 3: Gemma LoRA train step over three bases
 def gemma_setup(shape):
-    import numpy as np
-
-    import keras
-    import keras_hub
-
     import keras_lowrank
 
-    b, t, vocab = shape["batch"], shape["seq_len"], shape["vocabulary_size"]
-    rng = np.random.default_rng(SEED)
-    x = {
-        "token_ids": rng.integers(0, vocab, (b, t)).astype("int32"),
-        "padding_mask": np.ones((b, t), "int32"),
-    }
-    y = rng.integers(0, vocab, (b, t)).astype("int32")
+    x, y = gemma_batch(shape)
 
     def build(variant):
         dtype = "bfloat16" if variant == "bf16" else "float32"
-        keras.utils.set_random_seed(SEED)
-        bb = keras_hub.models.GemmaBackbone(
-            vocabulary_size=vocab,
-            num_layers=shape["num_layers"],
-            num_query_heads=shape["num_query_heads"],
-            num_key_value_heads=shape["num_key_value_heads"],
-            hidden_dim=shape["hidden_dim"],
-            intermediate_dim=shape["intermediate_dim"],
-            head_dim=shape["head_dim"],
-            dtype=dtype,
-        )
-        lm = keras_hub.models.GemmaCausalLM(backbone=bb, preprocessor=None, dtype=dtype)
+        lm = build_gemma(shape, dtype=dtype, lm_dtype=dtype)
         summary = keras_lowrank.enable_adapter(
             lm, method="lora", rank=RANK, base="nf4" if variant == "nf4" else None
         )
-        lm.compile(
-            optimizer=keras.optimizers.Adam(LR),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            weighted_metrics=[],
-            jit_compile="auto",
-        )
+        compile_lm(lm)
         return lm, describe(lm, summary)
 
     return x, y, build
@@ -385,7 +358,7 @@ def describe(lm, summary):
         "base_params": base_params,
         "base_bits_per_param": 8.0 * base_bytes / max(base_params, 1),
         "base_dtypes": sorted(base_dtypes),
-        "trainable_params": int(sum(np.prod(v.shape) for v in trainable)),
+        "trainable_params": count_params(trainable),
         "trainable_variables": len(trainable),
         "trainable_dtypes": sorted({str(v.dtype) for v in trainable}),
         "compute_dtype": lm.compute_dtype,
@@ -406,37 +379,25 @@ def run_timing(backend, shape, warmup, steps, log):
         log(f"{v}: {variants[v]}")
     fns = {v: (lambda m=models[v]: m.train_on_batch(x, y)) for v in VARIANTS}
     log(f"timing train steps: warm-up {warmup}, timed {steps} (interleaved)")
-    times = time_interleaved(fns, warmup, steps, log)
-    for v, s in times.items():
-        log(f"  {v:5s} {s['median_ms']:9.1f} ms  (min {s['min_ms']:.1f})")
+    times = time_interleaved(fns, warmup, steps, log, record_warmup=True)
+    log_times(log, times, 5)
     losses = {v: float(m.train_on_batch(x, y)) for v, m in models.items()}
     info.update(
         variants=variants,
         times=times,
         final_loss=losses,
-        ratios=timing_ratios(times),
+        ratios=ratios(times, TIMING_PAIRS),
         loadavg_end=load1(),
     )
     return info
 
 
-def timing_ratios(times, stat="median_ms"):
-    med = {k: v[stat] for k, v in times.items()}
-    return {
-        "nf4/bf16": med["nf4"] / med["bf16"],
-        "nf4/f32": med["nf4"] / med["f32"],
-        "bf16/f32": med["bf16"] / med["f32"],
-    }
-
-
 def run_memory_child(backend, shape, variant, warmup, steps):
     """One variant alone in this process: RSS after build, peak RSS at the end."""
     info = {"loadavg_start": load1()}
-    import keras  # noqa: F401  (the backend is imported here)
-    import keras_hub  # noqa: F401
-
-    import keras_lowrank  # noqa: F401
-
+    # import what a model needs (keras imports the backend) before measuring
+    for module in ("keras", "keras_hub", "keras_lowrank"):
+        importlib.import_module(module)
     info["rss_after_imports_mib"] = rss_now_mib()
     info["peak_after_imports_mib"] = rss_peak_mib()
     info["hwm_after_imports_mib"] = hwm_mib()
@@ -460,9 +421,9 @@ def run_memory_child(backend, shape, variant, warmup, steps):
 
 
 def run_backend(backend, shape, shape_name, warmup, steps, mem_steps):
-    log = lambda *a: print(f"[{backend}]", *a, flush=True)  # noqa: E731
+    log = make_log(backend)
     info = {"backend": backend, "loadavg_start": load1(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_now(),
             "steps": steps, "warmup": warmup, "mem_steps": mem_steps, "shape_name": shape_name}
 
     # The memory subprocesses are started before this process imports Keras:
@@ -478,7 +439,7 @@ def run_backend(backend, shape, shape_name, warmup, steps, mem_steps):
                 "--steps", str(mem_steps)]
         if shape_name == "small":
             argv.append("--small")
-        info["memory"][v] = run_child(argv, {"KERAS_BACKEND": backend})
+        info["memory"][v] = run_child(SUITE, argv, {"KERAS_BACKEND": backend})
         m = info["memory"][v]
         if "error" not in m:
             log(f"  {v}: rss after build {m['rss_after_build_mib']:.0f} MiB, "
@@ -501,28 +462,19 @@ def run_backend(backend, shape, shape_name, warmup, steps, mem_steps):
         info["timing"] = {"error": f"{type(e).__name__}: {e}"}
 
     info["loadavg_end"] = load1()
-    info["versions"] = versions(["keras", "keras_hub", "keras_lowrank", "numpy", "h5py", backend])
-    if backend == "jax":
-        info["versions"].update(versions(["jaxlib"]))
-    if backend == "torch":
-        import torch
-
-        info["torch_num_threads"] = torch.get_num_threads()
+    info.update(backend_facts(backend, extra_modules=("h5py",)))
     return info
 
 
 # ----------------------------------------------------------------------
 # Report
-def compiled_label(backend, variants):
-    jit = [v["jit_compile"] for v in variants.values()]
-    eager = any(v["run_eagerly"] for v in variants.values())
-    if backend == "torch" and not any(jit) and not eager:
-        return "eager torch"
-    if backend == "tensorflow" and not any(jit) and not eager:
-        return "tf.function, no XLA"
-    if backend == "jax" and all(jit):
-        return "jax.jit (XLA)"
-    return f"jit_compile={jit}, run_eagerly={eager}"
+def compiled(backend, variants):
+    """compiled_label of the timed models of a backend run."""
+    return compiled_label(
+        backend,
+        [v["jit_compile"] for v in variants.values()],
+        any(v["run_eagerly"] for v in variants.values()),
+    )
 
 
 def fmt_bytes(n):
@@ -535,10 +487,7 @@ def render(results, meta):
     env = meta["environment"]
     ok = [b for b in BACKENDS if b in results and "error" not in results[b]]
     lines.append("## Setup\n")
-    lines.append(
-        f"- machine: {env['cpu_model']}, os.cpu_count()={env['cpu_count']}, "
-        f"{env['platform']}, Python {env['python']}"
-    )
+    lines.append(machine_line(env))
     lines.append(
         f"- storage / error: one {KERNEL_N}x{KERNEL_N} `Dense` kernel drawn from "
         f"N(0, {KERNEL_STD}^2) (seed {SEED}), bias zero; bits = sum of "
@@ -663,7 +612,7 @@ def render(results, meta):
             ]
             r = t["ratios"]
             lines.append(
-                f"| {b} | {compiled_label(b, t['variants'])} | " + " | ".join(cells) + " | "
+                f"| {b} | {compiled(b, t['variants'])} | " + " | ".join(cells) + " | "
                 f"{r['nf4/bf16']:.3f} {verdict(r['nf4/bf16'], NF4_VS_BF16_LIMIT)} | "
                 f"{r['nf4/f32']:.3f} | {r['bf16/f32']:.3f} |"
             )
@@ -675,7 +624,7 @@ def render(results, meta):
         lines.append("| backend | NF4 / bf16 | NF4 / f32 | bf16 / f32 |")
         lines.append("|---|---|---|---|")
         for b in timed:
-            r = timing_ratios(results[b]["timing"]["times"], "min_ms")
+            r = ratios(results[b]["timing"]["times"], TIMING_PAIRS, "min_ms")
             lines.append(f"| {b} | {r['nf4/bf16']:.3f} | {r['nf4/f32']:.3f} | {r['bf16/f32']:.3f} |")
         lines.append("")
         lines.append("Warm-up (first calls include tracing / compilation), seconds for "
@@ -770,7 +719,7 @@ def render(results, meta):
                 continue
             r = results[b]
             if "error" in r:
-                lines.append(f"- [{b}] MISS: backend run failed ({r['error']})")
+                lines.append(failed_target(b, r))
                 continue
             for key in ("nf4_dq", "nf4"):
                 label, target = STORAGES[key]
@@ -799,11 +748,7 @@ def render(results, meta):
         parts = [("storage", r["storage"])]
         parts += [(f"memory {v}", r["memory"][v]) for v in VARIANTS if v in r["memory"]]
         parts.append(("timing", r["timing"]))
-        cells = [
-            f"{name} {p['loadavg_start']:.2f} -> {p['loadavg_end']:.2f}"
-            for name, p in parts
-            if "loadavg_start" in p and "loadavg_end" in p
-        ]
+        cells = [c for c in (load_span(name, p) for name, p in parts) if c]
         loads.append(f"- {b}: " + "; ".join(cells))
     if loads:
         lines.append(
@@ -813,48 +758,71 @@ def render(results, meta):
         )
         lines.extend(loads)
         lines.append("")
-    lines.append("## Versions\n")
-    seen = {}
-    for r in results.values():
-        for k, v in r.get("versions", {}).items():
-            seen.setdefault(k, v)
     extra = [f"torch threads {results[b]['torch_num_threads']}"
              for b in ok if "torch_num_threads" in results[b]]
-    lines.append(", ".join(f"{k} {v}" for k, v in sorted(seen.items())) +
-                 (("; " + ", ".join(extra)) if extra else ""))
-    lines.append("")
+    lines.extend(versions_section(results, extra))
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------
 # Driver
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backend", choices=BACKENDS, help="run every part on this backend")
-    p.add_argument("--all", action="store_true", help="every backend, each in a subprocess")
-    p.add_argument("--small", action="store_true", help="tiny Gemma shapes for a functional check")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed steps per variant (default 15; 10 with --small)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant (default 3)")
+def build_parser(prog=PROG):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add_run_args(
+        p,
+        backend_help="run every part on this backend",
+        all_help="every backend, each in a subprocess",
+        small_help="tiny Gemma shapes for a functional check",
+    )
     p.add_argument("--mem-steps", type=int, default=5,
                    help="steps after warm-up in each memory subprocess (default 5)")
     p.add_argument("--memory-variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="render one report from the --json-out files of earlier --backend "
                         "(or --all) runs, e.g. to replace a backend whose run was disturbed")
-    p.add_argument("--markdown", help="write the report as markdown to this path")
-    p.add_argument("--json-out", help="write raw results as JSON to this path")
+    add_output_args(p)
+    return p
+
+
+def parse_args(argv=None, prog=PROG):
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if sum([bool(args.backend), args.all, bool(args.combine)]) != 1:
         p.error("give exactly one of --backend, --all, --combine")
     if args.memory_variant and not args.backend:
         p.error("--memory-variant needs --backend")
-    steps = args.steps or (10 if args.small else 15)
-    if not args.memory_variant and (steps < 10 or args.warmup < 3):
-        print("note: fewer than 10 timed / 3 warm-up steps", flush=True)
-    shape_name = "small" if args.small else "full"
-    shape = SHAPES[shape_name]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return args
+
+
+def combine(paths, shape_name, meta, error):
+    """Results and meta of an earlier run's --json-out files (--combine)."""
+    results = {}
+    sources = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if "results" in data:  # an --all file
+            results.update(data["results"])
+            meta.update({k: v for k, v in data["meta"].items() if k != "date"})
+            sources.append(f"{path} ({data['meta']['date']}: {', '.join(data['results'])})")
+        else:
+            results[data["backend"]] = data
+            shape_name = data.get("shape_name", shape_name)
+            meta.update({k: data[k] for k in ("steps", "warmup", "mem_steps") if k in data})
+            sources.append(f"{path} ({data.get('date', '?')}: {data['backend']})")
+        if "meta" in data:
+            shape_name = data["meta"]["shape_name"]
+    if len({json.dumps(r.get("shape_name", shape_name)) for r in results.values()}) > 1:
+        error("--combine: the files were measured with different shapes")
+    meta["combined_from"] = sources
+    meta["shape_name"] = shape_name
+    meta["shape"] = SHAPES[shape_name]
+    return {b: results[b] for b in BACKENDS if b in results}, shape_name
+
+
+def main(argv=None, prog=PROG):
+    args = parse_args(argv, prog)
+    steps, shape_name, shape = resolve_run(args, note=not args.memory_variant)
 
     if args.memory_variant:
         os.environ["KERAS_BACKEND"] = args.backend
@@ -866,86 +834,43 @@ def main(argv=None):
                 json.dump(out, f, indent=1)
         return 0
 
-    meta = {
-        "shape_name": shape_name,
-        "shape": shape,
-        "steps": steps,
-        "warmup": args.warmup,
-        "mem_steps": args.mem_steps,
-        "environment": environment(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    results = {}
+    meta = make_meta(shape_name, steps, args.warmup, mem_steps=args.mem_steps)
     if args.combine:
-        sources = []
-        for path in args.combine:
-            with open(path) as f:
-                data = json.load(f)
-            if "results" in data:  # an --all file
-                results.update(data["results"])
-                meta.update({k: v for k, v in data["meta"].items() if k != "date"})
-                sources.append(f"{path} ({data['meta']['date']}: {', '.join(data['results'])})")
-            else:
-                results[data["backend"]] = data
-                shape_name = data.get("shape_name", shape_name)
-                meta.update({k: data[k] for k in ("steps", "warmup", "mem_steps") if k in data})
-                sources.append(f"{path} ({data.get('date', '?')}: {data['backend']})")
-            if "meta" in data:
-                shape_name = data["meta"]["shape_name"]
-        if len({json.dumps(r.get("shape_name", shape_name)) for r in results.values()}) > 1:
-            p.error("--combine: the files were measured with different shapes")
-        meta["combined_from"] = sources
-        meta["shape_name"] = shape_name
-        meta["shape"] = SHAPES[shape_name]
-        results = {b: results[b] for b in BACKENDS if b in results}
+        results, shape_name = combine(args.combine, shape_name, meta, build_parser(prog).error)
     elif args.all:
-        extra = ["--steps", str(steps), "--warmup", str(args.warmup), "--mem-steps", str(args.mem_steps)]
-        if args.small:
-            extra.append("--small")
-        for b in BACKENDS:
-            results[b] = run_child(["--backend", b, *extra], {"KERAS_BACKEND": b})
+        results = run_backends(SUITE, forward_args(args, steps, "--mem-steps", str(args.mem_steps)))
     else:
-        results[args.backend] = run_backend(
+        results = {args.backend: run_backend(
             args.backend, shape, shape_name, args.warmup, steps, args.mem_steps
-        )
+        )}
 
     if args.json_out:
-        part = next(iter(results.values()))
-        with open(args.json_out, "w") as f:
-            json.dump(part if not args.all else {"meta": meta, "results": results}, f, indent=1)
+        write_json(args.json_out, results, meta, whole=args.all)
 
     report = render(results, meta)
-    print()
-    print(report, flush=True)
+    print_report(report)
     if args.markdown:
         if args.combine:
-            cmd = ("python benchmarks/quantized.py --combine " + " ".join(args.combine)
-                   + f" --markdown {args.markdown}")
+            cmd = f"{prog} --combine " + " ".join(args.combine) + f" --markdown {args.markdown}"
         else:
-            cmd = "python benchmarks/quantized.py " + (
-                "--all" if args.all else f"--backend {args.backend}"
-            ) + (" --small" if args.small else "") + (f" --steps {steps}" if args.steps else "") + (
-                f" --markdown {args.markdown}"
-            )
-        header = [
-            "# Quantized-base benchmark",
-            "",
-            ("Report rendered" if meta.get("combined_from") else "Measured")
-            + f" {meta['date']} on a {meta['environment']['cpu_count']}-core CPU VM "
-            f"({meta['environment']['cpu_model']}), shapes `{shape_name}`, with",
-            f"`{cmd}`.",
-            "",
-        ]
+            mode = "--all" if args.all else f"--backend {args.backend}"
+            cmd = command_line(prog, mode, args, steps)
+        extra_header = []
         if meta.get("combined_from"):
-            header += ["Combined from these runs (per-backend results, each measured "
-                       "in its own process at the time given):", ""]
-            header += [f"- {src}" for src in meta["combined_from"]] + [""]
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(header) + "\n" + report)
-        print(f"wrote {args.markdown}", flush=True)
-    failed = [k for k, r in results.items() if "error" in r]
-    return 1 if failed else 0
+            extra_header += ["Combined from these runs (per-backend results, each measured "
+                             "in its own process at the time given):", ""]
+            extra_header += [f"- {src}" for src in meta["combined_from"]] + [""]
+        write_markdown(
+            args.markdown,
+            "Quantized-base benchmark",
+            meta,
+            shape_name,
+            cmd,
+            report,
+            verb="Report rendered" if meta.get("combined_from") else "Measured",
+            extra_header=extra_header,
+        )
+    return exit_status(results)
 
 
 if __name__ == "__main__":

@@ -23,31 +23,59 @@ Steps of all variants of one group are interleaved round-robin (one step of
 each variant per round, the order rotating each round), so slow drifts of a
 shared machine hit every variant alike; the reported time is the median.
 
-See benchmarks/README.md.
+Run it as `python benchmarks/run.py step_time [options]` (or directly,
+`python benchmarks/step_time.py [options]`). See benchmarks/README.md.
 """
 
 import argparse
-import datetime
-import json
 import os
 import sys
-import time
 
-from _common import environment  # noqa: E402
-from _common import BACKENDS  # noqa: E402
-from _common import LR  # noqa: E402
-from _common import RANK  # noqa: E402
-from _common import SEED  # noqa: E402
-from _common import SHAPES  # noqa: E402
-from _common import run_script  # noqa: E402
-from _common import summarize_times  # noqa: E402
-from _common import verdict  # noqa: E402
-from _common import versions  # noqa: E402
+from _common import BACKENDS
+from _common import LR
+from _common import RANK
+from _common import SEED
+from _common import add_output_args
+from _common import add_run_args
+from _common import backend_facts
+from _common import build_gemma
+from _common import command_line
+from _common import compile_lm
+from _common import compiled_label
+from _common import count_params
+from _common import exit_status
+from _common import failed_target
+from _common import forward_args
+from _common import gemma_batch
+from _common import load_span
+from _common import log_times
+from _common import make_log
+from _common import make_meta
+from _common import machine_line
+from _common import print_report
+from _common import ratios
+from _common import resolve_run
+from _common import run_backends
+from _common import run_child
+from _common import time_interleaved
+from _common import verdict
+from _common import versions
+from _common import versions_section
+from _common import write_json
+from _common import write_markdown
 
+SUITE = "step_time"
+PROG = "python benchmarks/step_time.py"
 
-def run_child(argv_extra, env_extra):
-    return run_script(__file__, argv_extra, env_extra)
-
+# (numerator, denominator) variants of the ratios reported
+KERAS_PAIRS = [
+    ("ours_lora", "floor"),
+    ("keras_lora", "floor"),
+    ("ours_dora", "floor"),
+    ("ours_dora", "ours_lora"),
+    ("merged_predict", "plain_predict"),
+]
+PEFT_PAIRS = [("peft_lora", "peft_floor")]
 
 TARGETS = [
     # (ratio key, threshold, label)
@@ -58,93 +86,37 @@ TARGETS = [
 
 
 # ----------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------
-# Timing
-def time_interleaved(fns, warmup, steps, log=print):
-    """Warm every callable up, then time them round-robin; medians in ms."""
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            fn()
-        log(f"  warm-up {name}: {warmup} calls in {time.perf_counter() - t0:.1f}s")
-    names = list(fns)
-    times = {n: [] for n in names}
-    for i in range(steps):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {n: summarize_times(t) for n, t in times.items()}
-
-
-# ----------------------------------------------------------------------
 # Keras part (one backend per process)
 def run_keras(backend, shape, warmup, steps):
     os.environ["KERAS_BACKEND"] = backend
     import numpy as np
 
     import keras
-    import keras_hub
 
     import keras_lowrank
 
     assert keras.backend.backend() == backend, keras.backend.backend()
     info = {"variants": {}, "loadavg_start": list(os.getloadavg())}
-    log = lambda *a: print(f"[{backend}]", *a, flush=True)  # noqa: E731
-
-    b, t, vocab = shape["batch"], shape["seq_len"], shape["vocabulary_size"]
-    rng = np.random.default_rng(SEED)
-    x = {
-        "token_ids": rng.integers(0, vocab, (b, t)).astype("int32"),
-        "padding_mask": np.ones((b, t), "int32"),
-    }
-    y = rng.integers(0, vocab, (b, t)).astype("int32")
-
-    def build():
-        keras.utils.set_random_seed(SEED)
-        bb = keras_hub.models.GemmaBackbone(
-            vocabulary_size=vocab,
-            num_layers=shape["num_layers"],
-            num_query_heads=shape["num_query_heads"],
-            num_key_value_heads=shape["num_key_value_heads"],
-            hidden_dim=shape["hidden_dim"],
-            intermediate_dim=shape["intermediate_dim"],
-            head_dim=shape["head_dim"],
-            dtype="float32",
-        )
-        return keras_hub.models.GemmaCausalLM(backbone=bb, preprocessor=None)
-
-    def compile_(model):
-        model.compile(
-            optimizer=keras.optimizers.Adam(LR),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            weighted_metrics=[],
-            jit_compile="auto",
-        )
-        return model
-
-    def n_trainable(model):
-        return int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    log = make_log(backend)
+    x, y = gemma_batch(shape)
 
     linear = (keras.layers.Dense, keras.layers.EinsumDense)
 
     # ours-lora / ours-dora
     models = {}
     for method in ("lora", "dora"):
-        m = build()
+        m = build_gemma(shape)
         summary = keras_lowrank.enable_adapter(m, method=method, rank=RANK)
-        compile_(m)
+        compile_lm(m)
         models[f"ours_{method}"] = m
         info["variants"][f"ours_{method}"] = {
             "adapted_layers": len(summary.adapted_paths),
-            "trainable_params": n_trainable(m),
+            "trainable_params": count_params(m.trainable_variables),
             "trainable_variables": len(m.trainable_variables),
         }
 
     # keras-lora: Keras's built-in LoRA
-    m = build()
+    m = build_gemma(shape)
     targets = []
     for layer in m.backbone._flatten_layers(include_self=False):
         if isinstance(layer, linear):
@@ -153,16 +125,16 @@ def run_keras(backend, shape, warmup, steps):
             layer.trainable = False
     for layer in targets:
         layer.enable_lora(RANK)
-    compile_(m)
+    compile_lm(m)
     models["keras_lora"] = m
     info["variants"]["keras_lora"] = {
         "adapted_layers": len(targets),
-        "trainable_params": n_trainable(m),
+        "trainable_params": count_params(m.trainable_variables),
         "trainable_variables": len(m.trainable_variables),
     }
 
     # floor: no adapter, only the first block's input norm trainable
-    m = build()
+    m = build_gemma(shape)
     floor_path = "decoder_block_0/pre_attention_norm/scale"
     for v in m.variables:
         v.trainable = v.path == floor_path
@@ -171,11 +143,11 @@ def run_keras(backend, shape, warmup, steps):
             f"floor: expected only {floor_path} trainable, got "
             f"{[v.path for v in m.trainable_variables]}"
         )
-    compile_(m)
+    compile_lm(m)
     models["floor"] = m
     info["variants"]["floor"] = {
         "adapted_layers": 0,
-        "trainable_params": n_trainable(m),
+        "trainable_params": count_params(m.trainable_variables),
         "trainable_variables": len(m.trainable_variables),
     }
 
@@ -190,8 +162,7 @@ def run_keras(backend, shape, warmup, steps):
     }
     log(f"timing train steps: warm-up {warmup}, timed {steps} (interleaved)")
     train = time_interleaved(train_fns, warmup, steps, log)
-    for name, s in train.items():
-        log(f"  {name:11s} {s['median_ms']:9.1f} ms  (min {s['min_ms']:.1f})")
+    log_times(log, train, 11)
     info["jit_compile"] = {name: bool(m.jit_compile) for name, m in models.items()}
     info["run_eagerly"] = {name: bool(m.run_eagerly) for name, m in models.items()}
 
@@ -202,11 +173,11 @@ def run_keras(backend, shape, warmup, steps):
     left = [type(l).__name__ for l in lora._flatten_layers() if isinstance(l, keras_lowrank.Adapter)]
     if left:
         raise RuntimeError(f"merge left adapter layers: {left}")
-    compile_(lora)
+    compile_lm(lora)
     after = np.asarray(lora.predict_on_batch(x))
     info["merge_max_abs_diff"] = float(np.max(np.abs(after - before)))
     info["merge_max_abs_logit"] = float(np.max(np.abs(before)))
-    plain = compile_(build())
+    plain = compile_lm(build_gemma(shape))
     for name in ("ours_dora", "keras_lora", "floor"):
         del models[name]
     predict_fns = {
@@ -215,33 +186,15 @@ def run_keras(backend, shape, warmup, steps):
     }
     log(f"timing predict: warm-up {warmup}, timed {steps} (interleaved)")
     pred = time_interleaved(predict_fns, warmup, steps, log)
-    for name, s in pred.items():
-        log(f"  {name:14s} {s['median_ms']:9.1f} ms  (min {s['min_ms']:.1f})")
+    log_times(log, pred, 14)
     info["jit_compile"]["predict"] = bool(plain.jit_compile)
 
     info["times"] = {**train, **pred}
     info["loadavg_end"] = list(os.getloadavg())
-    info["ratios"] = keras_ratios(info["times"])
+    info["ratios"] = ratios(info["times"], KERAS_PAIRS)
     info["backend"] = backend
-    info["versions"] = versions(["keras", "keras_hub", "keras_lowrank", "numpy", backend])
-    if backend == "jax":
-        info["versions"].update(versions(["jaxlib"]))
-    if backend == "torch":
-        import torch
-
-        info["torch_num_threads"] = torch.get_num_threads()
+    info.update(backend_facts(backend))
     return info
-
-
-def keras_ratios(times, stat="median_ms"):
-    med = {k: v[stat] for k, v in times.items()}
-    return {
-        "ours_lora/floor": med["ours_lora"] / med["floor"],
-        "keras_lora/floor": med["keras_lora"] / med["floor"],
-        "ours_dora/floor": med["ours_dora"] / med["floor"],
-        "ours_dora/ours_lora": med["ours_dora"] / med["ours_lora"],
-        "merged_predict/plain_predict": med["merged_predict"] / med["plain_predict"],
-    }
 
 
 # ----------------------------------------------------------------------
@@ -251,7 +204,7 @@ def run_peft(shape, warmup, steps):
     import transformers
     import peft
 
-    log = lambda *a: print("[peft]", *a, flush=True)  # noqa: E731
+    log = make_log("peft")
     b, t, vocab = shape["batch"], shape["seq_len"], shape["vocabulary_size"]
     intermediate = shape["intermediate_dim"] // 2
 
@@ -317,13 +270,10 @@ def run_peft(shape, warmup, steps):
     info["torch_num_threads"] = torch.get_num_threads()
     log(f"timing train steps: warm-up {warmup}, timed {steps} (interleaved)")
     times = time_interleaved(fns, warmup, steps, log)
-    for name, s in times.items():
-        log(f"  {name:11s} {s['median_ms']:9.1f} ms  (min {s['min_ms']:.1f})")
+    log_times(log, times, 11)
     info["times"] = times
     info["loadavg_end"] = list(os.getloadavg())
-    info["ratios"] = {
-        "peft_lora/peft_floor": times["peft_lora"]["median_ms"] / times["peft_floor"]["median_ms"]
-    }
+    info["ratios"] = ratios(times, PEFT_PAIRS)
     info["versions"] = versions(["torch", "transformers", "peft", "numpy"])
     return info
 
@@ -359,10 +309,7 @@ def render(results, meta):
         f"- each variant is a fresh model from seed {SEED}, compiled after its "
         f"trainable flags were set, `jit_compile=\"auto\"`"
     )
-    lines.append(
-        f"- machine: {env['cpu_model']}, os.cpu_count()={env['cpu_count']}, "
-        f"{env['platform']}, Python {env['python']}"
-    )
+    lines.append(machine_line(env))
     lines.append("")
 
     keras_parts = [b for b in BACKENDS if b in results]
@@ -381,7 +328,7 @@ def render(results, meta):
             for c in cols:
                 s = r["times"][c]
                 cells.append(f"{s['median_ms']:.1f} [{s['p25_ms']:.1f}-{s['p75_ms']:.1f}]")
-            lines.append(f"| {b} | {compiled_label(b, r)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {b} | {compiled(b, r)} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("## Keras backends: ratios (target in brackets)\n")
         rheads = [
@@ -415,7 +362,7 @@ def render(results, meta):
             r = results[b]
             if "error" in r:
                 continue
-            mins = keras_ratios(r["times"], "min_ms")
+            mins = ratios(r["times"], KERAS_PAIRS, "min_ms")
             lines.append(f"| {b} | " + " | ".join(f"{mins[k]:.3f}" for k, _, _ in rheads) + " |")
         lines.append("")
         lines.append("Trainable parameters per variant:")
@@ -464,7 +411,7 @@ def render(results, meta):
             lines.append("")
             lines.append(
                 f"- PEFT LoRA / PEFT floor: {r['ratios']['peft_lora/peft_floor']:.3f} "
-                f"(from min: {r['times']['peft_lora']['min_ms'] / r['times']['peft_floor']['min_ms']:.3f})"
+                f"(from min: {ratios(r['times'], PEFT_PAIRS, 'min_ms')['peft_lora/peft_floor']:.3f})"
             )
             t = results.get("torch")
             if t and "error" not in t:
@@ -481,18 +428,14 @@ def render(results, meta):
         for b in keras_parts:
             r = results[b]
             if "error" in r:
-                lines.append(f"- [{b}] MISS: backend run failed ({r['error']})")
+                lines.append(failed_target(b, r))
                 continue
             for key, lim, label in TARGETS:
                 v = r["ratios"][key]
                 lines.append(f"- [{b}] {label}: {v:.3f} {verdict(v, lim)}")
         lines.append("")
 
-    loads = [
-        f"{part} {r['loadavg_start'][0]:.2f} -> {r['loadavg_end'][0]:.2f}"
-        for part, r in results.items()
-        if "loadavg_start" in r and "loadavg_end" in r
-    ]
+    loads = [s for s in (load_span(part, r) for part, r in results.items()) if s]
     if loads:
         lines.append(
             "1-minute load average at start -> end of each part (the machine is "
@@ -500,66 +443,55 @@ def render(results, meta):
             "the cores): " + "; ".join(loads)
         )
         lines.append("")
-    lines.append("## Versions\n")
-    seen = {}
-    for part, r in results.items():
-        for k, v in r.get("versions", {}).items():
-            seen.setdefault(k, v)
-    lines.append(", ".join(f"{k} {v}" for k, v in sorted(seen.items())))
-    lines.append("")
+    lines.extend(versions_section(results))
     return "\n".join(lines)
 
 
-def compiled_label(backend, r):
+def compiled(backend, r):
+    """compiled_label of a Keras backend run (train models and predict)."""
     jit = r["jit_compile"]
-    eager = any(r.get("run_eagerly", {}).values())
-    if backend == "torch" and not any(jit.values()) and not eager:
-        return "eager torch (Keras: auto -> no jit on torch)"
-    if backend == "tensorflow" and not any(jit.values()) and not eager:
-        return "tf.function graph, no XLA (Keras: auto -> no XLA on CPU-only TF)"
-    if backend == "jax" and all(jit.values()):
-        return "jax.jit (XLA)"
-    return f"jit_compile={jit}, run_eagerly={r.get('run_eagerly')}"
+    return compiled_label(
+        backend,
+        jit.values(),
+        any(r.get("run_eagerly", {}).values()),
+        long=True,
+        fallback=f"jit_compile={jit}, run_eagerly={r.get('run_eagerly')}",
+    )
 
 
 # ----------------------------------------------------------------------
 # Driver
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backend", choices=BACKENDS, help="run the Keras part on this backend")
+def build_parser(prog=PROG):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add_run_args(
+        p,
+        backend_help="run the Keras part on this backend",
+        all_help="every backend, then PEFT, each in a subprocess",
+        small_help="tiny shapes for a functional check",
+    )
     p.add_argument("--peft", action="store_true", help="run the PEFT (pure PyTorch) part")
-    p.add_argument("--all", action="store_true", help="every backend, then PEFT, each in a subprocess")
-    p.add_argument("--small", action="store_true", help="tiny shapes for a functional check")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 15; 10 with --small)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per variant (default 3)")
-    p.add_argument("--markdown", help="write the report as markdown to this path")
-    p.add_argument("--json-out", help="write raw results as JSON to this path")
+    add_output_args(p)
+    return p
+
+
+def parse_args(argv=None, prog=PROG):
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if sum([bool(args.backend), args.peft, args.all]) != 1:
         p.error("give exactly one of --backend, --peft, --all")
-    steps = args.steps or (10 if args.small else 15)
-    if steps < 10 or args.warmup < 3:
-        print("note: fewer than 10 timed / 3 warm-up steps", flush=True)
-    shape_name = "small" if args.small else "full"
-    shape = SHAPES[shape_name]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    meta = {
-        "shape_name": shape_name,
-        "shape": shape,
-        "steps": steps,
-        "warmup": args.warmup,
-        "environment": environment(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    return args
+
+
+def main(argv=None, prog=PROG):
+    args = parse_args(argv, prog)
+    steps, shape_name, shape = resolve_run(args)
+    meta = make_meta(shape_name, steps, args.warmup)
 
     results = {}
     if args.all:
-        extra = ["--steps", str(steps), "--warmup", str(args.warmup)]
-        if args.small:
-            extra.append("--small")
-        for b in BACKENDS:
-            results[b] = run_child(["--backend", b, *extra], {"KERAS_BACKEND": b})
-        results["peft"] = run_child(["--peft", *extra], {})
+        extra = forward_args(args, steps)
+        results.update(run_backends(SUITE, extra))
+        results["peft"] = run_child(SUITE, ["--peft", *extra], {})
     elif args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
         results[args.backend] = run_keras(args.backend, shape, args.warmup, steps)
@@ -567,31 +499,21 @@ def main(argv=None):
         results["peft"] = run_peft(shape, args.warmup, steps)
 
     if args.json_out:
-        part = next(iter(results.values()))
-        with open(args.json_out, "w") as f:
-            json.dump(part if not args.all else {"meta": meta, "results": results}, f, indent=1)
+        write_json(args.json_out, results, meta, whole=args.all)
 
     report = render(results, meta)
-    print()
-    print(report, flush=True)
+    print_report(report)
     if args.markdown:
-        header = [
-            "# Step-time benchmark",
-            "",
-            f"Measured {meta['date']} on a {meta['environment']['cpu_count']}-core CPU VM "
-            f"({meta['environment']['cpu_model']}), shapes `{shape_name}`, with",
-            "`python benchmarks/step_time.py --all"
-            + (" --small" if args.small else "")
-            + (f" --steps {steps}" if args.steps else "")
-            + f" --markdown {args.markdown}`.",
-            "",
-        ]
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(header) + "\n" + report)
-        print(f"wrote {args.markdown}", flush=True)
-    missing = [k for k, r in results.items() if "error" in r]
-    return 1 if missing else 0
+        mode = "--all" if args.all else (f"--backend {args.backend}" if args.backend else "--peft")
+        write_markdown(
+            args.markdown,
+            "Step-time benchmark",
+            meta,
+            shape_name,
+            command_line(prog, mode, args, steps),
+            report,
+        )
+    return exit_status(results)
 
 
 if __name__ == "__main__":

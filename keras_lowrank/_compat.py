@@ -8,13 +8,19 @@ import contextlib
 
 import keras
 from keras import ops
+from keras.src.models.functional import Functional
+from keras.src.quantizers import dequantize_with_sz_map
+from keras.src.quantizers import unpack_int4
+
+try:
+    from keras.src.backend.common.variables import AutocastScope
+except ImportError:  # an older Keras layout
+    AutocastScope = None
 
 
 def no_autocast():
     """A scope in which float variables are read in their stored dtype."""
-    try:
-        from keras.src.backend.common.variables import AutocastScope
-    except ImportError:  # older Keras layout
+    if AutocastScope is None:
         return contextlib.nullcontext()
     return AutocastScope(None)
 
@@ -82,9 +88,6 @@ def keras_dequantize(layer):
     """Float32 kernel of a Keras int8/int4 Dense or EinsumDense, with Keras's
     own layout rules (keras/src/layers/core/{dense,einsum_dense}.py,
     `_get_kernel_with_merged_lora`)."""
-    from keras.src.quantizers import dequantize_with_sz_map
-    from keras.src.quantizers import unpack_int4
-
     mode = layer.quantization_mode
     einsum = isinstance(layer, keras.layers.EinsumDense)
     codes = as_tensor(layer._kernel.value)
@@ -121,8 +124,6 @@ def keras_float_kernel_shape(layer):
 
 def is_functional(layer):
     """Whether `layer` is a Keras Functional model (graph of layers)."""
-    from keras.src.models.functional import Functional
-
     return isinstance(layer, Functional)
 
 

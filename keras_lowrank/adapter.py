@@ -157,12 +157,6 @@ class Adapter(keras.layers.Wrapper):
         return {name: getattr(self, name) for name in self.option_names()}
 
     # ------------------------------------------------------------------
-    # Scaling
-    @property
-    def scaling(self):
-        return self.alpha / self.rank
-
-    # ------------------------------------------------------------------
     # Variables
     def variable_specs(self, geometry):
         """The adapter's variables for a kernel of this geometry."""
@@ -346,7 +340,9 @@ class Adapter(keras.layers.Wrapper):
         rows = self.geometry.inputs_to_rows(x)
         a = ops.cast(_compat.as_tensor(a_t), rows.dtype)
         h = ops.matmul(rows, ops.swapaxes(a, -1, -2))
-        if scale != 1.0:  # scale the r-wide tensor, not the output
+        # Scale the r-wide tensor, not the output; `scale` may be a Python
+        # number (skipped when 1) or a tensor (a value that changes per step).
+        if not (isinstance(scale, (int, float)) and scale == 1.0):
             h = h * ops.cast(scale, h.dtype)
         return ops.matmul(h, ops.cast(b, rows.dtype))
 

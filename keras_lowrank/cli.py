@@ -24,6 +24,8 @@ import os
 import subprocess
 import sys
 
+import keras_lowrank_cli
+
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
@@ -116,8 +118,6 @@ def _use_backend(backend, argv):
 # ----------------------------------------------------------------------
 # Helpers
 def _table(head, rows):
-    import keras_lowrank_cli
-
     return keras_lowrank_cli.table(head, rows)
 
 
@@ -207,8 +207,6 @@ def cmd_demo(argv):
 def cmd_inspect(args):
     """`keras-lowrank inspect FILE`: list the adapters of a `.keras` model or
     an adapter file, from the file's metadata (Keras is not needed)."""
-    import keras_lowrank_cli
-
     try:
         return keras_lowrank_cli.inspect(args.file)
     except keras_lowrank_cli.FileError as e:
