@@ -8,6 +8,7 @@ import contextlib
 
 import keras
 from keras import ops
+from keras.src.backend.common import global_state
 from keras.src.models.functional import Functional
 from keras.src.quantizers import dequantize_with_sz_map
 from keras.src.quantizers import unpack_int4
@@ -207,10 +208,13 @@ def node_inputs(operation, node_index):
     return list(nodes[node_index].input_tensors) if node_index < len(nodes) else []
 
 
-def call_context_training(layer):
+def call_context_training():
     """The `training` flag Keras resolved for the call in progress (`None`
-    outside a call or when nobody set it)."""
-    ctx = layer._get_call_context() if hasattr(layer, "_get_call_context") else None
+    outside a call or when nobody set it). Reads the current call context
+    without creating one: `Layer._get_call_context()` would make a context
+    that nothing clears when the layer's `call` runs outside `__call__`
+    (JAX's `stateless_call`), and every later call would inherit its flag."""
+    ctx = global_state.get_global_attribute("current_call_ctx")
     return None if ctx is None else ctx.training
 
 

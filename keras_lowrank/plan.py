@@ -673,7 +673,7 @@ def _adapted_class(base_cls):
     def call(self, *args, **kwargs):
         training_flag = kwargs.get("training")
         if training_flag is None:
-            training_flag = _compat.call_context_training(self)
+            training_flag = _compat.call_context_training()
         shared.begin_call(self, bool(training_flag))
         return base_cls.call(self, *args, **kwargs)
 

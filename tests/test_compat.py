@@ -67,7 +67,18 @@ def test_optimizer_layer_and_call_context_internals_exist():
     layer.build((None, 3))
     assert _compat.float_kernel(layer) is layer.kernel
     assert [v.name for v in _compat.created_trainable(layer)] == ["kernel", "bias"]
-    assert callable(layer._get_call_context)
+    from keras.src.backend.common import global_state
+
+    assert global_state.get_global_attribute("current_call_ctx") is None
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x, training=None):
+            seen.append(_compat.call_context_training())
+            return x
+
+    Probe()(np.ones((1, 2), "float32"), training=True)
+    assert seen == [True] and _compat.call_context_training() is None
 
 
 def test_docs_show_every_methods_options_as_declared():

@@ -91,6 +91,11 @@ def check_dylora_in_fit():
         seen.append(index)
     assert len(set(seen)) >= 2, seen  # drawn anew each step, inside fit
     assert int(to_np(state.eval_rank)) == 4  # inference stays at full rank
+    # reading the training flag left no call context behind (JAX calls the
+    # model's `call` outside `__call__`)
+    from keras.src.backend.common import global_state
+
+    assert global_state.get_global_attribute("current_call_ctx") is None
 
 
 IN_STEP_CHECKS = {"loraplus": check_loraplus_in_fit, "dylora": check_dylora_in_fit}
