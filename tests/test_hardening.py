@@ -16,12 +16,15 @@ from keras_lowrank import bases
 from keras_lowrank import registry
 
 from conftest import BACKEND
+from conftest import families
 from conftest import gemma_backbone
 from conftest import perturb
 from conftest import to_np
 from conftest import token_inputs
 
 METHODS = kl.methods()
+#: one method per family, for lifecycle checks that do not depend on the method
+FAMILIES = families()
 
 
 def snapshot(model):
@@ -255,22 +258,22 @@ def _refused(model, f, match, exc=ValueError):
 
 
 @pytest.mark.parametrize("base", ["float", "nf4"])
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("method", METHODS)
-def test_non_finite_file_is_refused_before_anything_is_written(method, bad, base, tmp_path):
-    def change(tensors, plan):
-        key = next(k for k in tensors if k.startswith("proj::"))
-        value = tensors[key].copy()
-        value.flat[0] = bad
-        tensors[key] = value
-        return tensors, plan
-
-    f = _poisoned(tmp_path, method, base, change)
-    _refused(_small(), f, "NaN or inf")
-    # also onto a model that has the same adapters already
+def test_non_finite_file_is_refused_before_anything_is_written(method, base, tmp_path):
     same = _small()
     kl.enable_adapter(same, method=method, rank=2, base=base)
-    _refused(same, f, "NaN or inf")
+    for bad in (np.nan, np.inf):
+        def change(tensors, plan):
+            key = next(k for k in tensors if k.startswith("proj::"))
+            value = tensors[key].copy()
+            value.flat[0] = bad
+            tensors[key] = value
+            return tensors, plan
+
+        f = _poisoned(tmp_path, method, base, change)
+        _refused(_small(), f, "NaN or inf")
+        # also onto a model that has the same adapters already
+        _refused(same, f, "NaN or inf")
 
 
 @pytest.mark.parametrize("dtype", ["int32", "bool"])
@@ -400,7 +403,7 @@ def test_loading_onto_merged_adapters_is_refused(tmp_path):
     _refused(model, f, "unmerge")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FAMILIES)
 def test_activity_regularizer_stays_on_the_layer_output(method, tmp_path):
     def build():
         inp = keras.Input((5,))
@@ -463,7 +466,7 @@ def test_bfloat16_model_trains_its_float32_adapters_with_adam(method):
         assert not np.array_equal(b, to_np(v)), f"{v.path} did not train"
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FAMILIES)
 def test_disabled_state_survives_a_keras_round_trip(method, tmp_path):
     model = _small()
     kl.enable_adapter(model, method=method, rank=2)
@@ -547,7 +550,7 @@ def test_rank_above_the_matrix_rank_is_allowed_with_one_warning():
     assert model.get_layer("ffn").rank == 7
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FAMILIES)
 def test_in_place_merge_rolls_back_bit_exactly(method):
     model = _small()
     kl.enable_adapter(model, method=method, rank=2)
@@ -592,7 +595,7 @@ def test_refused_merge_unmerge_and_disable_change_nothing():
     assert_unchanged(model, merged)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FAMILIES)
 def test_refused_load_onto_another_method_or_options_changes_nothing(method, tmp_path):
     model = _small()
     kl.enable_adapter(model, method=method, rank=2)
@@ -666,8 +669,8 @@ def test_trainable_count_formula_is_unchanged_by_the_plan():
 
 
 ONEDNN_FIT = r"""
-import numpy as np, keras, keras_lowrank as kl, sys
-for method in kl.methods():
+import json, numpy as np, keras, keras_lowrank as kl, sys
+for method in json.loads(sys.argv[1]):
     inp = keras.Input((8,))
     h = keras.layers.Dense(16, activation="relu", name="ffn")(inp)
     model = keras.Model(inp, keras.layers.Dense(4, name="out")(h))
@@ -684,7 +687,29 @@ def test_fit_logs_no_graph_rewriter_errors():
     fused MatMul + bias + Add + Relu into a node it cannot run and logged
     errors on every traced step; the adapters' update avoids that pattern."""
     env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="1")
-    proc = subprocess.run([sys.executable, "-c", ONEDNN_FIT], env=env, capture_output=True, text=True, timeout=300)
+    from conftest import families
+
+    proc = subprocess.run([sys.executable, "-c", ONEDNN_FIT, json.dumps(families())], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "fit ok" in proc.stdout, proc.stderr[-3000:]
     for needle in ("No registered", "remapper", "empty op name", "does not specify an operation"):
         assert needle not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_merging_disabled_adapters_gives_the_base(method):
+    """A disabled adapter folds to the base it computes (PiSSA: K_res + s A0 B0);
+    an in-place merge of a disabled adapter is refused."""
+    model = _small()
+    kl.enable_adapter(model, method=method, rank=2)
+    for _, a in kl.adapters(model):
+        perturb(a)
+    kl.set_adapter_enabled(model, False)
+    y_base = to_np(model(X5))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="disabled"):
+        kl.merge(model, unload=False)
+    assert_unchanged(model, before)
+    kl.merge(model)
+    assert not kl.adapters(model)
+    np.testing.assert_allclose(to_np(model(X5)), y_base, rtol=1e-5, atol=1e-5)

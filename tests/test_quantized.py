@@ -12,6 +12,7 @@ from keras_lowrank.quant.layers import NF4Linear
 
 from conftest import REFERENCE_MERGED
 from conftest import SMALL
+from conftest import families
 from conftest import gemma_backbone
 from conftest import np_layer_output
 from conftest import perturb
@@ -19,6 +20,10 @@ from conftest import to_np
 from conftest import token_inputs
 
 METHODS = kl.methods()
+FAMILIES = families()
+#: every method over NF4 (keras-lowrank's own storage); Keras's int8/int4
+#: once per method family (the storage axis is independent of the method)
+STORAGE_CASES = [(m, "nf4") for m in METHODS] + [(m, b) for m in FAMILIES for b in ("int8", "int4")]
 
 
 def _np_state(state):
@@ -176,9 +181,8 @@ def _reference_on_own_base(adapter, x, method):
     return np.tanh(y_inner + x.astype("float64") @ delta)
 
 
-@pytest.mark.parametrize("base", QBASES)
 @pytest.mark.parametrize("kind", sorted(SMALL))
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,base", STORAGE_CASES)
 def test_contract_on_quantized_base(method, kind, base, tmp_path):
     model, a, x, y_float = _quantized_small(method, kind, base)
     assert bases.base_kind(a.layer) == base
@@ -266,19 +270,18 @@ def _gradient_mask_and_adapter_file(make, x, method, base, tmp_path):
     np.testing.assert_allclose(to_np(fresh(x)), y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("base", QBASES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,base", STORAGE_CASES)
 def test_quantized_gradient_mask_and_adapter_file(method, base, tmp_path):
-    """Every method over every base, on small layers."""
+    """Methods over the bases, on small layers."""
     x = np.random.RandomState(0).normal(size=(4, 5)).astype("float32")
     _gradient_mask_and_adapter_file(_two_layers, x, method, base, tmp_path)
 
 
-@pytest.mark.parametrize("base", QBASES)
-def test_quantized_base_on_a_kerashub_backbone(base, tmp_path):
-    """The same flow once per base on a KerasHub Gemma (all its projections
-    are EinsumDense)."""
-    _gradient_mask_and_adapter_file(gemma_backbone, token_inputs(20), "lora", base, tmp_path)
+def test_nf4_base_on_a_kerashub_backbone(tmp_path):
+    """The same flow on a KerasHub Gemma (all its projections are
+    EinsumDense) over NF4. Keras's int8/int4 bases on KerasHub are
+    test_model_quantized_by_keras_before_adapting's."""
+    _gradient_mask_and_adapter_file(gemma_backbone, token_inputs(20), "lora", "nf4", tmp_path)
 
 
 def test_fit_gemma_on_nf4_base_lowers_the_loss():
@@ -358,7 +361,7 @@ def test_model_quantized_by_keras_before_adapting(mode, tmp_path):
     assert {bases.base_kind(a.layer) for _, a in kl.adapters(lm)} == {mode}
     np.testing.assert_array_equal(to_np(lm(x)), y_q)
     lm.compile(optimizer=keras.optimizers.Adam(2e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    losses = lm.fit(x, (x["token_ids"] + 3) % 20, epochs=6, batch_size=4, verbose=0).history["loss"]
+    losses = lm.fit(x, (x["token_ids"] + 3) % 20, epochs=3, batch_size=4, verbose=0).history["loss"]
     assert losses[-1] < losses[0]
     path = str(tmp_path / "q.keras")
     lm.save(path)
@@ -396,7 +399,7 @@ def test_requantizing_merge_in_the_base_storage(base):
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "float16"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", FAMILIES)
 def test_precision_on_nf4_base(method, policy):
     """Contract point 5 over NF4: forward, backward and merge under reduced
     precision; the kernel is dequantized in float32, then cast."""
