@@ -14,6 +14,8 @@ Example:
 import keras as _keras
 
 from keras_lowrank import layers
+from keras_lowrank import svd
+from keras_lowrank import svf
 from keras_lowrank import training
 from keras_lowrank.methods import dylora
 from keras_lowrank.methods import vera
@@ -30,6 +32,9 @@ from keras_lowrank.plan import adapters
 from keras_lowrank.registry import methods
 from keras_lowrank.saving import load_adapter
 from keras_lowrank.saving import save_adapter
+from keras_lowrank.spectrum import plot_spectrum
+from keras_lowrank.spectrum import spectrum
+from keras_lowrank.spectrum import spectrum_share
 from keras_lowrank.targeting import resolve_targets
 from keras_lowrank.version import __version__
 
@@ -57,6 +62,11 @@ __all__ = [
     "resolve_targets",
     "save_adapter",
     "set_adapter_enabled",
+    "plot_spectrum",
+    "spectrum",
+    "spectrum_share",
+    "svd",
+    "svf",
     "training",
     "unmerge",
     "vera",

@@ -31,6 +31,12 @@ class AdapterSummary:
         self.head_rule = head_rule
 
     @property
+    def adapter_params(self):
+        """Trainable parameters of the adapters themselves (SVD-training's
+        σ values, LoRA's A and B, ...), without trained biases or layers."""
+        return sum(r["trainable"] for r in self.rows)
+
+    @property
     def adapted_paths(self):
         return [r["path"] for r in self.rows]
 
@@ -67,6 +73,12 @@ class AdapterSummary:
             f"{self.trainable_params:,} / {self.total_params:,} "
             f"({100 * self.trainable_fraction:.3f}%)"
         )
+        other = self.trainable_params - self.adapter_params
+        if other:
+            out.append(
+                f"adapter params: {self.adapter_params:,}   other trainable params: "
+                f"{other:,} (biases, trainable_layers)"
+            )
         return "\n".join(out)
 
     __repr__ = __str__
@@ -82,7 +94,7 @@ def summarize(model, method=None, heads=(), head_rule=None):
                 {
                     "path": entry.path,
                     "method": a.method,
-                    "rank": getattr(a, "rank", None),
+                    "rank": a.summary_rank(),
                     "matrix": g.matrix_text(),
                     "base": bases.base_kind(a.layer),
                     "trainable": a.trainable_count(),

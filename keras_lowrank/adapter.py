@@ -41,6 +41,8 @@ class VariableSpec:
     shape: tuple
     initializer: object = "zeros"
     trainable: bool = True
+    #: `None`: the adapter's variable dtype (float32); "int32" for indices
+    dtype: str = None
 
 
 def adapter_policy_name(layer):
@@ -87,6 +89,13 @@ class Adapter(keras.layers.Wrapper):
     init_on_full_precision = False
     #: whether `attach(init=True)` rewrites the frozen kernel
     rewrites_kernel = False
+    #: whether the init decomposes the kernel (`keras_lowrank.svd`; the
+    #: plan shows a progress bar over many such layers)
+    uses_svd = False
+    #: variables recomputed from the base kernel (frozen singular vectors):
+    #: `.keras` files hold them, adapter files do not (`derive` rebuilds
+    #: them when an adapter file is loaded)
+    derived = ()
     #: marks adapter layers for `keras_lowrank.tree` (no import cycle)
     _klr_is_adapter = True
 
@@ -212,16 +221,18 @@ class Adapter(keras.layers.Wrapper):
 
     def build_adapter(self, geometry):
         for spec in self.variable_specs(geometry):
-            var = self.add_adapter_weight(spec.name, spec.shape, spec.initializer, spec.trainable)
+            var = self.add_adapter_weight(
+                spec.name, spec.shape, spec.initializer, spec.trainable, spec.dtype
+            )
             setattr(self, spec.name, var)
 
-    def add_adapter_weight(self, name, shape, initializer, trainable=True):
+    def add_adapter_weight(self, name, shape, initializer, trainable=True, dtype=None):
         var = self.add_weight(
             name=name,
             shape=tuple(shape),
             initializer=initializer,
             trainable=trainable,
-            dtype=self.variable_dtype,
+            dtype=dtype or self.variable_dtype,
         )
         self._adapter_vars[name] = var
         return var
@@ -469,6 +480,25 @@ class Adapter(keras.layers.Wrapper):
         if self.train_bias and bias is not None:
             shapes["base_bias"] = tuple(bias.shape)
         return shapes
+
+    def file_state(self):
+        """`adapter_state()` less the `derived` variables: what an adapter
+        file holds."""
+        return {k: v for k, v in self.adapter_state().items() if k not in self.derived}
+
+    def file_shapes(self, geometry):
+        """`state_shapes` less the `derived` variables."""
+        return {k: v for k, v in self.state_shapes(geometry).items() if k not in self.derived}
+
+    def derive(self, original, saved):
+        """Recompute the `derived` variables from `original`, the matrix of
+        the base the adapter was trained on, before an adapter file's
+        tensors (`saved`, name -> array) are loaded; raise if `saved` shows
+        the file was made for another base."""
+
+    def summary_rank(self):
+        """The rank the summary shows (`None`: not a rank method)."""
+        return getattr(self, "rank", None)
 
     def rebase(self, original):
         """Make the frozen kernel consistent with the adapter's (just loaded)

@@ -10,6 +10,9 @@ Subcommands:
   adapter file, from its metadata, without Keras (`keras_lowrank_cli`).
 - `keras-lowrank merge IN.keras OUT.keras`: fold the adapters into the base
   kernels and save a plain model.
+- `keras-lowrank spectrum FILE.keras [--plot OUT.png]`: the singular values
+  of every Dense/EinsumDense kernel (matrix view), with the share inside a
+  range (`--range 0.1 1.1`), and optionally their plot (matplotlib).
 
 Exit codes: 0 on success, 1 when a check fails or an operation cannot be
 carried out, 2 on bad input (a missing or unreadable file, a bad option).
@@ -68,6 +71,17 @@ def build_parser():
     merge.add_argument("input", metavar="IN.keras")
     merge.add_argument("output", metavar="OUT.keras")
     merge.set_defaults(func=cmd_merge)
+
+    spec = sub.add_parser(
+        "spectrum", help="singular values of every Dense/EinsumDense kernel of a .keras model"
+    )
+    spec.add_argument("file", metavar="FILE.keras")
+    spec.add_argument("--plot", metavar="OUT.png", default=None, help="also draw them (needs matplotlib)")
+    spec.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(0.1, 1.1),
+                      help="report the share of singular values in [LOW, HIGH] (default 0.1 1.1)")
+    spec.add_argument("--targets", nargs="+", default=None, metavar="PATTERN",
+                      help="only these layers (names, paths, globs, re:regexes)")
+    spec.set_defaults(func=cmd_spectrum)
     return parser
 
 
@@ -241,6 +255,45 @@ def cmd_merge(args):
     print(_table(("merged layer", "method", "rank", "matrix"), rows))
     print(f"merged {len(rows)} adapters into their kernels; saved {args.output} "
           f"({_count(model.weights):,} params, plain Dense/EinsumDense layers)")
+    return 0
+
+
+# ----------------------------------------------------------------------
+# spectrum
+def cmd_spectrum(args):
+    """`keras-lowrank spectrum FILE.keras [--plot OUT.png]`."""
+    import numpy as np
+
+    import keras_lowrank
+
+    low, high = args.range
+    if not (np.isfinite(low) and np.isfinite(high) and 0 <= low < high):
+        raise UsageError(f"--range needs 0 <= LOW < HIGH; got {low:g} {high:g}")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'keras-lowrank[plot]'") from None
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            raise UsageError(f"the plot's folder does not exist: {folder}")
+    model = _load(args.file)
+    try:
+        spectra = keras_lowrank.spectrum(model, targets=args.targets)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    rows = []
+    for path, values in spectra.items():
+        v = np.ravel(values)
+        rows.append((path, "x".join(str(d) for d in values.shape), f"{v.max():.4g}", f"{v.min():.4g}",
+                     f"{100 * keras_lowrank.spectrum_share(values, low, high):.1f}%"))
+    print(_table(("layer", "values", "largest", "smallest", f"in [{low:g}, {high:g}]"), rows))
+    share = keras_lowrank.spectrum_share(spectra, low, high)
+    total = sum(int(np.size(v)) for v in spectra.values())
+    print(f"{len(spectra)} kernels, {total:,} singular values, {100 * share:.1f}% in [{low:g}, {high:g}]")
+    if args.plot is not None:
+        keras_lowrank.plot_spectrum(spectra, args.plot, value_range=(low, high))
+        print(f"plot saved to {args.plot}")
     return 0
 
 

@@ -31,6 +31,7 @@ from keras_lowrank import bases
 from keras_lowrank import compiled
 from keras_lowrank import registry
 from keras_lowrank import shared
+from keras_lowrank import svd
 from keras_lowrank import targeting
 from keras_lowrank import training
 from keras_lowrank import tree
@@ -271,7 +272,7 @@ class Plan:
                 )
             by_layer.setdefault(known[layer_name].key, {})[var] = tensors[name]
         for lp in self.layers:
-            want = lp.adapter.state_shapes(lp.geometry)
+            want = lp.adapter.file_shapes(lp.geometry)
             have = by_layer.get(lp.key, {})
             if set(have) != set(want):
                 raise ValueError(
@@ -323,38 +324,10 @@ class Plan:
         model = self.model
         flags = _trainable_flags(model)
         attached, swapped, snapshots, new_states, state_snaps = [], [], [], [], []
+        n_svd = sum(1 for lp in self.layers if lp.adapter.uses_svd and not lp.existing)
         try:
-            for method, (state, is_new) in self.states.items():
-                tensors = getattr(self, "state_tensors", {}).get(method)
-                if is_new:
-                    if init or tensors is None:
-                        state.initialize()
-                    shared.attach(model, state)
-                    new_states.append(method)
-                elif tensors is not None:
-                    state_snaps.append((state, {k: _compat.copy_value(v) for k, v in state.file_state().items()}))
-                if tensors is not None:
-                    for name, var in state.file_state().items():
-                        var.assign(tensors[name])
-            for lp in self.layers:
-                a = lp.adapter
-                if lp.existing:
-                    snapshots.append((a, a.snapshot()))
-                    if fill is not None:
-                        fill(lp)
-                    continue
-                convert = None
-                if bases.base_kind(a.layer) != lp.base and lp.base != "float":
-                    convert = bases.converter(lp.base, lp.double_quant)
-                with tree.path_scope(lp.path):
-                    a.attach(init=init and convert is None)
-                attached.append(a)
-                if fill is not None:
-                    fill(lp)
-                if convert is not None:
-                    with tree.path_scope(lp.path + "/" + a.layer.name):
-                        a.attach_base(convert, init)
-                a.merged, a.adapter_enabled = lp.merged, lp.enabled
+            with svd.progress(n_svd if init or fill is not None else 0):
+                self._apply_layers(init, fill, attached, snapshots, new_states, state_snaps)
             for lp in self.layers:
                 if not lp.existing:
                     tree.replace_layer(model, lp.entry, lp.adapter)
@@ -382,6 +355,46 @@ class Plan:
             a.commit()
         compiled.after_change(model)
         return [lp.adapter for lp in self.layers]
+
+    def _apply_layers(self, init, fill, attached, snapshots, new_states, state_snaps):
+        """Model-level states, then each layer: attach, init or fill, convert."""
+        model = self.model
+        for method, (state, is_new) in self.states.items():
+            tensors = getattr(self, "state_tensors", {}).get(method)
+            if is_new:
+                if init or tensors is None:
+                    state.initialize()
+                shared.attach(model, state)
+                new_states.append(method)
+            elif tensors is not None:
+                state_snaps.append((state, {k: _compat.copy_value(v) for k, v in state.file_state().items()}))
+            if tensors is not None:
+                for name, var in state.file_state().items():
+                    var.assign(tensors[name])
+        for lp in self.layers:
+            with svd.layer_label(lp.path):
+                self._apply_layer(lp, init, fill, attached, snapshots)
+
+    @staticmethod
+    def _apply_layer(lp, init, fill, attached, snapshots):
+        a = lp.adapter
+        if lp.existing:
+            snapshots.append((a, a.snapshot()))
+            if fill is not None:
+                fill(lp)
+            return
+        convert = None
+        if bases.base_kind(a.layer) != lp.base and lp.base != "float":
+            convert = bases.converter(lp.base, lp.double_quant)
+        with tree.path_scope(lp.path):
+            a.attach(init=init and convert is None)
+        attached.append(a)
+        if fill is not None:
+            fill(lp)
+        if convert is not None:
+            with tree.path_scope(lp.path + "/" + a.layer.name):
+                a.attach_base(convert, init)
+        a.merged, a.adapter_enabled = lp.merged, lp.enabled
 
 
 SEP = "::"
@@ -415,7 +428,7 @@ def _new_layer(entry, spec, options, base, double_quant, label, where=None):
     path = entry.path
     bases.check_supported(layer, path)
     mode = bases.quantization_mode(layer)
-    if mode is not None and spec.layer_class.init_on_full_precision:
+    if mode is not None and spec.layer_class.rewrites_kernel:
         if where is None:
             raise ValueError(
                 f"Layer {path!r} is already quantized by Keras (mode={mode!r}); "

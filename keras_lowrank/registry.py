@@ -46,6 +46,10 @@ class Method:
     shared_state: type = None
     training: tuple = ()
     export_forms: tuple = ()
+    #: the learning rate the method wants, relative to LoRA's (the
+    #: singular-value methods train a few numbers on the scale of σ and
+    #: want a much larger one: spec §14, §15, §19)
+    lr_scale: float = 1.0
     #: section of the method spec it implements
     spec: str = ""
     status: str = "stable"

@@ -80,7 +80,7 @@ def save_adapter(model, path, as_lora=False):
     converted = set()
     for key, cfg in config["layers"].items():
         a = found[key]
-        state = dict(a.adapter_state())
+        state = dict(a.file_state())
         if as_lora and a.method != "lora":
             if "lora" not in registry.get(a.method).export_forms:
                 raise ValueError(
@@ -218,7 +218,9 @@ def load_adapter(model, path):
     def fill(lp):
         a = lp.adapter
         original = a.original_matrix(a.base_matrix())
-        for name, var in a.adapter_state().items():
+        if a.derived and not lp.existing:
+            a.derive(original, lp.tensors)
+        for name, var in a.file_state().items():
             var.assign(lp.tensors[name])
         a.rebase(original)
 

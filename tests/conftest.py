@@ -119,6 +119,33 @@ def ref_vera(adapter, w):
     return w + (a * d[None, :]) @ b * bv[None, :]
 
 
+def ref_svf(adapter, w):
+    """spec §14 (paper form): K + U diag(σ ⊙ (z - 1)) Vᵀ."""
+    u, s, v, z = (_v(adapter, n) for n in ("svf_u", "svf_s", "svf_v", "svf_z"))
+    return w + (u * (s * (z - 1.0))[None, :]) @ v.T
+
+
+def ref_svft(adapter, w):
+    """spec §15: K + sigmoid(g) U M_Ω Vᵀ, repeated positions adding up."""
+    u, v, m = _v(adapter, "svft_u"), _v(adapter, "svft_v"), _v(adapter, "svft_m")
+    rows, cols = to_np(adapter._adapter_vars["svft_index"])
+    dense = np.zeros((u.shape[1], u.shape[1]))
+    np.add.at(dense, (rows, cols), m)
+    gate = 1.0 / (1.0 + np.exp(-_v(adapter, "svft_gate")[0]))
+    return w + gate * u @ dense @ v.T
+
+
+def ref_lora_xs(adapter, w):
+    """spec §18: K + s A_f R B_f."""
+    return w + adapter.scaling * _v(adapter, "xs_a") @ _v(adapter, "xs_r") @ _v(adapter, "xs_b")
+
+
+def ref_svd_training(adapter, w):
+    """spec §19: K_res + U_q diag(σ) V_qᵀ (K_res is the layer's frozen kernel)."""
+    u, s, v = _v(adapter, "st_u"), _v(adapter, "st_s"), _v(adapter, "st_v")
+    return w + (u * s[None, :]) @ v.T
+
+
 # Each registered method must have an entry here: the contract fails for a
 # method without its NumPy statement.
 REFERENCE_MERGED = {
@@ -129,6 +156,11 @@ REFERENCE_MERGED = {
     "pissa": ref_lora,  # K_res + s A B; K_res is the layer's own frozen kernel
     "olora": ref_lora,  # the same, from a QR init
     "vera": ref_vera,
+    "milora": ref_lora,  # K_p + s A B from the minor triplets
+    "svf": ref_svf,
+    "svft": ref_svft,
+    "lora_xs": ref_lora_xs,
+    "svd_training": ref_svd_training,
 }
 
 

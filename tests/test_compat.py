@@ -48,7 +48,8 @@ def test_tracker_and_functional_internals_exist():
      "keras_lowrank.registry", "keras_lowrank.geometry", "keras_lowrank.options",
      "keras_lowrank.targeting", "keras_lowrank.quant.layers", "keras_lowrank.bases",
      "keras_lowrank.training", "keras_lowrank.methods.dylora", "keras_lowrank.methods.vera",
-     "keras_lowrank.methods.residual"],
+     "keras_lowrank.methods.residual", "keras_lowrank.methods.spectral", "keras_lowrank.svd",
+     "keras_lowrank.svf", "keras_lowrank.spectrum"],
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)

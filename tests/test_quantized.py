@@ -191,10 +191,11 @@ def test_contract_on_quantized_base(method, kind, base, tmp_path):
     y0 = to_np(model(x))
     with kl.disable_adapter(model):
         y_base = to_np(model(x))
-    if registry_spec(method).noop_at_init == "exact":
+    noop = registry_spec(method).noop_at_init
+    if noop == "exact":
         np.testing.assert_array_equal(y0, y_base)
-    else:
-        np.testing.assert_allclose(y0, y_base, atol=1e-5)
+    else:  # round-off, or a small start (LoRA-XS's R ~ N(0, 1e-10))
+        np.testing.assert_allclose(y0, y_base, atol=1e-5 if noop == "roundoff" else 1e-3)
     # 2. formula over the dequantized kernel (int8: around the layer's own
     # W8A8 output)
     perturb(a)

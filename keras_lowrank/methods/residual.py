@@ -17,18 +17,24 @@ matrix view `W` and freeze the residual `W - s A0 B0`, so the layer computes
 A method of the family only says how it decomposes `W` (`initial_factors`):
 
 - `PiSSA` (spec §16): the top-`r` singular triplets;
+- `MiLoRA` (spec §17): the `r` smallest singular triplets;
 - `OLoRA` (spec §20): the QR decomposition of `Wᵀ` (PyTorch layout).
+
+The singular triplets come from `keras_lowrank.svd` (one engine for every
+SVD method, on the host, the same on every backend).
 """
 
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import bases
 from keras_lowrank import linalg
 from keras_lowrank import options as opt
 from keras_lowrank import registry
+from keras_lowrank import svd
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import ALPHA
@@ -145,6 +151,7 @@ class PiSSA(ResidualLoRA):
     """
 
     method = "pissa"
+    uses_svd = True
     OPTIONS = ResidualLoRA.OPTIONS + (
         opt.Option(
             "svd_niter", None, opt.nonneg_int_or_none,
@@ -152,12 +159,74 @@ class PiSSA(ResidualLoRA):
         ),
     )
 
+    part = "top"
+
     def initial_factors(self, w):
-        u, s, v = linalg.svd(w, rank=self.rank, niter=self.svd_niter, seed=self.seed)
-        root = ops.sqrt(s / self.scaling)
-        a = u * ops.expand_dims(root, -2)  # (n_in, r)
-        b = ops.expand_dims(root, -1) * ops.swapaxes(v, -1, -2)
-        return a, b
+        u, s, v = svd.decompose(
+            w, rank=self.rank, part=self.part, niter=self.svd_niter, seed=self.seed, where=self.name
+        )
+        return split_triplets(u, s, v, self.scaling)
+
+
+def split_triplets(u, s, v, scaling):
+    """PiSSA's factors of `U diag(s) Vᵀ` at scale `scaling`:
+    `A = U diag(√(s/scaling))`, `B = diag(√(s/scaling)) Vᵀ`."""
+    root = np.sqrt(s / scaling)
+    a = u * root[..., None, :]  # (n_in, r)
+    b = root[..., :, None] * np.swapaxes(v, -1, -2)
+    return a, b
+
+
+def _exact_svd_only(value):
+    if value is not None:
+        raise ValueError
+    return None
+
+
+EXACT_SVD_ONLY = opt.Check(
+    "None (the exact SVD): MiLoRA adapts the smallest singular triplets, which a "
+    "randomized SVD does not approximate (it finds the top subspace)",
+    _exact_svd_only,
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_lowrank")
+class MiLoRA(PiSSA):
+    """LoRA initialized from the `r` smallest singular triplets (MiLoRA).
+
+    As PiSSA with the minor components: with `W = U diag(σ) Vᵀ` (exact,
+    float32 matrix view), `U_m, σ_m, V_m` the last `r` triplets and
+    `σ̃ = σ_m / s`: `A = U_m diag(√σ̃)`, `B = diag(√σ̃) V_mᵀ`, and the frozen
+    kernel becomes the principal part `W - U_m diag(σ_m) V_mᵀ`, so the layer
+    starts unchanged (to round-off). Dividing by `s` keeps that true for any
+    `alpha` (the paper takes `s = 1`). Merge is exact, and
+    `save_adapter(..., as_lora=True)` writes the rank-2r LoRA for the
+    original kernel, as for PiSSA. A randomized SVD is refused: it does not
+    approximate the minor subspace.
+
+    Args:
+        layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
+        merged, enabled: as for `LoRA` (the init is the SVD).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> dense = keras.layers.Dense(6)
+    >>> dense.build((None, 4))
+    >>> layer = keras_lowrank.layers.MiLoRA(dense, rank=2)
+    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+    (3, 6)
+    """
+
+    method = "milora"
+    part = "bottom"
+    OPTIONS = ResidualLoRA.OPTIONS + (
+        opt.Option(
+            "svd_niter", None, EXACT_SVD_ONLY,
+            "must be None: the minor triplets need the exact SVD",
+        ),
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -203,6 +272,18 @@ registry.register(
         noop_at_init="roundoff",
         export_forms=("lora",),
         spec="§16",
+    )
+)
+
+registry.register(
+    registry.Method(
+        name="milora",
+        layer_class=MiLoRA,
+        summary="MiLoRA: LoRA from the r smallest SVD triplets, principal part frozen",
+        trainable_count=registry.lowrank_count,
+        noop_at_init="roundoff",
+        export_forms=("lora",),
+        spec="§17",
     )
 )
 

@@ -3,7 +3,7 @@
 import numpy as np
 from keras import ops
 
-from keras_lowrank import linalg
+from keras_lowrank import svd
 from keras_lowrank.quant import nf4
 
 
@@ -35,7 +35,7 @@ def error_report(kernel, rank, alpha=None, double_quant=True):
     k = ops.convert_to_tensor(np.asarray(kernel, dtype="float32"))
     norm = float(ops.convert_to_numpy(ops.sqrt(ops.sum(k * k))))
     plain = k - _nf4_roundtrip(k, double_quant)
-    u, s, v = linalg.svd(k, rank=rank)
+    u, s, v = svd.decompose(k, rank=rank)
     principal = ops.matmul(u * ops.expand_dims(s, 0), ops.transpose(v))
     residual = k - principal
     q = k - (_nf4_roundtrip(residual, double_quant) + principal)
