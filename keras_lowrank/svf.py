@@ -28,6 +28,12 @@ from keras_lowrank.methods.spectral import SPECTRUM_RTOL
 SEP = plan_lib.SEP
 
 
+def _np(x):
+    from keras import ops
+
+    return np.array(ops.convert_to_numpy(x), dtype="float32")
+
+
 def svf_layers(model):
     """`[(path, adapter)]` of the model's SVF adapters, in model order."""
     return [(e.path, e.layer) for e in tree.walk(model)
@@ -51,7 +57,7 @@ def z_set(model):
     layers = svf_layers(model)
     if not layers:
         raise ValueError(f"Model {model.name!r} has no SVF adapters.")
-    return {path: np.array(a.read(a.svf_z)) for path, a in layers}
+    return {path: _np(a.read(a.svf_z)) for path, a in layers}
 
 
 def _file_expert(path, layers):
@@ -76,7 +82,7 @@ def _file_expert(path, layers):
         p, a = hit
         z = np.asarray(tensors[f"{key}{SEP}svf_z"], "float32")
         s = np.asarray(tensors[f"{key}{SEP}svf_s"], "float32")
-        mine = np.asarray(a.read(a.svf_s))
+        mine = _np(a.read(a.svf_s))
         if z.shape != tuple(a.svf_z.shape):
             raise ValueError(f"{where}: layer {p!r}: z has shape {z.shape}, the adapter {tuple(a.svf_z.shape)}.")
         err = float(np.abs(s - mine).max()) / max(float(np.abs(mine).max()), 1e-30)

@@ -164,6 +164,11 @@ REFERENCE_MERGED = {
 }
 
 
+#: the SVD-family methods: each fine-tunes a pretrained KerasHub Gemma in
+#: tests/test_svd_family.py
+SVD_FAMILY = ("milora", "lora_xs", "svf", "svft", "svd_training")
+
+
 def families():
     """One method per family (module of keras_lowrank.methods): the
     end-to-end KerasHub flows run once per family, the contract on small

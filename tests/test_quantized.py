@@ -361,6 +361,8 @@ def test_model_quantized_by_keras_before_adapting(mode, tmp_path):
     kl.enable_adapter(lm, method="dora", rank=2)
     assert {bases.base_kind(a.layer) for _, a in kl.adapters(lm)} == {mode}
     np.testing.assert_array_equal(to_np(lm(x)), y_q)
+    if mode == "int4":
+        return  # training and saving over a Keras-quantized base: int8 below (the same code path)
     lm.compile(optimizer=keras.optimizers.Adam(2e-2), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     losses = lm.fit(x, (x["token_ids"] + 3) % 20, epochs=3, batch_size=4, verbose=0).history["loss"]
     assert losses[-1] < losses[0]

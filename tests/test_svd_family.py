@@ -3,9 +3,6 @@ engine, SVF composition and the spectrum tools, against NumPy restatements
 of spec §14, §15, §17, §18 and §19."""
 
 import math
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -18,6 +15,7 @@ from keras_lowrank.geometry import KernelGeometry
 from keras_lowrank.methods import spectral
 
 from conftest import REFERENCE_MERGED
+from conftest import SVD_FAMILY
 from conftest import gemma_backbone
 from conftest import np_layer_output
 from conftest import np_matricize
@@ -25,7 +23,7 @@ from conftest import perturb
 from conftest import to_np
 from conftest import token_inputs
 
-FAMILY = ["milora", "lora_xs", "svf", "svft", "svd_training"]
+FAMILY = list(SVD_FAMILY)
 
 
 def _spectrum_matrix(n_in, n_out, low=1e-3, seed=0):
@@ -493,20 +491,21 @@ def test_spectrum_matches_numpy_for_dense_einsum_and_adapters(tmp_path):
     assert share2 == pytest.approx(kl.spectrum_share(spectra, 0.1, 1.1))
 
 
-def test_spectrum_cli(tmp_path):
+def test_spectrum_cli(tmp_path, capsys):
+    from keras_lowrank import cli
+
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="h"), keras.layers.Dense(3, name="out")])
     path = tmp_path / "m.keras"
     model.save(path)
     plot = tmp_path / "p.png"
-    env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "keras_lowrank", "spectrum", str(path), "--plot", str(plot)],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert "h " in proc.stdout and "out" in proc.stdout and "in [0.1, 1.1]" in proc.stdout
+    assert cli.main(["spectrum", str(path), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "h " in out and "out" in out and "in [0.1, 1.1]" in out and "2 kernels, 9 singular values" in out
     assert plot.stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "keras_lowrank", "spectrum", str(path), "--range", "2", "1"],
-                         capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "LOW < HIGH" in bad.stderr
+    assert cli.main(["spectrum", str(path), "--range", "2", "1"]) == 2
+    assert "LOW < HIGH" in capsys.readouterr().err
+    assert cli.main(["spectrum", str(tmp_path / "missing.keras")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------

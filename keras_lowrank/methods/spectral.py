@@ -718,6 +718,7 @@ registry.register(
         summary="LoRA-XS: a trained r x r matrix between frozen SVD factors, r² parameters",
         trainable_count=lambda g, o: g.n_shared * o["rank"] ** 2,
         noop_at_init="no",
+        lr_scale=10.0,
         spec="§18",
     )
 )

@@ -36,7 +36,7 @@ def error_report(kernel, rank, alpha=None, double_quant=True):
     norm = float(ops.convert_to_numpy(ops.sqrt(ops.sum(k * k))))
     plain = k - _nf4_roundtrip(k, double_quant)
     u, s, v = svd.decompose(k, rank=rank)
-    principal = ops.matmul(u * ops.expand_dims(s, 0), ops.transpose(v))
+    principal = ops.convert_to_tensor((u * s[None, :]) @ v.T)
     residual = k - principal
     q = k - (_nf4_roundtrip(residual, double_quant) + principal)
     e_plain = float(ops.convert_to_numpy(ops.sqrt(ops.sum(plain * plain)))) / norm
