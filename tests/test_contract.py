@@ -447,11 +447,12 @@ def _bert_like():
     return keras.Model(inp, keras.layers.Dense(3, name="out")(h))
 
 
-def test_pissa_as_lora(tmp_path):
+@pytest.mark.parametrize("method", ["pissa", "milora"])
+def test_residual_init_as_lora(method, tmp_path):
     bb = gemma_backbone()
     base_weights = [to_np(w).copy() for w in bb.weights]
     x = token_inputs(20)
-    kl.enable_adapter(bb, method="pissa", rank=2, alpha=4)
+    kl.enable_adapter(bb, method=method, rank=2, alpha=4)
     for _, a in kl.adapters(bb):
         perturb(a)
     y = to_np(bb(x))

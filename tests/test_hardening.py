@@ -421,7 +421,9 @@ def test_activity_regularizer_stays_on_the_layer_output(method, tmp_path):
         m.compile(optimizer="sgd", loss="mse")
         return m.evaluate(x, y, verbose=0)
 
-    np.testing.assert_allclose(loss(model), loss(plain), rtol=1e-5)
+    # LoRA-XS starts close to, not at, the base (R ~ N(0, 1e-10))
+    start_tol = 1e-5 if registry.get(method).noop_at_init != "no" else 1e-3
+    np.testing.assert_allclose(loss(model), loss(plain), rtol=start_tol)
     a = model.get_layer("ffn")
     assert a.activity_regularizer is not None and a.layer.activity_regularizer is None
     perturb(a)
