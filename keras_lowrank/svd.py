@@ -54,7 +54,8 @@ def layer_label(label):
 def progress(count, title="SVD"):
     """Report each `decompose(..., where=...)` call inside the block, with
     the layer's name, when `count` is at least `PROGRESS_FROM`: one line
-    rewritten in place on a terminal, a line per kernel otherwise."""
+    rewritten in place on a terminal or in a notebook, about ten lines in a
+    log."""
     show = count >= PROGRESS_FROM
     if show:
         print(f"{title} of {count} kernels", flush=True)
@@ -68,7 +69,9 @@ def progress(count, title="SVD"):
 
 
 def _interactive():
-    return hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
+    """A terminal or a notebook (which both honour a carriage return)."""
+    tty = hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
+    return tty or "ipykernel" in sys.modules
 
 
 def _tick(where):
@@ -83,8 +86,10 @@ def _tick(where):
         text = f"{state['title']} [{state['done']:>{width}}/{state['count']}] {where}"
         if _interactive():
             print("\r" + text.ljust(79)[:79], end="", flush=True)
-        else:
-            print(text, flush=True)
+        else:  # a log: about ten lines
+            step = max(1, -(-state["count"] // 10))
+            if state["done"] % step == 0 or state["done"] in (1, state["count"]):
+                print(text, flush=True)
 
 
 def as_numpy(matrix):
