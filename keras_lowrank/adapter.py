@@ -89,6 +89,9 @@ class Adapter(keras.layers.Wrapper):
     init_on_full_precision = False
     #: whether `attach(init=True)` rewrites the frozen kernel
     rewrites_kernel = False
+    #: whether the rank must be <= min(n_in, n_out) (`bounded_rank`): the
+    #: inits that decompose the kernel
+    rank_bounded = False
     #: whether the init decomposes the kernel (`keras_lowrank.svd`; the
     #: plan shows a progress bar over many such layers)
     uses_svd = False
@@ -171,11 +174,22 @@ class Adapter(keras.layers.Wrapper):
         """The adapter's variables for a kernel of this geometry."""
         raise NotImplementedError
 
+    def bounded_rank(self, geometry):
+        """The rank `rank_bounded` methods hold to `min(n_in, n_out)`."""
+        return getattr(self, "rank", None)
+
     def check_geometry(self, geometry, where=None):
         """Refuse what this adapter cannot be on this kernel, before anything
         is allocated: an equation with no matrix view, a rank the method
         bounds, a variable too large to allocate."""
         where = where or self.name
+        r = self.bounded_rank(geometry) if self.rank_bounded else None
+        if r is not None and r > geometry.rank_limit:
+            raise ValueError(
+                f"rank={r} is larger than layer {where!r} allows for method "
+                f"{self.method!r}: its kernel is a {geometry.n_in}x{geometry.n_out} "
+                f"matrix, so rank <= {geometry.rank_limit}."
+            )
         for spec in self.variable_specs(geometry):
             n = math.prod(spec.shape)
             if n > MAX_VARIABLE_ELEMENTS:
@@ -192,6 +206,8 @@ class Adapter(keras.layers.Wrapper):
 
     def rank_warnings(self, geometry):
         """Ranks that are allowed but cannot help (PEFT allows them too)."""
+        if self.rank_bounded:
+            return []  # refused by check_geometry instead
         rank = getattr(self, "rank", None)
         if rank is not None and rank > geometry.rank_limit:
             return [f"rank={rank} > min(n_in, n_out)={geometry.rank_limit} ({geometry.matrix_text()})"]

@@ -68,19 +68,6 @@ class ResidualLoRA(LoRA):
         residual base is `w - s A B`."""
         raise NotImplementedError
 
-    def check_geometry(self, geometry, where=None):
-        where = where or self.name
-        if self.rank > geometry.rank_limit:
-            raise ValueError(
-                f"rank={self.rank} is larger than layer {where!r} allows for "
-                f"method {self.method!r}: its kernel is a {geometry.n_in}x"
-                f"{geometry.n_out} matrix, so rank <= {geometry.rank_limit}."
-            )
-        super().check_geometry(geometry, where)
-
-    def rank_warnings(self, geometry):
-        return []
-
     def variable_specs(self, geometry):
         batch, n_in, n_out, r = geometry.batch_shape, geometry.n_in, geometry.n_out, self.rank
         return [

@@ -102,19 +102,8 @@ class SpectralAdapter(Adapter):
     def svd_options(self):
         return {"niter": getattr(self, "svd_niter", None), "seed": self.seed}
 
-    def check_geometry(self, geometry, where=None):
-        where = where or self.name
-        r = self.basis_rank(geometry)
-        if r > geometry.rank_limit:
-            raise ValueError(
-                f"rank={r} is larger than layer {where!r} allows for method "
-                f"{self.method!r}: its kernel is a {geometry.n_in}x{geometry.n_out} "
-                f"matrix, so rank <= {geometry.rank_limit}."
-            )
-        super().check_geometry(geometry, where)
-
-    def rank_warnings(self, geometry):
-        return []
+    def bounded_rank(self, geometry):
+        return self.basis_rank(geometry)
 
     def summary_rank(self):
         if not hasattr(self, "geometry"):
