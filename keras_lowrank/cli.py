@@ -243,7 +243,7 @@ def cmd_merge(args):
     found = keras_lowrank.adapters(model)
     if not found:
         raise UsageError(f"{args.input} has no adapters to merge")
-    rows = [(path, a.method, str(getattr(a, "rank", "-")), a.geometry.matrix_text()) for path, a in found]
+    rows = [(path, a.method, str(a.summary_rank() or "-"), a.geometry.matrix_text()) for path, a in found]
     try:
         keras_lowrank.merge(model)
     except FloatingPointError as e:
