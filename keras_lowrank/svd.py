@@ -164,7 +164,8 @@ def decompose(matrix, rank=None, part="top", niter=None, seed=None, where=None):
         part: `"top"` (largest singular values) or `"bottom"` (smallest).
         niter: `None` for the exact SVD; an int for a randomized SVD with
             that many subspace iterations (top triplets only).
-        seed: seed of the randomized SVD's test matrix.
+        seed: seed of the randomized SVD's test matrix (`None`: 0, so that
+            the same kernel always gives the same init).
         where: the layer's name, for the progress bar and errors.
 
     Returns:
@@ -200,7 +201,7 @@ def decompose(matrix, rank=None, part="top", niter=None, seed=None, where=None):
         )
     batch = w.shape[:-2]
     flat = w.reshape((-1,) + w.shape[-2:])
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0 if seed is None else seed)
     us, ss, vs = [], [], []
     for one in flat:
         if niter is None:

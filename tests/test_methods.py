@@ -143,7 +143,10 @@ def test_pissa_takes_the_principal_components(svd_niter):
     a = model.get_layer("target")
     np.testing.assert_allclose(to_np(model(x)), y0, atol=1e-5)
     ab = a.scaling * to_np(a.lora_a).astype("float64").T @ to_np(a.lora_b).astype("float64")
-    np.testing.assert_allclose(np.linalg.svd(ab, compute_uv=False)[:3], s[:3], rtol=1e-4)
+    # a randomized SVD without oversampling (PEFT's svd_lowrank(q=r)) is
+    # close to, not exactly, the top subspace
+    rtol = 1e-4 if svd_niter is None else 1e-3
+    np.testing.assert_allclose(np.linalg.svd(ab, compute_uv=False)[:3], s[:3], rtol=rtol)
     residual = to_np(a.layer.kernel)
     np.testing.assert_allclose(np.linalg.svd(residual, compute_uv=False)[0], s[3], rtol=1e-3)
 
