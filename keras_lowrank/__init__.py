@@ -21,6 +21,8 @@ from keras_lowrank.methods import dylora
 from keras_lowrank.methods import vera
 from keras_lowrank.adapt import AdapterSummary
 from keras_lowrank.bases import count_params
+from keras_lowrank.drop import LoRADropReport
+from keras_lowrank.drop import lora_drop
 from keras_lowrank.adapt import enable_adapter
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.geometry import KernelGeometry
@@ -50,6 +52,7 @@ __all__ = [
     "Adapter",
     "AdapterSummary",
     "KernelGeometry",
+    "LoRADropReport",
     "adapters",
     "count_params",
     "dylora",
@@ -57,6 +60,7 @@ __all__ = [
     "enable_adapter",
     "layers",
     "load_adapter",
+    "lora_drop",
     "merge",
     "methods",
     "resolve_targets",

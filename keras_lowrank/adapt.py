@@ -1,7 +1,10 @@
 """`enable_adapter`: put adapter layers into any Keras model, and the summary
 of what it did."""
 
+import math
+
 from keras_lowrank import bases
+from keras_lowrank import shared
 from keras_lowrank import tree
 from keras_lowrank.plan import Plan
 from keras_lowrank.plan import adapters
@@ -22,8 +25,12 @@ class AdapterSummary:
     packed bytes.
     """
 
-    def __init__(self, method, rows, trainable_params, total_params, heads=(), head_rule=None):
+    def __init__(self, method, rows, trainable_params, total_params, heads=(), head_rule=None,
+                 shared_params=0):
         self.method = method
+        #: trainable parameters held once by the model and read by several
+        #: layers (LoRA-drop's tied pairs), not in any row
+        self.shared_params = shared_params
         self.rows = rows
         self.trainable_params = trainable_params
         self.total_params = total_params
@@ -33,8 +40,9 @@ class AdapterSummary:
     @property
     def adapter_params(self):
         """Trainable parameters of the adapters themselves (SVD-training's
-        σ values, LoRA's A and B, ...), without trained biases or layers."""
-        return sum(r["trainable"] for r in self.rows)
+        σ values, LoRA's A and B, tied pairs shared by layers, ...), without
+        trained biases or layers."""
+        return sum(r["trainable"] for r in self.rows) + self.shared_params
 
     @property
     def adapted_paths(self):
@@ -73,6 +81,11 @@ class AdapterSummary:
             f"{self.trainable_params:,} / {self.total_params:,} "
             f"({100 * self.trainable_fraction:.3f}%)"
         )
+        if self.shared_params:
+            out.append(
+                f"shared by several layers (held once by the model): "
+                f"{self.shared_params:,} trainable params"
+            )
         other = self.trainable_params - self.adapter_params
         if other:
             out.append(
@@ -100,9 +113,12 @@ def summarize(model, method=None, heads=(), head_rule=None):
                     "trainable": a.trainable_count(),
                 }
             )
+    shared_params = sum(
+        math.prod(v.shape) for st in shared.states(model).values() for v in st.trainable_weights
+    )
     return AdapterSummary(
         method, rows, bases.count_params(model, trainable_only=True), bases.count_params(model),
-        heads, head_rule,
+        heads, head_rule, shared_params,
     )
 
 

@@ -153,11 +153,18 @@ class Adapter(keras.layers.Wrapper):
         refers to it without tracking it: the model holds it, once."""
         object.__setattr__(self, "_shared_ref", _Ref(state))
 
-    @property
-    def shared(self):
-        """The model-level state bound by `bind_shared` (or `None`)."""
+    def shared_state(self):
+        """The model-level state bound by `bind_shared` (or `None`).
+
+        A method, not a property: Keras's `.keras` saving walks an object's
+        properties and would store the state again under every layer."""
         ref = getattr(self, "_shared_ref", None)
         return None if ref is None else ref.state
+
+    def linked_variables(self):
+        """Variables of the model-level state this layer reads and trains
+        (LoRA-drop's tied pair); its own are in `trainable_variables`."""
+        return []
 
     def standalone_state(self, geometry):
         """The state a layer used on its own (outside `enable_adapter`)
@@ -220,7 +227,7 @@ class Adapter(keras.layers.Wrapper):
             self.layer.build(input_shape)
         bases.check_supported(self.layer, self.name)
         self.geometry = bases.geometry_of(self.layer)
-        if self.shared is None and self._standalone and not self._managed:
+        if self.shared_state() is None and self._standalone and not self._managed:
             state = self.standalone_state(self.geometry)
             if state is not None:
                 state.build()
@@ -343,6 +350,9 @@ class Adapter(keras.layers.Wrapper):
         y = self.layer(inputs)
         if not self.merged:
             if self.adapter_enabled:
+                probe = getattr(self, "_klr_probe", None)
+                if probe is not None:  # an eager measurement (lora_drop's importance)
+                    probe(self, inputs)
                 y = self.adapter_output(inputs, y, training)
             else:
                 y = self.base_output(inputs, y)

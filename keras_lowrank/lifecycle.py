@@ -180,3 +180,25 @@ def disable_adapter(model):
         for adapter, enabled in before:
             adapter.adapter_enabled = enabled
         compiled.reset_compiled_functions(model)
+
+
+def remove_adapters(model, paths=None):
+    """Take adapters out without merging: each gives back the layer it wraps,
+    with its activation, its kernel as it is and its own storage (used by
+    `keras_lowrank.lora_drop` between its stages). Adapters that rewrote the
+    kernel (PiSSA, ...) or are merged are refused, nothing changed."""
+    entries = [e for e in _adapter_entries(model) if paths is None or e.path in paths]
+    for e in entries:
+        if e.layer.merged or e.layer.rewrites_kernel:
+            raise ValueError(
+                f"Layer {e.path!r}: a {e.layer.method!r} adapter that is merged or "
+                "rewrote its kernel cannot be removed without merging."
+            )
+    for e in entries:
+        adapter = e.layer
+        adapter.layer.activation = adapter.activation
+        adapter.layer.activity_regularizer = adapter.activity_regularizer
+        tree.replace_layer(model, e, adapter.layer)
+    plan_lib.mark_adapted(model)
+    compiled.after_change(model)
+

@@ -223,6 +223,8 @@ class Plan:
                     raise ValueError(f"{where}: the {name} shared state config is malformed.")
             else:
                 config = cls_.config_for(lps, where)
+                if config is None:
+                    continue
             state = shared.get(self.model, name)
             if state is not None:
                 state.check_fits(config, where)
@@ -232,6 +234,7 @@ class Plan:
                 with tree.path_scope(shared.ATTRIBUTE + "/x"):
                     state.build()
                 is_new = True
+            state.check_layers(lps, where)
             self.states[name] = (state, is_new)
             for lp in lps:
                 lp.adapter.bind_shared(state)
@@ -683,6 +686,12 @@ def _adapted_class(base_cls):
         if self.built and getattr(self, "optimizer", None) is not None:
             self.optimizer.build(self.trainable_variables)
 
+    def weights(self):
+        return shared.with_state_variables(self, base_cls.weights.fget(self), "weights")
+
+    def variables(self):
+        return shared.with_state_variables(self, base_cls.variables.fget(self), "variables")
+
     def call(self, *args, **kwargs):
         training_flag = kwargs.get("training")
         if training_flag is None:
@@ -699,6 +708,8 @@ def _adapted_class(base_cls):
             "compile": compile,
             "compile_from_config": compile_from_config,
             "call": call,
+            "weights": property(weights, doc=base_cls.weights.__doc__),
+            "variables": property(variables, doc=base_cls.variables.__doc__),
             "_klr_base_class": base_cls,
             # Not the base class's module: Keras imports a keras/keras_hub
             # module named in a file and would find the plain class there,

@@ -39,6 +39,9 @@ class SharedState(keras.layers.Layer):
     """
 
     method = None
+    #: `keras_lowrank.tree` does not walk into states (they are not layers
+    #: of the model, and `freeze` must not touch trainable ones)
+    _klr_is_shared_state = True
 
     def __init__(self, state_config=None, **kwargs):
         kwargs.setdefault("name", f"{self.method}_shared_state")
@@ -48,8 +51,13 @@ class SharedState(keras.layers.Layer):
 
     @classmethod
     def config_for(cls, layer_plans, where):
-        """The state config the planned layers need."""
+        """The state config the planned layers need (`None`: they need no
+        state, e.g. LoRA-drop layers that all have their own pair)."""
         raise NotImplementedError
+
+    def check_layers(self, layer_plans, where):
+        """Raise a clear error if this state (new, from a file, or the
+        model's) cannot serve the planned layers."""
 
     def check_fits(self, config, where):
         """Raise a clear error if this state cannot serve layers that need
@@ -109,6 +117,23 @@ def detach(model, method):
     if held and method in held:
         with _compat.unlocked(model):
             held.pop(method)
+
+
+def with_state_variables(model, found, kind):
+    """`found` (the model's `weights` or `variables`) and the variables of
+    its states that are not in it yet: a Sequential model keeps its layer
+    list apart from what it tracks, so its states are added here (once)."""
+    held = states(model)
+    if not held:
+        return found
+    seen = {id(v) for v in found}
+    out = list(found)
+    for state in held.values():
+        for v in getattr(state, kind):
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
 
 
 def begin_call(model, training):

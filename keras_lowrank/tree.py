@@ -64,6 +64,8 @@ def walk(model, into_adapters=False):
         seen_names = {}
         seen_kinds = {}
         for child in _compat.sublayers(layer):
+            if getattr(child, "_klr_is_shared_state", False):
+                continue  # model-level method state: not a layer of the model
             kind = snake_case(layer_kind(child).__name__)
             position = seen_kinds.get(kind, 0)
             seen_kinds[kind] = position + 1
@@ -124,4 +126,8 @@ def replace_layer(model, entry, new):
 
 
 def all_layers_with_root(model):
-    return [model] + [e.layer for e in walk(model, into_adapters=True)]
+    """The model, its sublayers (inside adapters too) and its method states."""
+    from keras_lowrank import shared
+
+    return ([model] + [e.layer for e in walk(model, into_adapters=True)]
+            + list(shared.states(model).values()))

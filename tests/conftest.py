@@ -51,10 +51,16 @@ def einsum_model():
 SMALL = {"dense": (dense_model, DENSE_X), "einsum": (einsum_model, EINSUM_X)}
 
 
+def tunable(adapter):
+    """The variables an adapter trains: its own and the model-level ones it
+    reads (LoRA-drop's tied pair)."""
+    return list(adapter.trainable_variables) + [v for v in adapter.linked_variables() if v.trainable]
+
+
 def perturb(adapter, scale=0.3, seed=0):
     """Move every trainable variable off its no-op start."""
     rng = np.random.RandomState(seed)
-    for v in adapter.trainable_variables:
+    for v in tunable(adapter):
         value = rng.normal(scale=scale, size=tuple(v.shape)).astype("float32")
         if v.name == "magnitude":
             value = np.abs(value) + 0.5
@@ -112,11 +118,36 @@ def ref_dylora(adapter, w):
 def ref_vera(adapter, w):
     """spec §9: K + A diag(d) B diag(b), A and B sliced from the shared pair."""
     n_in, n_out = w.shape
-    a = to_np(adapter.shared.vera_a).astype("float64")[:n_in]
-    b = to_np(adapter.shared.vera_b).astype("float64")[:, :n_out]
+    a = to_np(adapter.shared_state().vera_a).astype("float64")[:n_in]
+    b = to_np(adapter.shared_state().vera_b).astype("float64")[:, :n_out]
     d = _v(adapter, "vera_lambda_d")
     bv = _v(adapter, "vera_lambda_b")
     return w + (a * d[None, :]) @ b * bv[None, :]
+
+
+def ref_lora_drop(adapter, w):
+    """spec §12: K + s A B with the layer's own pair or its shape's tied pair."""
+    a_t, b = (to_np(v).astype("float64") for v in adapter.pair())
+    return w + adapter.scaling * np.swapaxes(a_t, -1, -2) @ b
+
+
+def ref_loha(adapter, w):
+    """spec §10: K + s (P1 Q1) ⊙ (P2 Q2), P = Aᵀ."""
+    p1, p2 = factor_a(adapter, "loha_a1"), factor_a(adapter, "loha_a2")
+    q1, q2 = _v(adapter, "loha_b1"), _v(adapter, "loha_b2")
+    return w + adapter.scaling * (p1 @ q1) * (p2 @ q2)
+
+
+def ref_lokr(adapter, w):
+    """spec §11: K + s kron(F1, F2), each factor full or Aᵀ B."""
+    names = adapter._adapter_vars
+
+    def factor(i):
+        if f"lokr_f{i}" in names:
+            return _v(adapter, f"lokr_f{i}")
+        return factor_a(adapter, f"lokr_a{i}") @ _v(adapter, f"lokr_b{i}")
+
+    return w + adapter.scaling * np.kron(factor(1), factor(2))
 
 
 def ref_svf(adapter, w):
@@ -161,6 +192,9 @@ REFERENCE_MERGED = {
     "svft": ref_svft,
     "lora_xs": ref_lora_xs,
     "svd_training": ref_svd_training,
+    "lora_drop": ref_lora_drop,
+    "loha": ref_loha,
+    "lokr": ref_lokr,
 }
 
 

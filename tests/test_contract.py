@@ -27,6 +27,7 @@ from conftest import gemma_backbone
 from conftest import np_layer_output
 from conftest import perturb
 from conftest import to_np
+from conftest import tunable
 from conftest import token_inputs
 
 METHODS = kl.methods()
@@ -179,7 +180,7 @@ def test_precision(method, policy):
 
 
 def _adapter_grads(model, adapter, x):
-    variables = adapter.trainable_variables
+    variables = tunable(adapter)
     if BACKEND == "jax":
         import jax
 
@@ -233,6 +234,9 @@ def test_gradient_mask(method, train_bias):
         n = spec.trainable_count(g, a.options())
         assert a.trainable_count() == n
         expected += n + (math.prod(a.layer.bias.shape) if train_bias else 0)
+    # pairs tied across layers are counted once, by their matrix shapes
+    tied = {a.geometry.matrix_shape: a.rank for _, a in kl.adapters(model) if a.linked_variables()}
+    expected += sum(r * (s[-2] + s[-1]) * math.prod(s[:-2]) for s, r in tied.items())
     assert summary.trainable_params == expected
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     for _, a in kl.adapters(model):
@@ -255,9 +259,9 @@ def test_gradient_mask(method, train_bias):
         elif id(v) not in machinery:
             assert not changed, f"frozen {v.path} changed"
     names = sorted(v.path.split("/")[-1] for v in model.trainable_weights)
-    own = sorted(
-        n for _, a in kl.adapters(model) for n in (v.path.split("/")[-1] for v in a.trainable_variables)
-    )
+    own = sorted({
+        id(v): v.path.split("/")[-1] for _, a in kl.adapters(model) for v in tunable(a)
+    }.values())
     assert names == own
     has_bias = any(v.path.endswith("bias") for v in model.trainable_weights)
     assert has_bias == train_bias
@@ -487,7 +491,7 @@ for method, base in [(m, b) for m in json.loads(sys.argv[2]) for b in (None, "nf
     kl.enable_adapter(model, method=method, rank=2, targets=["target", "mix"], base=base)
     rng = np.random.RandomState(1)
     for _, a in kl.adapters(model):
-        for v in a.trainable_variables:
+        for v in list(a.trainable_variables) + a.linked_variables():
             val = rng.normal(scale=0.3, size=tuple(v.shape)).astype("float32")
             v.assign(np.abs(val) + 0.5 if v.name == "magnitude" else val)
     y = keras.ops.convert_to_numpy(model(x))
@@ -629,8 +633,8 @@ def test_merge_producing_nan_is_refused(method):
     model = _bad_model()
     kl.enable_adapter(model, method=method, rank=2)
     a = model.get_layer("ffn")
-    bad = np.full(tuple(a.trainable_variables[0].shape), np.inf, "float32")
-    a.trainable_variables[0].assign(bad)
+    bad = np.full(tuple(tunable(a)[0].shape), np.inf, "float32")
+    tunable(a)[0].assign(bad)
     before = snapshot(model)
     with pytest.raises(FloatingPointError, match="'ffn'"):
         kl.merge(model)

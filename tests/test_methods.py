@@ -325,12 +325,12 @@ def test_vera_projections_exist_once_and_stay_tied(tmp_path):
     x = SMALL["dense"][1]
     model = _vera_model(projection_seed=3)
     a, b = model.get_layer("a"), model.get_layer("b")
-    assert a.shared is b.shared
+    assert a.shared_state() is b.shared_state()
     assert sorted(v.path.split("/")[-1] for v in _projection_vars(model)) == ["vera_a", "vera_b"]
-    assert tuple(a.shared.vera_a.shape) == (7, 4) and tuple(a.shared.vera_b.shape) == (4, 7)
+    assert tuple(a.shared_state().vera_a.shape) == (7, 4) and tuple(a.shared_state().vera_b.shape) == (4, 7)
     want_a, want_b = kl.vera.projections(4, 7, 7, 3)  # NumPy: the same on every backend
-    np.testing.assert_array_equal(to_np(a.shared.vera_a), want_a)
-    np.testing.assert_array_equal(to_np(a.shared.vera_b), want_b)
+    np.testing.assert_array_equal(to_np(a.shared_state().vera_a), want_a)
+    np.testing.assert_array_equal(to_np(a.shared_state().vera_b), want_b)
     assert np.abs(want_a).max() <= np.sqrt(6 / 7) and np.abs(want_b).max() <= np.sqrt(6 / 4)
     for name in ("a", "b"):
         perturb(model.get_layer(name), seed=6)
@@ -338,12 +338,12 @@ def test_vera_projections_exist_once_and_stay_tied(tmp_path):
     # A change made through one layer is seen by every layer that shares it.
     def check_tied(m):
         sa, sb = m.get_layer("a"), m.get_layer("b")
-        assert sa.shared is sb.shared and len(_projection_vars(m)) == 2
-        old = to_np(sa.shared.vera_b).copy()
+        assert sa.shared_state() is sb.shared_state() and len(_projection_vars(m)) == 2
+        old = to_np(sa.shared_state().vera_b).copy()
         y0 = to_np(sb(np.ones((2, 7), "float32")))
-        sa.shared.vera_b.assign(old * 2)
+        sa.shared_state().vera_b.assign(old * 2)
         assert not np.allclose(to_np(sb(np.ones((2, 7), "float32"))), y0)
-        sa.shared.vera_b.assign(old)
+        sa.shared_state().vera_b.assign(old)
 
     check_tied(model)
     # optimizer: one slot set per trainable variable, none for the projections

@@ -149,15 +149,15 @@ class DyLoRA(LoRA):
 
     def layer_rank(self, ell):
         """This layer's rank for the model-level rank `ell`."""
-        big = self.shared.max_rank if self.shared is not None else self.rank
+        big = self.shared_state().max_rank if self.shared_state() is not None else self.rank
         if big == self.rank:
             return ell
         return ops.minimum(self.rank, (ell * self.rank + big - 1) // big)
 
     def active_rank(self, training):
-        if self.shared is None:
+        if self.shared_state() is None:
             return ops.convert_to_tensor(self.rank, "int32")
-        return self.layer_rank(self.shared.rank(bool(training)))
+        return self.layer_rank(self.shared_state().rank(bool(training)))
 
     def adapter_output(self, x, y, training):
         x = self.adapter_input(x, training)

@@ -91,6 +91,15 @@ class LoRA(Adapter):
         x = self.adapter_input(x, training)
         return self.add_lowrank(x, y, self.lora_a, self.lora_b, self.scaling)
 
+    def pair(self):
+        """`(Aᵀ, B)`: the variables this layer's update is made of."""
+        return self.lora_a, self.lora_b
+
+    def update_rows(self, x):
+        """`s (x A) B` for the layer input `x`, in rows of the matrix view."""
+        a_t, b = self.pair()
+        return self.lowrank_rows(x, a_t, b, self.scaling)
+
     def factor_a(self):
         """`A` in the Keras layout `(n_in, r)`, float32."""
         return ops.swapaxes(self.read(self.lora_a), -1, -2)

@@ -158,7 +158,7 @@ class VeRA(Adapter):
         ]
 
     def _projections(self, dtype=None):
-        state = self.shared
+        state = self.shared_state()
         if state is None:
             raise ValueError(
                 f"VeRA layer {self.name!r} has no projections: load it through its "
