@@ -4,6 +4,7 @@
     python benchmarks/run.py step_time [options]   # train-step / predict time
     python benchmarks/run.py quantized [options]   # quantized frozen bases
     python benchmarks/run.py svd_family [options]  # SVD engine, init and step time of the SVD family
+    python benchmarks/run.py loha_forms [options]  # LoHa's Khatri-Rao vs materialized forward, per rank
     python benchmarks/run.py all [options]         # every suite, one after the other
 
 `python benchmarks/run.py SUITE --help` lists a suite's options. With `all`,
@@ -14,7 +15,7 @@ folder that receives `benchmarks_<suite>.md` / `<suite>.json`. Each suite of
 `all` runs in its own process (the quantized suite measures peak memory,
 which must not include another suite's). Exit status: 0 if every part ran.
 
-The suites are `step_time.py`, `quantized.py` and `svd_family.py` next to this file (each still
+The suites are `step_time.py`, `quantized.py`, `svd_family.py` and `loha_forms.py` next to this file (each still
 runnable directly); their shared code is in `_common.py`. See README.md.
 """
 
@@ -24,7 +25,7 @@ import os
 import subprocess
 import sys
 
-SUITES = ("step_time", "quantized", "svd_family")
+SUITES = ("step_time", "quantized", "svd_family", "loha_forms")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

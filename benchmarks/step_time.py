@@ -18,6 +18,9 @@ trainable flags are set, Adam(1e-4), sparse CE from logits, no metrics):
                computes no weight gradient
 - plain / merged predict: `predict_on_batch` of the un-adapted model vs the
                ours-lora model after `keras_lowrank.merge(model)`
+- methods:     every registered method (rank 8, its defaults otherwise), a
+               fresh model each, as a ratio to our LoRA, with its trainable
+               parameter count
 
 Steps of all variants of one group are interleaved round-robin (one step of
 each variant per round, the order rotating each round), so slow drifts of a
@@ -190,11 +193,37 @@ def run_keras(backend, shape, warmup, steps):
     info["jit_compile"]["predict"] = bool(plain.jit_compile)
 
     info["times"] = {**train, **pred}
+    del lora, plain, models
+    info["methods"] = run_methods(shape, warmup, steps, log, x, y)
     info["loadavg_end"] = list(os.getloadavg())
     info["ratios"] = ratios(info["times"], KERAS_PAIRS)
     info["backend"] = backend
     info.update(backend_facts(backend))
     return info
+
+
+def run_methods(shape, warmup, steps, log, x, y):
+    """Every registered method (rank 8, its defaults otherwise) on the same
+    model, train steps interleaved: `{method: {trainable_params, median_ms,
+    vs_lora}}`."""
+    import keras_lowrank
+
+    models, params = {}, {}
+    for method in keras_lowrank.methods():
+        m = build_gemma(shape)
+        keras_lowrank.enable_adapter(m, method=method, rank=RANK)
+        compile_lm(m)
+        models[method] = m
+        params[method] = count_params(m.trainable_variables)
+    log(f"timing every method's train step: warm-up {warmup}, timed {steps} (interleaved)")
+    fns = {name: (lambda m=m: m.train_on_batch(x, y)) for name, m in models.items()}
+    times = time_interleaved(fns, warmup, steps, log)
+    lora = times["lora"]["median_ms"]
+    return {
+        name: {"trainable_params": params[name], "median_ms": t["median_ms"],
+               "p25_ms": t["p25_ms"], "p75_ms": t["p75_ms"], "vs_lora": t["median_ms"] / lora}
+        for name, t in times.items()
+    }
 
 
 # ----------------------------------------------------------------------
@@ -380,6 +409,27 @@ def render(results, meta):
                 f"{results[b0]['merge_max_abs_diff']:.2e} (max |logit| "
                 f"{results[b0]['merge_max_abs_logit']:.2f})"
             )
+        lines.append("")
+
+    with_methods = [b for b in keras_parts if "methods" in results[b]]
+    if with_methods:
+        lines.append("## Every method: train step relative to our LoRA (same model)\n")
+        lines.append(
+            f"Each registered method with `rank={RANK}` and its defaults otherwise "
+            "(LoRA-drop as `enable_adapter(method=\"lora_drop\")`: every layer reads "
+            "its shape's tied pair; SVF's rank 8 is its top 8 singular values), a fresh "
+            "model each, train steps interleaved; median step time / our LoRA's "
+            "(ms in brackets).\n"
+        )
+        lines.append("| method | trainable params | " + " | ".join(with_methods) + " |")
+        lines.append("|---|---|" + "---|" * len(with_methods))
+        first = results[with_methods[0]]["methods"]
+        for name in first:
+            cells = []
+            for b in with_methods:
+                row = results[b]["methods"].get(name)
+                cells.append("-" if row is None else f"{row['vs_lora']:.2f} ({row['median_ms']:.0f})")
+            lines.append(f"| {name} | {first[name]['trainable_params']:,} | " + " | ".join(cells) + " |")
         lines.append("")
 
     if "peft" in results:
