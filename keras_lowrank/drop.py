@@ -319,8 +319,9 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         if tied:
             enable_adapter(model, method="lora_drop", targets=_exact(tied), tied=True, **shared_opts)
     except BaseException:
-        if plan_lib.adapters(model):
-            lifecycle.remove_adapters(model)
+        ours = {p for p, _ in plan_lib.adapters(model)} & set(paths)
+        if ours:
+            lifecycle.remove_adapters(model, ours)
         plan_lib._restore_trainable_flags(flags)
         raise
     summary = summarize(model, "lora_drop")

@@ -27,8 +27,8 @@ from conftest import gemma_backbone
 from conftest import np_layer_output
 from conftest import perturb
 from conftest import to_np
-from conftest import tunable
 from conftest import token_inputs
+from conftest import tunable
 
 METHODS = kl.methods()
 #: one method per family: the KerasHub end-to-end flows run once per family

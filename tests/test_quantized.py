@@ -18,6 +18,7 @@ from conftest import np_layer_output
 from conftest import perturb
 from conftest import to_np
 from conftest import token_inputs
+from conftest import tunable
 
 METHODS = kl.methods()
 FAMILIES = families()
@@ -255,7 +256,7 @@ def _gradient_mask_and_adapter_file(make, x, method, base, tmp_path):
     model.train_on_batch(x, np.zeros(to_np(model(x)).shape, "float32"))
     for v, b in zip(q, before):
         np.testing.assert_array_equal(to_np(v), b)  # codes and constants untouched
-    own = {v.path.split("/")[-1] for _, a in kl.adapters(model) for v in a.trainable_variables}
+    own = {v.path.split("/")[-1] for _, a in kl.adapters(model) for v in tunable(a)}
     assert {v.path.split("/")[-1] for v in model.trainable_weights} == own
     y = to_np(model(x))
     f = tmp_path / "a.safetensors"
@@ -412,7 +413,7 @@ def test_precision_on_nf4_base(method, policy):
     kl.enable_adapter(model, method=method, rank=2, targets=["target"], base="nf4")
     a = model.get_layer("target")
     # adapter variables are float32 under every policy; they compute in the layer's dtype
-    assert {keras.backend.standardize_dtype(v.dtype) for v in a.trainable_variables} == {"float32"}
+    assert {keras.backend.standardize_dtype(v.dtype) for v in tunable(a)} == {"float32"}
     y0 = to_np(model(x)).astype("float32")
     with kl.disable_adapter(model):
         y_base = to_np(model(x)).astype("float32")

@@ -25,6 +25,7 @@ from keras import ops
 from keras_lowrank import options as opt
 from keras_lowrank import registry
 from keras_lowrank import shared
+from keras_lowrank.adapter import MAX_VARIABLE_ELEMENTS
 from keras_lowrank.methods.lora import LoRA
 from keras_lowrank.methods.lora import lora_a_initializer
 
@@ -57,6 +58,14 @@ class LoRADropPairs(shared.SharedState):
             key = group_key(g)
             want = {"batch": list(g.batch_shape), "n_in": g.n_in, "n_out": g.n_out,
                     "rank": o["rank"], "init": o["init"]}
+            size = max(g.n_in, g.n_out) * o["rank"] * g.n_shared
+            if size > MAX_VARIABLE_ELEMENTS:
+                raise ValueError(
+                    f"Layer {lp.path!r}: the tied lora_drop pair for its {key} kernel "
+                    f"matrix would hold {size:,} elements per factor with "
+                    f"rank={o['rank']} (the limit is {MAX_VARIABLE_ELEMENTS:,}); "
+                    "nothing was allocated."
+                )
             have = groups.setdefault(key, want)
             if have != want:
                 raise ValueError(
