@@ -170,7 +170,7 @@ class LoHa(_LycorisAdapter):
     transposed). PEFT's init: `A1 ~ U(±1/sqrt(n_in))`, `B1, B2 ~
     U(±1/sqrt(r))`, `A2 = 0`, so the layer starts as a no-op.
 
-    The forward never builds the update as PEFT does when `r² <
+    The forward never builds the update as PEFT does when `2 r² <
     min(n_in, n_out)`: it uses the Khatri–Rao form `s (x (A1 • A2)) (B1 ∗
     B2)` with `r²`-wide factors; otherwise it builds `ΔK` (`form` forces
     either).
@@ -203,7 +203,7 @@ class LoHa(_LycorisAdapter):
         RANK_DROPOUT,
         MODULE_DROPOUT,
         opt.Option("form", "auto", opt.choice(*FORMS),
-                   "factorized Khatri-Rao form when r² < min(n_in, n_out) (auto), or force one"),
+                   "factorized Khatri-Rao form when 2r² < min(n_in, n_out) (auto), or force one"),
     ) + Adapter.OPTIONS
 
     def variable_specs(self, geometry):
@@ -217,8 +217,8 @@ class LoHa(_LycorisAdapter):
 
     def factorized(self):
         """Whether the forward uses the Khatri–Rao form."""
-        if self.form == "auto":
-            return self.rank**2 < self.geometry.rank_limit
+        if self.form == "auto":  # the crossover measured in benchmarks/loha_forms.py
+            return 2 * self.rank**2 < self.geometry.rank_limit
         return self.form == "factorized"
 
     @staticmethod
