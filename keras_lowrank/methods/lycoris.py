@@ -318,7 +318,12 @@ class LoKr(_LycorisAdapter):
 
     def layout(self, geometry=None):
         g = geometry or self.geometry
-        return lokr_layout(g.n_in, g.n_out, self.rank, self.decompose_both, self.decompose_factor)
+        cached = getattr(self, "_layout_cache", None)
+        if cached is not None and cached[0] == (g.n_in, g.n_out):
+            return cached[1]  # the forward asks every step (torch runs it eagerly)
+        p = lokr_layout(g.n_in, g.n_out, self.rank, self.decompose_both, self.decompose_factor)
+        object.__setattr__(self, "_layout_cache", ((g.n_in, g.n_out), p))
+        return p
 
     def variable_specs(self, geometry):
         p = self.layout(geometry)
