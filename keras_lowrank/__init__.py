@@ -17,6 +17,7 @@ from keras_lowrank import layers
 from keras_lowrank import svd
 from keras_lowrank import svf
 from keras_lowrank import training
+from keras_lowrank.methods import adalora
 from keras_lowrank.methods import dylora
 from keras_lowrank.methods import vera
 from keras_lowrank.adapt import AdapterSummary
@@ -53,6 +54,7 @@ __all__ = [
     "AdapterSummary",
     "KernelGeometry",
     "LoRADropReport",
+    "adalora",
     "adapters",
     "count_params",
     "dylora",

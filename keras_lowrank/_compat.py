@@ -261,6 +261,15 @@ def innermost_optimizer(optimizer):
     return optimizer
 
 
+def unscaled_gradients(optimizer, grads):
+    """`grads` as the loss's own gradients: divided by the loss scale when
+    `optimizer` is Keras's `LossScaleOptimizer` (mixed float16)."""
+    scale = getattr(optimizer, "dynamic_scale", None)
+    if scale is None:
+        return grads
+    return [None if g is None else g / keras.ops.cast(scale, g.dtype) for g in grads]
+
+
 @contextlib.contextmanager
 def per_variable_learning_rate(optimizer, factor):
     """Within the block, `optimizer` updates each variable `v` with its own

@@ -513,8 +513,20 @@ class Adapter(keras.layers.Wrapper):
         return {k: v for k, v in self.adapter_state().items() if k not in self.derived}
 
     def file_shapes(self, geometry):
-        """`state_shapes` less the `derived` variables."""
+        """Name -> shape of `file_tensors()` (`None`: a size the file
+        chooses, e.g. AdaLoRA's kept rank)."""
         return {k: v for k, v in self.state_shapes(geometry).items() if k not in self.derived}
+
+    def file_tensors(self):
+        """Name -> value of what an adapter file holds for this layer
+        (default: the `file_state()` variables as they are)."""
+        return dict(self.file_state())
+
+    def load_file_tensors(self, tensors):
+        """Set this layer's variables from an adapter file's `tensors`
+        (the inverse of `file_tensors`)."""
+        for name, var in self.file_state().items():
+            var.assign(tensors[name])
 
     def derive(self, original, saved):
         """Recompute the `derived` variables from `original`, the matrix of

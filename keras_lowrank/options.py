@@ -64,6 +64,28 @@ def _nonneg_int_or_none(v):
     return int(v)
 
 
+def _nonneg_int(v):
+    if not _is_int(v) or int(v) < 0:
+        raise ValueError
+    return int(v)
+
+
+def _positive_int_or_none(v):
+    return None if v is None else _positive_int(v)
+
+
+def _unit_interval_open(v):
+    if not _is_real(v) or not 0.0 <= float(v) < 1.0:
+        raise ValueError
+    return float(v)
+
+
+def _nonneg_float(v):
+    if not _is_real(v) or not math.isfinite(float(v)) or float(v) < 0:
+        raise ValueError
+    return float(v)
+
+
 def _int_or_none(v):
     if v is None:
         return None
@@ -100,6 +122,10 @@ def _rate(v):
 
 positive_int = Check("a positive int", _positive_int)
 nonneg_int_or_none = Check("None or an int >= 0", _nonneg_int_or_none)
+nonneg_int = Check("an int >= 0", _nonneg_int)
+positive_int_or_none = Check("None or a positive int", _positive_int_or_none)
+beta = Check("a float in [0, 1)", _unit_interval_open)
+nonneg_float = Check("a finite float >= 0", _nonneg_float)
 seed = Check("None or an int", _int_or_none)
 boolean = Check("True or False", _boolean)
 positive_float = Check("a finite float > 0", _positive_float)

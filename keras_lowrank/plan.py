@@ -283,7 +283,7 @@ class Plan:
                     f"{sorted(want)}, the file holds {sorted(have)}."
                 )
             for var, value in have.items():
-                if tuple(value.shape) != tuple(want[var]):
+                if not _shape_fits(tuple(value.shape), tuple(want[var])):
                     raise ValueError(
                         f"{where}: {lp.path}{SEP}{var} has shape {tuple(value.shape)}, "
                         f"the layer needs {tuple(want[var])}."
@@ -401,6 +401,11 @@ class Plan:
 
 
 SEP = "::"
+
+
+def _shape_fits(shape, want):
+    """Whether a file tensor's `shape` is the `want`ed one (`None`: any size)."""
+    return len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
 
 
 def _check_kind(value, dtype, name, where):

@@ -50,6 +50,10 @@ class Method:
     #: singular-value methods train a few numbers on the scale of σ and
     #: want a much larger one: spec §14, §15, §19)
     lr_scale: float = 1.0
+    #: values for the options that have no default (AdaLoRA's
+    #: `total_steps`): what a minimal example passes; the contract suite
+    #: uses them
+    example_options: dict = dataclasses.field(default_factory=dict)
     #: section of the method spec it implements
     spec: str = ""
     status: str = "stable"

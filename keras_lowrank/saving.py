@@ -80,7 +80,7 @@ def save_adapter(model, path, as_lora=False):
     converted = set()
     for key, cfg in config["layers"].items():
         a = found[key]
-        state = dict(a.file_state())
+        state = a.file_tensors()
         if as_lora and a.method != "lora":
             if "lora" not in registry.get(a.method).export_forms:
                 raise ValueError(
@@ -220,8 +220,7 @@ def load_adapter(model, path):
         original = a.original_matrix(a.base_matrix())
         if a.derived and not lp.existing:
             a.derive(original, lp.tensors)
-        for name, var in a.file_state().items():
-            var.assign(lp.tensors[name])
+        a.load_file_tensors(lp.tensors)
         a.rebase(original)
 
     plan.apply(init=False, fill=fill)

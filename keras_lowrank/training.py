@@ -29,6 +29,7 @@ reload.
 """
 
 import keras
+from keras import ops
 
 from keras_lowrank import _compat
 from keras_lowrank import registry
@@ -50,6 +51,11 @@ class TrainingPart:
     def learning_rate_multipliers(self, model):
         """`{variable path: factor}` for the optimizer (optimizer parts)."""
         return {}
+
+    def optimizer_hook(self, model):
+        """An `OptimizerHook` that runs inside every optimizer step of
+        `model` (optimizer parts that need the step's gradients), or `None`."""
+        return None
 
     def __repr__(self):
         return f"{type(self).__name__}({self.kind!r}: {self.doc})"
@@ -94,6 +100,35 @@ class LearningRateRatio(TrainingPart):
         return out
 
 
+class OptimizerHook:
+    """Work an optimizer part does inside every optimizer step.
+
+    `AdapterOptimizer` calls `build` once (the hook creates its state with
+    `optimizer.add_variable`: optimizer variables, saved with the optimizer
+    and written safely inside the compiled step on every backend), then, in
+    each step, `after_apply(optimizer, step, grads, variables)` right after
+    the inner optimizer has updated the variables: `step` is the 0-based
+    index of the step just taken, `grads` the step's gradients, `variables`
+    the updated trainable variables (a hook may write those, never other
+    model variables: on JAX the optimizer sees only these). A hook is
+    serializable (`get_config`/`from_config`), so a reloaded model rebuilds
+    it and resumes with its saved state.
+    """
+
+    def build(self, optimizer, var_list):
+        pass
+
+    def after_apply(self, optimizer, step, grads, variables):
+        pass
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
 def parts(model, kind=None):
     """The training parts of the methods in `model` (of one `kind`)."""
     seen, out = set(), []
@@ -114,6 +149,12 @@ def learning_rate_multipliers(model):
     return out
 
 
+def optimizer_hooks(model):
+    """The `OptimizerHook`s of the optimizer parts in `model`."""
+    hooks = (part.optimizer_hook(model) for part in parts(model, "optimizer"))
+    return [h for h in hooks if h is not None]
+
+
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class AdapterOptimizer(keras.optimizers.Optimizer):
     """Any Keras optimizer, with the optimizer parts of the model's adapters.
@@ -125,9 +166,13 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
     PyTorch. `model.compile` puts it in place for methods that need it; it
     can also be built by hand.
 
+    It also runs the adapters' `OptimizerHook`s (AdaLoRA's importance and
+    budget) right after each update, with the step's gradients.
+
     Args:
         inner_optimizer: a Keras optimizer (instance, name or config).
         learning_rate_multipliers: `{variable path: factor}`.
+        hooks: `OptimizerHook`s (instances or serialized configs).
 
     Example:
 
@@ -138,12 +183,16 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
     0.001
     """
 
-    def __init__(self, inner_optimizer, learning_rate_multipliers=None, name=None, **kwargs):
+    def __init__(self, inner_optimizer, learning_rate_multipliers=None, hooks=(), name=None, **kwargs):
         super().__init__(learning_rate=0.0, name=name or "adapter_optimizer", **kwargs)
         self.inner_optimizer = keras.optimizers.get(inner_optimizer)
         self.learning_rate_multipliers = {
             str(k): float(v) for k, v in dict(learning_rate_multipliers or {}).items()
         }
+        self.hooks = [
+            h if isinstance(h, OptimizerHook) else keras.saving.deserialize_keras_object(h)
+            for h in hooks
+        ]
         self._factors = {}
 
     def build(self, var_list):
@@ -154,6 +203,8 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
             id(v): self.learning_rate_multipliers.get(v.path, 1.0) for v in var_list
         }
         super().build(var_list)
+        for hook in self.hooks:
+            hook.build(self, var_list)
 
     @property
     def variables(self):
@@ -168,8 +219,16 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
             variables = self._trainable_variables
         innermost = _compat.innermost_optimizer(self.inner_optimizer)
         factors = self._factors
-        with _compat.per_variable_learning_rate(innermost, lambda v: factors.get(id(v), 1.0)):
+        step = ops.convert_to_tensor(self.inner_optimizer.iterations)
+        if any(f != 1.0 for f in factors.values()):
+            with _compat.per_variable_learning_rate(innermost, lambda v: factors.get(id(v), 1.0)):
+                self.inner_optimizer.apply(grads, variables)
+        else:
             self.inner_optimizer.apply(grads, variables)
+        if self.hooks:
+            grads = _compat.unscaled_gradients(self.inner_optimizer, grads)
+            for hook in self.hooks:
+                hook.after_apply(self, step, list(grads), list(variables))
 
     @property
     def learning_rate(self):
@@ -195,6 +254,7 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
             "name": self.name,
             "inner_optimizer": keras.optimizers.serialize(self.inner_optimizer),
             "learning_rate_multipliers": dict(self.learning_rate_multipliers),
+            "hooks": [keras.saving.serialize_keras_object(h) for h in self.hooks],
         }
 
     @classmethod
@@ -216,7 +276,8 @@ def after_compile(model):
     if optimizer is None:
         return
     multipliers = learning_rate_multipliers(model)
+    hooks = optimizer_hooks(model)
     inner = unwrap(optimizer)
-    new = AdapterOptimizer(inner, multipliers) if multipliers else inner
+    new = AdapterOptimizer(inner, multipliers, hooks) if multipliers or hooks else inner
     if new is not optimizer:
         _compat.set_optimizer(model, new)
