@@ -219,7 +219,9 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
             variables = self._trainable_variables
         innermost = _compat.innermost_optimizer(self.inner_optimizer)
         factors = self._factors
-        step = ops.convert_to_tensor(self.inner_optimizer.iterations)
+        # the index of the step about to be taken (a copy: torch updates the
+        # counter in place)
+        step = ops.cast(ops.convert_to_tensor(self.inner_optimizer.iterations), "int32") + 0
         if any(f != 1.0 for f in factors.values()):
             with _compat.per_variable_learning_rate(innermost, lambda v: factors.get(id(v), 1.0)):
                 self.inner_optimizer.apply(grads, variables)

@@ -125,6 +125,29 @@ def ref_vera(adapter, w):
     return w + (a * d[None, :]) @ b * bv[None, :]
 
 
+def ref_lora_fa(adapter, w):
+    """spec §3: K + s A B (A frozen; the layer is LoRA's)."""
+    return ref_lora(adapter, w)
+
+
+def ref_delta_lora(adapter, w):
+    """spec §7: K_t + s A B with K_t = K + λ s (A B − A_start B_start) once
+    the step count is past start_step."""
+    ab = factor_a(adapter) @ _v(adapter, "lora_b")
+    out = w + adapter.scaling * ab
+    steps = int(to_np(adapter.shared_state().steps))
+    if steps > adapter.start_step:
+        ab0 = factor_a(adapter, "delta_a0") @ _v(adapter, "delta_b0")
+        out = out + adapter.update_ratio * adapter.scaling * (ab - ab0)
+    return out
+
+
+def ref_adalora(adapter, w):
+    """spec §6: K + c A diag(λ) B, c = alpha / (r + 1e-5)."""
+    c = adapter.alpha / (adapter.rank + 1e-5)
+    return w + c * (factor_a(adapter) * _v(adapter, "lora_e")[..., None, :]) @ _v(adapter, "lora_b")
+
+
 def ref_lora_drop(adapter, w):
     """spec §12: K + s A B with the layer's own pair or its shape's tied pair."""
     a_t, b = (to_np(v).astype("float64") for v in adapter.pair())
@@ -193,6 +216,9 @@ REFERENCE_MERGED = {
     "lora_xs": ref_lora_xs,
     "svd_training": ref_svd_training,
     "lora_drop": ref_lora_drop,
+    "lora_fa": ref_lora_fa,
+    "delta_lora": ref_delta_lora,
+    "adalora": ref_adalora,
     "loha": ref_loha,
     "lokr": ref_lokr,
 }
@@ -280,3 +306,11 @@ def token_inputs(vocab, batch=2, seq=8, segment=False, seed=0):
     if segment:
         x["segment_ids"] = np.zeros((batch, seq), "int32")
     return x
+
+
+def needs(method):
+    """The options a method cannot go without (its registry's
+    `example_options`, e.g. AdaLoRA's `total_steps`)."""
+    from keras_lowrank import registry
+
+    return dict(registry.get(method).example_options)

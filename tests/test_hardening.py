@@ -19,6 +19,7 @@ from conftest import BACKEND
 from conftest import families
 from conftest import gemma_backbone
 from conftest import perturb
+from conftest import needs
 from conftest import to_np
 from conftest import token_inputs
 from conftest import tunable
@@ -107,7 +108,7 @@ KINDS = {
 def _adapted(kind, method="lora"):
     make, x = KINDS[kind]
     model = make()
-    kl.enable_adapter(model, method=method, rank=2)
+    kl.enable_adapter(model, method=method, **needs(method), rank=2)
     for _, a in kl.adapters(model):
         perturb(a, scale=0.2)
     return model, x
@@ -241,7 +242,7 @@ def _small(name="ffn"):
 
 def _poisoned(tmp_path, method, base, change):
     model = _small()
-    kl.enable_adapter(model, method=method, rank=2, base=base)
+    kl.enable_adapter(model, method=method, **needs(method), rank=2, base=base)
     for _, a in kl.adapters(model):
         perturb(a)
     meta, plan, tensors = _read(_save(model, tmp_path / "ok.safetensors"))
@@ -262,7 +263,7 @@ def _refused(model, f, match, exc=ValueError):
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_file_is_refused_before_anything_is_written(method, base, tmp_path):
     same = _small()
-    kl.enable_adapter(same, method=method, rank=2, base=base)
+    kl.enable_adapter(same, method=method, **needs(method), rank=2, base=base)
     for bad in (np.nan, np.inf):
         def change(tensors, plan):
             # the layer's own tensor, or the tied pair it reads (LoRA-drop)
@@ -418,7 +419,7 @@ def test_activity_regularizer_stays_on_the_layer_output(method, tmp_path):
     plain = build()
     model = build()
     model.set_weights(plain.get_weights())
-    kl.enable_adapter(model, method=method, rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
 
     def loss(m):
         m.compile(optimizer="sgd", loss="mse")
@@ -457,7 +458,7 @@ def test_bfloat16_model_trains_its_float32_adapters_with_adam(method):
     inp = keras.Input((8,))
     h = keras.layers.Dense(16, activation="relu", dtype="bfloat16", name="ffn")(inp)
     model = keras.Model(inp, keras.layers.Dense(4, dtype="bfloat16", name="out")(h))
-    kl.enable_adapter(model, method=method, rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
     a = model.get_layer("ffn")
     assert {keras.backend.standardize_dtype(v.dtype) for v in tunable(a)} == {"float32"}
     assert a.compute_dtype == "bfloat16"
@@ -474,7 +475,7 @@ def test_bfloat16_model_trains_its_float32_adapters_with_adam(method):
 @pytest.mark.parametrize("method", FAMILIES)
 def test_disabled_state_survives_a_keras_round_trip(method, tmp_path):
     model = _small()
-    kl.enable_adapter(model, method=method, rank=2)
+    kl.enable_adapter(model, method=method, **needs(method), rank=2)
     for _, a in kl.adapters(model):
         perturb(a)
     with kl.disable_adapter(model):
@@ -526,14 +527,14 @@ def test_refused_enable_adapter_changes_nothing(method):
         if kwargs == dict(rank=10**12) and not huge:
             continue  # LoKr: a rank past PEFT's bound only makes its factors full
         try:
-            kl.enable_adapter(model, method=method, **{"targets": ["ffn"], **kwargs})
+            kl.enable_adapter(model, method=method, **needs(method), **{"targets": ["ffn"], **kwargs})
         except (ValueError, TypeError):
             pass
         else:
             raise AssertionError(f"{method}: {kwargs} was not refused")
         assert_unchanged(model, before)
     # and the same call with valid arguments still works afterwards
-    kl.enable_adapter(model, method=method, rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
 
 
 def test_errors_name_the_option_and_layer():
@@ -564,7 +565,7 @@ def test_rank_above_the_matrix_rank_is_allowed_with_one_warning():
 @pytest.mark.parametrize("method", FAMILIES)
 def test_in_place_merge_rolls_back_bit_exactly(method):
     model = _small()
-    kl.enable_adapter(model, method=method, rank=2)
+    kl.enable_adapter(model, method=method, **needs(method), rank=2)
     for _, a in kl.adapters(model):
         perturb(a)
     bad = model.get_layer("proj")  # the second adapter fails, the first is rolled back
@@ -609,10 +610,10 @@ def test_refused_merge_unmerge_and_disable_change_nothing():
 @pytest.mark.parametrize("method", FAMILIES)
 def test_refused_load_onto_another_method_or_options_changes_nothing(method, tmp_path):
     model = _small()
-    kl.enable_adapter(model, method=method, rank=2)
+    kl.enable_adapter(model, method=method, **needs(method), rank=2)
     f = _save(model, tmp_path / "a.safetensors")
     other = _small()
-    kl.enable_adapter(other, method=method, rank=3)
+    kl.enable_adapter(other, method=method, **needs(method), rank=3)
     _refused(other, f, "options|shape")
     half = _small()
     kl.enable_adapter(half, method="lora" if method != "lora" else "dora", rank=2, targets=["proj"])
@@ -685,7 +686,7 @@ for method in json.loads(sys.argv[1]):
     inp = keras.Input((8,))
     h = keras.layers.Dense(16, activation="relu", name="ffn")(inp)
     model = keras.Model(inp, keras.layers.Dense(4, name="out")(h))
-    kl.enable_adapter(model, method=method, rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
     model.compile(optimizer="adam", loss="mse")
     x = np.random.rand(32, 8).astype("float32")
     model.fit(x, np.random.rand(32, 4).astype("float32"), epochs=1, verbose=0)
@@ -712,7 +713,7 @@ def test_merging_disabled_adapters_gives_the_base(method):
     """A disabled adapter folds to the base it computes (PiSSA: K_res + s A0 B0);
     an in-place merge of a disabled adapter is refused."""
     model = _small()
-    kl.enable_adapter(model, method=method, rank=2)
+    kl.enable_adapter(model, method=method, **needs(method), rank=2)
     for _, a in kl.adapters(model):
         perturb(a)
     kl.set_adapter_enabled(model, False)

@@ -124,3 +124,127 @@ def test_olora_init_matches_peft():
     np.testing.assert_allclose(to_np(layer.lora_b), lin.lora_B["default"].weight.detach().numpy().T, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(to_np(layer.layer.kernel), lin.base_layer.weight.detach().numpy().T, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(to_np(model(X)), pm(torch.tensor(X)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_fa_adamw_step_matches_peft(monkeypatch):
+    """One AdamW step of LoRA-FA with the v2 gradient correction: PEFT's
+    `create_lorafa_optimizer` against `lora_fa` through `compile` + `fit`
+    with Keras's AdamW (same betas, eps 1e-6, weight decay), on the same
+    weights, data and loss. PEFT computes ĝ_B under bfloat16 autocast where
+    bfloat16 is available; that rounding is switched off for the comparison.
+    Keras decays the weight before the Adam update and PEFT after it; with
+    lr·wd = 1e-4 the difference is far below the tolerance."""
+    from peft import LoraConfig
+    from peft import get_peft_model
+    from peft.optimizers import create_lorafa_optimizer
+    from peft.optimizers import lorafa
+
+    monkeypatch.setattr(lorafa, "is_bf16_available", lambda *a, **k: False)
+    lr, wd, alpha = 1e-2, 1e-2, 4
+    net = _torch_net(4)
+    model = _keras_twin(net)
+    pm = get_peft_model(net, LoraConfig(r=R, lora_alpha=alpha, target_modules=["lin"]))
+    lin = pm.base_model.model.lin
+    rng = np.random.RandomState(5)
+    a = rng.uniform(-0.4, 0.4, size=(R, N_IN)).astype("float32")
+    b = rng.normal(size=(N_OUT, R)).astype("float32") * 0.1
+    with torch.no_grad():
+        lin.lora_A["default"].weight.copy_(torch.tensor(a))
+        lin.lora_B["default"].weight.copy_(torch.tensor(b))
+    opt = create_lorafa_optimizer(pm, r=R, lora_alpha=alpha, lr=lr, weight_decay=wd)
+    loss = torch.nn.functional.mse_loss(pm(torch.tensor(X)), torch.tensor(T))
+    loss.backward()
+    opt.step()
+    assert lin.lora_A["default"].weight.grad is None  # frozen in PEFT too
+
+    kl.enable_adapter(model, method="lora_fa", rank=R, alpha=float(alpha), targets=["lin"])
+    layer = model.get_layer("lin")
+    assert not layer.lora_a.trainable
+    layer.lora_a.assign(a)
+    layer.lora_b.assign(b.T)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(lr, weight_decay=wd, beta_1=0.9, beta_2=0.999, epsilon=1e-6),
+        loss="mse",
+    )
+    model.fit(X, T, epochs=1, batch_size=len(X), verbose=0, shuffle=False)
+    np.testing.assert_array_equal(to_np(layer.lora_a), a)
+    want = lin.lora_B["default"].weight.detach().numpy().T
+    np.testing.assert_allclose(to_np(layer.lora_b), want, rtol=1e-4, atol=1e-6)
+    # and the correction is what moved it: without it, B moves elsewhere
+    moved = want - b.T
+    assert np.abs(moved).max() > 1e-3
+
+
+def _adalora_torch(init_r, target_r, total, tinit, tfinal, delta_t):
+    from peft import AdaLoraConfig
+    from peft import get_peft_model
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Linear(N_IN, N_OUT)
+            self.q = torch.nn.Linear(N_OUT, 4)
+
+        def forward(self, x):
+            return self.q(self.p(x))
+
+    torch.manual_seed(0)
+    config = AdaLoraConfig(
+        init_r=init_r, target_r=target_r, total_step=total, tinit=tinit, tfinal=tfinal,
+        deltaT=delta_t, beta1=0.85, beta2=0.85, target_modules=["p", "q"],
+    )
+    return get_peft_model(Two(), config)
+
+
+@pytest.mark.parametrize("schedule", [(4, 2, 14, 2, 3, 1), (4, 1, 12, 0, 0, 3), (3, 2, 9, 1, 2, 2)])
+def test_adalora_allocation_matches_peft_rank_allocator(schedule):
+    """PEFT's `update_and_allocate(step)` and our allocator, fed the same
+    parameter values and gradients at every step (random, so that the
+    scores differ): the same budget, the same masked λ and the same rank
+    pattern at every step, through warm-up, the cubic decrease, the final
+    mask (EMAs reset) and the frozen phase."""
+    from keras import ops
+
+    from keras_lowrank.methods import adalora
+
+    init_r, target_r, total, tinit, tfinal, delta_t = schedule
+    pm = _adalora_torch(*schedule)
+    mods = [pm.base_model.model.p, pm.base_model.model.q]
+    dims = [(N_IN, N_OUT), (N_OUT, 4)]
+    sched = adalora.Schedule(init_r * 2, target_r * 2, tinit, tfinal, total, delta_t)
+    allocator = pm.base_model.rankallocator
+    for step in range(total + 3):
+        assert sched.budget(step) == allocator.budget_schedule(step)[0], step
+    ipt = [tuple(np.zeros(s, "float32") for s in ((init_r, n), (init_r,), (init_r, m))) for n, m in dims]
+    unc = [tuple(np.zeros_like(x) for x in t) for t in ipt]
+    masks = [np.ones((init_r,), "float32") for _ in dims]
+    rng = np.random.RandomState(7)
+    for step in range(total + 2):
+        params, grads = [], []
+        for mod, (n, m) in zip(mods, dims):
+            a, e, b = (rng.normal(size=s).astype("float32") for s in ((init_r, n), (init_r,), (init_r, m)))
+            ga, ge, gb = (rng.normal(size=s).astype("float32") for s in ((init_r, n), (init_r,), (init_r, m)))
+            with torch.no_grad():
+                mod.lora_A["default"].copy_(torch.tensor(a))
+                mod.lora_E["default"].copy_(torch.tensor(e[:, None]))
+                mod.lora_B["default"].copy_(torch.tensor(b.T))
+            mod.lora_A["default"].grad = torch.tensor(ga)
+            mod.lora_E["default"].grad = torch.tensor(ge[:, None])
+            mod.lora_B["default"].grad = torch.tensor(gb.T.copy())
+            params.append((a, e, b))
+            grads.append((ga, ge, gb))
+        pm.base_model.update_and_allocate(step)
+        new_e, ipt, unc, masks, b_now = adalora.allocate(
+            sched, 0.85, 0.85, ops.convert_to_tensor(step, "int32"), params, grads, ipt, unc, masks)
+        ipt = [tuple(to_np(x) for x in t) for t in ipt]
+        unc = [tuple(to_np(x) for x in t) for t in unc]
+        masks = [to_np(m) for m in masks]
+        for mod, e, m in zip(mods, new_e, masks):
+            np.testing.assert_array_equal(to_np(e), mod.lora_E["default"].detach().numpy()[:, 0], err_msg=f"step {step}")
+        pattern = pm.peft_config["default"].rank_pattern
+        if pattern:
+            got = [m.astype(bool).tolist() for m in masks]
+            want = [pattern[k] for k in sorted(pattern)]
+            assert got == want, (step, got, want)
+    assert pm.peft_config["default"].rank_pattern  # the final mask happened
+    assert sum(int(m.sum()) for m in masks) == 2 * target_r

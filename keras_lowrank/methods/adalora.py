@@ -155,6 +155,8 @@ def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, mask
         layer_ipt, layer_unc, layer_score = [], [], []
         for p, g, ipt, unc in zip((a, e, b), g3, ipt3, unc3):
             p = ops.cast(p, "float32")
+            ipt = ops.cast(ipt, "float32")
+            unc = ops.cast(unc, "float32")
             g = ops.zeros_like(p) if g is None else ops.cast(g, "float32")
             i = ops.abs(p * g)
             ipt2 = beta1 * ipt + (1.0 - beta1) * i
@@ -179,10 +181,11 @@ def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, mask
     new_e, new_masks = [], []
     for (a, e, b), score, mask in zip(params, scores, masks):
         fresh = ops.cast(score > threshold, "float32")
+        mask = ops.cast(mask, "float32")
         stored = ops.where(mask_now, fresh, mask)
         e32 = ops.cast(e, "float32")
         applied = ops.where(ops.logical_or(mask_now, after_final), e32 * stored, e32)
-        new_e.append(ops.cast(applied, e.dtype))
+        new_e.append(applied)
         new_masks.append(stored)
     return new_e, new_ipt, new_unc, new_masks, b_now
 
@@ -325,7 +328,8 @@ class AdaLoRA(Adapter):
     Args:
         layer: the `Dense`/`EinsumDense` to adapt.
         rank: the initial rank `r` (PEFT's `init_r`, 12).
-        target_rank: the average rank at the end (`target_r`, 8).
+        target_rank: the average rank at the end (`target_r`; default
+            `round(2 rank / 3)`, PEFT's 8 at the default rank 12).
         total_steps: the number of train steps (required, as in PEFT).
         tinit: warm-up steps at the full budget (0).
         tfinal: final steps at the target budget, ranks frozen (0).
@@ -353,7 +357,8 @@ class AdaLoRA(Adapter):
     method = "adalora"
     OPTIONS = (
         opt.Option("rank", 12, opt.positive_int, "initial rank r (PEFT's init_r)"),
-        opt.Option("target_rank", 8, opt.positive_int, "average rank at the end (PEFT's target_r)"),
+        opt.Option("target_rank", None, opt.positive_int_or_none,
+                   "average rank at the end (PEFT's target_r; None: round(2r/3), 8 at r=12)"),
         opt.Option("total_steps", None, opt.positive_int_or_none, "train steps of the schedule (required)"),
         opt.Option("tinit", 0, opt.nonneg_int, "warm-up steps at the initial budget"),
         opt.Option("tfinal", 0, opt.nonneg_int, "final steps with the ranks frozen"),
@@ -372,6 +377,8 @@ class AdaLoRA(Adapter):
                 f"{where}: total_steps is required (the budget schedule needs the "
                 "number of train steps, as PEFT's total_step); received total_steps=None."
             )
+        if self.target_rank is None:
+            self.target_rank = max(1, int(round(2 * self.rank / 3)))
         if self.target_rank > self.rank:
             raise ValueError(
                 f"{where}: target_rank={self.target_rank} is larger than rank={self.rank}; "
