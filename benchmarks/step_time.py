@@ -97,6 +97,7 @@ def run_keras(backend, shape, warmup, steps):
     import keras
 
     import keras_lowrank
+    from keras_lowrank import registry
 
     assert keras.backend.backend() == backend, keras.backend.backend()
     info = {"variants": {}, "loadavg_start": list(os.getloadavg())}
@@ -207,11 +208,12 @@ def run_methods(shape, warmup, steps, log, x, y):
     model, train steps interleaved: `{method: {trainable_params, median_ms,
     vs_lora}}`."""
     import keras_lowrank
+    from keras_lowrank import registry
 
     models, params = {}, {}
     for method in keras_lowrank.methods():
         m = build_gemma(shape)
-        keras_lowrank.enable_adapter(m, method=method, rank=RANK)
+        keras_lowrank.enable_adapter(m, method=method, rank=RANK, **registry.get(method).example_options)
         compile_lm(m)
         models[method] = m
         params[method] = count_params(m.trainable_variables)
