@@ -50,7 +50,8 @@ def test_tracker_and_functional_internals_exist():
      "keras_lowrank.training", "keras_lowrank.methods.dylora", "keras_lowrank.methods.vera",
      "keras_lowrank.methods.residual", "keras_lowrank.methods.spectral", "keras_lowrank.svd",
      "keras_lowrank.svf", "keras_lowrank.spectrum", "keras_lowrank.methods.lycoris",
-     "keras_lowrank.methods.lora_drop", "keras_lowrank.drop"],
+     "keras_lowrank.methods.lora_drop", "keras_lowrank.drop", "keras_lowrank.methods.lora_dynamics",
+     "keras_lowrank.methods.adalora"],
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)

@@ -287,12 +287,13 @@ def test_learns(method):
     y = (x + 3) % 10
     kl.enable_adapter(model, method=method, **needs(method), rank=4)
     scale = registry.get(method).lr_scale
-    losses = _fit_losses(model, x, y, epochs=30, lr=min(0.5, 5e-2 * scale))
     # Methods that train a few numbers on the scale of σ (lr_scale > 1) have
     # a few dozen parameters on this toy model: less room to fit it; so has
     # LoRA-FA, which trains only B through a frozen random A (measured on
-    # jax: 2.31 -> 2.09 in 30 epochs, 1.71 in 60, where LoRA reaches 0.28).
+    # jax: 2.31 -> 2.09 in 30 epochs, 1.71 in 60, where LoRA reaches 0.28 in
+    # 60). These get 60 epochs and a lower bar.
     slow = scale != 1 or method == "lora_fa"
+    losses = _fit_losses(model, x, y, epochs=60 if slow else 30, lr=min(0.5, 5e-2 * scale))
     assert losses[-1] < (0.95 if slow else 0.9) * losses[0]
 
 

@@ -350,8 +350,8 @@ class AdaLoRA(Adapter):
     >>> model.compile(optimizer="adam", loss="mse")
     >>> x, y = np.ones((8, 8), "float32"), np.zeros((8, 4), "float32")
     >>> _ = model.fit(x, y, batch_size=4, epochs=10, verbose=0)
-    >>> keras_lowrank.adalora.rank_report(model).budget  # 2 layers x rank 2
-    4
+    >>> keras_lowrank.adalora.rank_report(model).budget  # "hidden" (the head is left out) x 2
+    2
     """
 
     method = "adalora"
