@@ -196,7 +196,8 @@ def run(args):
         warnings.filterwarnings("ignore", message=".*compile\\(\\)` was not called.*")
         try:
             summary = keras_lowrank.enable_adapter(
-                model, method=args.method, rank=args.rank, alpha=args.alpha, base=args.base
+                model, method=args.method, rank=args.rank, alpha=args.alpha, base=args.base,
+                **_schedule_options(args.method, len(yb), args.epochs_b),
             )
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
@@ -248,6 +249,16 @@ def run(args):
     if left or merged_diff > MERGE_TOL * scale:
         raise CheckFailed("the merged model does not reproduce the outputs")
     return 0
+
+
+def _schedule_options(method, n_examples, epochs):
+    """The train-step count for methods whose schedule needs it (AdaLoRA's
+    `total_steps`): this run's steps on task B."""
+    from keras_lowrank import registry
+
+    if "total_steps" not in registry.get(method).defaults:
+        return {}
+    return {"total_steps": max(2, -(-n_examples // BATCH_SIZE) * max(epochs, 1))}
 
 
 def main(argv=None, prog=None):

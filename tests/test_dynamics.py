@@ -217,3 +217,28 @@ def test_lora_fa_trains_only_b_and_exports_as_lora(tmp_path):
     fresh = _model()
     kl.load_adapter(fresh, f)
     np.testing.assert_allclose(to_np(fresh(X)), y, rtol=1e-5, atol=1e-6)
+
+
+def test_adalora_allocator_skips_a_step_with_non_finite_gradients():
+    """A step whose gradients overflowed (which a loss-scale optimizer
+    skips) leaves the EMAs, the masks and λ as they were."""
+    from keras import ops
+
+    from keras_lowrank.methods import adalora
+
+    sched = adalora.Schedule(4, 2, 0, 0, 10, 1)
+    rng = np.random.RandomState(0)
+    params = [tuple(rng.normal(size=s).astype("float32") for s in ((2, 3), (2,), (2, 4)))] * 2
+    grads = [tuple(rng.normal(size=s).astype("float32") for s in ((2, 3), (2,), (2, 4)))] * 2
+    grads[1] = (grads[1][0], np.array([np.inf, 0.0], "float32"), grads[1][2])
+    ipt = [tuple(np.full(s, 0.5, "float32") for s in ((2, 3), (2,), (2, 4)))] * 2
+    masks = [np.ones((2,), "float32")] * 2
+    e, ipt2, unc2, masks2, _ = adalora.allocate(
+        sched, 0.85, 0.85, ops.convert_to_tensor(5, "int32"), params, grads, ipt, ipt, masks)
+    for got, want in zip(e, params):
+        np.testing.assert_array_equal(to_np(got), want[1])
+    for got, want in zip(ipt2, ipt):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(to_np(g), w)
+    for m in masks2:
+        np.testing.assert_array_equal(to_np(m), [1.0, 1.0])

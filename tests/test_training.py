@@ -251,6 +251,7 @@ RESUMABLE = {
     "loraplus": {},
     "dylora": {},
     "delta_lora": {"start_step": 2},
+    "lora_fa": {},
     # the cut falls in the middle of the budget's decrease
     "adalora": {"target_rank": 1, "total_steps": 6, "tinit": 1, "tfinal": 1},
 }

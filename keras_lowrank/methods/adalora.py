@@ -142,12 +142,17 @@ def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, mask
     """
     step = ops.cast(step, "int32")
     final = schedule.final_step
-    update = step < final
+    # a step with a non-finite gradient (skipped by a loss-scale optimizer)
+    # leaves the allocator's state as it is
+    finite = ops.all(ops.stack([
+        ops.all(ops.isfinite(g)) for g3 in grads for g in g3 if g is not None
+    ] or [ops.convert_to_tensor(True)]))
+    update = ops.logical_and(step < final, finite)
     b_now = schedule.budget_tensor(step)
     decreasing = ops.logical_and(ops.logical_and(step > schedule.tinit, update),
                                  ops.equal(step % schedule.delta_t, 0))
     at_final = ops.equal(step, final)
-    mask_now = ops.logical_or(decreasing, at_final)
+    mask_now = ops.logical_and(ops.logical_or(decreasing, at_final), finite)
     after_final = step > final
 
     new_ipt, new_unc, scores = [], [], []
@@ -158,15 +163,16 @@ def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, mask
             ipt = ops.cast(ipt, "float32")
             unc = ops.cast(unc, "float32")
             g = ops.zeros_like(p) if g is None else ops.cast(g, "float32")
-            i = ops.abs(p * g)
+            i = ops.where(finite, ops.abs(p * g), 0.0)
             ipt2 = beta1 * ipt + (1.0 - beta1) * i
             unc2 = beta2 * unc + (1.0 - beta2) * ops.abs(i - ipt2)
             ipt2 = ops.where(update, ipt2, ipt)
             unc2 = ops.where(update, unc2, unc)
             layer_score.append(ipt2 * unc2)
             # the final mask resets the EMAs (PEFT's reset_ipt)
-            layer_ipt.append(ops.where(at_final, ops.zeros_like(ipt2), ipt2))
-            layer_unc.append(ops.where(at_final, ops.zeros_like(unc2), unc2))
+            reset = ops.logical_and(at_final, finite)
+            layer_ipt.append(ops.where(reset, ops.zeros_like(ipt2), ipt2))
+            layer_unc.append(ops.where(reset, ops.zeros_like(unc2), unc2))
         s_a, s_e, s_b = layer_score
         scores.append(s_e + ops.mean(s_a, axis=-1) + ops.mean(s_b, axis=-1))
         new_ipt.append(tuple(layer_ipt))
