@@ -412,3 +412,53 @@ def print_report(report):
 
 def exit_status(results):
     return 1 if any("error" in r for r in results.values()) else 0
+
+
+# ----------------------------------------------------------------------
+# A suite that runs one function per backend and renders one report
+def per_backend_main(suite, doc, run, render, argv=None, prog=None):
+    """The command line of a suite made of `run(backend, small, steps,
+    warmup, log) -> dict` and `render(result) -> markdown`: `--backend B`
+    runs it here, `--all` once per backend in child processes; `--small`,
+    `--steps`, `--warmup`, `--markdown PATH`, `--json-out PATH`. Returns the
+    exit status (1 if a backend failed)."""
+    import argparse
+    import json
+    import platform
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(prog=prog or f"python benchmarks/{suite}.py", description=doc.split("\n\n")[0])
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument("--all", action="store_true", help="every backend, each in a child process")
+    p.add_argument("--small", action="store_true", help="small shapes (a quick check)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    if bool(args.all) == bool(args.backend):
+        p.error("give exactly one of --all, --backend")
+    log = make_log(args.backend or suite)
+    result = {"meta": {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": f"python benchmarks/run.py {suite} " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }}
+    if args.backend:
+        result.update(run(args.backend, args.small, args.steps, args.warmup, log))
+        result["backends"] = {args.backend: dict(result)}
+    else:
+        extra = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
+        result["backends"] = {
+            b: run_child(suite, ["--backend", b, *extra], {"KERAS_BACKEND": b}) for b in BACKENDS
+        }
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({k: v for k, v in result.items() if k != "backends" or args.all}, f, indent=1)
+    text = render(result)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 1 if any("error" in r for r in result["backends"].values()) else 0

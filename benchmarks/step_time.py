@@ -97,7 +97,6 @@ def run_keras(backend, shape, warmup, steps):
     import keras
 
     import keras_lowrank
-    from keras_lowrank import registry
 
     assert keras.backend.backend() == backend, keras.backend.backend()
     info = {"variants": {}, "loadavg_start": list(os.getloadavg())}

@@ -22,19 +22,14 @@ Two measurements on the Gemma-shaped model of the step-time suite (rank 8):
     python benchmarks/run.py training_dynamics --backend jax
 """
 
-import argparse
-import json
 import os
 import sys
-import time
 
-from _common import BACKENDS
 from _common import SHAPES
 from _common import build_gemma
 from _common import compile_lm
 from _common import gemma_batch
-from _common import make_log
-from _common import run_child
+from _common import per_backend_main
 from _common import time_interleaved
 
 PROG = "python benchmarks/training_dynamics.py"
@@ -176,50 +171,8 @@ def render(result):
     return "\n".join(lines)
 
 
-def parse_args(argv=None, prog=PROG):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", choices=BACKENDS, default=None)
-    p.add_argument("--all", action="store_true", help="every backend, each in a child process")
-    p.add_argument("--small", action="store_true", help="the small model (a quick check)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--json-out", default=None)
-    args = p.parse_args(argv)
-    if bool(args.all) == bool(args.backend):
-        p.error("give exactly one of --all, --backend")
-    return args
-
-
 def main(argv=None, prog=PROG):
-    import platform
-
-    args = parse_args(argv, prog)
-    log = make_log(args.backend or "dynamics")
-    result = {"meta": {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/run.py training_dynamics "
-                   + " ".join(argv if argv is not None else sys.argv[1:]),
-    }}
-    if args.backend:
-        result.update(run_keras(args.backend, args.small, args.steps, args.warmup, log))
-        result["backends"] = {args.backend: dict(result)}
-    else:
-        extra = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--small"] if args.small else [])
-        result["backends"] = {
-            b: run_child("training_dynamics", ["--backend", b, *extra], {"KERAS_BACKEND": b})
-            for b in BACKENDS
-        }
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "backends" or args.all}, f, indent=1)
-    text = render(result)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
-    return 1 if any("error" in r for r in result["backends"].values()) else 0
+    return per_backend_main("training_dynamics", __doc__, run_keras, render, argv, prog)
 
 
 if __name__ == "__main__":

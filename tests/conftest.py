@@ -51,6 +51,20 @@ def einsum_model():
 SMALL = {"dense": (dense_model, DENSE_X), "einsum": (einsum_model, EINSUM_X)}
 
 
+# A three-layer MLP (Dense, EinsumDense, head) and a regression batch: the
+# training-dynamics tests train it a few steps at a time.
+MLP_X = np.random.RandomState(0).normal(size=(8, 5)).astype("float32")
+MLP_Y = np.random.RandomState(1).normal(size=(8, 3)).astype("float32")
+
+
+def mlp_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((5,))
+    h = keras.layers.Dense(6, activation="tanh", name="ffn")(inp)
+    h = keras.layers.EinsumDense("bd,dk->bk", output_shape=(6,), bias_axes="k", name="proj")(h)
+    return keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+
+
 def tunable(adapter):
     """The variables an adapter trains: its own and the model-level ones it
     reads (LoRA-drop's tied pair)."""

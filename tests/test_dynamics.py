@@ -10,19 +10,14 @@ import keras_lowrank as kl
 from keras_lowrank import bases
 
 from conftest import gemma_backbone
+from conftest import MLP_X
+from conftest import MLP_Y
+from conftest import mlp_model
 from conftest import to_np
 from conftest import token_inputs
 
-X = np.random.RandomState(0).normal(size=(8, 5)).astype("float32")
-Y = np.random.RandomState(1).normal(size=(8, 3)).astype("float32")
-
-
-def _model(seed=0):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((5,))
-    h = keras.layers.Dense(6, activation="tanh", name="ffn")(inp)
-    h = keras.layers.EinsumDense("bd,dk->bk", output_shape=(6,), bias_axes="k", name="proj")(h)
-    return keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+X, Y = MLP_X, MLP_Y
+_model = mlp_model
 
 
 def _weights(model):
