@@ -416,17 +416,9 @@ def exit_status(results):
 
 # ----------------------------------------------------------------------
 # A suite that runs one function per backend and renders one report
-def per_backend_main(suite, doc, run, render, argv=None, prog=None):
-    """The command line of a suite made of `run(backend, small, steps,
-    warmup, log) -> dict` and `render(result) -> markdown`: `--backend B`
-    runs it here, `--all` once per backend in child processes; `--small`,
-    `--steps`, `--warmup`, `--markdown PATH`, `--json-out PATH`. Returns the
-    exit status (1 if a backend failed)."""
+def per_backend_args(suite, doc, argv=None, prog=None):
+    """Parse the command line of a per-backend suite (see `per_backend_main`)."""
     import argparse
-    import json
-    import platform
-    import sys
-    import time
 
     p = argparse.ArgumentParser(prog=prog or f"python benchmarks/{suite}.py", description=doc.split("\n\n")[0])
     p.add_argument("--backend", choices=BACKENDS, default=None)
@@ -439,6 +431,21 @@ def per_backend_main(suite, doc, run, render, argv=None, prog=None):
     args = p.parse_args(argv)
     if bool(args.all) == bool(args.backend):
         p.error("give exactly one of --all, --backend")
+    return args
+
+
+def per_backend_main(suite, doc, run, render, argv=None, prog=None):
+    """The command line of a suite made of `run(backend, small, steps,
+    warmup, log) -> dict` and `render(result) -> markdown`: `--backend B`
+    runs it here, `--all` once per backend in child processes; `--small`,
+    `--steps`, `--warmup`, `--markdown PATH`, `--json-out PATH`. Returns the
+    exit status (1 if a backend failed)."""
+    import json
+    import platform
+    import sys
+    import time
+
+    args = per_backend_args(suite, doc, argv, prog)
     log = make_log(args.backend or suite)
     result = {"meta": {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",

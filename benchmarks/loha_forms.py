@@ -18,6 +18,7 @@ crossover the rule should sit near.
 import os
 import sys
 
+from _common import per_backend_args
 from _common import per_backend_main
 from _common import time_interleaved
 
@@ -86,6 +87,10 @@ def render(result):
         lines.append(f"| {row['rank']} | {row['rank'] ** 2} | {row['auto']} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def parse_args(argv=None, prog=PROG):
+    return per_backend_args("loha_forms", __doc__, argv, prog)
 
 
 def main(argv=None, prog=PROG):

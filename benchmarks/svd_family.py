@@ -181,6 +181,8 @@ def parse_args(argv=None, prog=PROG):
     p.add_argument("--markdown", default=None)
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
+    if args.backend and args.part is None and not args.all:
+        args.part = "keras"  # `run.py all --backend B` gives every suite the same options
     if not args.all and args.part is None:
         p.error("give --all or --part engine|keras")
     if args.part == "keras" and args.backend is None:

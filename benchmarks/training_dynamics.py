@@ -29,6 +29,7 @@ from _common import SHAPES
 from _common import build_gemma
 from _common import compile_lm
 from _common import gemma_batch
+from _common import per_backend_args
 from _common import per_backend_main
 from _common import time_interleaved
 
@@ -169,6 +170,10 @@ def render(result):
             lines.append(f"| {b} | - | - | - | - | {p.get('error', 'failed')} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def parse_args(argv=None, prog=PROG):
+    return per_backend_args("training_dynamics", __doc__, argv, prog)
 
 
 def main(argv=None, prog=PROG):
