@@ -215,9 +215,9 @@ def test_adalora_allocation_matches_peft_rank_allocator(schedule):
     allocator = pm.base_model.rankallocator
     for step in range(total + 3):
         assert sched.budget(step) == allocator.budget_schedule(step)[0], step
-    ipt = [tuple(np.zeros(s, "float32") for s in ((init_r, n), (init_r,), (init_r, m))) for n, m in dims]
-    unc = [tuple(np.zeros_like(x) for x in t) for t in ipt]
-    masks = [np.ones((init_r,), "float32") for _ in dims]
+    entries = sum(init_r * (n + 1 + m) for n, m in dims)
+    ipt, unc = np.zeros(entries, "float32"), np.zeros(entries, "float32")
+    mask = np.ones(init_r * len(dims), "float32")
     rng = np.random.RandomState(7)
     for step in range(total + 2):
         params, grads = [], []
@@ -234,11 +234,10 @@ def test_adalora_allocation_matches_peft_rank_allocator(schedule):
             params.append((a, e, b))
             grads.append((ga, ge, gb))
         pm.base_model.update_and_allocate(step)
-        new_e, ipt, unc, masks, b_now = adalora.allocate(
-            sched, 0.85, 0.85, ops.convert_to_tensor(step, "int32"), params, grads, ipt, unc, masks)
-        ipt = [tuple(to_np(x) for x in t) for t in ipt]
-        unc = [tuple(to_np(x) for x in t) for t in unc]
-        masks = [to_np(m) for m in masks]
+        new_e, ipt, unc, mask, b_now = adalora.allocate(
+            sched, 0.85, 0.85, ops.convert_to_tensor(step, "int32"), params, grads, ipt, unc, mask)
+        ipt, unc, mask = to_np(ipt), to_np(unc), to_np(mask)
+        masks = np.split(mask, len(dims))
         for mod, e, m in zip(mods, new_e, masks):
             np.testing.assert_array_equal(to_np(e), mod.lora_E["default"].detach().numpy()[:, 0], err_msg=f"step {step}")
         pattern = pm.peft_config["default"].rank_pattern

@@ -123,8 +123,15 @@ class Schedule:
 
 # ----------------------------------------------------------------------
 # The rank allocator (PEFT's `RankAllocator` + `update_and_allocate`)
-def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, masks):
+def _flat(tensors):
+    return ops.concatenate([ops.reshape(ops.cast(t, "float32"), (-1,)) for t in tensors], axis=0)
+
+
+def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, mask):
     """One step of AdaLoRA's allocation, in `keras.ops` (traceable).
+
+    Every layer's entries are handled as one flat vector, so the step costs
+    a fixed few dozen ops plus a few per layer, whatever the model.
 
     Args:
         schedule: a `Schedule`.
@@ -133,20 +140,23 @@ def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, mask
         params: per layer, `(a, e, b)` values after the update
             (`(..., r, n_in)`, `(..., r)`, `(..., r, n_out)`).
         grads: the step's gradients of the same (`None`: zero).
-        ema_ipt, ema_unc: per layer, the EMAs of `a`, `e`, `b` (3-tuples).
-        masks: per layer, the stored mask `(..., r)` (1 kept, 0 masked).
+        ema_ipt, ema_unc: the EMAs of every entry, flat `(P,)`: layer after
+            layer, `a`, `e`, `b` each flattened.
+        mask: the stored mask, flat `(C,)`: each layer's `λ` flattened, in
+            order (1 kept, 0 masked).
 
     Returns:
-        `(e, ema_ipt, ema_unc, masks, budget)`: the new `λ` of each layer
-        and the new state.
+        `(e, ema_ipt, ema_unc, mask, budget)`: the new `λ` of each layer and
+        the new state.
     """
     step = ops.cast(step, "int32")
     final = schedule.final_step
+    p = _flat([t for layer in params for t in layer])
+    g = _flat([ops.zeros_like(t) if d is None else d
+               for layer, dl in zip(params, grads) for t, d in zip(layer, dl)])
     # a step with a non-finite gradient (skipped by a loss-scale optimizer)
     # leaves the allocator's state as it is
-    finite = ops.all(ops.stack([
-        ops.all(ops.isfinite(g)) for g3 in grads for g in g3 if g is not None
-    ] or [ops.convert_to_tensor(True)]))
+    finite = ops.all(ops.isfinite(g))
     update = ops.logical_and(step < final, finite)
     b_now = schedule.budget_tensor(step)
     decreasing = ops.logical_and(ops.logical_and(step > schedule.tinit, update),
@@ -155,45 +165,44 @@ def allocate(schedule, beta1, beta2, step, params, grads, ema_ipt, ema_unc, mask
     mask_now = ops.logical_and(ops.logical_or(decreasing, at_final), finite)
     after_final = step > final
 
-    new_ipt, new_unc, scores = [], [], []
-    for (a, e, b), g3, ipt3, unc3 in zip(params, grads, ema_ipt, ema_unc):
-        layer_ipt, layer_unc, layer_score = [], [], []
-        for p, g, ipt, unc in zip((a, e, b), g3, ipt3, unc3):
-            p = ops.cast(p, "float32")
-            ipt = ops.cast(ipt, "float32")
-            unc = ops.cast(unc, "float32")
-            g = ops.zeros_like(p) if g is None else ops.cast(g, "float32")
-            i = ops.where(finite, ops.abs(p * g), 0.0)
-            ipt2 = beta1 * ipt + (1.0 - beta1) * i
-            unc2 = beta2 * unc + (1.0 - beta2) * ops.abs(i - ipt2)
-            ipt2 = ops.where(update, ipt2, ipt)
-            unc2 = ops.where(update, unc2, unc)
-            layer_score.append(ipt2 * unc2)
-            # the final mask resets the EMAs (PEFT's reset_ipt)
-            reset = ops.logical_and(at_final, finite)
-            layer_ipt.append(ops.where(reset, ops.zeros_like(ipt2), ipt2))
-            layer_unc.append(ops.where(reset, ops.zeros_like(unc2), unc2))
-        s_a, s_e, s_b = layer_score
-        scores.append(s_e + ops.mean(s_a, axis=-1) + ops.mean(s_b, axis=-1))
-        new_ipt.append(tuple(layer_ipt))
-        new_unc.append(tuple(layer_unc))
+    ipt, unc = ops.cast(ema_ipt, "float32"), ops.cast(ema_unc, "float32")
+    i = ops.where(finite, ops.abs(p * g), 0.0)
+    ipt2 = beta1 * ipt + (1.0 - beta1) * i
+    unc2 = beta2 * unc + (1.0 - beta2) * ops.abs(i - ipt2)
+    ipt2 = ops.where(update, ipt2, ipt)
+    unc2 = ops.where(update, unc2, unc)
+    score = ipt2 * unc2
+    # the final mask resets the EMAs (PEFT's reset_ipt)
+    reset = ops.logical_and(at_final, finite)
+    new_ipt = ops.where(reset, ops.zeros_like(ipt2), ipt2)
+    new_unc = ops.where(reset, ops.zeros_like(unc2), unc2)
 
-    flat = ops.concatenate([ops.reshape(s, (-1,)) for s in scores], axis=0)
+    # component scores: s(λ_i) + mean_j s(A[j, i]) + mean_j s(B[i, j])
+    components, offset = [], 0
+    for layer in params:
+        part = []
+        for t in layer:
+            shape = tuple(t.shape)
+            n = math.prod(shape)
+            part.append(ops.reshape(score[offset:offset + n], shape))
+            offset += n
+        s_a, s_e, s_b = part
+        components.append(ops.reshape(s_e + ops.mean(s_a, axis=-1) + ops.mean(s_b, axis=-1), (-1,)))
+    scores = ops.concatenate(components, axis=0)
     k = schedule.init_budget - b_now  # mask the k lowest (torch.kthvalue)
-    ordered = ops.sort(flat)
-    kth = ops.take(ordered, ops.maximum(k - 1, 0))
+    kth = ops.take(ops.sort(scores), ops.maximum(k - 1, 0))
     threshold = ops.where(k > 0, kth, ops.convert_to_tensor(-np.inf, "float32"))
-
-    new_e, new_masks = [], []
-    for (a, e, b), score, mask in zip(params, scores, masks):
-        fresh = ops.cast(score > threshold, "float32")
-        mask = ops.cast(mask, "float32")
-        stored = ops.where(mask_now, fresh, mask)
-        e32 = ops.cast(e, "float32")
-        applied = ops.where(ops.logical_or(mask_now, after_final), e32 * stored, e32)
-        new_e.append(applied)
-        new_masks.append(stored)
-    return new_e, new_ipt, new_unc, new_masks, b_now
+    fresh = ops.cast(scores > threshold, "float32")
+    stored = ops.where(mask_now, fresh, ops.cast(mask, "float32"))
+    e = _flat([layer[1] for layer in params])
+    applied = ops.where(ops.logical_or(mask_now, after_final), e * stored, e)
+    new_e, offset = [], 0
+    for layer in params:
+        shape = tuple(layer[1].shape)
+        n = math.prod(shape)
+        new_e.append(ops.reshape(applied[offset:offset + n], shape))
+        offset += n
+    return new_e, new_ipt, new_unc, stored, b_now
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -222,45 +231,48 @@ class RankAllocator(training.OptimizerHook):
 
     def build(self, optimizer, var_list):
         by_path = {v.path: v for v in var_list}
-        self.state = []
-        for i, L in enumerate(self.layers):
+        self.variables = []
+        for L in self.layers:
             missing = [L[k] for k in "aeb" if L[k] not in by_path]
             if missing:
                 raise ValueError(
                     f"AdaLoRA layer {L['path']!r}: the optimizer does not train "
                     f"{missing}; were the adapter variables frozen after compile?"
                 )
-            variables = tuple(by_path[L[k]] for k in "aeb")
-            ipt = tuple(optimizer.add_variable(v.shape, "zeros", name=f"adalora_ipt_{i}_{k}")
-                        for v, k in zip(variables, "aeb"))
-            unc = tuple(optimizer.add_variable(v.shape, "zeros", name=f"adalora_unc_{i}_{k}")
-                        for v, k in zip(variables, "aeb"))
-            mask = optimizer.add_variable(L["shape"], "ones", name=f"adalora_mask_{i}")
-            self.state.append({"ipt": ipt, "unc": unc, "mask": mask})
+            self.variables.append(tuple(by_path[L[k]] for k in "aeb"))
+        entries = sum(math.prod(v.shape) for three in self.variables for v in three)
+        components = sum(math.prod(L["shape"]) for L in self.layers)
+        self.ipt = optimizer.add_variable((entries,), "zeros", name="adalora_sensitivity")
+        self.unc = optimizer.add_variable((entries,), "zeros", name="adalora_uncertainty")
+        self.mask = optimizer.add_variable((components,), "ones", name="adalora_mask")
 
     def after_apply(self, optimizer, step, grads, variables):
-        by_path = {v.path: (v, g) for v, g in zip(variables, grads)}
-        params, grad3 = [], []
-        for L in self.layers:
-            vs, gs = zip(*(by_path[L[k]] for k in "aeb"))
-            params.append(tuple(ops.convert_to_tensor(v) for v in vs))
-            grad3.append(gs)
-        new_e, ipt, unc, masks, _ = allocate(
+        grad_of = {id(v): g for v, g in zip(variables, grads)}
+        params = [tuple(ops.convert_to_tensor(v) for v in three) for three in self.variables]
+        grad3 = [tuple(grad_of.get(id(v)) for v in three) for three in self.variables]
+        new_e, ipt, unc, mask, _ = allocate(
             self.schedule, self.beta1, self.beta2, step, params, grad3,
-            [tuple(ops.convert_to_tensor(v) for v in s["ipt"]) for s in self.state],
-            [tuple(ops.convert_to_tensor(v) for v in s["unc"]) for s in self.state],
-            [ops.convert_to_tensor(s["mask"]) for s in self.state],
+            ops.convert_to_tensor(self.ipt), ops.convert_to_tensor(self.unc),
+            ops.convert_to_tensor(self.mask),
         )
-        for L, s, e, i3, u3, m in zip(self.layers, self.state, new_e, ipt, unc, masks):
-            by_path[L["e"]][0].assign(e)
-            for var, value in zip(s["ipt"] + s["unc"], i3 + u3):
-                var.assign(value)
-            s["mask"].assign(m)
+        for three, e in zip(self.variables, new_e):
+            three[1].assign(e)
+        self.ipt.assign(ipt)
+        self.unc.assign(unc)
+        self.mask.assign(mask)
 
     def masks(self):
-        """`{layer path: stored mask}` (NumPy), after `build`."""
-        return {L["path"]: np.asarray(ops.convert_to_numpy(s["mask"]))
-                for L, s in zip(self.layers, getattr(self, "state", []))}
+        """`{layer path: stored mask}` (NumPy, each layer's `λ` shape), after
+        `build`."""
+        if getattr(self, "mask", None) is None:
+            return {}
+        flat = np.asarray(ops.convert_to_numpy(self.mask))
+        out, offset = {}, 0
+        for L in self.layers:
+            n = math.prod(L["shape"])
+            out[L["path"]] = flat[offset:offset + n].reshape(L["shape"])
+            offset += n
+        return out
 
     def get_config(self):
         return {
@@ -561,7 +573,7 @@ def allocator(model):
     """The `RankAllocator` of `model`'s optimizer (or `None`)."""
     optimizer = getattr(model, "optimizer", None)
     for hook in getattr(optimizer, "hooks", []):
-        if isinstance(hook, RankAllocator) and getattr(hook, "state", None) is not None:
+        if isinstance(hook, RankAllocator) and getattr(hook, "mask", None) is not None:
             return hook
     return None
 
