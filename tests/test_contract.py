@@ -493,7 +493,7 @@ for method, base in [(m, b) for m in json.loads(sys.argv[2]) for b in (None, "nf
     h = keras.layers.Reshape((4, 6))(h)
     model = keras.Model(inp, keras.layers.Dense(3, name="mix")(h))
     weights = [keras.ops.convert_to_numpy(w) for w in model.weights]
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["target", "mix"], base=base)
+    kl.enable_adapter(model, method=method, **kl.registry.get(method).example_options, rank=2, targets=["target", "mix"], base=base)
     rng = np.random.RandomState(1)
     for _, a in kl.adapters(model):
         for v in list(a.trainable_variables) + a.linked_variables():
