@@ -53,12 +53,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   hub_requires="$(python -c 'from importlib.metadata import requires
 print(" ".join(r.split(";")[0].replace(" ", "") for r in requires("keras-hub")
                if "tensorflow-text" not in r and "extra ==" not in r))')"
-  # keras-lowrank with its [files] extra, and its [test] extra but keras-hub
+  # keras-lowrank with its [files] and [federated] extras (Flower with its
+  # Ray simulation engine, dp-accounting), and its [test] extra but keras-hub
   # (peft runs in PyTorch as the reference of the parity tests)
   # shellcheck disable=SC2086
-  pip_q "jax[cpu]" tensorflow-cpu $TORCH_SPEC -e ".[files]" $hub_requires \
+  pip_q "jax[cpu]" tensorflow-cpu $TORCH_SPEC -e ".[files,federated]" $hub_requires \
     pytest h5py peft matplotlib "bitsandbytes; platform_system != 'Darwin'"
-  python -c "import keras, keras_hub, jax, torch, tensorflow, safetensors, matplotlib" \
+  python -c "import keras, keras_hub, jax, torch, tensorflow, safetensors, matplotlib, flwr, ray, dp_accounting" \
     || { echo "[setup] the installation is incomplete; see $VENV/setup.log" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi

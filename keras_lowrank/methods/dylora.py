@@ -78,6 +78,13 @@ class DyLoRAState(shared.SharedState):
             name="eval_rank", shape=(), dtype="int32", trainable=False,
             initializer=keras.initializers.Constant(self.max_rank),
         )
+        # 0: draw a rank every training step; ℓ > 0: train at ℓ (federated
+        # clients train at the rank their server broadcasts). Not saved: a
+        # reloaded model draws again.
+        self.fixed_rank = self.add_weight(
+            name="fixed_rank", shape=(), dtype="int32", trainable=False,
+            initializer=keras.initializers.Constant(0),
+        )
         self.seed_generator = keras.random.SeedGenerator(self.state_config.get("seed"))
 
     def initialize(self):
@@ -89,7 +96,8 @@ class DyLoRAState(shared.SharedState):
             rank = keras.random.randint(
                 (), 1, self.max_rank + 1, dtype="int32", seed=self.seed_generator
             )
-            self.train_rank.assign(rank)
+            fixed = ops.convert_to_tensor(self.fixed_rank)
+            self.train_rank.assign(ops.where(fixed > 0, fixed, rank))
 
     def rank(self, training):
         """The active rank `ℓ` (a scalar int32 tensor)."""
@@ -223,6 +231,23 @@ def set_rank(model, rank):
             "unmerge(model) first."
         )
     state.eval_rank.assign(rank)
+
+
+def fix_train_rank(model, rank):
+    """Train the DyLoRA adapters of `model` at rank `rank` every step
+    instead of drawing one per step; `None` draws again. Federated clients
+    use it: their server draws the rank of each round (DP-DyLoRA). It is a
+    variable: a compiled train step picks it up without recompiling."""
+    state = _states(model)
+    if rank is None:
+        state.fixed_rank.assign(0)
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= state.max_rank:
+        raise ValueError(
+            f"fix_train_rank: rank must be None or an int in [1, {state.max_rank}]; "
+            f"received rank={rank!r}."
+        )
+    state.fixed_rank.assign(rank)
 
 
 def get_rank(model):

@@ -1,0 +1,692 @@
+"""Flower apps for (DP-)DyLoRA federations of Keras models.
+
+`client_app(model_fn, data_fn)` is a Flower `ClientApp`; `server_app(...)`
+a Flower `ServerApp`. Their strategy is three Flower strategies nested:
+
+- `RankBroadcast` (outermost, ours): holds the full adapter arrays, draws
+  the round's DyLoRA rank `ℓ` from its own seeded generator, sends the
+  rank-`ℓ` slice, writes the aggregated slice back, and keeps the privacy
+  ledger (ε after each round; it stops before a round that would exceed
+  `max_epsilon`).
+- Flower's `DifferentialPrivacyClientSideFixedClipping` (under DP): puts
+  the clipping norm into each round's config (clients clip with Flower's
+  `fixedclipping_mod`) and adds Gaussian noise of standard deviation
+  `σ C / n` to the aggregate.
+- `PoissonFedAvg` (ours, a Flower `FedAvg`): samples each client with
+  probability `q = n / N` (Poisson sampling, what the accountant assumes;
+  Flower's `FedAvg` draws a fixed number without replacement) and, under
+  DP, divides the sum of clipped updates by the fixed expected cohort size
+  `n` (sensitivity `C / n`; `FedAvg` divides by the number of replies,
+  which depends on the sample).
+"""
+
+import logging
+import os
+import threading
+import time
+import uuid
+import warnings
+import weakref
+
+import keras
+import numpy as np
+
+from keras_lowrank import shared
+from keras_lowrank.federated import accounting
+from keras_lowrank.federated import exchange
+from keras_lowrank.methods import dylora
+
+from flwr.app import Array
+from flwr.app import ArrayRecord
+from flwr.app import ConfigRecord
+from flwr.app import Message
+from flwr.app import MessageType
+from flwr.app import MetricRecord
+from flwr.app import RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.serverapp import ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
+
+logger = logging.getLogger("keras_lowrank.federated")
+
+
+class _ExpectedWarnings(logging.Filter):
+    """Two of Flower's warnings that are expected here: its DP wrapper warns
+    whenever a round's cohort differs from its `num_sampled_clients`, which
+    under Poisson sampling it may (the denominator is the expected size,
+    which is what the accounting needs); `FedAvg` warns that there is no
+    client-side evaluation (the server evaluates)."""
+
+    def filter(self, record):
+        text = str(record.msg)
+        return not (text.startswith("The number of clients returning parameters")
+                    or text.startswith("fraction_evaluate is set to 0.0"))
+
+
+logging.getLogger("flwr").addFilter(_ExpectedWarnings())
+
+#: config keys of a training round
+KEY_RANK = "klr-rank"
+KEY_BASE = "klr-base-fingerprint"
+KEY_CLIP = "clipping_norm"  # Flower's fixedclipping_mod reads this key
+#: metric keys of a client's reply
+KEY_EXAMPLES = "num-examples"
+KEY_WEIGHT = "klr-weight"
+KEY_LOSS = "train-loss"
+
+NAIVE_RANKS = (
+    "DP-DyLoRA needs the server to draw one rank per round for every client "
+    "(rank_sampling='server'). If each client drew its own rank, the set of "
+    "adapter coordinates a client changes (and hence what its update reveals, "
+    "the per-coordinate sensitivity and where noise must go) would depend on "
+    "the client, so the Gaussian mechanism on the clipped sum and the privacy "
+    "accounting of DP-FedAvg would no longer hold; the server could also tell "
+    "clients apart by the coordinates they touch."
+)
+
+
+def _record(arrays):
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _arrays(record):
+    return {k: v.numpy() for k, v in record.items()}
+
+
+# ---------------------------------------------------------------------------
+# Client
+
+
+_MODELS = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _client_model(model_fn, key):
+    """One model per client app and process (clients of a simulation share
+    worker processes; each message reloads every exchanged array and resets
+    the optimizer, so nothing carries over from one client to the next)."""
+    with _MODELS_LOCK:
+        entry = _MODELS.get(key)
+        if entry is None:
+            model = model_fn()
+            if not getattr(model, "compiled", False) or model.optimizer is None:
+                raise ValueError(
+                    "client_app: model_fn must return a compiled Keras model with "
+                    "adapters (enable_adapter, then compile); model "
+                    f"{getattr(model, 'name', model)!r} is not compiled."
+                )
+            _fresh_optimizer(model)
+            entry = (model, exchange.base_fingerprint(model))
+            _MODELS[key] = entry
+        return entry
+
+
+_FRESH = weakref.WeakKeyDictionary()
+
+
+def _fresh_optimizer(model):
+    """The optimizer's state before any training (built if need be): put
+    back after every local training, so no client inherits another's."""
+    if model not in _FRESH:
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        _FRESH[model] = [np.array(keras.ops.convert_to_numpy(v)) for v in model.optimizer.variables]
+    return _FRESH[model]
+
+
+def _reset_optimizer(model):
+    for v, value in zip(model.optimizer.variables, _fresh_optimizer(model)):
+        v.assign(value)
+
+
+def _count(data):
+    x = data[0] if isinstance(data, tuple) else data
+    if isinstance(x, dict):
+        x = next(iter(x.values()))
+    try:
+        return int(len(x))
+    except TypeError:
+        return 1
+
+
+def train_client(model, fingerprint, content, data, epochs=1, batch_size=32):
+    """One client's round: load the server's arrays at the round's rank,
+    `fit` on `data` (a tuple of fit's `x, y[, sample_weight]` or a dataset),
+    and return `(arrays, metrics)`: the trained rank-`ℓ` adapter arrays
+    (unclipped: `fixedclipping_mod` clips them) and the reply's metrics."""
+    config = content["config"]
+    rank = config.get(KEY_RANK)
+    has_dylora = exchange.max_rank(model) is not None
+    if has_dylora and rank is None:
+        raise ValueError(
+            f"Model {model.name!r} has DyLoRA adapters but the server sent no rank: "
+            + NAIVE_RANKS
+        )
+    rank = None if rank is None else int(rank)
+    base = config.get(KEY_BASE)
+    if base is not None and base != fingerprint:
+        raise ValueError(
+            f"Model {model.name!r}: this client's base weights differ from the "
+            "server's (fingerprints differ); build the same base model on both sides."
+        )
+    exchange.set_adapter_arrays(model, _arrays(content["arrays"]), rank)
+    _fresh_optimizer(model)
+    if has_dylora:
+        dylora.fix_train_rank(model, rank)
+    if not isinstance(data, tuple):
+        data = (data,)
+    try:
+        history = model.fit(*data, epochs=epochs, batch_size=batch_size, verbose=0)
+    finally:
+        _reset_optimizer(model)
+        if has_dylora:
+            dylora.fix_train_rank(model, None)
+    losses = history.history.get("loss") or [float("nan")]
+    metrics = {KEY_EXAMPLES: _count(data), KEY_WEIGHT: 1, KEY_LOSS: float(losses[-1])}
+    return exchange.adapter_arrays(model, rank), metrics
+
+
+def _clip_when_asked(msg, context, call_next):
+    """Flower's `fixedclipping_mod` on rounds that carry a clipping norm."""
+    config = msg.content.config_records.get("config")
+    if config is None or KEY_CLIP not in config:
+        return call_next(msg, context)
+    replies = []
+
+    def keep(m, c):
+        replies.append(call_next(m, c))
+        return replies[-1]
+
+    try:
+        return fixedclipping_mod(msg, context, keep)
+    except ZeroDivisionError:  # Flower's clip divides by the update's norm
+        return replies[-1]  # a zero update: within any norm as it is
+
+
+def client_app(model_fn, data_fn, epochs=1, batch_size=32):
+    """A Flower `ClientApp` that trains the adapters of a Keras model.
+
+    Args:
+        model_fn: `() -> model`: the base model with adapters
+            (`enable_adapter`), compiled (optimizer, loss). Every client and
+            the server must build the same base weights.
+        data_fn: `(partition_id, num_partitions) -> data`: the client's
+            local data, as a tuple `(x, y)` for `model.fit` or a dataset.
+            Flower's simulation sets the node config keys `partition-id`
+            and `num-partitions`; a SuperNode gets them from
+            `--node-config`.
+        epochs, batch_size: local training per round.
+
+    Each training message carries the round's adapter arrays (the rank-ℓ
+    slice for DyLoRA), the rank and, under DP, the clipping norm. The
+    client loads them, trains at that rank with `model.fit`, and replies
+    with the same arrays trained, clipped to the norm by Flower's
+    `fixedclipping_mod`: adapter slices only, never a base weight.
+    """
+    app = ClientApp(mods=[_clip_when_asked])
+    # the key of this app's model in a worker process (the app travels to
+    # simulation workers pickled: `model_fn` arrives as a new object)
+    key = uuid.uuid4().hex
+
+    @app.train()
+    def train(msg, context):
+        model, fingerprint = _client_model(model_fn, key)
+        node = context.node_config
+        data = data_fn(int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)))
+        arrays, metrics = train_client(
+            model, fingerprint, msg.content, data, epochs=epochs, batch_size=batch_size
+        )
+        content = RecordDict({"arrays": _record(arrays), "metrics": MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Server strategies
+
+
+class PoissonFedAvg(FedAvg):
+    """FedAvg over Poisson-sampled clients.
+
+    Each round every connected client takes part with probability
+    `sampling_rate`, drawn from this strategy's own generator (`seed`). With
+    `fixed_denominator` (DP-FedAvg) the new arrays are
+    `current + η Σ_i Δ_i / expected_cohort`; without, the mean update of
+    the replies weighted by their example counts, times η (the server
+    learning rate, 1 by default: plain FedAvg).
+    """
+
+    def __init__(self, sampling_rate, expected_cohort, fixed_denominator, seed=None,
+                 server_learning_rate=1.0):
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=KEY_WEIGHT)
+        self.server_learning_rate = float(server_learning_rate)
+        self.sampling_rate = float(sampling_rate)
+        self.expected_cohort = float(expected_cohort)
+        self.fixed_denominator = bool(fixed_denominator)
+        self.rng = np.random.default_rng(seed)
+        self.current = None
+        self.last_cohort = 0
+
+    def configure_train(self, server_round, arrays, config, grid):
+        nodes = sorted(grid.get_node_ids())
+        chosen = [n for n, u in zip(nodes, self.rng.random(len(nodes))) if u < self.sampling_rate]
+        self.current = _arrays(arrays)
+        self.last_cohort = len(chosen)
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": config})
+        logger.info("round %d: %d of %d clients sampled", server_round, len(chosen), len(nodes))
+        return self._construct_messages(record, chosen, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round, replies):
+        replies = [r for r in replies if not r.has_error()]
+        total = {k: np.zeros_like(v, dtype=np.float64) for k, v in self.current.items()}
+        weights, losses = 0.0, []
+        for reply in replies:
+            new = _arrays(reply.content["arrays"])
+            metrics = reply.content["metrics"]
+            w = 1.0 if self.fixed_denominator else float(metrics.get(KEY_EXAMPLES, 1))
+            for k in total:
+                total[k] += w * (np.asarray(new[k], np.float64) - self.current[k])
+            weights += w
+            losses.append(float(metrics.get(KEY_LOSS, np.nan)))
+        denom = self.expected_cohort if self.fixed_denominator else max(weights, 1.0)
+        denom /= self.server_learning_rate
+        out = {k: (self.current[k] + total[k] / denom).astype(np.float32) for k in total}
+        metrics = MetricRecord({
+            "clients": len(replies),
+            KEY_LOSS: float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan"),
+        })
+        return _record(out), metrics
+
+
+class RankBroadcast(Strategy):
+    """The outer strategy of a (DP-)DyLoRA federation (see the module).
+
+    Args:
+        strategy: the strategy that samples and aggregates (the slices).
+        full_arrays: the adapter arrays at full rank (`adapter_arrays`).
+        max_rank: the model's largest DyLoRA rank `R` (`None`: no DyLoRA,
+            every round sends everything).
+        layer_ranks: `{array key: the layer's rank r}` of the DyLoRA
+            factors; at round rank `ℓ` each is cut to `ceil(ℓ r / R)`.
+        fingerprint: the server's `base_fingerprint`.
+        ledger: an `accounting.Ledger` (`None` without DP).
+        max_epsilon: stop before a round that would spend more.
+        seed: the seed of the rank generator.
+    """
+
+    def __init__(self, strategy, full_arrays, max_rank, layer_ranks, fingerprint, ledger=None,
+                 max_epsilon=None, seed=None):
+        super().__init__()
+        self.strategy = strategy
+        self.full = {k: np.array(v, np.float32) for k, v in full_arrays.items()}
+        self.max_rank = max_rank
+        self.layer_ranks = dict(layer_ranks)
+        self.fingerprint = fingerprint
+        self.ledger = ledger
+        self.max_epsilon = max_epsilon
+        self.rng = np.random.default_rng(seed)
+        self.history = []
+        self._rank = None
+
+    def cut(self, key, rank):
+        """How many components of array `key` the round at `rank` uses
+        (`None`: the whole array)."""
+        r = self.layer_ranks.get(key)
+        if r is None or rank is None:
+            return None
+        return rank if r == self.max_rank else min(r, -(-rank * r // self.max_rank))
+
+    def slice(self, rank):
+        """The full arrays cut to DyLoRA rank `rank`."""
+        out = {}
+        for k, v in self.full.items():
+            cut = self.cut(k, rank)
+            out[k] = v if cut is None else v[..., :cut, :]
+        return out
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if self.ledger is not None and self.max_epsilon is not None:
+            after = self.ledger.epsilon_after(1)
+            if after > self.max_epsilon:
+                raise PrivacyBudgetExhausted(
+                    f"round {server_round} would bring epsilon to {after:.4f} > "
+                    f"max_epsilon={self.max_epsilon} (delta={self.ledger.delta}); "
+                    f"training stops after {self.ledger.rounds} rounds at "
+                    f"epsilon={self.ledger.epsilon:.4f}."
+                )
+        self.full = _arrays(arrays)
+        self._rank = None if self.max_rank is None else int(self.rng.integers(1, self.max_rank + 1))
+        config = ConfigRecord(dict(config))
+        config[KEY_BASE] = self.fingerprint
+        if self._rank is not None:
+            config[KEY_RANK] = self._rank
+        self._sent = self.slice(self._rank)
+        return self.strategy.configure_train(server_round, _record(self._sent), config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        failed = [r for r in replies if r.has_error()]
+        for r in failed:
+            logger.warning("round %d: client %s failed: %s", server_round,
+                           r.metadata.src_node_id, r.error.reason)
+        if replies and len(failed) == len(replies):
+            raise RuntimeError(
+                f"round {server_round}: every client failed; the first said: {failed[0].error.reason}"
+            )
+        # the largest update a client sent (after its clipping): the server
+        # sees every update anyway under central DP
+        norms = [exchange.update_norm(_arrays(r.content["arrays"]), self._sent)
+                 for r in replies if not r.has_error()]
+        agg, metrics = self.strategy.aggregate_train(server_round, replies)
+        if agg is None:
+            return None, metrics
+        for k, v in _arrays(agg).items():
+            cut = self.cut(k, self._rank)
+            if cut is not None:
+                self.full[k][..., :cut, :] = v
+            else:
+                self.full[k] = np.asarray(v, np.float32)
+        entry = {"round": server_round, "rank": self._rank,
+                 "clients": int(metrics.get("clients", 0)) if metrics else 0,
+                 KEY_LOSS: float(metrics.get(KEY_LOSS, np.nan)) if metrics else float("nan"),
+                 "max-update-norm": max(norms, default=0.0)}
+        if self.ledger is not None:
+            entry["epsilon"] = self.ledger.release()
+            logger.info("round %d: rank %s, epsilon %.4f at delta %g", server_round,
+                        self._rank, entry["epsilon"], self.ledger.delta)
+        self.history.append(entry)
+        metrics = MetricRecord(dict(metrics or {}))
+        if self._rank is not None:
+            metrics["rank"] = self._rank
+        if self.ledger is not None:
+            metrics["epsilon"] = entry["epsilon"]
+        return _record(self.full), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_evaluate(self, server_round, replies):
+        return None
+
+    def summary(self):
+        logger.info("RankBroadcast: max rank %s, DP %s", self.max_rank, self.ledger is not None)
+
+
+# ---------------------------------------------------------------------------
+# Server
+
+
+class Settings:
+    """The server's settings, checked before anything runs; the keys of a
+    Flower run config (`--run-config "rounds=10 noise-multiplier=1.1"`)
+    override them."""
+
+    RUN_CONFIG = {
+        "rounds": "rounds", "clients-per-round": "clients_per_round",
+        "num-clients": "num_clients", "noise-multiplier": "noise_multiplier",
+        "clipping-norm": "clipping_norm", "target-epsilon": "target_epsilon",
+        "delta": "delta", "max-epsilon": "max_epsilon", "seed": "seed",
+        "accountant": "accountant", "save-path": "save_path",
+        "server-learning-rate": "server_learning_rate",
+    }
+
+    def __init__(self, num_clients, clients_per_round, rounds, noise_multiplier=0.0,
+                 clipping_norm=None, target_epsilon=None, delta=None, max_epsilon=None,
+                 accountant="rdp", seed=0, rank_sampling="server", save_path=None,
+                 server_learning_rate=1.0):
+        self.given = dict(
+            server_learning_rate=server_learning_rate,
+            num_clients=num_clients, clients_per_round=clients_per_round, rounds=rounds,
+            noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
+            target_epsilon=target_epsilon, delta=delta, max_epsilon=max_epsilon,
+            accountant=accountant, seed=seed, rank_sampling=rank_sampling, save_path=save_path,
+        )
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.rounds = rounds
+        self.noise_multiplier = noise_multiplier
+        self.clipping_norm = clipping_norm
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.max_epsilon = max_epsilon
+        self.accountant = accountant
+        self.seed = seed
+        self.rank_sampling = rank_sampling
+        self.save_path = save_path
+        self.server_learning_rate = server_learning_rate
+        self.check()
+
+    def with_run_config(self, run_config):
+        values = dict(self.given)
+        changed = False
+        for key, attr in self.RUN_CONFIG.items():
+            if key in run_config:
+                value = run_config[key]
+                values[attr] = None if value in ("", "none", "None") else value
+                changed = True
+        return Settings(**values) if changed else self
+
+    def check(self):
+        def positive_int(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"server_app: {name} must be an int >= 1; received {name}={v!r}.")
+
+        positive_int("num_clients")
+        positive_int("rounds")
+        accounting._check("server_learning_rate", self.server_learning_rate, 0, None)
+        if not isinstance(self.clients_per_round, (int, float)) or isinstance(self.clients_per_round, bool) \
+                or not 0 < self.clients_per_round <= self.num_clients:
+            raise ValueError(
+                "server_app: clients_per_round (the expected cohort size) must be in "
+                f"(0, num_clients={self.num_clients}]; received clients_per_round={self.clients_per_round!r}."
+            )
+        if self.rank_sampling != "server":
+            if self.rank_sampling == "client":
+                raise ValueError(f"server_app: rank_sampling='client' is refused. {NAIVE_RANKS}")
+            raise ValueError(
+                f"server_app: rank_sampling must be 'server'; received rank_sampling={self.rank_sampling!r}."
+            )
+        if self.accountant not in accounting.ACCOUNTANTS:
+            raise ValueError(
+                f"server_app: accountant must be one of {accounting.ACCOUNTANTS}; "
+                f"received accountant={self.accountant!r}."
+            )
+        if self.target_epsilon is not None and self.noise_multiplier:
+            raise ValueError(
+                "server_app: give noise_multiplier or target_epsilon, not both; received "
+                f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}."
+            )
+        if self.delta is None:
+            self.delta = float(self.num_clients) ** -1.1
+        if self.private:
+            if self.clipping_norm is None:
+                raise ValueError("server_app: differential privacy needs a clipping_norm (C > 0).")
+            accounting._check("clipping_norm", self.clipping_norm, 0, None)
+            accounting._check("delta", self.delta, 0, 1, high_open=True)
+            if self.target_epsilon is not None:
+                self.noise_multiplier = accounting.noise_for_epsilon(
+                    self.target_epsilon, self.sampling_rate, self.rounds, self.delta, self.accountant
+                )
+                self.target_epsilon = None
+            accounting._check("noise_multiplier", self.noise_multiplier, 0, None)
+        elif self.clipping_norm is not None or self.max_epsilon is not None:
+            raise ValueError(
+                "server_app: clipping_norm and max_epsilon belong to differential privacy: "
+                "give noise_multiplier > 0 or target_epsilon too."
+            )
+
+    @property
+    def private(self):
+        return bool(self.noise_multiplier) or self.target_epsilon is not None
+
+    @property
+    def sampling_rate(self):
+        return self.clients_per_round / self.num_clients
+
+
+class FederatedResult:
+    """What a federation leaves: the server's `model` (an ordinary
+    keras-lowrank model), its per-round `history` (rank, clients, train
+    loss, ε, evaluation metrics), the privacy spent (`epsilon`, `delta`),
+    and `stopped` (the reason it stopped early, or `None`)."""
+
+    def __init__(self, model, history, epsilon, delta, noise_multiplier, stopped):
+        self.model = model
+        self.history = history
+        self.epsilon = epsilon
+        self.delta = delta
+        self.noise_multiplier = noise_multiplier
+        self.stopped = stopped
+
+
+def _wait_for_clients(grid, n, timeout):
+    start = time.time()
+    while len(list(grid.get_node_ids())) < n:
+        if time.time() - start > timeout:
+            raise TimeoutError(
+                f"server_app: {len(list(grid.get_node_ids()))} of num_clients={n} clients "
+                f"connected within {timeout} s."
+            )
+        time.sleep(0.5)
+
+
+def run_server(grid, model_fn, settings, evaluate_fn=None, timeout=3600):
+    """The server's work (what `server_app`'s main runs): returns a
+    `FederatedResult`."""
+    model = model_fn()
+    full = exchange.adapter_arrays(model)
+    big = exchange.max_rank(model)
+    fingerprint = exchange.base_fingerprint(model)
+    _wait_for_clients(grid, settings.num_clients, timeout)
+    inner = PoissonFedAvg(settings.sampling_rate, settings.clients_per_round,
+                          fixed_denominator=settings.private, seed=settings.seed,
+                          server_learning_rate=settings.server_learning_rate)
+    ledger = None
+    if settings.private:
+        inner = DifferentialPrivacyClientSideFixedClipping(
+            inner, settings.noise_multiplier, settings.clipping_norm,
+            num_sampled_clients=max(1, int(round(settings.clients_per_round))),
+        )
+        # Flower's wrapper computes σC/n from an int n; ours may be fractional
+        inner.num_sampled_clients = settings.clients_per_round
+        ledger = accounting.Ledger(settings.noise_multiplier, settings.sampling_rate,
+                                   settings.delta, settings.accountant)
+    layer_ranks = {}
+    for e in exchange._adapter_entries(model):
+        if e.layer.method == "dylora":
+            for name in exchange.DYLORA_FACTORS:
+                layer_ranks[f"{e.key}{exchange.SEP}{name}"] = int(e.layer.rank)
+    strategy = RankBroadcast(inner, full, big, layer_ranks, fingerprint, ledger,
+                             settings.max_epsilon, seed=None if settings.seed is None else settings.seed + 1)
+    evaluations = {}
+
+    def evaluate(server_round, arrays):
+        if evaluate_fn is None:
+            return None
+        exchange.set_adapter_arrays(model, _arrays(arrays))
+        metrics = {k: float(v) for k, v in dict(evaluate_fn(model, server_round)).items()}
+        evaluations[server_round] = metrics
+        return MetricRecord(metrics)
+
+    stopped = None
+    try:
+        strategy.start(grid=grid, initial_arrays=_record(full), num_rounds=settings.rounds,
+                       timeout=timeout, evaluate_fn=evaluate if evaluate_fn else None)
+    except PrivacyBudgetExhausted as e:
+        stopped = str(e)
+        logger.warning("stopped: %s", stopped)
+    exchange.set_adapter_arrays(model, strategy.full)
+    for entry in strategy.history:
+        entry.update(evaluations.get(entry["round"], {}))
+    result = FederatedResult(
+        model, strategy.history,
+        epsilon=None if ledger is None else ledger.epsilon,
+        delta=None if ledger is None else ledger.delta,
+        noise_multiplier=settings.noise_multiplier if settings.private else 0.0,
+        stopped=stopped,
+    )
+    result.initial_metrics = evaluations.get(0)
+    if settings.save_path:
+        model.save(settings.save_path)
+    return result
+
+
+def server_app(model_fn, num_clients, clients_per_round, rounds, noise_multiplier=0.0,
+               clipping_norm=None, target_epsilon=None, delta=None, max_epsilon=None,
+               accountant="rdp", seed=0, rank_sampling="server", evaluate_fn=None,
+               save_path=None, on_finish=None, server_learning_rate=1.0, timeout=3600):
+    """A Flower `ServerApp` for a (DP-)DyLoRA federation (spec §5).
+
+    Args:
+        model_fn: `() -> model` with adapters: the same base as the
+            clients'. DyLoRA adapters make it DP-DyLoRA (one rank per round,
+            drawn by the server); any other method trains at full rank
+            (e.g. DP-LoRA).
+        num_clients: N, the clients taking part (the server waits for them).
+        clients_per_round: n, the expected cohort size: each client takes
+            part in a round with probability `n / N`.
+        rounds: the number of rounds.
+        noise_multiplier: σ (> 0 turns on user-level DP, with
+            `clipping_norm`); or `target_epsilon` to derive σ from ε at `delta`
+            over `rounds` (dp-accounting's calibration).
+        clipping_norm: C, the bound on each client's update norm.
+        delta: δ (default `N ** -1.1`).
+        max_epsilon: stop (clearly, keeping the model so far) before a
+            round that would bring ε above it.
+        accountant: `"rdp"` or `"pld"`.
+        seed: the seed of the server's randomness (client sampling, ranks).
+        rank_sampling: `"server"`; `"client"` (the naive variant) is
+            refused because it breaks the privacy accounting.
+        evaluate_fn: optional `(model, round) -> {name: value}`, run on the
+            server's model before the first round and after each.
+        save_path: save the final model there (a `.keras` file).
+        on_finish: optional callable receiving the `FederatedResult`.
+        server_learning_rate: η, the step the server takes along the
+            (noised) average update (1: FedAvg; a post-processing, so it
+            costs no privacy).
+
+    The run config of `flwr run` (keys `rounds`, `clients-per-round`,
+    `num-clients`, `noise-multiplier`, `clipping-norm`, `target-epsilon`,
+    `delta`, `max-epsilon`, `seed`, `accountant`, `save-path`,
+    `server-learning-rate`) overrides these.
+    """
+    settings = Settings(num_clients, clients_per_round, rounds, noise_multiplier, clipping_norm,
+                        target_epsilon, delta, max_epsilon, accountant, seed, rank_sampling,
+                        save_path, server_learning_rate)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        run_settings = settings.with_run_config(context.run_config or {})
+        result = run_server(grid, model_fn, run_settings, evaluate_fn=evaluate_fn, timeout=timeout)
+        if on_finish is not None:
+            on_finish(result)
+
+    app.settings = settings
+    return app
+
+
+def run_simulation(server, client, num_clients, cpus_per_client=1, verbose=False):
+    """Run a federation in Flower's simulation engine (Ray) on this machine:
+    `num_clients` virtual SuperNodes run `client`, each with its own
+    `partition-id`. The Keras backend of this process is the workers'."""
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    os.environ["KERAS_BACKEND"] = keras.backend.backend()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flower_run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=num_clients,
+            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+            verbose_logging=verbose,
+        )

@@ -1,0 +1,141 @@
+"""What a federated client and its server exchange: adapter arrays only.
+
+An adapted model's exchanged state is the trainable variables of its
+adapter layers, keyed by `"<layer key>/<variable name>"` (the stable layer
+keys of adapter files, so two builds of the same architecture agree in any
+process). At a DyLoRA rank `ℓ` the DyLoRA factors are cut to their first
+`ℓ` components (`A[:ℓ]`, `B[:ℓ]`, the layer's own `ceil(ℓ r / R)` for a
+layer of smaller rank): a client never holds, trains or sends a coordinate
+above the round's rank. No base weight is ever part of it: the base is
+identified by a fingerprint, so a client whose base differs from the
+server's refuses the round instead of training a mismatched adapter.
+"""
+
+import hashlib
+
+import numpy as np
+from keras import ops
+
+from keras_lowrank import shared
+from keras_lowrank import tree
+
+#: separator between a layer key and a variable name
+SEP = "/"
+DYLORA_FACTORS = ("lora_a", "lora_b")
+
+
+def _adapter_entries(model):
+    entries = [e for e in tree.walk(model) if tree.is_adapter(e.layer)]
+    if not entries:
+        raise ValueError(
+            f"Model {model.name!r} has no adapters: call enable_adapter on it "
+            "before federating it."
+        )
+    merged = [e.key for e in entries if e.layer.merged]
+    if merged:
+        raise ValueError(f"Model {model.name!r}: the adapters {merged} are merged; unmerge(model) first.")
+    return entries
+
+
+def max_rank(model):
+    """The model's largest DyLoRA rank `R`, or `None` without DyLoRA."""
+    state = shared.get(model, "dylora")
+    return None if state is None else state.max_rank
+
+
+def _layer_rank(adapter, rank):
+    if rank is None or adapter.method != "dylora":
+        return None
+    return int(ops.convert_to_numpy(adapter.layer_rank(ops.convert_to_tensor(rank, "int32"))))
+
+
+def _check_rank(model, rank):
+    big = max_rank(model)
+    if rank is None:
+        return
+    if big is None:
+        raise ValueError(
+            f"Model {model.name!r} has no DyLoRA adapters; a rank ({rank!r}) only "
+            "applies to DyLoRA."
+        )
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= big:
+        raise ValueError(f"rank must be an int in [1, {big}]; received rank={rank!r}.")
+
+
+def adapter_arrays(model, rank=None):
+    """`{key: numpy array}` of the model's trainable adapter variables, the
+    DyLoRA factors cut to rank `rank` (all of them for `None`)."""
+    _check_rank(model, rank)
+    out = {}
+    for e in _adapter_entries(model):
+        cut = _layer_rank(e.layer, rank)
+        for v in e.layer.trainable_weights:
+            name = v.name.split("/")[-1]
+            value = np.asarray(ops.convert_to_numpy(v))
+            if cut is not None and name in DYLORA_FACTORS:
+                value = value[..., :cut, :]
+            out[f"{e.key}{SEP}{name}"] = np.ascontiguousarray(value, dtype=np.float32)
+    return out
+
+
+def set_adapter_arrays(model, arrays, rank=None):
+    """Write `arrays` (as `adapter_arrays(model, rank)` gives them) into the
+    model; DyLoRA components above `rank` keep their values. The whole set
+    is checked (keys, shapes, finite values) before anything is written."""
+    _check_rank(model, rank)
+    expected = {}
+    targets = {}
+    for e in _adapter_entries(model):
+        cut = _layer_rank(e.layer, rank)
+        for v in e.layer.trainable_weights:
+            name = v.name.split("/")[-1]
+            shape = tuple(v.shape)
+            if cut is not None and name in DYLORA_FACTORS:
+                shape = shape[:-2] + (cut, shape[-1])
+            key = f"{e.key}{SEP}{name}"
+            expected[key] = shape
+            targets[key] = (v, cut if name in DYLORA_FACTORS else None)
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"Model {model.name!r}: the adapter arrays do not fit its adapters "
+            f"(missing: {missing[:5]}, unexpected: {extra[:5]})."
+        )
+    values = {}
+    for key, shape in expected.items():
+        value = np.asarray(arrays[key])
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"Model {model.name!r}: array {key!r} has shape {tuple(value.shape)}; "
+                f"the adapter needs {shape}."
+            )
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"Model {model.name!r}: array {key!r} holds non-finite values.")
+        values[key] = value
+    for key, value in values.items():
+        v, cut = targets[key]
+        if cut is not None:
+            full = np.array(ops.convert_to_numpy(v))
+            full[..., :cut, :] = value
+            value = full
+        v.assign(value.astype(v.dtype))
+
+
+def base_fingerprint(model):
+    """A SHA-256 hex digest of every frozen weight of the adapted layers
+    (kernels, quantized codes and scales, biases): two models share a base
+    exactly when their fingerprints agree."""
+    h = hashlib.sha256()
+    for e in _adapter_entries(model):
+        for v in e.layer.layer.non_trainable_weights:
+            value = np.ascontiguousarray(ops.convert_to_numpy(v))
+            h.update(e.key.encode())
+            h.update(str(value.dtype).encode() + str(value.shape).encode())
+            h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def update_norm(new, old):
+    """The L2 norm of `new - old` over every array (dicts of arrays)."""
+    return float(np.sqrt(sum(np.sum((np.asarray(new[k], np.float64) - old[k]) ** 2) for k in new)))
