@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 
-SUITES = ("step_time", "quantized", "svd_family", "loha_forms", "training_dynamics")
+SUITES = ("step_time", "quantized", "svd_family", "loha_forms", "training_dynamics", "federated")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -12,7 +12,7 @@ evaluated at every DyLoRA rank, saved as `.keras` and reloaded, merged.
 
     python examples/federated_dp_dylora.py [--backend jax|tensorflow|torch]
         [--clients 40] [--cohort 10] [--rounds 10] [--epsilon 8 | --no-dp]
-        [--method dylora] [--rank 8] [--small] [--out DIR]
+        [--method dylora] [--rank 8] [--small] [--out DIR] [--base-only]
 
 The last line it prints is a JSON summary. Exit codes: 0 success, 1 a
 check failed, 2 bad input.
@@ -100,10 +100,12 @@ class ModelFn:
         keras.utils.set_random_seed(self.seed)
         backbone = keras_hub.models.GemmaBackbone(**TINY_GEMMA)
         model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
-        model.load_weights(self.base_path)
         options = {"frozen": False} if self.method == "dylora" else {}
         with warnings.catch_warnings():
+            # KerasHub tasks compile themselves: Keras notes it skips the
+            # saved optimizer, and that compile() is called again below
             warnings.simplefilter("ignore")
+            model.load_weights(self.base_path)
             keras_lowrank.enable_adapter(model, method=self.method, rank=self.rank, **options)
         model.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),
@@ -180,6 +182,8 @@ def build_parser(prog=None):
     p.add_argument("--small", action="store_true", help="20 clients, 3 rounds (a quick check)")
     p.add_argument("--out", default=None, help="folder for the base and the final model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-only", action="store_true",
+                   help="only train the shared base into --out (for a `flwr run` deployment)")
     return p
 
 
@@ -202,6 +206,9 @@ def run(args):
     print(f"[1/4] training the shared base on task A (next token = token + {SHIFT_A})")
     base = build_base(os.path.join(out, "base.weights.h5"), seed=args.seed,
                       epochs=3 if args.small else 6)
+    if args.base_only:
+        print(f"base saved: {base}")
+        return 0
     epsilon = None if args.no_dp else args.epsilon
     privacy = "no DP" if epsilon is None else f"target epsilon {epsilon}"
     print(f"[2/4] federation: {args.clients} clients, ~{args.cohort} per round, "

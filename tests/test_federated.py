@@ -448,3 +448,31 @@ def test_fix_train_rank_checks_its_rank():
     kl.dylora.fix_train_rank(model, 3)
     kl.dylora.fix_train_rank(model, None)
     assert int(keras.ops.convert_to_numpy(kl.shared.get(model, "dylora").fixed_rank)) == 0
+
+
+def test_the_flower_app_for_flwr_run_is_valid(monkeypatch):
+    """examples/federated_app: Flower accepts its pyproject.toml as an app
+    config, and its components are our ServerApp and ClientApp (the
+    deployment itself, SuperLink + SuperNodes + `flwr run`, is in
+    docs/federated.md)."""
+    from pathlib import Path
+
+    from flwr.clientapp import ClientApp
+    from flwr.cli.config_utils import load_and_validate
+    from flwr.serverapp import ServerApp
+
+    app_dir = Path(ROOT) / "examples" / "federated_app"
+    config, _ = load_and_validate(app_dir / "pyproject.toml")
+    components = config["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "klr_federated_app.server_app:app",
+                          "clientapp": "klr_federated_app.client_app:app"}
+    monkeypatch.syspath_prepend(str(app_dir))
+    import klr_federated_app.client_app as client_module
+    import klr_federated_app.server_app as server_module
+
+    assert isinstance(server_module.app, ServerApp) and isinstance(client_module.app, ClientApp)
+    # its run config is what server_app reads
+    settings = server_module.app.settings.with_run_config(config["tool"]["flwr"]["app"]["config"])
+    assert (settings.rounds, settings.num_clients, settings.clients_per_round) == (3, 2, 2)
+    assert settings.server_learning_rate == 3.0 and settings.save_path is None
+    assert settings.noise_multiplier > 0

@@ -31,7 +31,6 @@ import weakref
 import keras
 import numpy as np
 
-from keras_lowrank import shared
 from keras_lowrank.federated import accounting
 from keras_lowrank.federated import exchange
 from keras_lowrank.methods import dylora
@@ -65,6 +64,15 @@ class _ExpectedWarnings(logging.Filter):
         text = str(record.msg)
         return not (text.startswith("The number of clients returning parameters")
                     or text.startswith("fraction_evaluate is set to 0.0"))
+
+
+class _NoDeprecation(logging.Filter):
+    """Flower's note that its Python `run_simulation` is deprecated in favour
+    of `flwr run`, shown while ours runs it (the same apps run under `flwr
+    run`, see docs/federated.md)."""
+
+    def filter(self, record):
+        return "The `run_simulation` function is deprecated" not in record.getMessage()
 
 
 logging.getLogger("flwr").addFilter(_ExpectedWarnings())
@@ -681,12 +689,18 @@ def run_simulation(server, client, num_clients, cpus_per_client=1, verbose=False
 
     os.environ["KERAS_BACKEND"] = keras.backend.backend()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        flower_run_simulation(
-            server_app=server,
-            client_app=client,
-            num_supernodes=num_clients,
-            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
-            verbose_logging=verbose,
-        )
+    quiet = _NoDeprecation()
+    flower = logging.getLogger("flwr")
+    flower.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flower_run_simulation(
+                server_app=server,
+                client_app=client,
+                num_supernodes=num_clients,
+                backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+                verbose_logging=verbose,
+            )
+    finally:
+        flower.removeFilter(quiet)
