@@ -10,9 +10,12 @@ simulation engine. Per configuration the suite reports the server's
 next-token accuracy and loss on uniform task-B sequences after the last
 round, and ε.
 
-Configurations: DyLoRA (rank 8) without DP, at ε = 8 and at ε = 2; DP-LoRA
-(fixed rank 8) at ε = 8 and ε = 2; all at the same rounds, sampling rate
-and clipping norm, for each number of clients. δ = N^-1.1.
+Configurations: DyLoRA (rank 8) without DP, at ε = 8 and at ε = 2; LoRA
+(fixed rank 8) without DP, at ε = 8 and ε = 2 (DP-LoRA); all at the same
+rounds and sampling rate, under DP the same clipping norm and server
+learning rate, for each number of clients. δ = N^-1.1. Besides accuracy:
+the floats a client uploads per round (mean over rounds) and, for DyLoRA,
+the accuracy of the final model used at rank 4.
 
     python benchmarks/run.py federated [--small] [--clients 100,200,400]
         [--rounds 20] [--backend jax] [--markdown PATH] [--json-out PATH] [--plot PATH]
@@ -33,13 +36,14 @@ BACKENDS = ("jax", "tensorflow", "torch")
 #: (label, method, ε or None) of every configuration, in table order
 CONFIGS = (
     ("DyLoRA, no DP", "dylora", None),
+    ("LoRA, no DP", "lora", None),
     ("DP-DyLoRA, ε = 8", "dylora", 8.0),
     ("DP-DyLoRA, ε = 2", "dylora", 2.0),
     ("DP-LoRA, ε = 8", "lora", 8.0),
     ("DP-LoRA, ε = 2", "lora", 2.0),
 )
 #: the configurations run at every number of clients beyond the first
-TREND = ("DyLoRA, no DP", "DP-DyLoRA, ε = 2", "DP-LoRA, ε = 2")
+TREND = ("DyLoRA, no DP", "LoRA, no DP", "DP-DyLoRA, ε = 2", "DP-LoRA, ε = 2")
 RANK = 8
 SAMPLING_RATE = 0.2
 CLIPPING_NORM = 0.5
@@ -93,6 +97,7 @@ def run(args, log=print):
             result = federate(task, base, n_clients, args.rounds, epsilon, method, args.seed,
                               **extra)
             last = result.history[-1]
+            upload, at_half = _upload_and_half_rank(result, task)
             row = {
                 "config": label, "method": method, "target_epsilon": epsilon,
                 "clients": n_clients, "cohort": SAMPLING_RATE * n_clients, "rounds": args.rounds,
@@ -102,6 +107,7 @@ def run(args, log=print):
                               if epsilon is not None else 0.0),
                 "accuracy": last["accuracy"], "loss": last["loss"],
                 "accuracy_before": result.initial_metrics["accuracy"],
+                "upload_floats": upload, "accuracy_rank_4": at_half,
                 "seconds": time.perf_counter() - start,
             }
             rows.append(row)
@@ -114,6 +120,23 @@ def run(args, log=print):
         "rounds": args.rounds, "seed": args.seed,
         "command": "python benchmarks/run.py federated " + " ".join(args.argv),
     }, "rows": rows}
+
+
+def _upload_and_half_rank(result, task):
+    """(mean floats a client sent per round, DyLoRA accuracy at rank 4)."""
+    import numpy as np
+
+    from keras_lowrank import dylora
+    from keras_lowrank import federated
+
+    model = result.model
+    sizes = [sum(v.size for v in federated.adapter_arrays(model, h["rank"]).values())
+             for h in result.history]
+    if result.history[0]["rank"] is None:
+        return float(np.mean(sizes)), None
+    x, y = task.sequences(np.random.default_rng(task.Evaluate().seed), 128, task.SHIFT_B)
+    metrics = dylora.evaluate_ranks(model, x, y, ranks=[RANK // 2], verbose=0, batch_size=64)
+    return float(np.mean(sizes)), float(metrics[RANK // 2]["accuracy"])
 
 
 def federate(task, base, n_clients, rounds, epsilon, method, seed, clipping_norm=None):
@@ -129,7 +152,8 @@ def federate(task, base, n_clients, rounds, epsilon, method, seed, clipping_norm
         model_fn, num_clients=n_clients, clients_per_round=SAMPLING_RATE * n_clients,
         rounds=rounds, seed=seed, evaluate_fn=task.Evaluate(), on_finish=results.append, **dp,
     )
-    client = federated.client_app(model_fn, task.DataFn(16, seed), epochs=2, batch_size=8)
+    client = federated.client_app(model_fn, task.DataFn(16, seed), epochs=2, batch_size=8,
+                                  seed=seed)
     federated.run_simulation(server, client, num_clients=n_clients)
     return results[0]
 
@@ -148,15 +172,16 @@ def markdown(result):
         f"C = {meta['clipping_norm']} and server learning rate {meta['server_learning_rate_dp']} "
         "under DP (FedAvg, unclipped, without). δ = N^-1.1; ε from dp-accounting's RDP accountant.",
         "",
-        "| configuration | clients N | cohort qN | ε | σ | noise std σC/n | accuracy | loss | time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | clients N | cohort qN | ε | σ | noise std σC/n | accuracy | loss | accuracy at rank 4 | upload (floats/client/round) | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         out.append(
             f"| {r['config']} | {r['clients']} | {r['cohort']:.0f} | {eps} | "
             f"{r['noise_multiplier']:.3f} | {r['noise_std']:.4f} | {r['accuracy']:.3f} | "
-            f"{r['loss']:.3f} | {r['seconds']:.0f} |"
+            f"{r['loss']:.3f} | {'–' if r['accuracy_rank_4'] is None else format(r['accuracy_rank_4'], '.3f')} | "
+            f"{r['upload_floats']:,.0f} | {r['seconds']:.0f} |"
         )
     if rows:
         out += ["", f"Accuracy of the base before federated training: {rows[0]['accuracy_before']:.3f}."]

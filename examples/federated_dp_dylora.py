@@ -161,7 +161,7 @@ def federate(base_path, clients, cohort, rounds, epsilon=None, method="dylora", 
         delta=delta, evaluate_fn=Evaluate() if evaluate else None, on_finish=results.append, **dp,
     )
     client = federated.client_app(model_fn, DataFn(examples, seed), epochs=local_epochs,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, seed=seed)
     federated.run_simulation(server, client, num_clients=clients, cpus_per_client=cpus_per_client)
     if not results:
         raise CheckFailed("the federation did not finish (see Flower's log above)")

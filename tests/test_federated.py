@@ -476,3 +476,14 @@ def test_the_flower_app_for_flwr_run_is_valid(monkeypatch):
     assert (settings.rounds, settings.num_clients, settings.clients_per_round) == (3, 2, 2)
     assert settings.server_learning_rate == 3.0 and settings.save_path is None
     assert settings.noise_multiplier > 0
+
+
+def test_a_seeded_client_repeats_its_training_exactly():
+    server_model = model_fn(rank=4)
+    client = federated.client_app(model_fn, data_fn, epochs=2, batch_size=4, seed=7)
+    arrays, config = _round_message(server_model, rank=3)
+    first = _client_round(client, arrays, config)
+    keras.utils.set_random_seed(123)  # whatever the process did in between
+    second = _client_round(client, arrays, config)
+    for k, v in first.content["arrays"].items():
+        np.testing.assert_array_equal(v.numpy(), second.content["arrays"][k].numpy())

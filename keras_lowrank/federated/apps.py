@@ -215,7 +215,7 @@ def _clip_when_asked(msg, context, call_next):
         return replies[-1]  # a zero update: within any norm as it is
 
 
-def client_app(model_fn, data_fn, epochs=1, batch_size=32):
+def client_app(model_fn, data_fn, epochs=1, batch_size=32, seed=None):
     """A Flower `ClientApp` that trains the adapters of a Keras model.
 
     Args:
@@ -228,6 +228,10 @@ def client_app(model_fn, data_fn, epochs=1, batch_size=32):
             and `num-partitions`; a SuperNode gets them from
             `--node-config`.
         epochs, batch_size: local training per round.
+        seed: if given, each local training starts from
+            `keras.utils.set_random_seed` of (seed, round, partition), so a
+            federation repeats exactly whichever worker runs which client
+            (fit's shuffling and dropout draw from the process's state).
 
     Each training message carries the round's adapter arrays (the rank-ℓ
     slice for DyLoRA), the rank and, under DP, the clipping norm. The
@@ -244,7 +248,12 @@ def client_app(model_fn, data_fn, epochs=1, batch_size=32):
     def train(msg, context):
         model, fingerprint = _client_model(model_fn, key)
         node = context.node_config
-        data = data_fn(int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)))
+        partition = int(node.get("partition-id", 0))
+        data = data_fn(partition, int(node.get("num-partitions", 1)))
+        if seed is not None:
+            server_round = int(msg.content["config"].get("server-round", 0))
+            keras.utils.set_random_seed(int(np.random.SeedSequence(
+                [seed, server_round, partition]).generate_state(1)[0] % (2**31 - 1)))
         arrays, metrics = train_client(
             model, fingerprint, msg.content, data, epochs=epochs, batch_size=batch_size
         )
