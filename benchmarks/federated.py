@@ -64,6 +64,7 @@ def parse_args(argv=None, prog=PROG):
     p.add_argument("--markdown", default=None)
     p.add_argument("--json-out", default=None)
     p.add_argument("--plot", default=None, help="a PNG of accuracy against the number of clients")
+    p.add_argument("--from-json", default=None, help="redraw --markdown/--plot from a --json-out file")
     args = p.parse_args(argv)
     try:
         args.client_counts = [int(c) for c in args.clients.split(",")]
@@ -201,6 +202,9 @@ def plot(result, path):
         xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xscale("log")
+    counts = sorted({r["clients"] for r in rows})
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
     ax.set_xlabel("clients N (cohort 0.2 N per round)")
     ax.set_ylabel("next-token accuracy (task B)")
     ax.set_title(f"Federated fine-tuning, {result['meta']['rounds']} rounds")
@@ -215,7 +219,11 @@ def main(argv=None, prog=PROG):
     args = parse_args(argv, prog)
     args.argv = argv
     os.environ["KERAS_BACKEND"] = args.backend
-    result = run(args)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        result = run(args)
     text = markdown(result)
     print(text)
     if args.markdown:

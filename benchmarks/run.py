@@ -5,6 +5,8 @@
     python benchmarks/run.py quantized [options]   # quantized frozen bases
     python benchmarks/run.py svd_family [options]  # SVD engine, init and step time of the SVD family
     python benchmarks/run.py loha_forms [options]  # LoHa's Khatri-Rao vs materialized forward, per rank
+    python benchmarks/run.py training_dynamics [options]  # LoRA-FA's memory, AdaLoRA's overhead
+    python benchmarks/run.py federated [options]   # DP-DyLoRA's accuracy in Flower's simulation engine
     python benchmarks/run.py all [options]         # every suite, one after the other
 
 `python benchmarks/run.py SUITE --help` lists a suite's options. With `all`,
@@ -15,7 +17,8 @@ folder that receives `benchmarks_<suite>.md` / `<suite>.json`. Each suite of
 `all` runs in its own process (the quantized suite measures peak memory,
 which must not include another suite's). Exit status: 0 if every part ran.
 
-The suites are `step_time.py`, `quantized.py`, `svd_family.py` and `loha_forms.py` next to this file (each still
+The suites are `step_time.py`, `quantized.py`, `svd_family.py`, `loha_forms.py`,
+`training_dynamics.py` and `federated.py` next to this file (each still
 runnable directly); their shared code is in `_common.py`. See README.md.
 """
 
