@@ -52,8 +52,13 @@ if [ "$#" -eq 0 ]; then
   # longest first: every backend's contract, then quantized, then the rest
   for i in 0 1 2; do
     for backend in $BACKENDS; do
+      extra=""
+      # keras.distribution runs on JAX: its test (a JAX child process) runs once
+      if [ "$i" = 2 ] && [ "$backend" != jax ]; then
+        extra="--ignore=tests/test_distribution.py"
+      fi
       # shellcheck disable=SC2086
-      launch "$backend" "${SHARD_NAMES[$i]}" ${SHARD_ARGS[$i]}
+      launch "$backend" "${SHARD_NAMES[$i]}" ${SHARD_ARGS[$i]} $extra
     done
   done
 else
