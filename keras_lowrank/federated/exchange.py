@@ -5,7 +5,7 @@ adapter layers, keyed by `"<layer key>/<variable name>"` (the stable layer
 keys of adapter files, so two builds of the same architecture agree in any
 process). At a DyLoRA rank `ℓ` the DyLoRA factors are cut to their first
 `ℓ` components (`A[:ℓ]`, `B[:ℓ]`, the layer's own `ceil(ℓ r / R)` for a
-layer of smaller rank): a client never holds, trains or sends a coordinate
+layer of smaller rank): a client never receives, trains or sends a coordinate
 above the round's rank. No base weight is ever part of it: the base is
 identified by a fingerprint, so a client whose base differs from the
 server's refuses the round instead of training a mismatched adapter.
