@@ -188,7 +188,7 @@ def train_client(model, fingerprint, content, data, epochs=1, batch_size=32):
     if not isinstance(data, tuple):
         data = (data,)
     try:
-        history = model.fit(*data, epochs=epochs, batch_size=batch_size, verbose=0)
+        history = _fit(model, data, epochs, batch_size)
     finally:
         _reset_optimizer(model)
         if has_dylora:
@@ -196,6 +196,41 @@ def train_client(model, fingerprint, content, data, epochs=1, batch_size=32):
     losses = history.history.get("loss") or [float("nan")]
     metrics = {KEY_EXAMPLES: _count(data), KEY_WEIGHT: 1, KEY_LOSS: float(losses[-1])}
     return exchange.adapter_arrays(model, rank), metrics
+
+
+def _sliceable(data):
+    """Whether `data` (fit's positional arguments) is arrays (or dicts of
+    arrays) of one length, which `_fit` can shuffle itself."""
+    n = None
+    for part in data:
+        for leaf in (part.values() if isinstance(part, dict) else [part]):
+            if not isinstance(leaf, np.ndarray) or (n is not None and len(leaf) != n):
+                return False
+            n = len(leaf)
+    return n is not None
+
+
+def _take(part, index):
+    if isinstance(part, dict):
+        return {k: v[index] for k, v in part.items()}
+    return part[index]
+
+
+def _fit(model, data, epochs, batch_size):
+    """`model.fit` on the client's data. NumPy data is shuffled here, each
+    epoch from NumPy's global generator: Keras's own shuffle draws one more
+    permutation on a model's first `fit` (to trace it), so a seeded client
+    would train differently the first time a worker runs it."""
+    if not _sliceable(data):
+        return model.fit(*data, epochs=epochs, batch_size=batch_size, verbose=0)
+    n = _count(data)
+    history = None
+    for _ in range(epochs):
+        order = np.random.permutation(n)
+        history = model.fit(*[_take(part, order) for part in data], epochs=1,
+                            batch_size=batch_size, shuffle=False, verbose=0)
+    return history if history is not None else model.fit(
+        *data, epochs=0, batch_size=batch_size, verbose=0)
 
 
 def _clip_when_asked(msg, context, call_next):
@@ -230,8 +265,10 @@ def client_app(model_fn, data_fn, epochs=1, batch_size=32, seed=None):
         epochs, batch_size: local training per round.
         seed: if given, each local training starts from
             `keras.utils.set_random_seed` of (seed, round, partition), so a
-            federation repeats exactly whichever worker runs which client
-            (fit's shuffling and dropout draw from the process's state).
+            client's shuffling (and any draw from NumPy's or Keras's global
+            generators) repeats whichever worker runs it. Layers' own seed
+            generators (dropout with `seed=None`) live in the model and
+            move on from round to round.
 
     Each training message carries the round's adapter arrays (the rank-ℓ
     slice for DyLoRA), the rank and, under DP, the clipping norm. The
