@@ -128,6 +128,11 @@ def is_functional(layer):
     return isinstance(layer, Functional)
 
 
+def _tf_reference_to(item, old):
+    """Whether `item` is a TensorFlow `TrackableReference(name, ref)` to `old`."""
+    return type(item).__name__ == "TrackableReference" and getattr(item, "ref", None) is old
+
+
 def replace_in_attributes(parent, old, new):
     """Point every attribute (and list or dict item) of `parent` that holds
     `old` at `new`, and torch's module registry with them."""
@@ -139,10 +144,14 @@ def replace_in_attributes(parent, old, new):
             modules = vars(parent).get("_modules")
             if modules is not None and attr in modules:
                 modules[attr] = new
-        elif isinstance(value, list) and any(v is old for v in value):
+        elif isinstance(value, list) and any(v is old or _tf_reference_to(v, old) for v in value):
             for i, v in enumerate(value):
                 if v is old:
                     list.__setitem__(value, i, new)
+                elif _tf_reference_to(v, old):
+                    # TensorFlow's checkpoint dependency (name, ref): left
+                    # stale it would keep the old layer and its kernel alive
+                    list.__setitem__(value, i, type(v)(v.name, new))
         elif isinstance(value, dict) and any(v is old for v in value.values()):
             for k, v in list(value.items()):
                 if v is old:

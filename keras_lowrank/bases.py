@@ -23,6 +23,7 @@ from keras import ops
 from keras_lowrank import _compat
 from keras_lowrank import tree
 from keras_lowrank.geometry import KernelGeometry
+from keras_lowrank.quant import nf4
 from keras_lowrank.quant.layers import DENSE_EQUATION
 from keras_lowrank.quant.layers import NF4Linear
 
@@ -88,6 +89,10 @@ class Storage:
     def check(self, layer, where):
         """Raise a clear error if an adapter cannot sit on this storage."""
 
+    def check_source(self, layer, where):
+        """Raise a clear error if the float `layer` cannot be converted to
+        this storage (checked before the model changes)."""
+
     def convert(self, layer, double_quant=True):
         """A copy of the float `layer` in this storage."""
         raise NotImplementedError
@@ -145,6 +150,10 @@ class NF4Storage(Storage):
     def storage_params(self, layer):
         stored = sum(math.prod(v.shape) for v in layer.storage_variables())
         return stored, layer.numel
+
+    def check_source(self, layer, where):
+        with _compat.no_autocast():
+            nf4.check_finite(FLOAT.kernel_variable(layer).value, repr(where))
 
     def convert(self, layer, double_quant=True):
         return NF4Linear.from_layer(layer, double_quant=double_quant)
@@ -316,6 +325,21 @@ def freeze_kernel(layer, trainable=False):
     var = kernel_variable(layer)
     if var is not None:
         var.trainable = trainable
+
+
+def check_convertible(layer, base, where):
+    """Raise a clear error if the float `layer` cannot move to `base` (a
+    non-finite kernel has no NF4 code)."""
+    STORAGES[base].check_source(layer, where)
+
+
+def kernel_bytes(layer):
+    """Bytes of the layer's float kernel (0 for a quantized storage)."""
+    var = kernel_variable(layer)
+    if var is None:
+        return 0
+    bits = int("".join(c for c in str(var.dtype) if c.isdigit()) or 32)
+    return math.prod(var.shape) * bits // 8
 
 
 def read_kernel(layer):

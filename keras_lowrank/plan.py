@@ -21,6 +21,7 @@ same architecture.
 """
 
 import dataclasses
+import gc
 import re
 import warnings
 
@@ -322,45 +323,51 @@ class Plan:
                 _compat.set_build_shapes(lp.adapter, shapes)
 
     def apply(self, init, fill=None):
-        """Attach, initialize or `fill`, convert, swap and freeze; all or
-        nothing."""
+        """Attach, initialize or `fill`, swap and freeze (all or nothing),
+        then move the frozen bases into their storage (see `_convert_bases`)."""
         model = self.model
         flags = _trainable_flags(model)
         attached, swapped, snapshots, new_states, state_snaps = [], [], [], [], []
+        pending = []
         n_svd = sum(1 for lp in self.layers if lp.adapter.uses_svd and not lp.existing)
-        try:
-            with svd.progress(n_svd if init or fill is not None else 0):
-                self._apply_layers(init, fill, attached, snapshots, new_states, state_snaps)
-            for lp in self.layers:
-                if not lp.existing:
-                    tree.replace_layer(model, lp.entry, lp.adapter)
-                    swapped.append(lp)
-            freeze(model, self.trainable_layers)
-            mark_adapted(model, self.trainable_layers)
-        except BaseException:
-            for lp in reversed(swapped):
-                back = tree.Entry(lp.path, lp.adapter, lp.entry.parents, lp.key)
-                tree.replace_layer(model, back, lp.entry.layer)
-            for a in reversed(attached):
-                a.detach()
-            for a, snap in snapshots:
-                a.restore(snap)
-            for state, values in state_snaps:
-                for name, var in state.file_state().items():
-                    var.assign(values[name])
-            for method in new_states:
-                shared.detach(model, method)
-            _restore_trainable_flags(flags)
-            mark_adapted(model)
-            compiled.after_change(model)
-            raise
-        for a in attached:
-            a.commit()
-        compiled.after_change(model)
+        with svd.progress(n_svd if init or fill is not None else 0):
+            try:
+                self._apply_layers(init, fill, attached, snapshots, new_states, state_snaps, pending)
+                for lp in self.layers:
+                    if not lp.existing:
+                        tree.replace_layer(model, lp.entry, lp.adapter)
+                        swapped.append(lp)
+                freeze(model, self.trainable_layers)
+                mark_adapted(model, self.trainable_layers)
+            except BaseException:
+                for lp in reversed(swapped):
+                    back = tree.Entry(lp.path, lp.adapter, lp.entry.parents, lp.key)
+                    tree.replace_layer(model, back, lp.entry.layer)
+                for a in reversed(attached):
+                    a.detach()
+                for a, snap in snapshots:
+                    a.restore(snap)
+                for state, values in state_snaps:
+                    for name, var in state.file_state().items():
+                        var.assign(values[name])
+                for method in new_states:
+                    shared.detach(model, method)
+                _restore_trainable_flags(flags)
+                mark_adapted(model)
+                compiled.after_change(model)
+                raise
+            for a in attached:
+                a.commit()
+            # what a rollback needed pins every float layer: let it go
+            flags = swapped = snapshots = state_snaps = attached = None
+            try:
+                self._convert_bases(pending, init)
+            finally:
+                compiled.after_change(model)
         return [lp.adapter for lp in self.layers]
 
-    def _apply_layers(self, init, fill, attached, snapshots, new_states, state_snaps):
-        """Model-level states, then each layer: attach, init or fill, convert."""
+    def _apply_layers(self, init, fill, attached, snapshots, new_states, state_snaps, pending):
+        """Model-level states, then each layer: attach, init or fill."""
         model = self.model
         for method, (state, is_new) in self.states.items():
             tensors = getattr(self, "state_tensors", {}).get(method)
@@ -376,10 +383,10 @@ class Plan:
                     var.assign(tensors[name])
         for lp in self.layers:
             with svd.layer_label(lp.path):
-                self._apply_layer(lp, init, fill, attached, snapshots)
+                self._apply_layer(lp, init, fill, attached, snapshots, pending)
 
     @staticmethod
-    def _apply_layer(lp, init, fill, attached, snapshots):
+    def _apply_layer(lp, init, fill, attached, snapshots, pending):
         a = lp.adapter
         if lp.existing:
             snapshots.append((a, a.snapshot()))
@@ -389,18 +396,57 @@ class Plan:
         convert = None
         if bases.base_kind(a.layer) != lp.base and lp.base != "float":
             convert = bases.converter(lp.base, lp.double_quant)
+            bases.check_convertible(a.layer, lp.base, lp.path)
         with tree.path_scope(lp.path):
+            # a base to convert is initialized in `_convert_bases`, on its
+            # full-precision kernel or its new storage as the method needs
             a.attach(init=init and convert is None)
         attached.append(a)
         if fill is not None:
             fill(lp)
         if convert is not None:
-            with tree.path_scope(lp.path + "/" + a.layer.name):
-                a.attach_base(convert, init)
+            pending.append((lp, convert))
         a.merged, a.adapter_enabled = lp.merged, lp.enabled
+
+    def _convert_bases(self, pending, init):
+        """Move each frozen base into its storage (NF4, Keras int8/int4), one
+        layer at a time, and let go of its float kernel before the next: the
+        process never holds more than the float model, the quantized kernels
+        so far and one kernel in flight (`gc.collect`, every `GC_BYTES` of
+        float kernels, frees the float layers: Keras's trackers keep them in
+        reference cycles).
+
+        This runs after the adapters are in place and final: a float kernel
+        cannot come back once freed. The inputs were checked before anything
+        changed (`bases.check_convertible`); if it is interrupted anyway, the
+        layers before the one named hold their new storage and the rest keep
+        their float bases, every adapter working."""
+        self.entries = None  # the plan no longer needs the float layers
+        unfreed = 0
+        for i, (lp, convert) in enumerate(pending):
+            a = lp.adapter
+            unfreed += bases.kernel_bytes(a.layer)
+            try:
+                with svd.layer_label(lp.path), tree.path_scope(lp.path + "/" + a.layer.name):
+                    a.attach_base(convert, init)
+            except BaseException as e:
+                if hasattr(e, "add_note"):
+                    e.add_note(
+                        f"keras-lowrank: {i} of {len(pending)} frozen bases were moved to "
+                        f"{lp.base!r} before {lp.path!r}; that layer and the rest keep "
+                        "their float bases (the adapters are in place)."
+                    )
+                raise
+            lp.entry = tree.Entry(lp.path, a, lp.entry.parents, lp.key)
+            if unfreed >= GC_BYTES:  # a collection costs time: not for small kernels
+                gc.collect()
+                unfreed = 0
 
 
 SEP = "::"
+#: float kernel bytes converted between two garbage collections in
+#: `Plan._convert_bases` (the process holds at most this much more)
+GC_BYTES = 64 << 20
 
 
 def _shape_fits(shape, want):

@@ -122,6 +122,54 @@ def test_dynamic_map_is_bitsandbytes():
     np.testing.assert_array_equal(nf4.DYNAMIC_MAP.view(np.uint32), F.create_dynamic_map().numpy().view(np.uint32))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nf4_layer_computes_in_its_compute_dtype_like_bitsandbytes(dtype):
+    """A bfloat16/float16 Dense quantized to NF4 holds bitsandbytes' codes, its
+    kernel dequantizes bit-identically to bitsandbytes' `dequantize_4bit`
+    into that dtype, and the layer multiplies in that dtype."""
+    import torch
+
+    F = _bnb()
+    w = BLOCKS["small_weights"]  # torch layout (out, in)
+    dense = keras.layers.Dense(w.shape[0], dtype=dtype, name="proj")
+    dense.build((None, w.shape[1]))
+    dense.kernel.assign(w.T)
+    q = NF4Linear.from_layer(dense, double_quant=False)
+    tw = torch.from_numpy(w).to(getattr(torch, dtype))
+    ref_q, ref_st = F.quantize_4bit(tw, blocksize=64, quant_type="nf4", compress_statistics=False)
+    np.testing.assert_array_equal(to_np(q._state["codes"]), ref_q.numpy().reshape(-1))
+    ref = F.dequantize_4bit(ref_q, ref_st)
+    assert str(ref.dtype) == f"torch.{dtype}"
+    ours = keras.ops.convert_to_numpy(keras.ops.cast(q.dequantized_matrix(dtype), "float32"))
+    np.testing.assert_array_equal(ours.T, ref.float().numpy())
+    x = np.random.RandomState(1).normal(size=(3, w.shape[1])).astype("float32")
+    y = q(keras.ops.cast(x, dtype))
+    assert keras.backend.standardize_dtype(y.dtype) == dtype
+    want = keras.ops.matmul(keras.ops.cast(x, dtype), keras.ops.cast(ref.float().numpy().T, dtype))
+    np.testing.assert_array_equal(to_np(keras.ops.cast(y, "float32")), to_np(keras.ops.cast(want, "float32")))
+
+
+@pytest.mark.parametrize(
+    "equation,kernel_shape",
+    [("...a,ab->...b", (96, 200)), ("btd,ndh->btnh", (3, 40, 24)), ("abc,bcd->abd", (5, 24, 40))],
+)
+def test_quantizing_piece_by_piece_equals_one_pass(equation, kernel_shape, monkeypatch):
+    """Large kernels are quantized a few output units at a time (a bounded
+    float32 working set): the state is the one a single pass gives."""
+    kernel = np.random.RandomState(2).normal(size=kernel_shape).astype("float32")
+    layer = NF4Linear(equation, kernel_shape)
+    layer.build()
+    matrix = to_np(layer.geometry.kernel_to_matrix(kernel))
+    one_pass = _np_state(nf4.quantize_nf4(np.swapaxes(matrix, -1, -2)))
+    monkeypatch.setattr(nf4, "CHUNK", 128)  # many pieces
+    layer.quantize_kernel(kernel)
+    pieces = _np_state(layer._state)
+    assert pieces.keys() == one_pass.keys()
+    for name in one_pass:
+        np.testing.assert_array_equal(pieces[name], one_pass[name], err_msg=name)
+    np.testing.assert_allclose(to_np(layer.dequantized_kernel()), kernel, atol=0.6)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_kernels_are_rejected(bad):
     dense = keras.layers.Dense(8, name="proj")
@@ -131,6 +179,42 @@ def test_non_finite_kernels_are_rejected(bad):
     dense.kernel.assign(k)
     with pytest.raises(ValueError, match="'proj'.*NaN or inf"):
         NF4Linear.from_layer(dense)
+
+
+def test_nf4_conversion_lets_go_of_each_float_kernel():
+    """`base="nf4"` frees the float kernels it quantized: nothing in the
+    model (nor TensorFlow's checkpoint tracking) keeps the old layers."""
+    import gc
+    import weakref
+
+    from keras_lowrank import tree
+
+    model = gemma_backbone()
+    kernels = {
+        e.path: weakref.ref(bases.kernel_variable(e.layer))
+        for e in tree.walk(model) if bases.is_linear_layer(e.layer)
+    }
+    summary = kl.enable_adapter(model, rank=2, base="nf4")
+    gc.collect()
+    assert set(summary.adapted_paths) == set(kernels)
+    assert [p for p, ref in kernels.items() if ref() is not None] == []
+    assert np.all(np.isfinite(to_np(model(token_inputs(20)))))
+
+
+def test_non_finite_kernel_is_refused_before_anything_is_quantized():
+    inp = keras.Input((64,))
+    h = keras.layers.Dense(64, name="first")(inp)
+    model = keras.Model(inp, keras.layers.Dense(8, name="second")(keras.layers.Dense(64, name="bad")(h)))
+    k = to_np(model.get_layer("bad").kernel).copy()
+    k[1, 1] = np.nan
+    model.get_layer("bad").kernel.assign(k)
+    before = [to_np(v).copy() for v in model.weights]
+    with pytest.raises(ValueError, match="'bad'.*NaN or inf"):
+        kl.enable_adapter(model, rank=2, base="nf4")
+    assert [type(layer).__name__ for layer in model.layers[1:]] == ["Dense"] * 3
+    assert all(v.trainable for v in model.weights)
+    for v, b in zip(model.weights, before):
+        np.testing.assert_array_equal(to_np(v), b)
 
 
 @pytest.mark.parametrize("double_quant,bits", [(True, 4.127), (False, 4.5)])

@@ -2,7 +2,9 @@
 
 It computes what the original layer computed (`einsum(equation, x, K) + b`,
 no activation: adapters hold the activation), with `K` dequantized on the
-fly in float32 and cast to the compute dtype. The codes and constants are
+fly into the layer's compute dtype (each value a float32 product rounded
+once, as bitsandbytes dequantizes), so a bfloat16 model multiplies in
+bfloat16. The codes and constants are
 saved as they are, so a `.keras` round trip never re-quantizes.
 """
 
@@ -111,9 +113,9 @@ class NF4Linear(keras.layers.Layer):
             dtype=layer.dtype_policy,
         )
         q.build()
-        if kernel is None:
+        if kernel is None:  # in its own dtype: quantized piece by piece
             with _compat.no_autocast():
-                kernel = ops.cast(_compat.as_tensor(float_kernel.value), "float32")
+                kernel = _compat.as_tensor(float_kernel.value)
         q.quantize_kernel(kernel)
         if bias is not None:
             q.bias.assign(bias)
@@ -147,35 +149,66 @@ class NF4Linear(keras.layers.Layer):
         self.built = True
 
     # ------------------------------------------------------------------
-    def _torch_layout(self, matrix):
-        """Matrix view -> the flattened torch-layout weight (Wᵀ, row-major)."""
-        return ops.reshape(ops.swapaxes(matrix, -1, -2), (-1,))
+    def _torch_layout_pieces(self, matrix):
+        """The flattened torch-layout weight (`Wᵀ` of the matrix view,
+        row-major) in pieces of `nf4.CHUNK` values (the last one shorter),
+        each cut from the few output units it covers: never a whole copy,
+        and one piece shape for every kernel (eager JAX compiles each op
+        once per shape)."""
+        g = self.geometry
+        n_in, n_out = g.n_in, g.n_out
+        if self.numel <= nf4.CHUNK:  # one piece: the fewest ops (eager JAX compiles each)
+            yield ops.reshape(ops.swapaxes(matrix, -1, -2), (-1,))
+            return
+        if g.batch_shape:
+            mats = ops.reshape(matrix, (-1, n_in, n_out))
+            sub = lambda b, r0, r1: mats[b, :, r0:r1]  # noqa: E731
+        else:  # no reshape: eager JAX would copy the whole kernel
+            sub = lambda b, r0, r1: matrix[:, r0:r1]  # noqa: E731
+        per_slice = n_in * n_out
+        for start in range(0, self.numel, nf4.CHUNK):
+            stop = min(start + nf4.CHUNK, self.numel)
+            parts = []
+            while start < stop:  # within one batch slice at a time
+                b, f = divmod(start, per_slice)
+                end = min(stop - b * per_slice, per_slice)
+                r0, r1 = f // n_in, -(-end // n_in)
+                rows = ops.reshape(ops.transpose(sub(b, r0, r1)), (-1,))
+                lo, hi = f - r0 * n_in, end - r0 * n_in
+                parts.append(rows if (lo, hi) == (0, rows.shape[0]) else rows[lo:hi])
+                start = b * per_slice + end
+            yield parts[0] if len(parts) == 1 else ops.concatenate(parts)
 
     def quantize_kernel(self, kernel):
-        """Quantize a float kernel (kernel layout) into this layer's state."""
-        matrix = self.geometry.kernel_to_matrix(ops.cast(kernel, "float32"))
-        state = nf4.quantize_nf4(
-            self._torch_layout(matrix), double_quant=self.double_quant, where=repr(self.name)
+        """Quantize a float kernel (kernel layout, any float dtype) into this
+        layer's state."""
+        matrix = self.geometry.kernel_to_matrix(kernel)
+        state = nf4.quantize_nf4_chunks(
+            self._torch_layout_pieces(matrix), self.numel,
+            double_quant=self.double_quant, where=repr(self.name),
         )
         for name, value in state.items():
             self._state[name].assign(value)
 
-    def dequantized_matrix(self):
-        """The float32 matrix view of the stored kernel."""
+    def dequantized_matrix(self, dtype="float32"):
+        """The matrix view of the stored kernel, in `dtype` (bit-identical
+        to bitsandbytes' dequantization into that dtype)."""
         # Read in the stored dtypes: under a mixed policy the float32
         # constants would otherwise be autocast to the compute dtype.
         with _compat.no_autocast():
             state = {k: _compat.as_tensor(v.value) for k, v in self._state.items()}
-        flat = nf4.dequantize_nf4(state, self.numel)
+        flat = nf4.dequantize_nf4(state, self.numel, dtype=dtype)
         g = self.geometry
         wt = ops.reshape(flat, g.batch_shape + (g.n_out, g.n_in))
         return ops.swapaxes(wt, -1, -2)
 
-    def dequantized_kernel(self):
-        return self.geometry.matrix_to_kernel(self.dequantized_matrix())
+    def dequantized_kernel(self, dtype="float32"):
+        return self.geometry.matrix_to_kernel(self.dequantized_matrix(dtype))
 
     def call(self, inputs):
-        kernel = ops.cast(self.dequantized_kernel(), self.compute_dtype)
+        # rounded to the compute dtype before the transposes (half the bytes
+        # to move in bfloat16; the values are the same)
+        kernel = self.dequantized_kernel(self.compute_dtype)
         if self.equation == DENSE_EQUATION:
             # matmul, not einsum: TensorFlow's float16 einsum with an
             # ellipsis is wrong on the CPU.

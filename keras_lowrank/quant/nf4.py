@@ -33,8 +33,9 @@ NF4_PAIRS = np.stack([NF4_TABLE[np.arange(256) // 16], NF4_TABLE[np.arange(256) 
 
 BLOCK = 64
 ABSMAX_BLOCK = 256
-
-
+#: values quantized at a time (a multiple of BLOCK): quantizing a kernel of
+#: any size holds only this many float32 values and their codes in flight
+CHUNK = 1 << 20
 
 
 def _midpoints(code):
@@ -44,7 +45,7 @@ def _midpoints(code):
 
 def _bucketize(x, bounds):
     """torch.bucketize(x, bounds, right=False): the number of bounds < x."""
-    return ops.sum(ops.cast(ops.expand_dims(x, -1) > bounds, "int32"), axis=-1)
+    return ops.searchsorted(bounds, x, side="left")
 
 
 _TINY = np.float32(1e-38)  # bitsandbytes' floor of a tail block's absmax
@@ -107,12 +108,17 @@ def dequantize_blockwise_8bit(codes, absmax, block=ABSMAX_BLOCK, code=None):
     return _times_block_absmax(vals, absmax, block, n)
 
 
-def _times_block_absmax(vals, absmax, block, n):
+def _times_block_absmax(vals, absmax, block, n, dtype="float32"):
+    """`vals * absmax` per block, in float32, then cast to `dtype` (how
+    bitsandbytes dequantizes to bfloat16/float16: a float32 product, rounded
+    once)."""
     n_blocks = absmax.shape[0]
     pad = n_blocks * block - n
     if pad:
         vals = ops.concatenate([vals, ops.zeros((pad,), vals.dtype)])
     out = ops.reshape(vals, (n_blocks, block)) * ops.expand_dims(absmax, -1)
+    if dtype != "float32":
+        out = ops.cast(out, dtype)
     out = ops.reshape(out, (-1,))
     return out[:n] if pad else out
 
@@ -125,22 +131,54 @@ def quantize_nf4(values, double_quant=True, block=BLOCK, where="kernel"):
     `absmax_codes` (uint8), `absmax_scale` (float32, one per 256 blocks) and
     `absmax_offset` (float32 scalar).
     """
-    flat = ops.reshape(ops.cast(values, "float32"), (-1,))
-    check_finite(flat, where)
-    scaled, absmax = _blockwise_scale(flat, block)
-    q = _bucketize(scaled, _midpoints(NF4_TABLE))
-    if q.shape[0] % 2:
-        q = ops.concatenate([q, ops.full((1,), 7, "int32")])  # 0.0 pads
-    pairs = ops.reshape(q, (-1, 2))
-    codes = ops.cast(pairs[:, 0] * 16 + pairs[:, 1], "uint8")
+    flat = ops.reshape(values, (-1,))
+    n = flat.shape[0]
+    return quantize_nf4_chunks(
+        (flat[i : i + CHUNK] for i in range(0, n, CHUNK)), n, double_quant, block, where
+    )
+
+
+def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="kernel"):
+    """`quantize_nf4` of values given piece by piece.
+
+    `chunks` yields consecutive pieces of the flat values (any float
+    dtype), each a multiple of `block` long except the last; only one piece
+    is in flight at a time, so a kernel much larger than `CHUNK` quantizes
+    without a float32 copy of it. The codes and block constants are the same
+    as from one call on all the values (blocks never straddle pieces).
+    """
+    codes = np.empty(((numel + 1) // 2,), np.uint8)
+    absmax = np.empty((-(-numel // block),), np.float32)
+    bounds = _midpoints(NF4_TABLE)
+    pos = 0
+    for chunk in chunks:
+        if pos % block:
+            raise ValueError(f"NF4 quantization of {where}: a piece ends inside a block.")
+        chunk = ops.cast(chunk, "float32")
+        m = int(chunk.shape[0])
+        check_finite(chunk, where)
+        scaled, am = _blockwise_scale(chunk, block)
+        q = _bucketize(scaled, bounds)
+        if m % 2:
+            q = ops.concatenate([q, ops.full((1,), 7, "int32")])  # 0.0 pads
+        pairs = ops.reshape(q, (-1, 2))
+        packed = ops.cast(pairs[:, 0] * 16 + pairs[:, 1], "uint8")
+        codes[pos // 2 : pos // 2 + (m + 1) // 2] = ops.convert_to_numpy(packed)
+        am = np.asarray(ops.convert_to_numpy(am), np.float32)
+        absmax[pos // block : pos // block + am.shape[0]] = am
+        pos += m
+    if pos != numel:
+        raise ValueError(f"NF4 quantization of {where}: {pos} values given, {numel} expected.")
     out = {"codes": codes}
     if double_quant:
         # The mean in float64 on the host: the same offset on every backend
         # (a float32 reduction's order differs between them).
-        am64 = np.asarray(ops.convert_to_numpy(absmax), dtype=np.float64)
-        offset = ops.convert_to_tensor(np.float32(am64.mean()), "float32")
-        q2, absmax2 = quantize_blockwise_8bit(absmax - offset)
-        out.update(absmax_codes=q2, absmax_scale=absmax2, absmax_offset=offset)
+        offset = np.float32(absmax.astype(np.float64).mean())
+        q2, absmax2 = quantize_blockwise_8bit(ops.convert_to_tensor(absmax - offset))
+        out.update(
+            absmax_codes=q2, absmax_scale=absmax2,
+            absmax_offset=ops.convert_to_tensor(offset, "float32"),
+        )
     else:
         out["absmax"] = absmax
     return out
@@ -153,13 +191,16 @@ def dequantize_absmax(state, n_blocks=None):
     return am + ops.cast(state["absmax_offset"], "float32")
 
 
-def dequantize_nf4(state, numel, block=BLOCK):
-    """The float32 values (flat, row-major) of an NF4 state."""
+def dequantize_nf4(state, numel, block=BLOCK, dtype="float32"):
+    """The values (flat, row-major) of an NF4 state, in `dtype`.
+
+    Each value is `NF4[code] * absmax` in float32, rounded once to `dtype`:
+    bit-identical to bitsandbytes' `dequantize_4bit` into that dtype."""
     # One lookup per byte gives both values (high nibble first).
     codes = ops.cast(state["codes"], "int32")
     vals = ops.reshape(ops.take(ops.convert_to_tensor(NF4_PAIRS), codes, axis=0), (-1,))
     vals = vals[:numel] if vals.shape[0] != numel else vals
-    return _times_block_absmax(vals, dequantize_absmax(state), block, numel)
+    return _times_block_absmax(vals, dequantize_absmax(state), block, numel, dtype)
 
 
 def storage_bits(state, numel):
