@@ -53,6 +53,24 @@ def refresh_torch_params(layers):
             layer._track_variables()
 
 
+def torch_param_holders(layers):
+    """The layers that keep a torch `ParameterDict` of their variables (and
+    their sublayers'); empty on other backends."""
+    if keras.backend.backend() != "torch":
+        return []
+    return [layer for layer in layers if hasattr(layer, "_torch_params")]
+
+
+def forget_torch_variables(holders, variables):
+    """Drop `variables` from the `ParameterDict`s of `holders`, which would
+    otherwise keep their tensors alive until the next refresh."""
+    for holder in holders:
+        params = holder._torch_params
+        for v in variables:
+            if v.path in params and params[v.path] is v.value:
+                del params[v.path]
+
+
 def replace_in_layer_store(parent, old, new):
     """Replace `old` by `new` in the parent's tracked sublayers."""
     tracker = getattr(parent, "_tracker", None)

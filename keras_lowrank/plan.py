@@ -414,7 +414,8 @@ class Plan:
         process never holds more than the float model, the quantized kernels
         so far and one kernel in flight (`gc.collect`, every `GC_BYTES` of
         float kernels, frees the float layers: Keras's trackers keep them in
-        reference cycles).
+        reference cycles; on torch, the ancestors' `ParameterDict`s let go of
+        the old tensors as each layer is done).
 
         This runs after the adapters are in place and final: a float kernel
         cannot come back once freed. The inputs were checked before anything
@@ -422,10 +423,12 @@ class Plan:
         layers before the one named hold their new storage and the rest keep
         their float bases, every adapter working."""
         self.entries = None  # the plan no longer needs the float layers
+        holders = _compat.torch_param_holders(tree.all_layers_with_root(self.model)) if pending else []
         unfreed = 0
         for i, (lp, convert) in enumerate(pending):
             a = lp.adapter
             unfreed += bases.kernel_bytes(a.layer)
+            old_variables = list(a.layer.variables)
             try:
                 with svd.layer_label(lp.path), tree.path_scope(lp.path + "/" + a.layer.name):
                     a.attach_base(convert, init)
@@ -438,6 +441,8 @@ class Plan:
                     )
                 raise
             lp.entry = tree.Entry(lp.path, a, lp.entry.parents, lp.key)
+            _compat.forget_torch_variables(holders, old_variables)
+            del old_variables
             if unfreed >= GC_BYTES:  # a collection costs time: not for small kernels
                 gc.collect()
                 unfreed = 0

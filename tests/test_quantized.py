@@ -190,14 +190,18 @@ def test_nf4_conversion_lets_go_of_each_float_kernel():
     from keras_lowrank import tree
 
     model = gemma_backbone()
-    kernels = {
-        e.path: weakref.ref(bases.kernel_variable(e.layer))
-        for e in tree.walk(model) if bases.is_linear_layer(e.layer)
-    }
+    kernels, tensors = {}, {}
+    for e in tree.walk(model):
+        if bases.is_linear_layer(e.layer):
+            kernels[e.path] = weakref.ref(bases.kernel_variable(e.layer))
+            # the backend's own tensor too (torch's ParameterDicts of every
+            # ancestor hold it, not the Keras variable)
+            tensors[e.path] = weakref.ref(bases.kernel_variable(e.layer).value)
     summary = kl.enable_adapter(model, rank=2, base="nf4")
     gc.collect()
     assert set(summary.adapted_paths) == set(kernels)
     assert [p for p, ref in kernels.items() if ref() is not None] == []
+    assert [p for p, ref in tensors.items() if ref() is not None] == []
     assert np.all(np.isfinite(to_np(model(token_inputs(20)))))
 
 
