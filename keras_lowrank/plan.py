@@ -423,7 +423,10 @@ class Plan:
         layers before the one named hold their new storage and the rest keep
         their float bases, every adapter working."""
         self.entries = None  # the plan no longer needs the float layers
-        holders = _compat.torch_param_holders(tree.all_layers_with_root(self.model)) if pending else []
+        leaving = {id(lp.adapter.layer) for lp, _ in pending}  # never hold on to these
+        holders = _compat.torch_param_holders(
+            [layer for layer in tree.all_layers_with_root(self.model) if id(layer) not in leaving]
+        ) if pending else []
         unfreed = 0
         for i, (lp, convert) in enumerate(pending):
             a = lp.adapter
