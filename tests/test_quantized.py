@@ -181,14 +181,17 @@ def test_non_finite_kernels_are_rejected(bad):
         NF4Linear.from_layer(dense)
 
 
-def test_nf4_conversion_lets_go_of_each_float_kernel():
-    """`base="nf4"` frees the float kernels it quantized: nothing in the
-    model (nor TensorFlow's checkpoint tracking) keeps the old layers."""
+def test_nf4_conversion_lets_go_of_each_float_kernel(monkeypatch):
+    """`base="nf4"` frees each float kernel once it is quantized, before the
+    next one: nothing in the model, the plan, TensorFlow's checkpoint
+    tracking or torch's ParameterDicts keeps the old layers."""
     import gc
     import weakref
 
+    from keras_lowrank import plan
     from keras_lowrank import tree
 
+    monkeypatch.setattr(plan, "GC_BYTES", 0)  # collect after every layer
     model = gemma_backbone()
     kernels, tensors = {}, {}
     for e in tree.walk(model):
@@ -197,7 +200,18 @@ def test_nf4_conversion_lets_go_of_each_float_kernel():
             # the backend's own tensor too (torch's ParameterDicts of every
             # ancestor hold it, not the Keras variable)
             tensors[e.path] = weakref.ref(bases.kernel_variable(e.layer).value)
+    storage = bases.STORAGES["nf4"]
+    done, still_alive = [], []
+    convert = storage.convert
+
+    def converting(layer, double_quant=True):
+        still_alive.extend(p for p in done if kernels[p]() is not None or tensors[p]() is not None)
+        done.extend(p for p, ref in kernels.items() if ref() is bases.kernel_variable(layer))
+        return convert(layer, double_quant=double_quant)
+
+    monkeypatch.setattr(storage, "convert", converting)
     summary = kl.enable_adapter(model, rank=2, base="nf4")
+    assert len(done) == len(kernels) and still_alive == []
     gc.collect()
     assert set(summary.adapted_paths) == set(kernels)
     assert [p for p, ref in kernels.items() if ref() is not None] == []
