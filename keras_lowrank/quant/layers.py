@@ -205,16 +205,34 @@ class NF4Linear(keras.layers.Layer):
     def dequantized_kernel(self, dtype="float32"):
         return self.geometry.matrix_to_kernel(self.dequantized_matrix(dtype))
 
+    def _stored_layout(self):
+        """`(equation, shape)` that multiply the inputs by the kernel as it is
+        stored (torch layout: shared, produced, then contracted axes), so the
+        forward needs no transpose of the dequantized kernel."""
+        layout = getattr(self, "_layout", None)
+        if layout is None:
+            g = self.geometry
+            spec = "".join(g.shared + g.produced + g.reduced)
+            inp, rest = self.equation.replace(" ", "").split(",")
+            out = rest.split("->")[1]
+            layout = (f"{inp},{spec}->{out}", tuple(g._dim[c] for c in spec))
+            self._layout = layout
+        return layout
+
     def call(self, inputs):
-        # rounded to the compute dtype before the transposes (half the bytes
-        # to move in bfloat16; the values are the same)
-        kernel = self.dequantized_kernel(self.compute_dtype)
+        # Dequantized straight into the compute dtype, in the stored layout.
+        with _compat.no_autocast():
+            state = {k: _compat.as_tensor(v.value) for k, v in self._state.items()}
+        flat = nf4.dequantize_nf4(state, self.numel, dtype=self.compute_dtype)
+        g = self.geometry
         if self.equation == DENSE_EQUATION:
-            # matmul, not einsum: TensorFlow's float16 einsum with an
+            # matmul with the transposed (out, in) weight: torch and XLA take
+            # it without a copy; and TensorFlow's float16 einsum with an
             # ellipsis is wrong on the CPU.
-            y = ops.matmul(inputs, kernel)
+            y = ops.matmul(inputs, ops.transpose(ops.reshape(flat, (g.n_out, g.n_in))))
         else:
-            y = ops.einsum(self.equation, inputs, kernel)
+            equation, shape = self._stored_layout()
+            y = ops.einsum(equation, inputs, ops.reshape(flat, shape))
         if self.bias is not None:
             y = y + ops.cast(self.bias, y.dtype)
         if self.activation is not None:
