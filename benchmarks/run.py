@@ -3,6 +3,7 @@
 
     python benchmarks/run.py step_time [options]   # train-step / predict time
     python benchmarks/run.py quantized [options]   # quantized frozen bases
+    python benchmarks/run.py quantized_scale [options]  # NF4 from a 0.5B bfloat16 model: peak memory
     python benchmarks/run.py svd_family [options]  # SVD engine, init and step time of the SVD family
     python benchmarks/run.py loha_forms [options]  # LoHa's Khatri-Rao vs materialized forward, per rank
     python benchmarks/run.py training_dynamics [options]  # LoRA-FA's memory, AdaLoRA's overhead
@@ -17,7 +18,7 @@ folder that receives `benchmarks_<suite>.md` / `<suite>.json`. Each suite of
 `all` runs in its own process (the quantized suite measures peak memory,
 which must not include another suite's). Exit status: 0 if every part ran.
 
-The suites are `step_time.py`, `quantized.py`, `svd_family.py`, `loha_forms.py`,
+The suites are `step_time.py`, `quantized.py`, `quantized_scale.py`, `svd_family.py`, `loha_forms.py`,
 `training_dynamics.py` and `federated.py` next to this file (each still
 runnable directly); their shared code is in `_common.py`. See README.md.
 """
@@ -28,7 +29,7 @@ import os
 import subprocess
 import sys
 
-SUITES = ("step_time", "quantized", "svd_family", "loha_forms", "training_dynamics", "federated")
+SUITES = ("step_time", "quantized", "quantized_scale", "svd_family", "loha_forms", "training_dynamics", "federated")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
