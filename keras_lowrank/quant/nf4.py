@@ -9,6 +9,9 @@ value (a value on a midpoint goes down), and two codes share a byte, the
 first in the high nibble. Double quantization stores the absmax constants as
 8-bit codes of bitsandbytes' signed dynamic map, in blocks of 256, after
 subtracting their mean.
+
+Quantizing (once per kernel) runs on the host in float32 NumPy, piece by
+piece; dequantizing (every forward) runs in `keras.ops` on the device.
 """
 
 import numpy as np
@@ -39,52 +42,61 @@ CHUNK = 1 << 20
 
 
 def _midpoints(code):
-    code = ops.convert_to_tensor(code, "float32")
-    return (code[:-1] + code[1:]) / 2.0
+    code = np.asarray(code, np.float32)
+    return (code[:-1] + code[1:]) / np.float32(2.0)
 
 
 def _bucketize(x, bounds):
     """torch.bucketize(x, bounds, right=False): the number of bounds < x."""
-    return ops.searchsorted(bounds, x, side="left")
+    return np.searchsorted(bounds, x, side="left").astype(np.int32)
 
 
 _TINY = np.float32(1e-38)  # bitsandbytes' floor of a tail block's absmax
-
-
-def _scale(values, am):
-    # x * (1 / absmax), clipped; an all-zero block maps to 0 (bitsandbytes
-    # divides by max(absmax, 1e-38); some backends flush that subnormal).
-    nonzero = am > 0
-    inv = 1.0 / ops.where(nonzero, am, ops.ones_like(am))
-    return ops.where(nonzero, ops.clip(values * inv, -1.0, 1.0), ops.zeros_like(values))
+_ONE = np.float32(1.0)
 
 
 def _blockwise_scale(flat, block):
-    """Per-block absmax and the scaled values, bitsandbytes' arithmetic."""
+    """Per-block absmax and the scaled values, bitsandbytes' arithmetic, in
+    float32 NumPy: full blocks are multiplied by `1 / absmax`, the tail
+    block divided by its absmax; clipped to [-1, 1]; an all-zero block
+    scales to 0 (bitsandbytes divides it by 1e-38)."""
     n = flat.shape[0]
     rem = n % block
     full = n - rem
-    parts, absmax = [], []
+    scaled = np.empty((n,), np.float32)
+    absmax = []
     if full:
-        com = ops.reshape(flat[:full], (full // block, block))
-        am = ops.max(ops.abs(com), axis=-1)
-        parts.append(ops.reshape(_scale(com, ops.expand_dims(am, -1)), (-1,)))
+        com = flat[:full].reshape(full // block, block)
+        am = np.abs(com).max(axis=-1)
+        nonzero = am > 0
+        inv = _ONE / np.where(nonzero, am, _ONE)
+        block_scaled = np.clip(com * inv[:, None], -_ONE, _ONE)
+        block_scaled[~nonzero] = 0
+        scaled[:full] = block_scaled.reshape(-1)
         absmax.append(am)
     if rem:
         tail = flat[full:]
-        am = ops.max(ops.abs(tail))
-        # bitsandbytes divides the tail block (no reciprocal)
-        nonzero = am > 0
-        safe = ops.where(nonzero, am, ops.ones_like(am))
-        parts.append(ops.where(nonzero, ops.clip(tail / safe, -1.0, 1.0), ops.zeros_like(tail)))
-        absmax.append(ops.reshape(ops.where(nonzero, am, _TINY), (1,)))
-    scaled = ops.concatenate(parts) if len(parts) > 1 else parts[0]
-    absmax = ops.concatenate(absmax) if len(absmax) > 1 else absmax[0]
-    return scaled, absmax
+        am = np.abs(tail).max()
+        scaled[full:] = np.clip(tail / am, -_ONE, _ONE) if am > 0 else 0
+        absmax.append(np.array([am if am > 0 else _TINY], np.float32))
+    return scaled, (np.concatenate(absmax) if len(absmax) > 1 else absmax[0])
+
+
+def _host_float32(values):
+    """A flat float32 NumPy array of a tensor, variable or array (any float dtype)."""
+    if not isinstance(values, np.ndarray):
+        values = ops.convert_to_numpy(values)
+    return np.asarray(values).astype(np.float32, copy=False).reshape(-1)
 
 
 def check_finite(values, where="kernel"):
-    ok = bool(ops.convert_to_numpy(ops.all(ops.isfinite(values))))
+    if isinstance(values, np.ndarray):
+        ok = bool(np.isfinite(values).all())
+    else:
+        # sum(x * 0) is NaN exactly when some x is NaN or inf; one temporary
+        # in the tensor's own dtype (`isfinite` on a bfloat16 tensor costs a
+        # float32 copy on some backends)
+        ok = bool(np.isfinite(ops.convert_to_numpy(ops.sum(values * 0))))
     if not ok:
         raise ValueError(
             f"NF4 quantization of {where}: the values contain NaN or inf, "
@@ -93,12 +105,11 @@ def check_finite(values, where="kernel"):
 
 
 def quantize_blockwise_8bit(values, block=ABSMAX_BLOCK, code=None):
-    """8-bit blockwise quantization with the dynamic map: (codes, absmax)."""
+    """8-bit blockwise quantization with the dynamic map: (codes, absmax),
+    NumPy arrays."""
     code = DYNAMIC_MAP if code is None else code
-    flat = ops.reshape(ops.cast(values, "float32"), (-1,))
-    scaled, absmax = _blockwise_scale(flat, block)
-    q = _bucketize(scaled, _midpoints(code))
-    return ops.cast(q, "uint8"), absmax
+    scaled, absmax = _blockwise_scale(_host_float32(values), block)
+    return _bucketize(scaled, _midpoints(code)).astype(np.uint8), absmax
 
 
 def dequantize_blockwise_8bit(codes, absmax, block=ABSMAX_BLOCK, code=None):
@@ -126,12 +137,12 @@ def _times_block_absmax(vals, absmax, block, n, dtype="float32"):
 def quantize_nf4(values, double_quant=True, block=BLOCK, where="kernel"):
     """Quantize a float tensor (taken in row-major order) to NF4.
 
-    Returns a dict of arrays: `codes` (uint8, two per byte), and either
+    Returns a dict of NumPy arrays: `codes` (uint8, two per byte), and either
     `absmax` (float32, one per block) or, with double quantization,
     `absmax_codes` (uint8), `absmax_scale` (float32, one per 256 blocks) and
     `absmax_offset` (float32 scalar).
     """
-    flat = ops.reshape(values, (-1,))
+    flat = values.reshape(-1) if isinstance(values, np.ndarray) else ops.reshape(values, (-1,))
     n = flat.shape[0]
     return quantize_nf4_chunks(
         (flat[i : i + CHUNK] for i in range(0, n, CHUNK)), n, double_quant, block, where
@@ -141,10 +152,13 @@ def quantize_nf4(values, double_quant=True, block=BLOCK, where="kernel"):
 def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="kernel"):
     """`quantize_nf4` of values given piece by piece.
 
-    `chunks` yields consecutive pieces of the flat values (any float
-    dtype), each a multiple of `block` long except the last; only one piece
-    is in flight at a time, so a kernel much larger than `CHUNK` quantizes
-    without a float32 copy of it. The codes and block constants are the same
+    `chunks` yields consecutive pieces of the flat values (tensors or
+    arrays of any float dtype), each a multiple of `block` long except the
+    last; only one piece is in flight at a time, so a kernel much larger
+    than `CHUNK` quantizes without a float32 copy of it. The arithmetic runs
+    on the host in float32 NumPy, like the SVD engine: the same codes on
+    every backend, and no backend op compiled per piece shape (eager JAX
+    would keep each compiled op). The codes and block constants are the same
     as from one call on all the values (blocks never straddle pieces).
     """
     codes = np.empty(((numel + 1) // 2,), np.uint8)
@@ -154,31 +168,24 @@ def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="ke
     for chunk in chunks:
         if pos % block:
             raise ValueError(f"NF4 quantization of {where}: a piece ends inside a block.")
-        chunk = ops.cast(chunk, "float32")
+        chunk = _host_float32(chunk)
         m = int(chunk.shape[0])
         check_finite(chunk, where)
         scaled, am = _blockwise_scale(chunk, block)
         q = _bucketize(scaled, bounds)
         if m % 2:
-            q = ops.concatenate([q, ops.full((1,), 7, "int32")])  # 0.0 pads
-        pairs = ops.reshape(q, (-1, 2))
-        packed = ops.cast(pairs[:, 0] * 16 + pairs[:, 1], "uint8")
-        codes[pos // 2 : pos // 2 + (m + 1) // 2] = ops.convert_to_numpy(packed)
-        am = np.asarray(ops.convert_to_numpy(am), np.float32)
+            q = np.concatenate([q, np.full((1,), 7, np.int32)])  # 0.0 pads
+        codes[pos // 2 : pos // 2 + (m + 1) // 2] = (q[0::2] * 16 + q[1::2]).astype(np.uint8)
         absmax[pos // block : pos // block + am.shape[0]] = am
         pos += m
     if pos != numel:
         raise ValueError(f"NF4 quantization of {where}: {pos} values given, {numel} expected.")
     out = {"codes": codes}
     if double_quant:
-        # The mean in float64 on the host: the same offset on every backend
-        # (a float32 reduction's order differs between them).
+        # The mean in float64: the same offset on every backend.
         offset = np.float32(absmax.astype(np.float64).mean())
-        q2, absmax2 = quantize_blockwise_8bit(ops.convert_to_tensor(absmax - offset))
-        out.update(
-            absmax_codes=q2, absmax_scale=absmax2,
-            absmax_offset=ops.convert_to_tensor(offset, "float32"),
-        )
+        q2, absmax2 = quantize_blockwise_8bit(absmax - offset)
+        out.update(absmax_codes=q2, absmax_scale=absmax2, absmax_offset=np.asarray(offset, np.float32))
     else:
         out["absmax"] = absmax
     return out
