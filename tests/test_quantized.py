@@ -219,20 +219,21 @@ def test_nf4_conversion_lets_go_of_each_float_kernel(monkeypatch):
     assert np.all(np.isfinite(to_np(model(token_inputs(20)))))
 
 
-def test_non_finite_kernel_is_refused_before_anything_is_quantized():
+@pytest.mark.parametrize("dtype,bad", [("float32", np.nan), ("bfloat16", np.inf)])
+def test_non_finite_kernel_is_refused_before_anything_is_quantized(dtype, bad):
     inp = keras.Input((64,))
     h = keras.layers.Dense(64, name="first")(inp)
-    model = keras.Model(inp, keras.layers.Dense(8, name="second")(keras.layers.Dense(64, name="bad")(h)))
-    k = to_np(model.get_layer("bad").kernel).copy()
-    k[1, 1] = np.nan
+    model = keras.Model(inp, keras.layers.Dense(8, name="second")(keras.layers.Dense(64, dtype=dtype, name="bad")(h)))
+    k = to_np(keras.ops.cast(model.get_layer("bad").kernel, "float32")).copy()
+    k[1, 1] = bad
     model.get_layer("bad").kernel.assign(k)
-    before = [to_np(v).copy() for v in model.weights]
+    before = [to_np(keras.ops.cast(v, "float32")).copy() for v in model.weights]
     with pytest.raises(ValueError, match="'bad'.*NaN or inf"):
         kl.enable_adapter(model, rank=2, base="nf4")
     assert [type(layer).__name__ for layer in model.layers[1:]] == ["Dense"] * 3
     assert all(v.trainable for v in model.weights)
     for v, b in zip(model.weights, before):
-        np.testing.assert_array_equal(to_np(v), b)
+        np.testing.assert_array_equal(to_np(keras.ops.cast(v, "float32")), b)
 
 
 @pytest.mark.parametrize("double_quant,bits", [(True, 4.127), (False, 4.5)])

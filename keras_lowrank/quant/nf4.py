@@ -96,7 +96,7 @@ def check_finite(values, where="kernel"):
         # sum(x * 0) is NaN exactly when some x is NaN or inf; one temporary
         # in the tensor's own dtype (`isfinite` on a bfloat16 tensor costs a
         # float32 copy on some backends)
-        ok = bool(np.isfinite(ops.convert_to_numpy(ops.sum(values * 0))))
+        ok = bool(np.isfinite(ops.convert_to_numpy(ops.cast(ops.sum(values * 0), "float32"))))
     if not ok:
         raise ValueError(
             f"NF4 quantization of {where}: the values contain NaN or inf, "
