@@ -434,6 +434,17 @@ def per_backend_args(suite, doc, argv=None, prog=None):
     return args
 
 
+def use_backend(backend):
+    """Make Keras load `backend` (it reads KERAS_BACKEND once, at import)."""
+    os.environ["KERAS_BACKEND"] = backend
+    keras = sys.modules.get("keras")
+    if keras is not None and keras.backend.backend() != backend:
+        raise SystemExit(
+            f"--backend {backend}: Keras was already imported with the "
+            f"{keras.backend.backend()} backend; run KERAS_BACKEND={backend} python ..."
+        )
+
+
 def per_backend_main(suite, doc, run, render, argv=None, prog=None):
     """The command line of a suite made of `run(backend, small, steps,
     warmup, log) -> dict` and `render(result) -> markdown`: `--backend B`
@@ -453,6 +464,7 @@ def per_backend_main(suite, doc, run, render, argv=None, prog=None):
         "command": f"python benchmarks/run.py {suite} " + " ".join(argv if argv is not None else sys.argv[1:]),
     }}
     if args.backend:
+        use_backend(args.backend)
         result.update(run(args.backend, args.small, args.steps, args.warmup, log))
         result["backends"] = {args.backend: dict(result)}
     else:

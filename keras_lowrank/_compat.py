@@ -7,6 +7,7 @@ one fails loudly there instead of somewhere deep in a method.
 import contextlib
 
 import keras
+import numpy as np
 from keras import ops
 from keras.src.backend.common import global_state
 from keras.src.models.functional import Functional
@@ -90,6 +91,36 @@ def as_tensor(value):
     some ops (`swapaxes`) then fail on it; a same-shape reshape reads it into
     a tensor on every backend without copying."""
     return ops.reshape(value, tuple(value.shape))
+
+
+def host_view(value):
+    """A NumPy array that shares memory with a CPU tensor or variable value
+    (bfloat16 as `ml_dtypes.bfloat16`), or `None` where there is no such
+    view (TensorFlow, a GPU tensor): lets host code read a large kernel
+    without a copy of it."""
+    if isinstance(value, np.ndarray):
+        return value
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if not isinstance(value, jax.Array) or any(
+            d.platform != "cpu" for d in value.devices()
+        ):
+            return None
+        return np.asarray(value)  # zero-copy on CPU
+    if backend == "torch":
+        import torch
+
+        if not isinstance(value, torch.Tensor) or value.device.type != "cpu":
+            return None
+        value = value.detach()
+        if value.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return None
 
 
 def copy_value(variable):

@@ -153,7 +153,9 @@ class NF4Storage(Storage):
 
     def check_source(self, layer, where):
         with _compat.no_autocast():
-            nf4.check_finite(FLOAT.kernel_variable(layer).value, repr(where))
+            value = FLOAT.kernel_variable(layer).value
+        host = _compat.host_view(value)
+        nf4.check_finite(value if host is None else host, repr(where))
 
     def convert(self, layer, double_quant=True):
         return NF4Linear.from_layer(layer, double_quant=double_quant)

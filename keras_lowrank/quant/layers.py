@@ -157,11 +157,12 @@ class NF4Linear(keras.layers.Layer):
         once per shape)."""
         g = self.geometry
         n_in, n_out = g.n_in, g.n_out
+        xp = np if isinstance(matrix, np.ndarray) else ops
         if self.numel <= nf4.CHUNK:  # one piece: the fewest ops (eager JAX compiles each)
-            yield ops.reshape(ops.swapaxes(matrix, -1, -2), (-1,))
+            yield xp.reshape(xp.swapaxes(matrix, -1, -2), (-1,))
             return
         if g.batch_shape:
-            mats = ops.reshape(matrix, (-1, n_in, n_out))
+            mats = xp.reshape(matrix, (-1, n_in, n_out))
             sub = lambda b, r0, r1: mats[b, :, r0:r1]  # noqa: E731
         else:  # no reshape: eager JAX would copy the whole kernel
             sub = lambda b, r0, r1: matrix[:, r0:r1]  # noqa: E731
@@ -173,16 +174,21 @@ class NF4Linear(keras.layers.Layer):
                 b, f = divmod(start, per_slice)
                 end = min(stop - b * per_slice, per_slice)
                 r0, r1 = f // n_in, -(-end // n_in)
-                rows = ops.reshape(ops.transpose(sub(b, r0, r1)), (-1,))
+                rows = xp.reshape(xp.transpose(sub(b, r0, r1)), (-1,))
                 lo, hi = f - r0 * n_in, end - r0 * n_in
                 parts.append(rows if (lo, hi) == (0, rows.shape[0]) else rows[lo:hi])
                 start = b * per_slice + end
-            yield parts[0] if len(parts) == 1 else ops.concatenate(parts)
+            yield parts[0] if len(parts) == 1 else xp.concatenate(parts)
 
     def quantize_kernel(self, kernel):
         """Quantize a float kernel (kernel layout, any float dtype) into this
         layer's state."""
-        matrix = self.geometry.kernel_to_matrix(kernel)
+        host = _compat.host_view(kernel)
+        if host is not None:  # pieces cut on the host: no backend op at all
+            g = self.geometry
+            matrix = np.ascontiguousarray(np.transpose(host, g.perm)).reshape(g.matrix_shape)
+        else:
+            matrix = self.geometry.kernel_to_matrix(kernel)
         state = nf4.quantize_nf4_chunks(
             self._torch_layout_pieces(matrix), self.numel,
             double_quant=self.double_quant, where=repr(self.name),
