@@ -31,6 +31,8 @@ from keras_lowrank.lifecycle import disable_adapter
 from keras_lowrank.lifecycle import merge
 from keras_lowrank.lifecycle import set_adapter_enabled
 from keras_lowrank.lifecycle import unmerge
+from keras_lowrank.peft_format import load_peft_adapter
+from keras_lowrank.peft_format import save_peft_adapter
 from keras_lowrank.plan import adapters
 from keras_lowrank.registry import methods
 from keras_lowrank.saving import load_adapter
@@ -62,11 +64,13 @@ __all__ = [
     "enable_adapter",
     "layers",
     "load_adapter",
+    "load_peft_adapter",
     "lora_drop",
     "merge",
     "methods",
     "resolve_targets",
     "save_adapter",
+    "save_peft_adapter",
     "set_adapter_enabled",
     "plot_spectrum",
     "spectrum",

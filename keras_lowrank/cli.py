@@ -13,6 +13,11 @@ Subcommands:
 - `keras-lowrank spectrum FILE.keras [--plot OUT.png]`: the singular values
   of every Dense/EinsumDense kernel (matrix view), with the share inside a
   range (`--range 0.1 1.1`), and optionally their plot (matplotlib).
+- `keras-lowrank peft-import ADAPTER_DIR MODEL_DIR OUT.keras`: a PEFT LoRA/DoRA
+  adapter put onto the KerasHub model converted from the Hugging Face model
+  in MODEL_DIR, saved as `.keras`.
+- `keras-lowrank peft-export MODEL.keras MODEL_DIR OUT_DIR`: the adapters of a
+  KerasHub model as a PEFT adapter directory.
 
 Exit codes: 0 on success, 1 when a check fails or an operation cannot be
 carried out, 2 on bad input (a missing or unreadable file, a bad option).
@@ -82,6 +87,25 @@ def build_parser():
     spec.add_argument("--targets", nargs="+", default=None, metavar="PATTERN",
                       help="only these layers (names, paths, globs, re:regexes)")
     spec.set_defaults(func=cmd_spectrum)
+    pimport = sub.add_parser(
+        "peft-import",
+        help="put a PEFT LoRA/DoRA adapter onto the KerasHub model converted from its "
+        "Hugging Face checkpoint, and save it as .keras",
+    )
+    pimport.add_argument("adapter", metavar="ADAPTER_DIR", help="the PEFT adapter directory")
+    pimport.add_argument("model_dir", metavar="MODEL_DIR", help="the Hugging Face model directory")
+    pimport.add_argument("output", metavar="OUT.keras")
+    pimport.set_defaults(func=cmd_peft_import)
+
+    pexport = sub.add_parser(
+        "peft-export",
+        help="write the adapters of a .keras KerasHub model as a PEFT adapter directory",
+    )
+    pexport.add_argument("input", metavar="MODEL.keras")
+    pexport.add_argument("model_dir", metavar="MODEL_DIR",
+                         help="the Hugging Face model directory the model was converted from")
+    pexport.add_argument("output", metavar="OUT_DIR")
+    pexport.set_defaults(func=cmd_peft_export)
     return parser
 
 
@@ -315,6 +339,51 @@ def _save_atomically(model, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# ----------------------------------------------------------------------
+# peft-import / peft-export
+def _peft_errors(fn, *args):
+    try:
+        return fn(*args)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_peft_import(args):
+    """`keras-lowrank peft-import ADAPTER_DIR MODEL_DIR OUT.keras`: the
+    KerasHub model converted from MODEL_DIR (a causal LM when the family has
+    one, else the backbone) with the PEFT adapter on it, saved as OUT."""
+    import keras_hub
+
+    import keras_lowrank
+
+    _check_output_path(args.output)
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        raise UsageError(f"{args.model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        model = keras_hub.models.CausalLM.from_preset(args.model_dir, preprocessor=None)
+    except (ValueError, KeyError, AttributeError):
+        model = keras_hub.models.Backbone.from_preset(args.model_dir)
+    _peft_errors(keras_lowrank.load_peft_adapter, model, args.adapter, args.model_dir)
+    _save_atomically(model, args.output)
+    found = keras_lowrank.adapters(model)
+    print(f"loaded {len(found)} PEFT modules onto {type(model).__name__}; saved {args.output}")
+    return 0
+
+
+def cmd_peft_export(args):
+    """`keras-lowrank peft-export MODEL.keras MODEL_DIR OUT_DIR`: the
+    adapters of MODEL as a PEFT adapter directory for the Hugging Face model
+    in MODEL_DIR."""
+    import keras_lowrank
+
+    model = _load(args.input)
+    if not keras_lowrank.adapters(model):
+        raise UsageError(f"{args.input} has no adapters to export")
+    _peft_errors(keras_lowrank.save_peft_adapter, model, args.output, args.model_dir)
+    print(f"wrote {len(keras_lowrank.adapters(model))} adapters as a PEFT LoRA directory: {args.output}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,567 @@
+"""PEFT adapter directories on KerasHub models converted from Hugging Face.
+
+A PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`)
+names torch modules (`model.layers.3.self_attn.q_proj`) and stores their
+factors in torch's `nn.Linear` layout. KerasHub loads the base checkpoint
+through one converter per model family, which says, weight by weight, which
+Keras variable a Hugging Face weight goes to and how its layout changes
+(`port_weight(variable, key, hook_fn)`). This module runs that same
+converter with a recorder in place of the checkpoint reader, so a PEFT
+module maps onto exactly the KerasHub layer its base weight went to, for
+every family whose converter ports its projections this way (Gemma, Llama,
+Mistral, Qwen, ...).
+
+The layout follows from the converter too: passing arrays of torch row and
+column indices through the converter's `hook_fn` and then into the matrix
+view of the Keras kernel (`KernelGeometry`) gives, for each row and column
+of the matrix view, the torch input and output unit it holds. Head-split
+`EinsumDense` kernels (`(heads, d_model, head_dim)`) come out as index
+permutations; a hook that scales or mixes values is refused.
+
+Formats: PEFT's LoRA (`r`, `lora_alpha`, `use_rslora`, `use_dora`,
+`rank_pattern`, `alpha_pattern`, `lora_dropout`). Saving writes every method
+that has an exact plain-LoRA form (PiSSA, OLoRA, MiLoRA and the rank-2r
+conversion; VeRA, LoHa, AdaLoRA, DyLoRA, ... as their LoRA equivalents) as
+a PEFT LoRA; DoRA stays DoRA.
+"""
+
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from keras_lowrank import bases
+from keras_lowrank import registry
+from keras_lowrank import tree
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+#: PEFT LoRA options we honour; any other option set away from PEFT's
+#: default is refused by name.
+_DEFAULTS = {
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "lora_bias": False,
+    "modules_to_save": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "megatron_config": None,
+}
+
+
+class _Unrecordable(Exception):
+    pass
+
+
+class _KernelRef:
+    """What the converter sees as the `kernel` of a layer that already holds
+    an adapter (its shape is the float kernel's)."""
+
+    def __init__(self, adapter, layer):
+        self.adapter = adapter
+        self.shape = tuple(bases.float_kernel_shape(layer))
+
+
+class _Proxy:
+    """A layer as the converter sees it: attribute reads go to the layer,
+    an adapter answers for its base layer, and an adapted kernel is a
+    `_KernelRef`."""
+
+    def __init__(self, obj):
+        object.__setattr__(self, "_obj", obj)
+
+    def __getattr__(self, name):
+        obj = self._obj
+        if tree.is_adapter(obj):
+            if name == "kernel":
+                return _KernelRef(obj, obj.layer)
+            obj = obj.layer
+        return _wrap(getattr(obj, name))
+
+    def __setattr__(self, name, value):
+        raise _Unrecordable(f"the converter sets {name!r}")
+
+
+def _wrap(value):
+    import keras
+
+    if isinstance(value, keras.layers.Layer):
+        return _Proxy(value)
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, keras.layers.Layer) for v in value
+    ):
+        return type(value)(_Proxy(v) for v in value)
+    if callable(value) and not isinstance(value, type):
+        def call(*args, **kwargs):
+            return _wrap(value(*args, **kwargs))
+
+        return call
+    return value
+
+
+class _Recorder:
+    """Stands in for KerasHub's `SafetensorLoader`: records each
+    `port_weight` instead of reading the checkpoint."""
+
+    def __init__(self):
+        self.ports = {}
+
+    def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
+        self.ports[hf_weight_key] = (keras_variable, hook_fn)
+
+    def get_tensor(self, hf_weight_key):
+        raise _Unrecordable(f"the converter reads {hf_weight_key!r} itself")
+
+    def __getattr__(self, name):
+        raise _Unrecordable(f"the converter uses loader.{name}")
+
+
+# ----------------------------------------------------------------------
+# The model side: which layer each Hugging Face module went to
+def _backbone(model):
+    return getattr(model, "backbone", None) or model
+
+
+def _hf_config(base_model, adapter_config=None):
+    """The Hugging Face `config.json` of the base model, as a dict."""
+    if isinstance(base_model, dict):
+        return base_model
+    if base_model is None and adapter_config is not None:
+        candidate = adapter_config.get("base_model_name_or_path")
+        if candidate and os.path.isfile(os.path.join(str(candidate), "config.json")):
+            base_model = candidate
+    if base_model is None:
+        raise ValueError(
+            "base_model: give the Hugging Face model directory the KerasHub model "
+            "was converted from (its config.json names KerasHub's converter), or "
+            "that config as a dict."
+        )
+    path = os.path.join(os.fspath(base_model), "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"base_model={base_model!r}: there is no config.json in it.")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _converter(hf_config):
+    try:
+        from keras_hub.src.utils.transformers.preset_loader import TransformersPresetLoader
+    except ImportError as e:  # pragma: no cover - keras-hub is an extra
+        raise ImportError("PEFT adapters need keras-hub: pip install keras-lowrank[hub]") from e
+    if "model_type" not in hf_config:
+        raise ValueError("base_model: the Hugging Face config has no 'model_type'.")
+    try:
+        return TransformersPresetLoader(None, hf_config).converter
+    except ValueError as e:
+        raise ValueError(
+            f"PEFT adapters: KerasHub has no converter for model_type "
+            f"{hf_config['model_type']!r}, so its modules cannot be mapped ({e})"
+        ) from None
+
+
+class _Target:
+    """One Hugging Face module and the Keras layer its weight went to."""
+
+    def __init__(self, module, path, layer, adapter, hook):
+        self.module, self.path, self.layer, self.adapter = module, path, layer, adapter
+        self.geometry = bases.geometry_of(layer)
+        self.hook = hook
+
+    def layout(self, n_out, n_in):
+        """`(p_in, p_out)`: the torch input unit of each row of the matrix
+        view and the torch output unit of each of its columns."""
+        g = self.geometry
+        where = f"module {self.module!r} (Keras layer {self.path!r})"
+        if g.batch_shape:
+            raise ValueError(f"PEFT adapters: {where} has a batched kernel ({g.matrix_text()}), "
+                             "which a torch Linear does not have.")
+        shape = tuple(g.kernel_shape)
+
+        def through(values):
+            out = values if self.hook is None else self.hook(values, list(shape))
+            out = np.asarray(out, np.float64)
+            if out.shape != shape:
+                raise ValueError(
+                    f"PEFT adapters: {where}: a torch weight of shape {(n_out, n_in)} "
+                    f"becomes {out.shape} in KerasHub's converter, not the kernel's {shape}."
+                )
+            return np.transpose(out, g.perm).reshape(g.matrix_shape)
+
+        rows = through(np.repeat(np.arange(n_out, dtype=np.float64)[:, None], n_in, 1))
+        cols = through(np.repeat(np.arange(n_in, dtype=np.float64)[None, :], n_out, 0))
+        p_out, p_in = rows[0].astype(np.int64), cols[:, 0].astype(np.int64)
+        if not (np.array_equal(rows, np.broadcast_to(p_out[None, :], rows.shape))
+                and np.array_equal(cols, np.broadcast_to(p_in[:, None], cols.shape))
+                and np.array_equal(np.sort(p_out), np.arange(n_out))
+                and np.array_equal(np.sort(p_in), np.arange(n_in))):
+            raise ValueError(
+                f"PEFT adapters: {where}: KerasHub's converter does more than reorder "
+                "the weight's rows and columns (it splits, fuses or rescales it), "
+                "which this layout mapping does not cover."
+            )
+        return p_in, p_out
+
+
+def module_map(model, base_model):
+    """`{module name: _Target}` for the Dense/EinsumDense layers of `model`
+    (a KerasHub backbone or task model) that KerasHub's converter for
+    `base_model` (a Hugging Face model directory or its config dict) fills
+    from a Hugging Face `*.weight`."""
+    hf_config = _hf_config(base_model)
+    converter = _converter(hf_config)
+    backbone = _backbone(model)
+    if not isinstance(backbone, converter.backbone_cls):
+        raise ValueError(
+            f"PEFT adapters: the base model is a {hf_config['model_type']!r} checkpoint, "
+            f"which KerasHub converts to {converter.backbone_cls.__name__}; the model's "
+            f"backbone is a {type(backbone).__name__}."
+        )
+    recorder = _Recorder()
+    try:
+        converter.convert_weights(_Proxy(backbone), recorder, hf_config)
+    except _Unrecordable:
+        pass  # what was recorded before stays usable; the rest is unmapped
+    owners = {}
+    for e in tree.walk(model):
+        layer = e.layer
+        if tree.is_adapter(layer):
+            owners[id(layer)] = (e.path, layer.layer, layer)
+        elif bases.is_linear_layer(layer):
+            var = bases.kernel_variable(layer)
+            if var is not None:
+                owners[id(var)] = (e.path, layer, None)
+    targets = {}
+    for key, (var, hook) in recorder.ports.items():
+        if not key.endswith(".weight"):
+            continue
+        owner = owners.get(id(var.adapter) if isinstance(var, _KernelRef) else id(var))
+        if owner is None:
+            continue
+        module = key[: -len(".weight")]
+        targets[module] = _Target(module, owner[0], owner[1], owner[2], hook)
+    return targets
+
+
+# ----------------------------------------------------------------------
+# Reading a PEFT directory
+def _read_dir(path):
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: no {CONFIG_FILE}.")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        extra = " (adapter_model.bin is a torch pickle; re-save it with safetensors)" if \
+            os.path.isfile(os.path.join(path, "adapter_model.bin")) else ""
+        raise FileNotFoundError(f"{path!r}: no {WEIGHTS_FILE}{extra}.")
+    from safetensors.numpy import load_file
+
+    return config, load_file(weights)
+
+
+def _check_config(config):
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(
+            f"PEFT adapter: peft_type {peft_type!r} is not supported; keras-lowrank "
+            "reads PEFT's LoRA format (with use_rslora and use_dora)."
+        )
+    for name, default in _DEFAULTS.items():
+        value = config.get(name, default)
+        if value != default and value not in (None, False, [], {}):
+            raise ValueError(
+                f"PEFT adapter option {name}={value!r} is not supported (only "
+                f"{default!r}): keras-lowrank cannot load it faithfully."
+            )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        # These change the base weights, which the adapter file does not carry.
+        raise ValueError(
+            f"PEFT adapter init_lora_weights={init!r}: the adapter expects a base "
+            "changed at init, which its directory does not hold; convert it to "
+            "plain LoRA in PEFT first (path_initial_model_for_weight_conversion)."
+        )
+
+
+def _pattern_value(patterns, module, default):
+    """PEFT's rule: the first key `k` with `re.match(rf"(.*\\.)?({k})$", module)`."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _group(tensors):
+    """`{module: {"A": ..., "B": ..., "m": ...}}` from PEFT's tensor names."""
+    parts = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m",
+             "lora_magnitude_vector.weight": "m"}
+    modules = {}
+    for name, value in tensors.items():
+        key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        for suffix, part in parts.items():
+            if key.endswith("." + suffix):
+                modules.setdefault(key[: -len(suffix) - 1], {})[part] = value
+                break
+        else:
+            raise ValueError(
+                f"PEFT adapter: tensor {name!r} is not a LoRA or DoRA factor (a whole "
+                "weight saved with the adapter, by modules_to_save or "
+                "save_embedding_layers); keras-lowrank does not load those."
+            )
+    return modules
+
+
+def _find_target(targets, module):
+    if module in targets:
+        return targets[module]
+    for name in (f"model.{module}", module[len("model."):] if module.startswith("model.") else None):
+        if name and name in targets:
+            return targets[name]
+    return None
+
+
+def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
+    """Put a PEFT LoRA or DoRA adapter onto a KerasHub model.
+
+    The model is the KerasHub backbone or task model converted from the
+    Hugging Face checkpoint the adapter was trained on
+    (`from_preset(<that checkpoint's directory>)`). Each PEFT module goes to
+    the layer KerasHub's own converter filled from its weight; `r`,
+    `lora_alpha`, `use_rslora`, `use_dora`, `rank_pattern`, `alpha_pattern`
+    and `lora_dropout` are honoured, the modules are those in the adapter's
+    weights (its `target_modules`); options that change what the adapter
+    computes and that keras-lowrank does not load (`modules_to_save`, a LoRA
+    bias, `fan_in_fan_out`, ...) are refused by name. Everything is checked
+    before the model changes.
+
+    Args:
+        model: a KerasHub backbone or task model without adapters on the
+            layers the adapter targets.
+        path: the PEFT adapter directory.
+        base_model: the Hugging Face model directory (or its `config.json`
+            as a dict); `None` uses the adapter's `base_model_name_or_path`
+            when that is a local directory.
+        base: the frozen base's storage, as in `enable_adapter` (`"nf4"` puts
+            a QLoRA adapter back on a 4-bit base).
+        verbose: print the summary.
+
+    Returns:
+        the `AdapterSummary` of `enable_adapter`.
+
+    Example: see `save_peft_adapter` (a round trip through a directory).
+    """
+    from keras_lowrank.adapt import enable_adapter
+
+    config, tensors = _read_dir(path)
+    _check_config(config)
+    targets = module_map(model, _hf_config(base_model, config))
+    modules = _group(tensors)
+    use_dora = bool(config.get("use_dora", False))
+    plan = {}
+    for module, parts in sorted(modules.items()):
+        target = _find_target(targets, module)
+        if target is None:
+            raise ValueError(
+                f"PEFT adapter module {module!r}: KerasHub's converter maps no "
+                f"Dense/EinsumDense layer of {model.name!r} from '{module}.weight' "
+                "(embeddings and the tied output head cannot hold a LoRA here)."
+            )
+        if target.adapter is not None:
+            raise ValueError(
+                f"PEFT adapter module {module!r}: Keras layer {target.path!r} already "
+                "holds an adapter."
+            )
+        if "A" not in parts or "B" not in parts or ("m" in parts) != use_dora:
+            raise ValueError(
+                f"PEFT adapter module {module!r}: expected lora_A, lora_B"
+                f"{' and lora_magnitude_vector (use_dora)' if use_dora else ''}; "
+                f"found {sorted(parts)}."
+            )
+        a, b = parts["A"], parts["B"]
+        r = int(a.shape[0])
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
+            raise ValueError(f"PEFT adapter module {module!r}: lora_A {a.shape} and lora_B "
+                             f"{b.shape} are not a rank-r pair.")
+        expected_r = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+        if int(expected_r) != r:
+            raise ValueError(f"PEFT adapter module {module!r}: rank {r} in the weights, "
+                             f"{expected_r} in the config.")
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+        p_in, p_out = target.layout(int(b.shape[0]), int(a.shape[1]))
+        state = {"lora_a": a[:, p_in], "lora_b": np.ascontiguousarray(b.T[:, p_out])}
+        if use_dora:
+            state["magnitude"] = parts["m"].reshape(-1)[p_out]
+        plan[target.path] = (r, alpha, state)
+    if not plan:
+        raise ValueError(f"PEFT adapter {os.fspath(path)!r} holds no LoRA modules.")
+    rank = config.get("r", 8)
+    alpha = float(config.get("lora_alpha", 8))
+    summary = enable_adapter(
+        model,
+        method="dora" if use_dora else "lora",
+        rank=rank,
+        alpha=alpha,
+        targets=list(plan),
+        rank_pattern={p: r for p, (r, _, _) in plan.items() if r != rank} or None,
+        alpha_pattern={p: a for p, (_, a, _) in plan.items() if a != alpha} or None,
+        rslora=bool(config.get("use_rslora", False)),
+        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
+        base=base,
+        verbose=verbose,
+    )
+    found = {e.path: e.layer for e in tree.walk(model) if tree.is_adapter(e.layer)}
+    for path_, (_, _, state) in plan.items():
+        adapter = found[path_]
+        for name, value in state.items():
+            var = getattr(adapter, name)
+            var.assign(np.asarray(value, dtype=np.float32).astype(var.dtype))
+    return summary
+
+
+# ----------------------------------------------------------------------
+# Writing a PEFT directory
+def _lora_state(adapter, where):
+    """`(method, state, rank, alpha, rslora)` of an adapter in PEFT's terms."""
+    if adapter.merged:
+        raise ValueError(f"save_peft_adapter: layer {where!r} is merged; unmerge it first.")
+    if adapter.method in ("lora", "dora"):
+        state = {"lora_a": adapter.read(adapter.lora_a), "lora_b": adapter.read(adapter.lora_b)}
+        if adapter.method == "dora":
+            state["magnitude"] = adapter.read(adapter.magnitude)
+        return adapter.method, state, adapter.rank, adapter.alpha, adapter.rslora
+    if "lora" not in registry.get(adapter.method).export_forms:
+        raise ValueError(
+            f"save_peft_adapter: layer {where!r} has a {adapter.method!r} adapter, which "
+            "has no PEFT LoRA form."
+        )
+    state, lora = adapter.as_lora_state()
+    return "lora", state, lora["rank"], lora["alpha"], lora["rslora"]
+
+
+def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
+    """Write the adapters of a KerasHub model as a PEFT adapter directory.
+
+    `PeftModel.from_pretrained(hf_model, path)` then loads it onto the
+    Hugging Face model the KerasHub model was converted from. LoRA and DoRA
+    adapters are written as they are (rsLoRA as `use_rslora`); every method
+    with an exact plain-LoRA form is written as that LoRA (PiSSA, OLoRA and
+    MiLoRA as the rank-2r LoRA on the original base, VeRA, LoHa, AdaLoRA,
+    DyLoRA, ... as their LoRA equivalents). Per-layer ranks and alphas go to
+    `rank_pattern`/`alpha_pattern`.
+
+    Args:
+        model: a KerasHub backbone or task model with adapters.
+        path: the directory to write (created if needed).
+        base_model: the Hugging Face model directory the model was converted
+            from, or its `config.json` as a dict.
+        base_model_name_or_path: recorded in `adapter_config.json`
+            (default: `base_model` when it is a path).
+
+    Example (a tiny random Hugging Face Gemma, converted by KerasHub):
+
+    >>> import os, tempfile, transformers, keras_hub, keras_lowrank
+    >>> hf_dir, out = tempfile.mkdtemp(), tempfile.mkdtemp()
+    >>> transformers.GemmaForCausalLM(transformers.GemmaConfig(
+    ...     vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    ...     num_attention_heads=2, num_key_value_heads=1, head_dim=4)).save_pretrained(hf_dir)
+    >>> backbone = keras_hub.models.Backbone.from_preset(hf_dir)
+    >>> _ = keras_lowrank.enable_adapter(backbone, method="lora", rank=2)
+    >>> keras_lowrank.save_peft_adapter(backbone, out, hf_dir)
+    >>> sorted(os.listdir(out))
+    ['adapter_config.json', 'adapter_model.safetensors']
+    >>> fresh = keras_hub.models.Backbone.from_preset(hf_dir)
+    >>> summary = keras_lowrank.load_peft_adapter(fresh, out)  # the base from the config
+    >>> len(keras_lowrank.adapters(fresh))
+    7
+    """
+    from safetensors.numpy import save_file
+
+    from keras_lowrank import saving
+
+    targets = module_map(model, base_model)
+    by_layer = {t.path: t for t in targets.values() if t.adapter is not None}
+    found = [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
+    if not found:
+        raise ValueError(f"save_peft_adapter: model {model.name!r} has no adapters.")
+    entries = []
+    for where, adapter in found:
+        target = by_layer.get(where)
+        if target is None:
+            raise ValueError(
+                f"save_peft_adapter: layer {where!r} has no Hugging Face module: KerasHub's "
+                "converter does not fill it from a '*.weight' of the base model."
+            )
+        method, state, rank, alpha, rslora = _lora_state(adapter, where)
+        entries.append((target, method, state, int(rank), float(alpha), bool(rslora)))
+    methods = {m for _, m, *_ in entries}
+    if len(methods) > 1 or len({e[5] for e in entries}) > 1:
+        raise ValueError(
+            "save_peft_adapter: a PEFT LoRA directory has one use_dora and one use_rslora "
+            f"for every module; the model mixes {sorted(methods)} adapters"
+            f"{' with and without rslora' if len({e[5] for e in entries}) > 1 else ''}."
+        )
+    tensors = {}
+    ranks, alphas = {}, {}
+    for target, method, state, rank, alpha, rslora in entries:
+        g = target.geometry
+        p_in, p_out = target.layout(g.n_out, g.n_in)
+        a_t = saving._np(state["lora_a"]).astype(np.float32).reshape(rank, g.n_in)
+        b = saving._np(state["lora_b"]).astype(np.float32).reshape(rank, g.n_out)
+        lora_a = np.empty_like(a_t)
+        lora_a[:, p_in] = a_t
+        lora_b = np.empty((g.n_out, rank), np.float32)
+        lora_b[p_out, :] = b.T
+        name = PREFIX + target.module
+        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        if method == "dora":
+            m = saving._np(state["magnitude"]).astype(np.float32).reshape(-1)
+            mag = np.empty_like(m)
+            mag[p_out] = m
+            tensors[f"{name}.lora_magnitude_vector"] = mag
+        ranks[target.module], alphas[target.module] = rank, alpha
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    if base_model_name_or_path is None and not isinstance(base_model, dict):
+        base_model_name_or_path = os.fspath(base_model)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_rslora": entries[0][5],
+        "use_dora": entries[0][1] == "dora",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".klr-", suffix=".tmp", dir=path)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
