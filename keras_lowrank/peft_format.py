@@ -271,10 +271,10 @@ def _read_dir(path):
 
 def _check_config(config):
     peft_type = config.get("peft_type")
-    if peft_type != "LORA":
+    if peft_type not in FORMATS:
         raise ValueError(
             f"PEFT adapter: peft_type {peft_type!r} is not supported; keras-lowrank "
-            "reads PEFT's LoRA format (with use_rslora and use_dora)."
+            f"reads {', '.join(sorted(FORMATS))}."
         )
     for name, default in _DEFAULTS.items():
         value = config.get(name, default)
@@ -291,34 +291,258 @@ def _check_config(config):
             "changed at init, which its directory does not hold; convert it to "
             "plain LoRA in PEFT first (path_initial_model_for_weight_conversion)."
         )
+    FORMATS[peft_type].check(config)
 
 
 def _pattern_value(patterns, module, default):
-    """PEFT's rule: the first key `k` with `re.match(rf"(.*\\.)?({k})$", module)`."""
+    """PEFT's rule: the first key `k` with `re.match(rf"(.*\.)?({k})$", module)`."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
 
-def _group(tensors):
-    """`{module: {"A": ..., "B": ..., "m": ...}}` from PEFT's tensor names."""
-    parts = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m",
-             "lora_magnitude_vector.weight": "m"}
-    modules = {}
+def _identity(p_in, p_out, module, what):
+    if not (np.array_equal(p_in, np.arange(len(p_in))) and np.array_equal(p_out, np.arange(len(p_out)))):
+        raise ValueError(
+            f"PEFT adapter module {module!r}: KerasHub's converter reorders this "
+            f"weight, and {what} cannot be reordered."
+        )
+
+
+class _Format:
+    """How one PEFT adapter type maps onto a keras-lowrank method."""
+
+    peft_type = None
+    parts = ()  # tensor name suffixes of one module
+    shared = ()  # tensor names of the whole model (`base_model.<name>`)
+
+    def check(self, config):
+        pass
+
+    def method(self, config):
+        raise NotImplementedError
+
+    def options(self, config):
+        """`enable_adapter` options for every module."""
+        return {}
+
+    def rank(self, config, module, parts):
+        return int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
+
+    def alpha(self, config, module):
+        return float(_pattern_value(config.get("alpha_pattern"), module, config.get("alpha", 8)))
+
+    def torch_shape(self, parts):
+        """`(n_out, n_in)` of the module's weight."""
+        raise NotImplementedError
+
+    def state(self, parts, p_in, p_out, module):
+        """`{variable name: array}` of our adapter."""
+        raise NotImplementedError
+
+    def required(self, config):
+        return set(self.parts)
+
+
+class _LoRA(_Format):
+    peft_type = "LORA"
+    parts = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+
+    def method(self, config):
+        return "dora" if config.get("use_dora") else "lora"
+
+    def required(self, config):
+        return {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if config.get("use_dora") else set())
+
+    def options(self, config):
+        return {"rslora": bool(config.get("use_rslora", False)),
+                "dropout": float(config.get("lora_dropout", 0.0) or 0.0)}
+
+    def rank(self, config, module, parts):
+        r = int(parts["lora_A.weight"].shape[0])
+        expected = super().rank(config, module, parts)
+        if expected != r:
+            raise ValueError(f"PEFT adapter module {module!r}: rank {r} in the weights, "
+                             f"{expected} in the config.")
+        return r
+
+    def alpha(self, config, module):
+        return float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+
+    def torch_shape(self, parts):
+        return parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        out = {"lora_a": a[:, p_in], "lora_b": b.T[:, p_out]}
+        m = parts.get("lora_magnitude_vector")
+        if m is not None:
+            out["magnitude"] = m.reshape(-1)[p_out]
+        return out
+
+
+class _LoHa(_Format):
+    peft_type = "LOHA"
+    parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def method(self, config):
+        return "loha"
+
+    def options(self, config):
+        return {"rank_dropout": float(config.get("rank_dropout", 0.0) or 0.0),
+                "module_dropout": float(config.get("module_dropout", 0.0) or 0.0)}
+
+    def torch_shape(self, parts):
+        return parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        return {"loha_a1": parts["hada_w1_b"][:, p_in], "loha_b1": parts["hada_w1_a"].T[:, p_out],
+                "loha_a2": parts["hada_w2_b"][:, p_in], "loha_b2": parts["hada_w2_a"].T[:, p_out]}
+
+
+class _LoKr(_Format):
+    peft_type = "LOKR"
+    parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+    def method(self, config):
+        return "lokr"
+
+    def required(self, config):
+        return set()
+
+    def options(self, config):
+        return {"decompose_both": bool(config.get("decompose_both", False)),
+                "decompose_factor": int(config.get("decompose_factor", -1)),
+                "rank_dropout": float(config.get("rank_dropout", 0.0) or 0.0),
+                "module_dropout": float(config.get("module_dropout", 0.0) or 0.0),
+                "rank_dropout_scale": bool(config.get("rank_dropout_scale", False))}
+
+    @staticmethod
+    def _factor(parts, i, module):
+        full = parts.get(f"lokr_w{i}")
+        if full is not None:
+            return full
+        a, b = parts.get(f"lokr_w{i}_a"), parts.get(f"lokr_w{i}_b")
+        if a is None or b is None:
+            raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is missing "
+                             f"(found {sorted(parts)}).")
+        return a @ b
+
+    def torch_shape(self, parts):
+        w1 = self._factor(parts, 1, "?")
+        w2 = self._factor(parts, 2, "?")
+        return w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        _identity(p_in, p_out, module, "a Kronecker product")
+        out = {}
+        for i in (1, 2):
+            if f"lokr_w{i}" in parts:
+                out[f"lokr_f{i}"] = parts[f"lokr_w{i}"].T
+            else:
+                out[f"lokr_a{i}"] = parts[f"lokr_w{i}_b"]
+                out[f"lokr_b{i}"] = parts[f"lokr_w{i}_a"].T
+        return out
+
+
+class _AdaLoRA(_Format):
+    peft_type = "ADALORA"
+    parts = ("lora_A", "lora_B", "lora_E")
+
+    def method(self, config):
+        return "adalora"
+
+    def check(self, config):
+        if not config.get("total_step"):
+            raise ValueError("PEFT AdaLoRA adapter: total_step is not set; keras-lowrank's "
+                             "AdaLoRA needs its schedule length.")
+
+    def options(self, config):
+        return {"total_steps": int(config["total_step"]),
+                "target_rank": int(config.get("target_r", 8)),
+                "tinit": int(config.get("tinit", 0)), "tfinal": int(config.get("tfinal", 0)),
+                "delta_t": int(config.get("deltaT", 1)), "beta1": float(config.get("beta1", 0.85)),
+                "beta2": float(config.get("beta2", 0.85)),
+                "orth_reg_weight": float(config.get("orth_reg_weight", 0.5)),
+                "dropout": float(config.get("lora_dropout", 0.0) or 0.0)}
+
+    def rank(self, config, module, parts):
+        return int(parts["lora_A"].shape[0])
+
+    def alpha(self, config, module):
+        a = float(config.get("lora_alpha", 8) or 0)
+        return a if a > 0 else None
+
+    def torch_shape(self, parts):
+        return parts["lora_B"].shape[0], parts["lora_A"].shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        return {"lora_a": parts["lora_A"][:, p_in], "lora_e": parts["lora_E"].reshape(-1),
+                "lora_b": parts["lora_B"].T[:, p_out]}
+
+
+class _VeRA(_Format):
+    peft_type = "VERA"
+    parts = ("vera_lambda_b", "vera_lambda_d")
+    shared = ("vera_A", "vera_B")
+
+    def method(self, config):
+        return "vera"
+
+    def check(self, config):
+        if not config.get("save_projection", True):
+            raise ValueError(
+                "PEFT VeRA adapter saved with save_projection=False: its projections "
+                "come from torch's generator at projection_prng_key, which keras-lowrank "
+                "does not reproduce; re-save it with save_projection=True."
+            )
+
+    def options(self, config):
+        return {"d_initial": float(config.get("d_initial", 0.1)),
+                "dropout": float(config.get("vera_dropout", 0.0) or 0.0)}
+
+    def rank(self, config, module, parts):
+        return int(parts["vera_lambda_d"].shape[0])
+
+    def alpha(self, config, module):
+        return None
+
+    def torch_shape(self, parts):
+        return parts["vera_lambda_b"].shape[0], None
+
+    def state(self, parts, p_in, p_out, module):
+        _identity(p_in, p_out, module, "VeRA's shared projections")
+        return {"vera_lambda_d": parts["vera_lambda_d"], "vera_lambda_b": parts["vera_lambda_b"]}
+
+
+FORMATS = {f.peft_type: f for f in (_LoRA(), _LoHa(), _LoKr(), _AdaLoRA(), _VeRA())}
+
+
+def _group(tensors, fmt):
+    """`({module: {part: array}}, {shared name: array})` from PEFT's tensor
+    names."""
+    modules, shared_ = {}, {}
     for name, value in tensors.items():
         key = name[len(PREFIX):] if name.startswith(PREFIX) else name
-        for suffix, part in parts.items():
+        if name.startswith("base_model.") and name.split(".")[-1] in fmt.shared:
+            shared_[name.split(".")[-1]] = value
+            continue
+        for suffix in sorted(fmt.parts, key=len, reverse=True):
             if key.endswith("." + suffix):
+                part = "lora_magnitude_vector" if suffix == "lora_magnitude_vector.weight" else suffix
                 modules.setdefault(key[: -len(suffix) - 1], {})[part] = value
                 break
         else:
             raise ValueError(
-                f"PEFT adapter: tensor {name!r} is not a LoRA or DoRA factor (a whole "
+                f"PEFT adapter: tensor {name!r} is not a {fmt.peft_type} factor (a whole "
                 "weight saved with the adapter, by modules_to_save or "
                 "save_embedding_layers); keras-lowrank does not load those."
             )
-    return modules
+    missing = [s for s in fmt.shared if s not in shared_]
+    if missing:
+        raise ValueError(f"PEFT {fmt.peft_type} adapter: the shared tensors {missing} are missing.")
+    return modules, shared_
 
 
 def _find_target(targets, module):
@@ -330,19 +554,27 @@ def _find_target(targets, module):
     return None
 
 
+def _expected_shapes(method, layer, options):
+    """The variable shapes an adapter of `method` with `options` would have
+    on `layer` (checked before the model changes)."""
+    probe = registry.get(method).layer_class(layer, **options)
+    return {spec.name: tuple(spec.shape) for spec in probe.variable_specs(bases.geometry_of(layer))}
+
+
 def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
-    """Put a PEFT LoRA or DoRA adapter onto a KerasHub model.
+    """Put a PEFT adapter onto a KerasHub model.
 
     The model is the KerasHub backbone or task model converted from the
     Hugging Face checkpoint the adapter was trained on
     (`from_preset(<that checkpoint's directory>)`). Each PEFT module goes to
-    the layer KerasHub's own converter filled from its weight; `r`,
-    `lora_alpha`, `use_rslora`, `use_dora`, `rank_pattern`, `alpha_pattern`
-    and `lora_dropout` are honoured, the modules are those in the adapter's
-    weights (its `target_modules`); options that change what the adapter
-    computes and that keras-lowrank does not load (`modules_to_save`, a LoRA
-    bias, `fan_in_fan_out`, ...) are refused by name. Everything is checked
-    before the model changes.
+    the layer KerasHub's own converter filled from its weight. PEFT's LoRA
+    (`r`, `lora_alpha`, `use_rslora`, `use_dora`, `rank_pattern`,
+    `alpha_pattern`, `lora_dropout`), LoHa, LoKr, AdaLoRA and VeRA formats
+    are read into the methods of the same names; the modules are those in
+    the adapter's weights (its `target_modules`). Options that change what
+    the adapter computes and that keras-lowrank does not load
+    (`modules_to_save`, a LoRA bias, `fan_in_fan_out`, ...) are refused by
+    name. Everything is checked before the model changes.
 
     Args:
         model: a KerasHub backbone or task model without adapters on the
@@ -360,13 +592,16 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
 
     Example: see `save_peft_adapter` (a round trip through a directory).
     """
+    from keras_lowrank import shared
     from keras_lowrank.adapt import enable_adapter
 
     config, tensors = _read_dir(path)
     _check_config(config)
+    fmt = FORMATS[config["peft_type"]]
     targets = module_map(model, _hf_config(base_model, config))
-    modules = _group(tensors)
-    use_dora = bool(config.get("use_dora", False))
+    modules, shared_tensors = _group(tensors, fmt)
+    method = fmt.method(config)
+    options = fmt.options(config)
     plan = {}
     for module, parts in sorted(modules.items()):
         target = _find_target(targets, module)
@@ -374,50 +609,64 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
             raise ValueError(
                 f"PEFT adapter module {module!r}: KerasHub's converter maps no "
                 f"Dense/EinsumDense layer of {model.name!r} from '{module}.weight' "
-                "(embeddings and the tied output head cannot hold a LoRA here)."
+                "(embeddings and the tied output head cannot hold an adapter here)."
             )
         if target.adapter is not None:
             raise ValueError(
                 f"PEFT adapter module {module!r}: Keras layer {target.path!r} already "
                 "holds an adapter."
             )
-        if "A" not in parts or "B" not in parts or ("m" in parts) != use_dora:
+        missing = fmt.required(config) - set(parts)
+        extra = {"lora_magnitude_vector"} & set(parts) if method == "lora" else set()
+        if missing or extra:
             raise ValueError(
-                f"PEFT adapter module {module!r}: expected lora_A, lora_B"
-                f"{' and lora_magnitude_vector (use_dora)' if use_dora else ''}; "
+                f"PEFT adapter module {module!r}: expected {sorted(fmt.required(config))}, "
                 f"found {sorted(parts)}."
             )
-        a, b = parts["A"], parts["B"]
-        r = int(a.shape[0])
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != r:
-            raise ValueError(f"PEFT adapter module {module!r}: lora_A {a.shape} and lora_B "
-                             f"{b.shape} are not a rank-r pair.")
-        expected_r = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
-        if int(expected_r) != r:
-            raise ValueError(f"PEFT adapter module {module!r}: rank {r} in the weights, "
-                             f"{expected_r} in the config.")
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
-        p_in, p_out = target.layout(int(b.shape[0]), int(a.shape[1]))
-        state = {"lora_a": a[:, p_in], "lora_b": np.ascontiguousarray(b.T[:, p_out])}
-        if use_dora:
-            state["magnitude"] = parts["m"].reshape(-1)[p_out]
+        r = fmt.rank(config, module, parts)
+        alpha = fmt.alpha(config, module)
+        n_out, n_in = fmt.torch_shape(parts)
+        if n_in is None:  # VeRA: the input size is the layer's
+            n_in = target.geometry.n_in
+        p_in, p_out = target.layout(int(n_out), int(n_in))
+        state = fmt.state(parts, p_in, p_out, module)
+        layer_options = {**options, "rank": r, **({"alpha": alpha} if alpha is not None else {})}
+        expected = _expected_shapes(method, target.layer, layer_options)
+        for name, value in state.items():
+            if expected.get(name) != tuple(np.shape(value)):
+                raise ValueError(
+                    f"PEFT adapter module {module!r}: {name} has shape {np.shape(value)} "
+                    f"from the file, but keras-lowrank's {method} with {layer_options} "
+                    f"makes {expected.get(name)} on {target.path!r}."
+                )
         plan[target.path] = (r, alpha, state)
     if not plan:
-        raise ValueError(f"PEFT adapter {os.fspath(path)!r} holds no LoRA modules.")
-    rank = config.get("r", 8)
-    alpha = float(config.get("lora_alpha", 8))
+        raise ValueError(f"PEFT adapter {os.fspath(path)!r} holds no adapter modules.")
+    if shared_tensors:
+        adapted = [t for t in targets.values() if t.path in plan]
+        n_in_max = max(t.geometry.n_in for t in adapted)
+        n_out_max = max(t.geometry.n_out for t in adapted)
+        a_t, b_t = shared_tensors["vera_A"], shared_tensors["vera_B"]
+        if a_t.shape[1] != n_in_max or b_t.shape[0] != n_out_max:
+            raise ValueError(
+                f"PEFT VeRA adapter: projections {a_t.shape} and {b_t.shape} do not fit "
+                f"the adapted layers (largest input {n_in_max}, output {n_out_max})."
+            )
+    ranks = [r for r, _, _ in plan.values()]
+    alphas = [a for _, a, _ in plan.values()]
+    rank = max(set(ranks), key=ranks.count)
+    alpha = max(set(alphas), key=alphas.count) if None not in alphas else None
     summary = enable_adapter(
         model,
-        method="dora" if use_dora else "lora",
+        method=method,
         rank=rank,
         alpha=alpha,
         targets=list(plan),
         rank_pattern={p: r for p, (r, _, _) in plan.items() if r != rank} or None,
         alpha_pattern={p: a for p, (_, a, _) in plan.items() if a != alpha} or None,
-        rslora=bool(config.get("use_rslora", False)),
-        dropout=float(config.get("lora_dropout", 0.0) or 0.0),
         base=base,
         verbose=verbose,
+        **options,
     )
     found = {e.path: e.layer for e in tree.walk(model) if tree.is_adapter(e.layer)}
     for path_, (_, _, state) in plan.items():
@@ -425,11 +674,21 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
         for name, value in state.items():
             var = getattr(adapter, name)
             var.assign(np.asarray(value, dtype=np.float32).astype(var.dtype))
+    if shared_tensors:
+        projections = shared.states(model)["vera"]
+        projections.vera_a.assign(np.ascontiguousarray(shared_tensors["vera_A"].T))
+        projections.vera_b.assign(np.ascontiguousarray(shared_tensors["vera_B"].T))
     return summary
 
 
 # ----------------------------------------------------------------------
 # Writing a PEFT directory
+def _f32(x):
+    from keras_lowrank import saving
+
+    return np.ascontiguousarray(saving._np(x).astype(np.float32))
+
+
 def _lora_state(adapter, where):
     """`(method, state, rank, alpha, rslora)` of an adapter in PEFT's terms."""
     if adapter.merged:
@@ -439,10 +698,14 @@ def _lora_state(adapter, where):
         if adapter.method == "dora":
             state["magnitude"] = adapter.read(adapter.magnitude)
         return adapter.method, state, adapter.rank, adapter.alpha, adapter.rslora
+    if adapter.method == "lokr":
+        state = {v.name: adapter.read(v) for v in adapter.trainable_variables
+                 if v.name.startswith("lokr_")}
+        return "lokr", state, adapter.rank, adapter.alpha, False
     if "lora" not in registry.get(adapter.method).export_forms:
         raise ValueError(
             f"save_peft_adapter: layer {where!r} has a {adapter.method!r} adapter, which "
-            "has no PEFT LoRA form."
+            "has no PEFT form (neither a LoRA equivalent nor PEFT's LoKr)."
         )
     state, lora = adapter.as_lora_state()
     return "lora", state, lora["rank"], lora["alpha"], lora["rslora"]
@@ -506,13 +769,27 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
     methods = {m for _, m, *_ in entries}
     if len(methods) > 1 or len({e[5] for e in entries}) > 1:
         raise ValueError(
-            "save_peft_adapter: a PEFT LoRA directory has one use_dora and one use_rslora "
-            f"for every module; the model mixes {sorted(methods)} adapters"
+            "save_peft_adapter: a PEFT directory has one adapter type, one use_dora and "
+            f"one use_rslora for every module; the model mixes {sorted(methods)} adapters"
             f"{' with and without rslora' if len({e[5] for e in entries}) > 1 else ''}."
         )
     tensors = {}
     ranks, alphas = {}, {}
+    lokr = methods == {"lokr"}
     for target, method, state, rank, alpha, rslora in entries:
+        if lokr:
+            g = target.geometry
+            p_in, p_out = target.layout(g.n_out, g.n_in)
+            _identity(p_in, p_out, target.module, "a Kronecker product")
+            name = PREFIX + target.module
+            for i in (1, 2):
+                if f"lokr_f{i}" in state:
+                    tensors[f"{name}.lokr_w{i}"] = _f32(_f32(state[f"lokr_f{i}"]).T)
+                else:
+                    tensors[f"{name}.lokr_w{i}_a"] = _f32(_f32(state[f"lokr_b{i}"]).T)
+                    tensors[f"{name}.lokr_w{i}_b"] = _f32(state[f"lokr_a{i}"])
+            ranks[target.module], alphas[target.module] = rank, alpha
+            continue
         g = target.geometry
         p_in, p_out = target.layout(g.n_out, g.n_in)
         a_t = saving._np(state["lora_a"]).astype(np.float32).reshape(rank, g.n_in)
@@ -534,7 +811,35 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     if base_model_name_or_path is None and not isinstance(base_model, dict):
         base_model_name_or_path = os.fspath(base_model)
-    config = {
+    if lokr:
+        first = entries[0][0].adapter
+        config = {
+            "peft_type": "LOKR",
+            "task_type": None,
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": rank,
+            "alpha": alpha,
+            "rank_dropout": first.rank_dropout,
+            "module_dropout": first.module_dropout,
+            "rank_dropout_scale": first.rank_dropout_scale,
+            "decompose_both": first.decompose_both,
+            "decompose_factor": first.decompose_factor,
+            "target_modules": sorted(ranks),
+            "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+            "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+            "init_weights": True,
+            "inference_mode": True,
+        }
+        for t, *_ in entries:
+            a = t.adapter
+            if (a.decompose_both, a.decompose_factor) != (first.decompose_both, first.decompose_factor):
+                raise ValueError(
+                    "save_peft_adapter: PEFT's LoKr has one decompose_both and one "
+                    f"decompose_factor for every module; layer {t.path!r} differs."
+                )
+    else:
+        config = None
+    config = config or {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,

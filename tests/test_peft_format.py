@@ -101,7 +101,36 @@ def test_load_peft_adapter_matches_peft_logits(hf_dir, tmp_path, variant):
         assert [a.alpha for a in down] == [3.0]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
+OTHER_FORMATS = {
+    "loha": lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=ALL, init_weights=False),
+    "lokr": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=ALL, init_weights=False),
+    "lokr_both": lambda: peft.LoKrConfig(r=1, alpha=3, target_modules=ALL, init_weights=False,
+                                         decompose_both=True),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=4, target_modules=ALL,
+                                          total_step=10),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                    init_weights=False),
+}
+
+
+@pytest.mark.parametrize("fmt", list(OTHER_FORMATS))
+def test_load_other_peft_formats(hf_dir, tmp_path, fmt):
+    pm = peft.get_peft_model(_hf(hf_dir), OTHER_FORMATS[fmt]())
+    torch.manual_seed(2)
+    with torch.no_grad():  # every factor nonzero (AdaLoRA starts with E = 0)
+        for name, p in pm.named_parameters():
+            if any(k in name for k in ("hada_", "lokr_", "lora_", "vera_lambda")):
+                p.copy_(0.3 * torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    expected = _torch_logits(pm.eval())
+    backbone = _backbone(hf_dir)
+    keras_lowrank.load_peft_adapter(backbone, str(tmp_path / "ad"), hf_dir)
+    methods = {a.method for _, a in keras_lowrank.adapters(backbone)}
+    assert methods == {fmt.split("_")[0]}
+    _close(_keras_logits(backbone), expected)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "lokr"])
 def test_save_peft_adapter_loads_in_peft(hf_dir, tmp_path, method):
     backbone = _backbone(hf_dir)
     options = {"rslora": True} if method == "lora" else {}
@@ -115,7 +144,8 @@ def test_save_peft_adapter_loads_in_peft(hf_dir, tmp_path, method):
     keras_lowrank.save_peft_adapter(backbone, out, hf_dir)
     config = json.load(open(os.path.join(out, "adapter_config.json")))
     assert config["r"] == (4 if method == "pissa" else 2)  # PiSSA: the rank-2r LoRA
-    assert config["use_dora"] == (method == "dora")
+    assert config.get("use_dora", False) == (method == "dora")
+    assert config["peft_type"] == ("LOKR" if method == "lokr" else "LORA")
     pm = peft.PeftModel.from_pretrained(_hf(hf_dir), out).eval()
     got = _torch_logits(pm)
     assert np.abs(got - _torch_logits(_hf(hf_dir))).max() > 1e-3
@@ -139,7 +169,7 @@ def _unchanged(model, before):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"peft_type": "VERA"}, "peft_type 'VERA'"),
+        ({"peft_type": "BOFT"}, "peft_type 'BOFT' is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"bias": "all"}, "bias='all'"),
         ({"r": 3}, "rank 4 in the weights, 3 in the config"),
@@ -166,7 +196,7 @@ def test_unmapped_module_and_wrong_family(tmp_path):
     _peft_dir(llama, ad, r=2, target_modules=["q_proj", "lm_head"])
     backbone = _backbone(llama)
     before = _weights(backbone)
-    with pytest.raises(ValueError, match="'base_model.model.lm_head.base_layer.weight' is not a LoRA"):
+    with pytest.raises(ValueError, match="'base_model.model.lm_head.base_layer.weight' is not a LORA factor"):
         keras_lowrank.load_peft_adapter(backbone, ad, llama)
     _unchanged(backbone, before)
     from safetensors.numpy import load_file, save_file
@@ -179,8 +209,8 @@ def test_unmapped_module_and_wrong_family(tmp_path):
     with pytest.raises(ValueError, match="converts to GemmaBackbone.*Llama3Backbone"):
         keras_lowrank.load_peft_adapter(backbone, ad, gemma)
     _unchanged(backbone, before)
-    keras_lowrank.enable_adapter(backbone, method="lokr", rank=2)
-    with pytest.raises(ValueError, match="'lokr' adapter, which has no PEFT LoRA form"):
+    keras_lowrank.enable_adapter(backbone, method="svft")
+    with pytest.raises(ValueError, match="'svft' adapter, which has no PEFT form"):
         keras_lowrank.save_peft_adapter(backbone, str(tmp_path / "out"), llama)
 
 
