@@ -26,6 +26,7 @@ a PEFT LoRA; DoRA stays DoRA.
 """
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -44,7 +45,6 @@ PREFIX = "base_model.model."
 #: default is refused by name.
 _DEFAULTS = {
     "bias": "none",
-    "fan_in_fan_out": False,
     "lora_bias": False,
     "modules_to_save": None,
     "layer_replication": None,
@@ -115,7 +115,7 @@ class _Recorder:
         self.ports = {}
 
     def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
-        self.ports[hf_weight_key] = (keras_variable, hook_fn)
+        self.ports.setdefault(hf_weight_key, []).append((keras_variable, hook_fn))
 
     def get_tensor(self, hf_weight_key):
         raise _Unrecordable(f"the converter reads {hf_weight_key!r} itself")
@@ -175,9 +175,14 @@ class _Target:
         self.geometry = bases.geometry_of(layer)
         self.hook = hook
 
-    def layout(self, n_out, n_in):
+    def layout(self, n_out, n_in, transposed=False):
         """`(p_in, p_out)`: the torch input unit of each row of the matrix
-        view and the torch output unit of each of its columns."""
+        view and the torch output unit of each of its columns, for a
+        Hugging Face weight of `n_out × n_in` units stored `(n_out, n_in)`
+        (a torch Linear) or, `transposed`, `(n_in, n_out)` (GPT-2's Conv1D,
+        PEFT's `fan_in_fan_out`). `p_in` covers every input; `p_out` may be
+        a part of the outputs (a fused projection that the converter
+        splits into several layers)."""
         g = self.geometry
         where = f"module {self.module!r} (Keras layer {self.path!r})"
         if g.batch_shape:
@@ -186,12 +191,18 @@ class _Target:
         shape = tuple(g.kernel_shape)
 
         def through(values):
-            out = values if self.hook is None else self.hook(values, list(shape))
-            out = np.asarray(out, np.float64)
-            if out.shape != shape:
+            if transposed:
+                values = np.ascontiguousarray(values.T)
+            try:
+                out = values if self.hook is None else self.hook(values, list(shape))
+                out = np.asarray(out, np.float64)
+            except ValueError:
+                out = None
+            if out is None or out.shape != shape:
                 raise ValueError(
-                    f"PEFT adapters: {where}: a torch weight of shape {(n_out, n_in)} "
-                    f"becomes {out.shape} in KerasHub's converter, not the kernel's {shape}."
+                    f"PEFT adapters: {where}: KerasHub's converter does not turn a "
+                    f"{'(n_in, n_out)' if transposed else '(n_out, n_in)'} weight of "
+                    f"{n_out} outputs and {n_in} inputs into the kernel's shape {shape}."
                 )
             return np.transpose(out, g.perm).reshape(g.matrix_shape)
 
@@ -200,21 +211,67 @@ class _Target:
         p_out, p_in = rows[0].astype(np.int64), cols[:, 0].astype(np.int64)
         if not (np.array_equal(rows, np.broadcast_to(p_out[None, :], rows.shape))
                 and np.array_equal(cols, np.broadcast_to(p_in[:, None], cols.shape))
-                and np.array_equal(np.sort(p_out), np.arange(n_out))
+                and len(np.unique(p_out)) == len(p_out)
                 and np.array_equal(np.sort(p_in), np.arange(n_in))):
             raise ValueError(
                 f"PEFT adapters: {where}: KerasHub's converter does more than reorder "
-                "the weight's rows and columns (it splits, fuses or rescales it), "
-                "which this layout mapping does not cover."
+                "or split the weight's rows and columns (it mixes or rescales "
+                "values), which this layout mapping does not cover."
             )
         return p_in, p_out
 
+    def oriented_layout(self, n_out, n_in, transposed=None):
+        """`(p_in, p_out, transposed)`, trying the torch Linear layout first
+        when `transposed` is `None`."""
+        if transposed is not None:
+            return (*self.layout(n_out, n_in, transposed), transposed)
+        try:
+            return (*self.layout(n_out, n_in, False), False)
+        except ValueError:
+            return (*self.layout(n_out, n_in, True), True)
+
+
+def _checkpoint_keys(base_model):
+    """The weight names in the base model's safetensors checkpoint (read from
+    the file headers), or `None` when there is no checkpoint to read."""
+    if isinstance(base_model, dict) or base_model is None:
+        return None
+    folder = os.fspath(base_model)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="np") as f:
+        return set(f.keys())
+
+
+def _module_names(targets, base_model):
+    """`{converter key: module name}`: KerasHub's converters may name a
+    weight without the prefix its checkpoint has (`h.0.attn.c_attn` for
+    GPT-2's `transformer.h.0.attn.c_attn`); the checkpoint says which."""
+    keys = _checkpoint_keys(base_model)
+    names = {}
+    for module in targets:
+        name = module
+        if keys is not None and module + ".weight" not in keys:
+            found = [k for k in keys if k.endswith("." + module + ".weight")]
+            if len(found) == 1:
+                name = found[0][: -len(".weight")]
+        names[module] = name
+    return names
+
 
 def module_map(model, base_model):
-    """`{module name: _Target}` for the Dense/EinsumDense layers of `model`
-    (a KerasHub backbone or task model) that KerasHub's converter for
-    `base_model` (a Hugging Face model directory or its config dict) fills
-    from a Hugging Face `*.weight`."""
+    """`{module name: [_Target, ...]}`: the Dense/EinsumDense layers of
+    `model` (a KerasHub backbone or task model) that KerasHub's converter
+    for `base_model` (a Hugging Face model directory or its config dict)
+    fills from each Hugging Face `<module>.weight` (several layers for a
+    fused projection the converter splits)."""
     hf_config = _hf_config(base_model)
     converter = _converter(hf_config)
     backbone = _backbone(model)
@@ -239,14 +296,15 @@ def module_map(model, base_model):
             if var is not None:
                 owners[id(var)] = (e.path, layer, None)
     targets = {}
-    for key, (var, hook) in recorder.ports.items():
+    for key, ports in recorder.ports.items():
         if not key.endswith(".weight"):
             continue
-        owner = owners.get(id(var.adapter) if isinstance(var, _KernelRef) else id(var))
-        if owner is None:
-            continue
         module = key[: -len(".weight")]
-        targets[module] = _Target(module, owner[0], owner[1], owner[2], hook)
+        for var, hook in ports:
+            owner = owners.get(id(var.adapter) if isinstance(var, _KernelRef) else id(var))
+            if owner is not None:
+                targets.setdefault(module, []).append(
+                    _Target(module, owner[0], owner[1], owner[2], hook))
     return targets
 
 
@@ -546,12 +604,13 @@ def _group(tensors, fmt):
 
 
 def _find_target(targets, module):
+    """The targets of a PEFT module name: the converter's key may lack a
+    prefix the module has (`transformer.h.0.attn.c_attn` vs
+    `h.0.attn.c_attn`), or have one it lacks (a base model's names)."""
     if module in targets:
         return targets[module]
-    for name in (f"model.{module}", module[len("model."):] if module.startswith("model.") else None):
-        if name and name in targets:
-            return targets[name]
-    return None
+    matches = [k for k in targets if module.endswith("." + k) or k.endswith("." + module)]
+    return targets[max(matches, key=len)] if matches else None
 
 
 def _expected_shapes(method, layer, options):
@@ -573,8 +632,11 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
     are read into the methods of the same names; the modules are those in
     the adapter's weights (its `target_modules`). Options that change what
     the adapter computes and that keras-lowrank does not load
-    (`modules_to_save`, a LoRA bias, `fan_in_fan_out`, ...) are refused by
-    name. Everything is checked before the model changes.
+    (`modules_to_save`, a LoRA bias, ...) are refused by name. A fused
+    projection that KerasHub splits into several layers (GPT-2's `c_attn`)
+    gives each layer its part of the update, and `fan_in_fan_out` (GPT-2's
+    Conv1D layout) is honoured. Everything is checked before the model
+    changes.
 
     Args:
         model: a KerasHub backbone or task model without adapters on the
@@ -603,18 +665,14 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
     method = fmt.method(config)
     options = fmt.options(config)
     plan = {}
+    transposed = bool(config.get("fan_in_fan_out", False))
     for module, parts in sorted(modules.items()):
-        target = _find_target(targets, module)
-        if target is None:
+        found = _find_target(targets, module)
+        if found is None:
             raise ValueError(
                 f"PEFT adapter module {module!r}: KerasHub's converter maps no "
                 f"Dense/EinsumDense layer of {model.name!r} from '{module}.weight' "
                 "(embeddings and the tied output head cannot hold an adapter here)."
-            )
-        if target.adapter is not None:
-            raise ValueError(
-                f"PEFT adapter module {module!r}: Keras layer {target.path!r} already "
-                "holds an adapter."
             )
         missing = fmt.required(config) - set(parts)
         extra = {"lora_magnitude_vector"} & set(parts) if method == "lora" else set()
@@ -625,25 +683,36 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
             )
         r = fmt.rank(config, module, parts)
         alpha = fmt.alpha(config, module)
-        n_out, n_in = fmt.torch_shape(parts)
-        if n_in is None:  # VeRA: the input size is the layer's
-            n_in = target.geometry.n_in
-        p_in, p_out = target.layout(int(n_out), int(n_in))
-        state = fmt.state(parts, p_in, p_out, module)
-        layer_options = {**options, "rank": r, **({"alpha": alpha} if alpha is not None else {})}
-        expected = _expected_shapes(method, target.layer, layer_options)
-        for name, value in state.items():
-            if expected.get(name) != tuple(np.shape(value)):
+        for target in found:  # several layers: a fused projection, split
+            if target.adapter is not None:
                 raise ValueError(
-                    f"PEFT adapter module {module!r}: {name} has shape {np.shape(value)} "
-                    f"from the file, but keras-lowrank's {method} with {layer_options} "
-                    f"makes {expected.get(name)} on {target.path!r}."
+                    f"PEFT adapter module {module!r}: Keras layer {target.path!r} already "
+                    "holds an adapter."
                 )
-        plan[target.path] = (r, alpha, state)
+            n_out, n_in = fmt.torch_shape(parts)
+            if n_in is None:  # VeRA: the input size is the layer's
+                n_in = target.geometry.n_in
+            p_in, p_out = target.layout(int(n_out), int(n_in), transposed)
+            if method in ("lokr", "vera") and len(p_out) != n_out:
+                raise ValueError(
+                    f"PEFT adapter module {module!r}: KerasHub splits this weight over "
+                    f"several layers, and {method} cannot be split."
+                )
+            state = fmt.state(parts, p_in, p_out, module)
+            layer_options = {**options, "rank": r, **({"alpha": alpha} if alpha is not None else {})}
+            expected = _expected_shapes(method, target.layer, layer_options)
+            for name, value in state.items():
+                if expected.get(name) != tuple(np.shape(value)):
+                    raise ValueError(
+                        f"PEFT adapter module {module!r}: {name} has shape {np.shape(value)} "
+                        f"from the file, but keras-lowrank's {method} with {layer_options} "
+                        f"makes {expected.get(name)} on {target.path!r}."
+                    )
+            plan[target.path] = (r, alpha, state)
     if not plan:
         raise ValueError(f"PEFT adapter {os.fspath(path)!r} holds no adapter modules.")
     if shared_tensors:
-        adapted = [t for t in targets.values() if t.path in plan]
+        adapted = [t for ts in targets.values() for t in ts if t.path in plan]
         n_in_max = max(t.geometry.n_in for t in adapted)
         n_out_max = max(t.geometry.n_out for t in adapted)
         a_t, b_t = shared_tensors["vera_A"], shared_tensors["vera_B"]
@@ -749,10 +818,8 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
     """
     from safetensors.numpy import save_file
 
-    from keras_lowrank import saving
-
     targets = module_map(model, base_model)
-    by_layer = {t.path: t for t in targets.values() if t.adapter is not None}
+    by_layer = {t.path: t for ts in targets.values() for t in ts if t.adapter is not None}
     found = [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
     if not found:
         raise ValueError(f"save_peft_adapter: model {model.name!r} has no adapters.")
@@ -773,40 +840,76 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
             f"one use_rslora for every module; the model mixes {sorted(methods)} adapters"
             f"{' with and without rslora' if len({e[5] for e in entries}) > 1 else ''}."
         )
-    tensors = {}
-    ranks, alphas = {}, {}
+    groups = {}
+    for e in entries:
+        groups.setdefault(e[0].module, []).append(e)
+    names = _module_names(groups, base_model)
+    tensors, ranks, alphas, orientations = {}, {}, {}, set()
     lokr = methods == {"lokr"}
-    for target, method, state, rank, alpha, rslora in entries:
+    for module, group in groups.items():
+        # every layer filled from this weight: their outputs make its rows
+        n_out = sum(t.geometry.n_out for t in targets[module])
+        n_in = group[0][0].geometry.n_in
+        layouts = []
+        for target, *_ in group:
+            p_in, p_out, flipped = target.oriented_layout(n_out, n_in)
+            layouts.append((p_in, p_out))
+            orientations.add(flipped)
+        name = PREFIX + names[module]
+        whole = len(group) == 1 and len(layouts[0][1]) == n_out
         if lokr:
-            g = target.geometry
-            p_in, p_out = target.layout(g.n_out, g.n_in)
-            _identity(p_in, p_out, target.module, "a Kronecker product")
-            name = PREFIX + target.module
+            if not whole:
+                raise ValueError(f"save_peft_adapter: module {module!r} is split over several "
+                                 "Keras layers, and a LoKr update cannot be split.")
+            _identity(*layouts[0], module, "a Kronecker product")
+            state = group[0][2]
             for i in (1, 2):
                 if f"lokr_f{i}" in state:
                     tensors[f"{name}.lokr_w{i}"] = _f32(_f32(state[f"lokr_f{i}"]).T)
                 else:
                     tensors[f"{name}.lokr_w{i}_a"] = _f32(_f32(state[f"lokr_b{i}"]).T)
                     tensors[f"{name}.lokr_w{i}_b"] = _f32(state[f"lokr_a{i}"])
-            ranks[target.module], alphas[target.module] = rank, alpha
+            ranks[names[module]], alphas[names[module]] = group[0][3], group[0][4]
             continue
-        g = target.geometry
-        p_in, p_out = target.layout(g.n_out, g.n_in)
-        a_t = saving._np(state["lora_a"]).astype(np.float32).reshape(rank, g.n_in)
-        b = saving._np(state["lora_b"]).astype(np.float32).reshape(rank, g.n_out)
-        lora_a = np.empty_like(a_t)
-        lora_a[:, p_in] = a_t
-        lora_b = np.empty((g.n_out, rank), np.float32)
-        lora_b[p_out, :] = b.T
-        name = PREFIX + target.module
+        if whole:
+            (target, method, state, rank, alpha, rslora), (p_in, p_out) = group[0], layouts[0]
+            lora_a = np.empty((rank, n_in), np.float32)
+            lora_a[:, p_in] = _f32(state["lora_a"]).reshape(rank, n_in)
+            lora_b = np.empty((n_out, rank), np.float32)
+            lora_b[p_out, :] = _f32(state["lora_b"]).reshape(rank, n_out).T
+            if method == "dora":
+                mag = np.empty((n_out,), np.float32)
+                mag[p_out] = _f32(state["magnitude"]).reshape(-1)
+                tensors[f"{name}.lora_magnitude_vector"] = mag
+            ranks[names[module]], alphas[names[module]] = rank, alpha
+        else:
+            # A fused weight (GPT-2's c_attn) split over several layers: one
+            # LoRA of the summed rank, block by block, each block's scale
+            # folded into its B (the module's scale is then 1).
+            if "dora" in methods:
+                raise ValueError(
+                    f"save_peft_adapter: module {module!r} is split over several Keras "
+                    "layers, and a DoRA update cannot be joined into one."
+                )
+            total = sum(e[3] for e in group)
+            lora_a = np.zeros((total, n_in), np.float32)
+            lora_b = np.zeros((n_out, total), np.float32)
+            k = 0
+            for (target, _, state, rank, alpha, rslora), (p_in, p_out) in zip(group, layouts):
+                scale = alpha / (math.sqrt(rank) if rslora else rank)
+                lora_a[k : k + rank, p_in] = _f32(state["lora_a"]).reshape(rank, n_in)
+                lora_b[p_out, k : k + rank] = scale * _f32(state["lora_b"]).reshape(rank, -1).T
+                k += rank
+            ranks[names[module]] = total
+            alphas[names[module]] = math.sqrt(total) if group[0][5] else float(total)
         tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a)
         tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b)
-        if method == "dora":
-            m = saving._np(state["magnitude"]).astype(np.float32).reshape(-1)
-            mag = np.empty_like(m)
-            mag[p_out] = m
-            tensors[f"{name}.lora_magnitude_vector"] = mag
-        ranks[target.module], alphas[target.module] = rank, alpha
+    if len(orientations) > 1:
+        raise ValueError(
+            "save_peft_adapter: some adapted modules store their weight (n_out, n_in) and "
+            "others (n_in, n_out); PEFT has one fan_in_fan_out per directory."
+        )
+    fan_in_fan_out = orientations == {True}
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     if base_model_name_or_path is None and not isinstance(base_model, dict):
@@ -824,6 +927,7 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
             "rank_dropout_scale": first.rank_dropout_scale,
             "decompose_both": first.decompose_both,
             "decompose_factor": first.decompose_factor,
+            "fan_in_fan_out": fan_in_fan_out,
             "target_modules": sorted(ranks),
             "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
             "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
@@ -849,8 +953,8 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
         "use_dora": entries[0][1] == "dora",
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
-        "target_modules": sorted(ranks),
+        "fan_in_fan_out": fan_in_fan_out,
+            "target_modules": sorted(ranks),
         "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
         "modules_to_save": None,

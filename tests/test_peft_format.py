@@ -4,6 +4,7 @@ from it, adapters moved both ways and logits compared (no download)."""
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -26,7 +27,10 @@ def _hf_model(family, path, width=16, inter=24):
     common = dict(vocab_size=64, hidden_size=width, intermediate_size=inter,
                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                   head_dim=width // 2, max_position_embeddings=64)
-    if family == "gemma":
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=width, n_layer=2, n_head=2))
+    elif family == "gemma":
         model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common))
     else:
         model = transformers.LlamaForCausalLM(
@@ -254,3 +258,37 @@ def test_qlora_adapter_on_an_nf4_base(tmp_path):
     keras_lowrank.load_peft_adapter(backbone, ad, hf, base="nf4")
     assert {a.layer.__class__.__name__ for _, a in keras_lowrank.adapters(backbone)} == {"NF4Linear"}
     _close(_keras_logits(backbone), expected)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_gpt2_fused_qkv_and_conv1d_layout(tmp_path, variant):
+    """GPT-2 stores its projections (n_in, n_out) (PEFT's fan_in_fan_out) and
+    fuses query, key and value in one `c_attn`, which KerasHub splits into
+    three layers: each gets its part of the update, and back."""
+    hf = _hf_model("gpt2", str(tmp_path / "gpt2"))
+    ad = str(tmp_path / "ad")
+    expected = _peft_dir(hf, ad, r=2, lora_alpha=4, fan_in_fan_out=True,
+                         use_dora=variant == "dora", target_modules=["c_attn", "c_proj", "c_fc"])
+    backbone = _backbone(hf)
+    keras_lowrank.load_peft_adapter(backbone, ad, hf)
+    assert len(keras_lowrank.adapters(backbone)) == 2 * 6  # q, k, v, attention out, 2 MLP
+    _close(_keras_logits(backbone), expected)
+    if variant == "dora":
+        with pytest.raises(ValueError, match="c_attn.*DoRA update cannot be joined"):
+            keras_lowrank.save_peft_adapter(backbone, str(tmp_path / "back"), hf)
+        return
+    # Keras -> PEFT: separate q/k/v LoRAs (different ranks) join into one c_attn LoRA
+    fresh = _backbone(hf)
+    keras_lowrank.enable_adapter(fresh, method="lora", rank=2, alpha=3, rslora=True,
+                                 rank_pattern={"value": 1})
+    rng = np.random.RandomState(0)
+    for _, a in keras_lowrank.adapters(fresh):
+        for v in a.trainable_variables:
+            v.assign(to_np(v) + 0.3 * rng.standard_normal(v.shape).astype("float32"))
+    mine = _keras_logits(fresh)
+    back = str(tmp_path / "back")
+    keras_lowrank.save_peft_adapter(fresh, back, hf)
+    config = json.load(open(os.path.join(back, "adapter_config.json")))
+    assert config["fan_in_fan_out"] is True
+    assert config["rank_pattern"][re.escape("transformer.h.0.attn.c_attn")] == 5
+    _close(_torch_logits(peft.PeftModel.from_pretrained(_hf(hf), back).eval()), mine)
