@@ -112,6 +112,10 @@ class KernelGeometry:
         self.inv_perm = [self.perm.index(i) for i in range(len(self.perm))]
         self._plans = {}
 
+    def axis_size(self, label):
+        """The size of the kernel axis named `label` in the equation."""
+        return self._dim[label]
+
     @property
     def rank_limit(self):
         """The largest rank a matrix of this shape can have."""

@@ -454,7 +454,7 @@ class Plan:
 SEP = "::"
 #: float kernel bytes converted between two garbage collections in
 #: `Plan._convert_bases` (the process holds at most this much more)
-GC_BYTES = 64 << 20
+GC_BYTES = 16 << 20
 
 
 def _shape_fits(shape, want):

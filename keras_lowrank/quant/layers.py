@@ -112,11 +112,12 @@ class NF4Linear(keras.layers.Layer):
             name=name or layer.name,
             dtype=layer.dtype_policy,
         )
-        q.build()
         if kernel is None:  # in its own dtype: quantized piece by piece
             with _compat.no_autocast():
                 kernel = _compat.as_tensor(float_kernel.value)
-        q.quantize_kernel(kernel)
+        # The state is made on the host first and becomes the variables'
+        # initial values: no zero-filled buffer beside it while assigning.
+        q.build(initial_state=q._quantize(kernel))
         if bias is not None:
             q.bias.assign(bias)
         return q
@@ -132,16 +133,19 @@ class NF4Linear(keras.layers.Layer):
             shapes["absmax"] = (n_blocks, "float32")
         return shapes
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None, initial_state=None):
         self._state = {}
+        initial = initial_state or {}
         for name, (shape, dtype) in self._state_shapes().items():
+            value = initial.pop(name, None)
             self._state[name] = self.add_weight(
                 name=name,
                 shape=shape if isinstance(shape, tuple) else (shape,),
                 dtype=dtype,
-                initializer="zeros",
+                initializer="zeros" if value is None else (lambda shape, dtype, v=value: v),
                 trainable=False,
             )
+            del value
         if self.bias_shape is not None:
             self.bias = self.add_weight(
                 name="bias", shape=self.bias_shape, initializer="zeros", trainable=False
@@ -183,27 +187,34 @@ class NF4Linear(keras.layers.Layer):
     def quantize_kernel(self, kernel):
         """Quantize a float kernel (kernel layout, any float dtype) into this
         layer's state."""
+        for name, value in self._quantize(kernel).items():
+            self._state[name].assign(value)
+
+    def _quantize(self, kernel):
+        """The NF4 state (NumPy arrays) of a float kernel."""
         host = _compat.host_view(kernel)
         if host is not None:  # pieces cut on the host: no backend op at all
             g = self.geometry
             matrix = np.ascontiguousarray(np.transpose(host, g.perm)).reshape(g.matrix_shape)
         else:
             matrix = self.geometry.kernel_to_matrix(kernel)
-        state = nf4.quantize_nf4_chunks(
+        return nf4.quantize_nf4_chunks(
             self._torch_layout_pieces(matrix), self.numel,
             double_quant=self.double_quant, where=repr(self.name),
         )
-        for name, value in state.items():
-            self._state[name].assign(value)
 
-    def dequantized_matrix(self, dtype="float32"):
-        """The matrix view of the stored kernel, in `dtype` (bit-identical
-        to bitsandbytes' dequantization into that dtype)."""
+    def _dequantized_flat(self, dtype):
+        """The stored values (flat, torch layout) in `dtype`."""
         # Read in the stored dtypes: under a mixed policy the float32
         # constants would otherwise be autocast to the compute dtype.
         with _compat.no_autocast():
             state = {k: _compat.as_tensor(v.value) for k, v in self._state.items()}
-        flat = nf4.dequantize_nf4(state, self.numel, dtype=dtype)
+        return nf4.dequantize_nf4(state, self.numel, dtype=dtype)
+
+    def dequantized_matrix(self, dtype="float32"):
+        """The matrix view of the stored kernel, in `dtype` (bit-identical
+        to bitsandbytes' dequantization into that dtype)."""
+        flat = self._dequantized_flat(dtype)
         g = self.geometry
         wt = ops.reshape(flat, g.batch_shape + (g.n_out, g.n_in))
         return ops.swapaxes(wt, -1, -2)
@@ -221,15 +232,13 @@ class NF4Linear(keras.layers.Layer):
             spec = "".join(g.shared + g.produced + g.reduced)
             inp, rest = self.equation.replace(" ", "").split(",")
             out = rest.split("->")[1]
-            layout = (f"{inp},{spec}->{out}", tuple(g._dim[c] for c in spec))
+            layout = (f"{inp},{spec}->{out}", tuple(g.axis_size(c) for c in spec))
             self._layout = layout
         return layout
 
     def call(self, inputs):
         # Dequantized straight into the compute dtype, in the stored layout.
-        with _compat.no_autocast():
-            state = {k: _compat.as_tensor(v.value) for k, v in self._state.items()}
-        flat = nf4.dequantize_nf4(state, self.numel, dtype=self.compute_dtype)
+        flat = self._dequantized_flat(self.compute_dtype)
         g = self.geometry
         if self.equation == DENSE_EQUATION:
             # matmul with the transposed (out, in) weight: torch and XLA take

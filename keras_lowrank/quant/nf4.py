@@ -38,7 +38,7 @@ BLOCK = 64
 ABSMAX_BLOCK = 256
 #: values quantized at a time (a multiple of BLOCK): quantizing a kernel of
 #: any size holds only this many float32 values and their codes in flight
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 
 
 def _midpoints(code):
