@@ -914,26 +914,18 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     if base_model_name_or_path is None and not isinstance(base_model, dict):
         base_model_name_or_path = os.fspath(base_model)
+    common = {
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+        "inference_mode": True,
+    }
     if lokr:
         first = entries[0][0].adapter
-        config = {
-            "peft_type": "LOKR",
-            "task_type": None,
-            "base_model_name_or_path": base_model_name_or_path,
-            "r": rank,
-            "alpha": alpha,
-            "rank_dropout": first.rank_dropout,
-            "module_dropout": first.module_dropout,
-            "rank_dropout_scale": first.rank_dropout_scale,
-            "decompose_both": first.decompose_both,
-            "decompose_factor": first.decompose_factor,
-            "fan_in_fan_out": fan_in_fan_out,
-            "target_modules": sorted(ranks),
-            "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
-            "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
-            "init_weights": True,
-            "inference_mode": True,
-        }
         for t, *_ in entries:
             a = t.adapter
             if (a.decompose_both, a.decompose_factor) != (first.decompose_both, first.decompose_factor):
@@ -941,26 +933,25 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
                     "save_peft_adapter: PEFT's LoKr has one decompose_both and one "
                     f"decompose_factor for every module; layer {t.path!r} differs."
                 )
+        config = {
+            "peft_type": "LOKR", **common, "alpha": alpha,
+            "rank_dropout": first.rank_dropout,
+            "module_dropout": first.module_dropout,
+            "rank_dropout_scale": first.rank_dropout_scale,
+            "decompose_both": first.decompose_both,
+            "decompose_factor": first.decompose_factor,
+            "init_weights": True,
+        }
     else:
-        config = None
-    config = config or {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": rank,
-        "lora_alpha": alpha,
-        "use_rslora": entries[0][5],
-        "use_dora": entries[0][1] == "dora",
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": fan_in_fan_out,
-            "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
-        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
+        config = {
+            "peft_type": "LORA", **common, "lora_alpha": alpha,
+            "use_rslora": entries[0][5],
+            "use_dora": entries[0][1] == "dora",
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "modules_to_save": None,
+            "init_lora_weights": True,
+        }
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".klr-", suffix=".tmp", dir=path)

@@ -44,6 +44,12 @@ def hf_dir(request, tmp_path_factory):
     return _hf_model(request.param, str(tmp_path_factory.mktemp(request.param)))
 
 
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """One family for what does not depend on it (formats, refusals)."""
+    return _hf_model("llama", str(tmp_path_factory.mktemp("llama1")))
+
+
 def _hf(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
@@ -66,6 +72,14 @@ def _keras_logits(backbone):
 def _close(keras_out, torch_out):
     rel = np.abs(keras_out - torch_out).max() / np.abs(torch_out).max()
     assert rel <= 1e-4, rel
+
+
+def _perturb(model):
+    """Move every trainable adapter variable away from its (often no-op) init."""
+    rng = np.random.RandomState(0)
+    for _, a in keras_lowrank.adapters(model):
+        for v in a.trainable_variables:
+            v.assign(to_np(v) + 0.3 * rng.standard_normal(v.shape).astype("float32"))
 
 
 def _peft_dir(hf_path, out, **config):
@@ -118,7 +132,8 @@ OTHER_FORMATS = {
 
 
 @pytest.mark.parametrize("fmt", list(OTHER_FORMATS))
-def test_load_other_peft_formats(hf_dir, tmp_path, fmt):
+def test_load_other_peft_formats(llama_dir, tmp_path, fmt):
+    hf_dir = llama_dir
     pm = peft.get_peft_model(_hf(hf_dir), OTHER_FORMATS[fmt]())
     torch.manual_seed(2)
     with torch.no_grad():  # every factor nonzero (AdaLoRA starts with E = 0)
@@ -139,10 +154,7 @@ def test_save_peft_adapter_loads_in_peft(hf_dir, tmp_path, method):
     backbone = _backbone(hf_dir)
     options = {"rslora": True} if method == "lora" else {}
     keras_lowrank.enable_adapter(backbone, method=method, rank=2, alpha=4, **options)
-    rng = np.random.RandomState(0)
-    for _, a in keras_lowrank.adapters(backbone):
-        for v in a.trainable_variables:
-            v.assign(to_np(v) + 0.3 * rng.standard_normal(v.shape).astype("float32"))
+    _perturb(backbone)
     expected = _keras_logits(backbone)
     out = str(tmp_path / "peft")
     keras_lowrank.save_peft_adapter(backbone, out, hf_dir)
@@ -179,7 +191,8 @@ def _unchanged(model, before):
         ({"r": 3}, "rank 4 in the weights, 3 in the config"),
     ],
 )
-def test_load_peft_adapter_refuses_clearly(hf_dir, tmp_path, edit, message):
+def test_load_peft_adapter_refuses_clearly(llama_dir, tmp_path, edit, message):
+    hf_dir = llama_dir
     ad = str(tmp_path / "ad")
     _peft_dir(hf_dir, ad, r=4, lora_alpha=8, target_modules=["q_proj"])
     path = os.path.join(ad, "adapter_config.json")
@@ -281,10 +294,7 @@ def test_gpt2_fused_qkv_and_conv1d_layout(tmp_path, variant):
     fresh = _backbone(hf)
     keras_lowrank.enable_adapter(fresh, method="lora", rank=2, alpha=3, rslora=True,
                                  rank_pattern={"value": 1})
-    rng = np.random.RandomState(0)
-    for _, a in keras_lowrank.adapters(fresh):
-        for v in a.trainable_variables:
-            v.assign(to_np(v) + 0.3 * rng.standard_normal(v.shape).astype("float32"))
+    _perturb(fresh)
     mine = _keras_logits(fresh)
     back = str(tmp_path / "back")
     keras_lowrank.save_peft_adapter(fresh, back, hf)
