@@ -31,6 +31,12 @@ from keras_lowrank.lifecycle import disable_adapter
 from keras_lowrank.lifecycle import merge
 from keras_lowrank.lifecycle import set_adapter_enabled
 from keras_lowrank.lifecycle import unmerge
+from keras_lowrank.named import AdapterSet
+from keras_lowrank.named import active_adapters
+from keras_lowrank.named import adapter_names
+from keras_lowrank.named import combine
+from keras_lowrank.named import delete_adapter
+from keras_lowrank.named import set_active
 from keras_lowrank.peft_format import load_peft_adapter
 from keras_lowrank.peft_format import save_peft_adapter
 from keras_lowrank.plan import adapters
@@ -53,7 +59,13 @@ _keras.Model.enable_adapter = _model_enable_adapter
 
 __all__ = [
     "Adapter",
+    "AdapterSet",
     "AdapterSummary",
+    "active_adapters",
+    "adapter_names",
+    "combine",
+    "delete_adapter",
+    "set_active",
     "KernelGeometry",
     "LoRADropReport",
     "adalora",

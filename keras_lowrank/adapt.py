@@ -137,6 +137,7 @@ def enable_adapter(
     trainable_layers=None,
     base=None,
     double_quant=True,
+    adapter_name=None,
     verbose=False,
     **options,
 ):
@@ -173,6 +174,11 @@ def enable_adapter(
             kernels as it is.
         double_quant: with `base="nf4"`, also quantize the block constants
             (4.127 instead of 4.5 bits per parameter).
+        adapter_name: add the adapters under this name, beside those
+            already in the model (`keras_lowrank.named`): the new adapter
+            becomes the active one (`set_active` to change that). Without
+            it, a layer that already has an adapter is refused, unless the
+            model has named adapters (then the name is `"default"`).
         verbose: print the summary table.
         **options: method options (see `keras_lowrank.methods()` and the
             method's layer class).
@@ -198,6 +204,7 @@ def enable_adapter(
         model, method, options, targets=targets, exclude=exclude,
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         trainable_layers=trainable_layers, base=base, double_quant=double_quant,
+        adapter_name=adapter_name,
     )
     plan.prepare()
     plan.apply(init=True)

@@ -323,14 +323,22 @@ class Adapter(keras.layers.Wrapper):
         """
         if init and self.init_on_full_precision:
             self.initialize_from_base()
-        new = convert(self.layer)
-        tree.replace_child(self, self.layer, new)
+        old = self.layer
+        new = convert(old)
+        tree.replace_child(self, old, new)
         self.geometry = bases.geometry_of(new)
+        holder = getattr(self, "_klr_holder", None)
+        if holder is not None:  # named adapters share the base: all move
+            holder.target.replace_base(old, new)
         self.freeze_base()
         if init and not self.init_on_full_precision:
             self.initialize_from_base()
 
     def freeze_base(self):
+        holder = getattr(self, "_klr_holder", None)
+        if holder is not None:  # a named adapter: its set decides for all
+            holder.target.apply_trainable()
+            return
         bases.freeze_kernel(self.layer)
         bias = bases.bias_variable(self.layer)
         if bias is not None:

@@ -6,6 +6,7 @@ from keras import ops
 
 from keras_lowrank import bases
 from keras_lowrank import compiled
+from keras_lowrank import named
 from keras_lowrank import plan as plan_lib
 from keras_lowrank import tree
 
@@ -31,8 +32,8 @@ def _all_or_nothing(entries, step):
         raise
 
 
-def _build_plain(adapter, path):
-    plain, kernel = adapter.to_plain_layer()
+def _build_plain(adapter, path, names=None):
+    plain, kernel = adapter.to_plain_layer() if names is None else adapter.to_plain_layer(names)
     input_shape = bases.build_input_shape(adapter.layer)
     if input_shape is None:
         input_shape = (None, adapter.geometry.n_in)
@@ -46,12 +47,12 @@ def _build_plain(adapter, path):
     return plain
 
 
-def _requantized(adapter, path):
+def _requantized(adapter, path, names=None):
     """The merged adapter as a stand-alone layer in its base's storage, and
     the re-quantization error of its kernel."""
     kind = bases.base_kind(adapter.layer)
     target = kind if kind != "float" else "nf4"
-    plain = _build_plain(adapter, path)
+    plain = _build_plain(adapter, path, names)
     exact = bases.read_kernel(plain)
     with tree.path_scope(path):
         q = bases.STORAGES[target].convert(
@@ -66,8 +67,13 @@ def _requantized(adapter, path):
     return q, report
 
 
-def merge(model, unload=True, requantize=False):
+def merge(model, unload=True, requantize=False, adapter_names=None):
     """Fold every adapter into its base kernel.
+
+    With named adapters (`keras_lowrank.named`), `merge` folds the active
+    ones (or `adapter_names`, which must all be active: merging an inactive
+    adapter is an error that names it) into plain layers, and drops the
+    others. Named adapters merge with `unload=True` only.
 
     With `unload=True` (default) each adapter layer is replaced, in place, by
     a plain `Dense`/`EinsumDense` holding the merged kernel: the model then
@@ -95,6 +101,14 @@ def merge(model, unload=True, requantize=False):
     ['Dense', 'Dense']
     """
     entries = _adapter_entries(model)
+    holders = _holders(model, entries)
+    names = _merge_names(model, holders, adapter_names)
+    if holders and not unload:
+        raise ValueError(
+            "merge(unload=False) keeps each adapter with its update folded into its "
+            "own kernel; named adapters share one kernel per layer. merge(model) folds "
+            f"the active ones {names} into plain layers."
+        )
     if requantize not in (True, False) or unload not in (True, False):
         raise ValueError(
             f"merge: unload and requantize must be True or False; received "
@@ -115,13 +129,15 @@ def merge(model, unload=True, requantize=False):
         compiled.reset_compiled_functions(model)
         return
     report = {}
+    entries = [e for e in entries if e.holder is None] + list(holders.values())
     if requantize:
         plains = []
         for e in entries:
-            q, report[e.path] = _requantized(e.layer, e.path)
+            q, report[e.path] = _requantized(e.layer, e.path, names if id(e.layer) in holders else None)
             plains.append((e, q))
     else:
-        plains = [(e, _build_plain(e.layer, e.path)) for e in entries]
+        plains = [(e, _build_plain(e.layer, e.path, names if id(e.layer) in holders else None))
+                  for e in entries]
     for e, plain in plains:
         adapter = e.layer
         # Give the wrapped layer its activation back, in case the user holds it.
@@ -131,6 +147,34 @@ def merge(model, unload=True, requantize=False):
     plan_lib.mark_adapted(model)
     compiled.after_change(model)
     return report if requantize else None
+
+
+def _holders(model, entries):
+    """`{id(set): its entry}` of the sets holding named adapters."""
+    if not any(e.holder is not None for e in entries):
+        return {}
+    return {id(e.layer): e for e in tree.walk(model) if tree.is_adapter_set(e.layer)}
+
+
+def _merge_names(model, holders, adapter_names):
+    if not holders:
+        if adapter_names is not None:
+            raise ValueError(
+                f"merge: adapter_names={adapter_names!r} was given, but model "
+                f"{model.name!r} has no named adapters."
+            )
+        return None
+    active = named.active_adapters(model)
+    if adapter_names is None:
+        return active
+    names = named._names_arg(model, adapter_names, "merge")
+    inactive = [n for n in names if n not in active]
+    if inactive:
+        raise ValueError(
+            f"merge: adapter {inactive[0]!r} is not active (the active adapters are "
+            f"{active}); set_active(model, ...) to include it before merging it."
+        )
+    return names
 
 
 def unmerge(model):
@@ -155,6 +199,8 @@ def set_adapter_enabled(model, enabled):
             )
     for e in entries:
         e.layer.adapter_enabled = bool(enabled)
+        if e.holder is not None:
+            e.holder.adapter_enabled = bool(enabled)
     compiled.reset_compiled_functions(model)
 
 
@@ -173,6 +219,7 @@ def disable_adapter(model):
     """
     entries = _adapter_entries(model)
     before = [(e.layer, e.layer.adapter_enabled) for e in entries]
+    before += [(s, s.adapter_enabled) for s in {id(e.holder): e.holder for e in entries if e.holder is not None}.values()]
     set_adapter_enabled(model, False)
     try:
         yield model
@@ -189,6 +236,11 @@ def remove_adapters(model, paths=None):
     kernel (PiSSA, ...) or are merged are refused, nothing changed."""
     entries = [e for e in _adapter_entries(model) if paths is None or e.path in paths]
     for e in entries:
+        if e.holder is not None:
+            raise ValueError(
+                f"Layer {e.path!r} holds named adapters; delete_adapter(model, name) "
+                "takes one out."
+            )
         if e.layer.merged or e.layer.rewrites_kernel:
             raise ValueError(
                 f"Layer {e.path!r}: a {e.layer.method!r} adapter that is merged or "

@@ -34,6 +34,7 @@ import tempfile
 import numpy as np
 
 from keras_lowrank import bases
+from keras_lowrank import named
 from keras_lowrank import registry
 from keras_lowrank import tree
 
@@ -80,7 +81,7 @@ class _Proxy:
 
     def __getattr__(self, name):
         obj = self._obj
-        if tree.is_adapter(obj):
+        if tree.is_adapter(obj) or tree.is_adapter_set(obj):
             if name == "kernel":
                 return _KernelRef(obj, obj.layer)
             obj = obj.layer
@@ -289,7 +290,7 @@ def module_map(model, base_model):
     owners = {}
     for e in tree.walk(model):
         layer = e.layer
-        if tree.is_adapter(layer):
+        if (tree.is_adapter(layer) or tree.is_adapter_set(layer)) and e.holder is None:
             owners[id(layer)] = (e.path, layer.layer, layer)
         elif bases.is_linear_layer(layer):
             var = bases.kernel_variable(layer)
@@ -620,7 +621,7 @@ def _expected_shapes(method, layer, options):
     return {spec.name: tuple(spec.shape) for spec in probe.variable_specs(bases.geometry_of(layer))}
 
 
-def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
+def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, adapter_name=None):
     """Put a PEFT adapter onto a KerasHub model.
 
     The model is the KerasHub backbone or task model converted from the
@@ -648,6 +649,8 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
         base: the frozen base's storage, as in `enable_adapter` (`"nf4"` puts
             a QLoRA adapter back on a 4-bit base).
         verbose: print the summary.
+        adapter_name: load it as a named adapter, beside the model's
+            adapters (`enable_adapter`'s `adapter_name`).
 
     Returns:
         the `AdapterSummary` of `enable_adapter`.
@@ -684,7 +687,7 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
         r = fmt.rank(config, module, parts)
         alpha = fmt.alpha(config, module)
         for target in found:  # several layers: a fused projection, split
-            if target.adapter is not None:
+            if target.adapter is not None and adapter_name is None and not named.has_named(model):
                 raise ValueError(
                     f"PEFT adapter module {module!r}: Keras layer {target.path!r} already "
                     "holds an adapter."
@@ -735,11 +738,13 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False):
         alpha_pattern={p: a for p, (_, a, _) in plan.items() if a != alpha} or None,
         base=base,
         verbose=verbose,
+        adapter_name=adapter_name,
         **options,
     )
     found = {e.path: e.layer for e in tree.walk(model) if tree.is_adapter(e.layer)}
+    member = adapter_name or (named.DEFAULT if named.has_named(model) else None)
     for path_, (_, _, state) in plan.items():
-        adapter = found[path_]
+        adapter = found[path_ if member is None else path_ + tree.member_suffix(member)]
         for name, value in state.items():
             var = getattr(adapter, name)
             var.assign(np.asarray(value, dtype=np.float32).astype(var.dtype))
@@ -780,7 +785,7 @@ def _lora_state(adapter, where):
     return "lora", state, lora["rank"], lora["alpha"], lora["rslora"]
 
 
-def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
+def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, adapter_name=None):
     """Write the adapters of a KerasHub model as a PEFT adapter directory.
 
     `PeftModel.from_pretrained(hf_model, path)` then loads it onto the
@@ -798,6 +803,8 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
             from, or its `config.json` as a dict.
         base_model_name_or_path: recorded in `adapter_config.json`
             (default: `base_model` when it is a path).
+        adapter_name: which named adapter to write (a PEFT directory holds
+            one); needed when the model has several.
 
     Example (a tiny random Hugging Face Gemma, converted by KerasHub):
 
@@ -820,7 +827,20 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
 
     targets = module_map(model, base_model)
     by_layer = {t.path: t for ts in targets.values() for t in ts if t.adapter is not None}
-    found = [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
+    if named.has_named(model) or adapter_name is not None:
+        names = named.adapter_names(model)
+        if adapter_name is None and len(names) == 1:
+            adapter_name = names[0]
+        if adapter_name is None:
+            raise ValueError(
+                f"save_peft_adapter: model {model.name!r} has the named adapters {names}; a "
+                "PEFT directory holds one: give adapter_name=..."
+            )
+        named._names_arg(model, [adapter_name], "save_peft_adapter")
+        found = [(e.path[: -len(tree.member_suffix(adapter_name))], e.layer) for e in tree.walk(model)
+                 if e.holder is not None and e.adapter_name == adapter_name]
+    else:
+        found = [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
     if not found:
         raise ValueError(f"save_peft_adapter: model {model.name!r} has no adapters.")
     entries = []
@@ -831,6 +851,8 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None):
                 f"save_peft_adapter: layer {where!r} has no Hugging Face module: KerasHub's "
                 "converter does not fill it from a '*.weight' of the base model."
             )
+        if target.adapter is not adapter:  # a named adapter: the set's member
+            target = _Target(target.module, target.path, target.layer, adapter, target.hook)
         method, state, rank, alpha, rslora = _lora_state(adapter, where)
         entries.append((target, method, state, int(rank), float(alpha), bool(rslora)))
     methods = {m for _, m, *_ in entries}

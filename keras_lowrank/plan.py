@@ -30,6 +30,7 @@ import keras
 from keras_lowrank import _compat
 from keras_lowrank import bases
 from keras_lowrank import compiled
+from keras_lowrank import named
 from keras_lowrank import registry
 from keras_lowrank import shared
 from keras_lowrank import svd
@@ -45,7 +46,7 @@ FORMAT_VERSION = 2
 
 #: fields of a saved layer entry besides its options
 _LAYER_FIELDS = ("path", "method", "base", "double_quant", "merged", "enabled",
-                 "kernel_shape", "equation", "options", "matrix", "trainable")
+                 "kernel_shape", "equation", "options", "matrix", "trainable", "adapter_name")
 
 
 @dataclasses.dataclass
@@ -64,6 +65,10 @@ class LayerPlan:
     geometry: KernelGeometry = None
     #: variable name -> array, for a plan read from an adapter file
     tensors: dict = None
+    #: a named adapter (`keras_lowrank.named`): its name, and the entry of
+    #: the layer it goes on (a plain layer, an unnamed adapter or a set)
+    adapter_name: str = None
+    spot: tree.Entry = None
 
     @property
     def path(self):
@@ -78,8 +83,11 @@ class Plan:
     """Validated adapters for a model (see the module docstring)."""
 
     def __init__(self, model, layers, trainable_layers=None, entries=None,
-                 heads=(), head_rule=None):
+                 heads=(), head_rule=None, active=None):
         self.model = model
+        #: the model's active adapter names after `apply` (`None`: no
+        #: named adapters)
+        self.active = active
         self.layers = layers
         self.trainable_layers = trainable_layers
         self.entries = entries
@@ -94,10 +102,12 @@ class Plan:
     @classmethod
     def for_model(cls, model, method, options, targets=None, exclude=None,
                   rank_pattern=None, alpha_pattern=None, trainable_layers=None,
-                  base=None, double_quant=True):
+                  base=None, double_quant=True, adapter_name=None):
         """The plan of `enable_adapter(model, method, ...)`."""
         spec = registry.get(method)
         check_model(model)
+        if adapter_name is not None or named.has_named(model):
+            adapter_name = named.check_name(named.DEFAULT if adapter_name is None else adapter_name)
         bases.check_base(base, double_quant)
         base = base or "float"
         if base not in spec.bases:
@@ -120,20 +130,23 @@ class Plan:
         targeting.matching_entries(entries, keep, "trainable_layers")
         layers = []
         for entry in chosen:
-            if tree.is_adapter(entry.layer):
+            if tree.is_adapter(entry.layer) and adapter_name is None:
                 raise ValueError(
                     f"Layer {entry.path!r} already has a {entry.layer.method!r} adapter; "
-                    "merge it (keras_lowrank.merge) before adding another."
+                    "merge it (keras_lowrank.merge) before adding another, or give "
+                    "adapter_name=... to add a named adapter beside it."
                 )
             layer_options = dict(base_options)
             if rank_pairs:
                 layer_options["rank"] = targeting.per_layer(entry, rank_pairs, layer_options["rank"])
             if alpha_pairs:
                 layer_options["alpha"] = targeting.per_layer(entry, alpha_pairs, layer_options["alpha"])
-            layers.append(
-                _new_layer(entry, spec, layer_options, base, double_quant, entry.path)
-            )
-        plan = cls(model, layers, _pattern_sources(keep), entries, heads, rule)
+            if adapter_name is None:
+                layers.append(_new_layer(entry, spec, layer_options, base, double_quant, entry.path))
+            else:
+                layers.append(_new_member(entry, spec, layer_options, base, double_quant, adapter_name))
+        plan = cls(model, layers, _pattern_sources(keep), entries, heads, rule,
+                   active=None if adapter_name is None else [adapter_name])
         plan.plan_shared_states()
         plan.collect_warnings()
         return plan
@@ -158,40 +171,51 @@ class Plan:
         by_key = {(e.key if version >= 2 else e.path): e for e in entries}
         layers = []
         for name, raw in config["layers"].items():
-            entry = by_key.get(name)
-            if entry is None:
-                raise ValueError(_missing_layer_message(where, name, version, model, entries))
             fields = _saved_fields(raw, name, version, where)
+            adapter_name = fields["adapter_name"]
+            spot_key, at, suffix = name.rpartition("@") if "@" in name else (name, "", "")
+            if adapter_name is not None:
+                named.check_name(adapter_name, f"{where}: the adapter_name of layer {name!r}")
+            if at and adapter_name != suffix:
+                raise ValueError(f"{where}: layer {name!r} has adapter_name {adapter_name!r}.")
+            entry = by_key.get(name)
+            spot = by_key.get(spot_key)
+            if entry is None and (not at or spot is None):
+                raise ValueError(_missing_layer_message(where, spot_key, version, model, entries))
             spec = registry.get(fields["method"]) if isinstance(fields["method"], str) else None
+            here = (entry or spot).path + ("" if entry is not None else "@" + suffix)
             if spec is None:
-                raise ValueError(f"{where}: layer {entry.path!r} has no valid 'method'.")
-            label = f"{entry.path!r} in {where}"
+                raise ValueError(f"{where}: layer {here!r} has no valid 'method'.")
+            label = f"{here!r} in {where}"
             options = spec.validate_options(fields["options"], label)
             base, double_quant = fields["base"], fields["double_quant"]
             try:
                 bases.check_base(base, double_quant)
             except ValueError as e:
-                raise ValueError(f"{where}: layer {entry.path!r}: {e}") from None
+                raise ValueError(f"{where}: layer {here!r}: {e}") from None
             if base not in spec.bases:
                 raise ValueError(
-                    f"{where}: layer {entry.path!r} holds a {spec.name!r} adapter "
+                    f"{where}: layer {here!r} holds a {spec.name!r} adapter "
                     f"over a {base!r} base, which the method does not support."
                 )
             for flag in ("merged", "enabled"):
                 if not isinstance(fields[flag], bool):
-                    raise ValueError(f"{where}: layer {entry.path!r}: {flag!r} must be true or false.")
-            layer = entry.layer
-            if tree.is_adapter(layer):
+                    raise ValueError(f"{where}: layer {here!r}: {flag!r} must be true or false.")
+            if entry is not None and tree.is_adapter(entry.layer):
                 lp = _existing_layer(entry, spec, options, where, tensors is not None)
             else:
                 if tensors is not None and fields["merged"]:
-                    raise ValueError(f"{where}: layer {entry.path!r} is saved as merged.")
-                lp = _new_layer(entry, spec, options, base, double_quant, entry.path, where)
+                    raise ValueError(f"{where}: layer {here!r} is saved as merged.")
+                if adapter_name is None and not tree.is_adapter_set(entry.layer):
+                    lp = _new_layer(entry, spec, options, base, double_quant, entry.path, where)
+                else:
+                    lp = _new_member(entry or spot, spec, options, base, double_quant,
+                                     adapter_name or named.DEFAULT, where)
             lp.merged, lp.enabled = fields["merged"], fields["enabled"]
             shape = fields.get("kernel_shape")
             if shape is not None and tuple(lp.geometry.kernel_shape) != tuple(shape):
                 raise ValueError(
-                    f"Layer {entry.path!r} has a kernel of shape "
+                    f"Layer {here!r} has a kernel of shape "
                     f"{tuple(lp.geometry.kernel_shape)}; {where} was made for shape "
                     f"{tuple(shape)}."
                 )
@@ -199,7 +223,12 @@ class Plan:
         keep = config.get("trainable_layers")
         pats = targeting.patterns(keep, f"trainable_layers of {where}")
         targeting.matching_entries(entries, pats, f"trainable_layers of {where}")
-        plan = cls(model, layers, _pattern_sources(pats), entries)
+        active = config.get("active")
+        if active is not None and (not isinstance(active, list) or not all(isinstance(n, str) for n in active)):
+            raise ValueError(f"{where}: the plan's 'active' entry is not a list of adapter names.")
+        if active is None and any(lp.adapter_name is not None for lp in layers):
+            active = sorted({lp.adapter_name for lp in layers if lp.adapter_name is not None})
+        plan = cls(model, layers, _pattern_sources(pats), entries, active=active)
         saved_states = config.get("shared") or {}
         if not isinstance(saved_states, dict):
             raise ValueError(f"{where}: the plan's 'shared' entry is not a mapping.")
@@ -329,20 +358,34 @@ class Plan:
         flags = _trainable_flags(model)
         attached, swapped, snapshots, new_states, state_snaps = [], [], [], [], []
         pending = []
+        gates = [(g, _compat.copy_value(g)) for _, st in named.sets(model) for g in st._gates.values()]
         n_svd = sum(1 for lp in self.layers if lp.adapter.uses_svd and not lp.existing)
         with svd.progress(n_svd if init or fill is not None else 0):
             try:
                 self._apply_layers(init, fill, attached, snapshots, new_states, state_snaps, pending)
+                placed = {}
                 for lp in self.layers:
-                    if not lp.existing:
+                    if lp.existing:
+                        continue
+                    if lp.adapter_name is None:
                         tree.replace_layer(model, lp.entry, lp.adapter)
-                        swapped.append(lp)
+                        back = tree.Entry(lp.path, lp.adapter, lp.entry.parents, lp.key)
+                        swapped.append(lambda back=back, lp=lp: tree.replace_layer(model, back, lp.entry.layer))
+                    else:
+                        self._place_member(lp, placed, swapped)
+                if self.active is not None:
+                    for e in tree.walk(model):
+                        if tree.is_adapter(e.layer) and e.holder is None:
+                            self._new_set(e, None, swapped)  # unnamed: "default"
                 freeze(model, self.trainable_layers)
+                if self.active is not None:
+                    named.activate(model, self.active)
                 mark_adapted(model, self.trainable_layers)
             except BaseException:
-                for lp in reversed(swapped):
-                    back = tree.Entry(lp.path, lp.adapter, lp.entry.parents, lp.key)
-                    tree.replace_layer(model, back, lp.entry.layer)
+                for undo in reversed(swapped):
+                    undo()
+                for g, value in gates:
+                    g.assign(value)
                 for a in reversed(attached):
                     a.detach()
                 for a, snap in snapshots:
@@ -359,12 +402,54 @@ class Plan:
             for a in attached:
                 a.commit()
             # what a rollback needed pins every float layer: let it go
-            flags = swapped = snapshots = state_snaps = attached = None
+            flags = swapped = snapshots = state_snaps = attached = gates = None
             try:
                 self._convert_bases(pending, init)
             finally:
                 compiled.after_change(model)
         return [lp.adapter for lp in self.layers]
+
+    def _new_set(self, spot, lp, undo):
+        """An `AdapterSet` in place of `spot`'s layer: an unnamed adapter
+        (it becomes the adapter "default") or the frozen layer `lp`'s new
+        adapter was just attached to (its activation moved onto it)."""
+        current = spot.layer
+        owner = current if tree.is_adapter(current) else lp.adapter
+        frozen = current.layer if tree.is_adapter(current) else current
+        activation, regularizer = owner.activation, owner.activity_regularizer
+        members = {named.DEFAULT: current} if tree.is_adapter(current) else {}
+        with tree.path_scope(spot.path):
+            new = named.AdapterSet(frozen, members=members, active=[], activation=activation,
+                                   activity_regularizer=regularizer)
+            new.build(None)
+        shapes = _compat.build_shapes(frozen)
+        if shapes:
+            _compat.set_build_shapes(new, shapes)
+        owner.activation, owner.activity_regularizer = keras.activations.linear, None
+        tree.replace_layer(self.model, spot, new)
+
+        def back():
+            tree.replace_layer(self.model, tree.Entry(spot.path, new, spot.parents, spot.key), current)
+            for name in list(new.members):
+                new.remove_member(name)
+            owner.activation, owner.activity_regularizer = activation, regularizer
+
+        undo.append(back)
+        return new
+
+    def _place_member(self, lp, placed, undo):
+        """Put the named adapter of `lp` into the set at its layer (made on
+        the first named adapter there)."""
+        holder = placed.get(lp.spot.key)
+        if holder is None:
+            current = lp.spot.layer
+            holder = current if tree.is_adapter_set(current) else self._new_set(lp.spot, lp, undo)
+            placed[lp.spot.key] = holder
+        lp.adapter.activation, lp.adapter.activity_regularizer = keras.activations.linear, None
+        with tree.path_scope(lp.spot.path):
+            holder.add_member(lp.adapter_name, lp.adapter, active=False)
+        holder.adapter_enabled = lp.enabled
+        undo.append(lambda: holder.remove_member(lp.adapter_name) and None)
 
     def _apply_layers(self, init, fill, attached, snapshots, new_states, state_snaps, pending):
         """Model-level states, then each layer: attach, init or fill."""
@@ -430,6 +515,8 @@ class Plan:
         unfreed = 0
         for i, (lp, convert) in enumerate(pending):
             a = lp.adapter
+            if bases.base_kind(a.layer) == lp.base:
+                continue  # moved with another named adapter on the same layer
             unfreed += bases.kernel_bytes(a.layer)
             old_variables = list(a.layer.variables)
             try:
@@ -485,7 +572,7 @@ def check_model(model):
         )
 
 
-def _new_layer(entry, spec, options, base, double_quant, label, where=None):
+def _new_layer(entry, spec, options, base, double_quant, label, where=None, name=None):
     layer = entry.layer
     path = entry.path
     bases.check_supported(layer, path)
@@ -514,10 +601,54 @@ def _new_layer(entry, spec, options, base, double_quant, label, where=None):
     except EquationError as e:
         raise ValueError(f"Layer {path!r}: {e}") from None
     options = spec.validate_options(options, label)
-    adapter = spec.layer_class(layer, **options)
+    adapter = spec.layer_class(layer, **options) if name is None else spec.layer_class(layer, name=name, **options)
     adapter._managed = True
     adapter.check_geometry(geometry, path)
     return LayerPlan(entry, spec, options, base, double_quant, adapter=adapter, geometry=geometry)
+
+
+def _new_member(spot, spec, options, base, double_quant, name, where=None):
+    """The plan of a named adapter `name` on the layer of entry `spot` (a
+    plain layer, an unnamed adapter, or a set of named adapters)."""
+    layer = spot.layer
+    if tree.is_adapter_set(layer):
+        frozen, present = layer.layer, dict(layer.members)
+    elif tree.is_adapter(layer):
+        frozen, present = layer.layer, {named.DEFAULT: layer}
+    else:
+        frozen, present = layer, {}
+    if name in present:
+        raise ValueError(
+            f"Layer {spot.path!r} already has an adapter named {name!r} "
+            f"({present[name].method}); choose another adapter_name, or "
+            f"delete_adapter(model, {name!r}) first."
+        )
+    if any(a.merged for a in present.values()):
+        raise ValueError(
+            f"Layer {spot.path!r} has an adapter merged into its kernel; unmerge it "
+            "before adding a named adapter beside it."
+        )
+    if present:
+        kind = bases.base_kind(frozen)
+        if kind not in spec.bases:
+            raise ValueError(
+                f"Layer {spot.path!r} has a {kind} base, which method {spec.name!r} "
+                f"(adapter {name!r}) does not support; it supports {spec.bases}."
+            )
+        if base not in ("float", kind):
+            raise ValueError(
+                f"Layer {spot.path!r} holds adapters over a {kind} base; the adapters "
+                f"of one layer share its frozen base, so base={base!r} cannot apply to "
+                f"adapter {name!r} (give base=None)."
+            )
+        base = kind
+    suffix = tree.member_suffix(name)
+    entry = tree.Entry(spot.path + suffix, frozen, spot.parents, spot.key + suffix,
+                       adapter_name=name)
+    lp = _new_layer(entry, spec, options, base, double_quant, entry.path, where,
+                    name=f"{frozen.name}-{name}")
+    lp.adapter_name, lp.spot = name, spot
+    return lp
 
 
 def _existing_layer(entry, spec, options, where, loading):
@@ -544,7 +675,8 @@ def _existing_layer(entry, spec, options, where, loading):
             )
     return LayerPlan(entry, spec, options, bases.base_kind(a.layer),
                      getattr(a.layer, "double_quant", True), a.merged, a.adapter_enabled,
-                     adapter=a, existing=True, geometry=a.geometry)
+                     adapter=a, existing=True, geometry=a.geometry,
+                     adapter_name=entry.adapter_name)
 
 
 def _saved_fields(raw, name, version, where):
@@ -571,6 +703,7 @@ def _saved_fields(raw, name, version, where):
         "double_quant": raw.get("double_quant", True),
         "merged": raw.get("merged", False),
         "enabled": raw.get("enabled", True),
+        "adapter_name": raw.get("adapter_name"),
         "kernel_shape": shape,
         "options": options,
     }
@@ -641,6 +774,9 @@ def freeze(model, trainable_layers=None):
         if tree.is_adapter(entry.layer):
             entry.layer.trainable = True
             entry.layer.freeze_base()
+    for entry in entries:
+        if tree.is_adapter_set(entry.layer):
+            entry.layer.apply_trainable()
 
 
 # ----------------------------------------------------------------------
@@ -672,11 +808,15 @@ def plan_config(model):
             "matrix": a.geometry.matrix_text(),
             "trainable": int(a.trainable_count()),
         }
+        if e.holder is not None:
+            cfg["adapter_name"] = e.adapter_name
+            cfg["enabled"] = e.holder.adapter_enabled
         layers[e.key] = cfg
     return {
         "format_version": FORMAT_VERSION,
         "layers": layers,
         "shared": {m: dict(st.state_config) for m, st in shared.states(model).items()},
+        "active": named.active_adapters(model) if named.has_named(model) else None,
         "trainable_layers": getattr(model, "_klr_trainable_layers", None),
         "total_params": bases.count_params(model),
         "trainable_params": bases.count_params(model, trainable_only=True),

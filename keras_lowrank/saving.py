@@ -23,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from keras_lowrank import adapt
+from keras_lowrank import named
 from keras_lowrank import plan as plan_lib
 from keras_lowrank import registry
 from keras_lowrank import shared
@@ -44,7 +45,7 @@ def _contiguous(x):
     return np.array(_np(x), order="C", copy=True)
 
 
-def save_adapter(model, path, as_lora=False):
+def save_adapter(model, path, as_lora=False, adapter_name=None):
     """Save only the adapters of `model` to a safetensors file.
 
     The file is written beside `path` first and renamed into place, so a
@@ -58,6 +59,9 @@ def save_adapter(model, path, as_lora=False):
             rank-2r LoRA that applies to the *original* base kernel (spec
             §16), DyLoRA at its inference rank, VeRA as `A diag(d)`,
             `B diag(b)`, LoRA+ as LoRA.
+        adapter_name: save only the named adapter of that name (it loads
+            as the active one). By default the file holds every named
+            adapter and which ones are active.
 
     Example:
 
@@ -76,6 +80,13 @@ def save_adapter(model, path, as_lora=False):
     if not found:
         raise ValueError(f"Model {model.name!r} has no adapters to save.")
     config = plan_lib.plan_config(model)
+    if adapter_name is not None:
+        named._names_arg(model, [adapter_name], "save_adapter")
+        config["layers"] = {k: c for k, c in config["layers"].items()
+                            if c.get("adapter_name") == adapter_name}
+        config["active"] = [adapter_name]
+        in_use = {c["method"] for c in config["layers"].values()}
+        config["shared"] = {m: c for m, c in config["shared"].items() if m in in_use}
     tensors = {}
     converted = set()
     for key, cfg in config["layers"].items():

@@ -38,7 +38,7 @@ def spectrum(model, targets=None, exclude=None):
     >>> {p: s.shape for p, s in keras_lowrank.spectrum(model).items()}
     {'out': (4,)}
     """
-    entries = [e for e in tree.walk(model) if targeting.is_candidate(e.layer)]
+    entries = [e for e in tree.spots(tree.walk(model)) if targeting.is_candidate(e.layer)]
     chosen = entries
     if targets is not None:
         pats = targeting.patterns(targets, "targets")
@@ -57,6 +57,8 @@ def spectrum(model, targets=None, exclude=None):
 
 
 def _matrix(layer):
+    if tree.is_adapter_set(layer):
+        return layer.effective_matrix()
     if tree.is_adapter(layer):
         w = layer.base_matrix()
         if not layer.merged:

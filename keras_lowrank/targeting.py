@@ -98,7 +98,7 @@ def match(pattern, entry):
 
 
 def is_candidate(layer):
-    return bases.is_linear_layer(layer) or tree.is_adapter(layer)
+    return bases.is_linear_layer(layer) or tree.is_adapter(layer) or tree.is_adapter_set(layer)
 
 
 # ----------------------------------------------------------------------
@@ -175,7 +175,7 @@ def resolve_targets(model, targets=None, exclude=None, entries=None):
 
 def select(model, targets=None, exclude=None, entries=None):
     """`(chosen entries, head entries, head rule)`."""
-    entries = tree.walk(model) if entries is None else entries
+    entries = tree.spots(tree.walk(model) if entries is None else entries)
     candidates = [e for e in entries if is_candidate(e.layer)]
     available = [e.path for e in candidates]
     include_all = targets is None or (isinstance(targets, str) and targets == "all-linear")

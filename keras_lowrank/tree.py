@@ -29,6 +29,9 @@ class Entry:
     layer: object
     parents: list
     key: str = ""
+    #: for a named adapter: the `AdapterSet` that holds it, and its name
+    holder: object = None
+    adapter_name: str = None
 
 
 def snake_case(name):
@@ -55,8 +58,22 @@ def is_adapter(layer):
     return getattr(layer, "_klr_is_adapter", False)
 
 
+def is_adapter_set(layer):
+    """Whether `layer` holds named adapters (`keras_lowrank.named`)."""
+    return getattr(layer, "_klr_is_adapter_set", False)
+
+
+def member_suffix(name):
+    """What a named adapter adds to its layer's path and key."""
+    return f"@{name}"
+
+
 def walk(model, into_adapters=False):
-    """All sublayers of `model` (not the model itself), depth first."""
+    """All sublayers of `model` (not the model itself), depth first.
+
+    A layer with named adapters (an `AdapterSet`) is listed, followed by
+    each of its adapters at `<path>@<name>` (key `<key>@<name>`, `holder`
+    the set); its frozen base is listed only with `into_adapters`."""
     entries = {}
     order = []
 
@@ -66,6 +83,8 @@ def walk(model, into_adapters=False):
         for child in _compat.sublayers(layer):
             if getattr(child, "_klr_is_shared_state", False):
                 continue  # model-level method state: not a layer of the model
+            if is_adapter_set(layer) and is_adapter(child):
+                continue  # the set's members: listed with the set
             kind = snake_case(layer_kind(child).__name__)
             position = seen_kinds.get(kind, 0)
             seen_kinds[kind] = position + 1
@@ -83,11 +102,25 @@ def walk(model, into_adapters=False):
             entry = Entry(path, child, [layer], key)
             entries[id(child)] = entry
             order.append(entry)
-            if into_adapters or not is_adapter(child):
+            if is_adapter_set(child):
+                for member_name, member in child.members.items():
+                    suffix = member_suffix(member_name)
+                    member_entry = Entry(path + suffix, member, [child], key + suffix,
+                                         holder=child, adapter_name=member_name)
+                    entries[id(member)] = member_entry
+                    order.append(member_entry)
+                if into_adapters:
+                    visit(child, path, key)
+            elif into_adapters or not is_adapter(child):
                 visit(child, path, key)
 
     visit(model, "", "")
     return order
+
+
+def spots(entries):
+    """`entries` less the named adapters (each listed after its set)."""
+    return [e for e in entries if e.holder is None]
 
 
 def find(model, path):

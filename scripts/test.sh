@@ -11,6 +11,9 @@
 # down the way one process running every test does (measured: Keras int8
 # steps 3x slower late in a single long run). With pytest args, one process
 # per backend runs them. Each output line is prefixed with backend/shard.
+# Tests marked `one_backend` (backend-neutral child processes and whole
+# examples, e.g. the Flower simulation) run in the torch shards only; the
+# logic they drive is tested in-process on every backend.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 BACKENDS="${KLR_BACKENDS:-jax tensorflow torch}"
 CORES="$(nproc 2>/dev/null || echo 1)"
@@ -56,6 +59,11 @@ if [ "$#" -eq 0 ]; then
       # keras.distribution runs on JAX: its test (a JAX child process) runs once
       if [ "$i" = 2 ] && [ "$backend" != jax ]; then
         extra="--ignore=tests/test_distribution.py"
+      fi
+      # backend-neutral child processes and whole examples: once, with torch
+      if [ "$backend" != torch ]; then
+        launch "$backend" "${SHARD_NAMES[$i]}" ${SHARD_ARGS[$i]} $extra -m "not one_backend"
+        continue
       fi
       # shellcheck disable=SC2086
       launch "$backend" "${SHARD_NAMES[$i]}" ${SHARD_ARGS[$i]} $extra

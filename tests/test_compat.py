@@ -52,7 +52,7 @@ def test_tracker_and_functional_internals_exist():
      "keras_lowrank.svf", "keras_lowrank.spectrum", "keras_lowrank.methods.lycoris",
      "keras_lowrank.methods.lora_drop", "keras_lowrank.drop", "keras_lowrank.methods.lora_dynamics",
      "keras_lowrank.methods.adalora", "keras_lowrank.federated", "keras_lowrank.federated.accounting",
-     "keras_lowrank.peft_format"],
+     "keras_lowrank.peft_format", "keras_lowrank.named"],
 )
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)

@@ -420,6 +420,7 @@ def test_dp_lora_sends_the_whole_adapter():
 # Flower's simulation engine
 
 
+@pytest.mark.one_backend
 def test_the_example_federation_runs_in_flowers_simulation_engine(tmp_path):
     """`examples/federated_dp_dylora.py --small`: a tiny KerasHub Gemma, 20
     clients in Flower's simulation engine (Ray workers), DP at ε = 8, then

@@ -164,6 +164,7 @@ print("ok")
 """
 
 
+@pytest.mark.one_backend
 def test_adapter_files_from_another_process(tmp_path):
     """Files written by a fresh process (layers named dense, dense_1, ...)
     load here, where Keras has numbered many layers since."""

@@ -156,6 +156,7 @@ def test_pissa_rejects_bad_svd_niter():
         kl.enable_adapter(_dense(), method="pissa", rank=2, svd_niter=-1)
 
 
+@pytest.mark.one_backend
 def test_merged_model_loads_without_keras_lowrank(tmp_path):
     import keras_hub
 

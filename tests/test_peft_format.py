@@ -302,3 +302,24 @@ def test_gpt2_fused_qkv_and_conv1d_layout(tmp_path, variant):
     assert config["fan_in_fan_out"] is True
     assert config["rank_pattern"][re.escape("transformer.h.0.attn.c_attn")] == 5
     _close(_torch_logits(peft.PeftModel.from_pretrained(_hf(hf), back).eval()), mine)
+
+
+def test_named_adapters_both_ways(llama_dir, tmp_path):
+    """Two PEFT adapters onto one model as named adapters, switched; one of
+    them written back as a PEFT directory."""
+    logits = {}
+    for name, config in (("a", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])),
+                         ("b", dict(r=2, lora_alpha=2, use_dora=True, target_modules=["v_proj", "down_proj"]))):
+        logits[name] = _peft_dir(llama_dir, str(tmp_path / name), **config)
+    backbone = _backbone(llama_dir)
+    for name in ("a", "b"):
+        keras_lowrank.load_peft_adapter(backbone, str(tmp_path / name), llama_dir, adapter_name=name)
+    assert keras_lowrank.adapter_names(backbone) == ["a", "b"]
+    for name in ("a", "b"):
+        keras_lowrank.set_active(backbone, name)
+        _close(_keras_logits(backbone), logits[name])
+    with pytest.raises(ValueError, match="give adapter_name"):
+        keras_lowrank.save_peft_adapter(backbone, str(tmp_path / "x"), llama_dir)
+    keras_lowrank.save_peft_adapter(backbone, str(tmp_path / "b2"), llama_dir, adapter_name="b")
+    pm = peft.PeftModel.from_pretrained(_hf(llama_dir), str(tmp_path / "b2")).eval()
+    _close(_keras_logits(backbone), _torch_logits(pm))
