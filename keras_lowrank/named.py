@@ -331,7 +331,8 @@ def has_named(model):
 
 
 def adapter_names(model):
-    """Every adapter name in `model`, in the order they were added."""
+    """Every adapter name in `model`: each layer's names in the order they
+    were added there, the layers in model order."""
     names = []
     for _, s in sets(model):
         for name in s.members:

@@ -114,6 +114,11 @@ def test_files_carry_every_name_or_one(tmp_path):
     assert kl.adapter_names(only_b) == ["b"] and kl.active_adapters(only_b) == ["b"]
     kl.set_active(model, "b")
     np.testing.assert_allclose(to_np(only_b(X)), to_np(model(X)), atol=1e-5)
+    # beside the named adapters a model has
+    kl.enable_adapter(fresh := model_fn(), rank=1, targets=["ffn"], adapter_name="mine")
+    kl.load_adapter(fresh, tmp_path / "b.safetensors")
+    assert kl.adapter_names(fresh) == ["mine", "b"] and kl.active_adapters(fresh) == ["b"]
+    np.testing.assert_allclose(to_np(fresh(X)), to_np(model(X)), atol=1e-5)
     with pytest.raises(ValueError, match="'zz'"):
         kl.save_adapter(model, tmp_path / "z.safetensors", adapter_name="zz")
 
