@@ -247,3 +247,20 @@ def test_bad_input_leaves_model_unchanged(kwargs, message):
     with pytest.raises(ValueError, match="'nope'"):
         kl.set_active(model, ["a", "nope"])
     assert kl.active_adapters(model) == ["a"]
+
+
+@pytest.mark.one_backend
+def test_the_named_adapters_example_runs(tmp_path, capsys):
+    """`examples/named_adapters.py --small`: two adapters trained on a tiny
+    Gemma, each best on its own task when switched in, combined, reloaded."""
+    import json
+    import os
+    import runpy
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    example = runpy.run_path(os.path.join(here, "..", "examples", "named_adapters.py"))
+    assert example["main"](["--small", "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["adapters"] == ["plus3", "plus5", "mix"]
+    assert summary["reload_diff"] <= 1e-5
+    assert summary["adapter_file_bytes"] < summary["keras_file_bytes"] / 10
