@@ -8,7 +8,8 @@
     python benchmarks/run.py loha_forms [options]  # LoHa's Khatri-Rao vs materialized forward, per rank
     python benchmarks/run.py training_dynamics [options]  # LoRA-FA's memory, AdaLoRA's overhead
     python benchmarks/run.py federated [options]   # DP-DyLoRA's accuracy in Flower's simulation engine
-    python benchmarks/run.py all [options]         # every suite, one after the other
+    python benchmarks/run.py quality [options]     # every method's eval loss on one task (not in `all`)
+    python benchmarks/run.py all [options]         # every suite but quality, one after the other
 
 `python benchmarks/run.py SUITE --help` lists a suite's options. With `all`,
 the options are given to both suites, so only the ones both have are
@@ -30,6 +31,8 @@ import subprocess
 import sys
 
 SUITES = ("step_time", "quantized", "quantized_scale", "svd_family", "loha_forms", "training_dynamics", "federated")
+#: suites with their own options, run alone (not by `all`)
+ALONE = ("quality",)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -86,8 +89,8 @@ def main(argv=None):
     name, rest = argv[0], argv[1:]
     if name == "all":
         return run_all(rest)
-    if name not in SUITES:
-        print(f"unknown suite {name!r}: give one of {', '.join(SUITES)}, all", file=sys.stderr)
+    if name not in SUITES + ALONE:
+        print(f"unknown suite {name!r}: give one of {', '.join(SUITES + ALONE)}, all", file=sys.stderr)
         return 2
     return suite_module(name).main(rest, prog=prog(name))
 
