@@ -1,14 +1,14 @@
 """keras-lowrank: low-rank and SVD-based adapters for Keras 3.
 
-Example:
+Examples:
 
->>> import keras, numpy as np
->>> import keras_lowrank
->>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-...                           keras.layers.Dense(4, name="logits")])
->>> summary = model.enable_adapter(method="lora", rank=2)
->>> summary.adapted_paths
-['hidden']
+    >>> import keras, numpy as np
+    >>> import keras_lowrank
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+    ...                           keras.layers.Dense(4, name="logits")])
+    >>> summary = model.enable_adapter(method="lora", rank=2)
+    >>> summary.adapted_paths
+    ['hidden']
 """
 
 import keras as _keras

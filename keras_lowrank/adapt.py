@@ -186,17 +186,17 @@ def enable_adapter(
     Returns:
         An `AdapterSummary` (prints as a table).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> summary = keras_lowrank.enable_adapter(model, method="lora", rank=2)
-    >>> summary.adapted_paths
-    ['hidden']
-    >>> summary.heads
-    ['out']
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> summary = keras_lowrank.enable_adapter(model, method="lora", rank=2)
+        >>> summary.adapted_paths
+        ['hidden']
+        >>> summary.heads
+        ['out']
     """
     given = {"rank": rank, "alpha": alpha, "dropout": dropout, "train_bias": train_bias}
     options = {**{k: v for k, v in given.items() if v is not None}, **options}

@@ -388,13 +388,13 @@ def count_params(model, trainable_only=False):
     """Parameters of `model`, a quantized kernel counting as its float
     kernel's size (not its packed codes and constants).
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> from keras_lowrank import bases
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> bases.count_params(model)
-    36
+        >>> import keras
+        >>> from keras_lowrank import bases
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        >>> bases.count_params(model)
+        36
     """
     variables = model.trainable_weights if trainable_only else model.weights
     total = int(sum(math.prod(v.shape) for v in variables))

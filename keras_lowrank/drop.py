@@ -71,16 +71,16 @@ def importance(model, sample_data, batch_size=32, paths=None):
     (inference mode, no dropout). Works on the `lora` and `lora_drop`
     layers of `model` (those in `paths`, if given).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> from keras_lowrank import drop
-    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a"),
-    ...                           keras.layers.Dense(2, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, rank=2)
-    >>> drop.importance(model, np.ones((3, 4), "float32"))  # B starts at zero
-    {'a': 0.0}
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> from keras_lowrank import drop
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a"),
+        ...                           keras.layers.Dense(2, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, rank=2)
+        >>> drop.importance(model, np.ones((3, 4), "float32"))  # B starts at zero
+        {'a': 0.0}
     """
     return _measure(model, _batches(sample_data, batch_size), paths)
 
@@ -115,11 +115,11 @@ def select(scores, threshold):
     given order), the smallest prefix whose cumulative share of the total
     reaches `threshold`.
 
-    Example:
+    Examples:
 
-    >>> from keras_lowrank import drop
-    >>> drop.select({"a": 1.0, "b": 6.0, "c": 3.0}, 0.9)
-    ['b', 'c']
+        >>> from keras_lowrank import drop
+        >>> drop.select({"a": 1.0, "b": 6.0, "c": 3.0}, 0.9)
+        ['b', 'c']
     """
     _check_threshold(threshold)
     total = float(sum(scores.values()))
@@ -261,22 +261,22 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         A `LoRADropReport`. The model now holds the stage-3 adapters (and is
         recompiled with a fresh copy of its optimizer if it was compiled).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> inp = keras.Input((8,))
-    >>> h = keras.layers.Dense(8, activation="relu", name="a")(inp)
-    >>> h = keras.layers.Dense(8, activation="relu", name="b")(h)
-    >>> model = keras.Model(inp, keras.layers.Dense(2, name="out")(h))
-    >>> x = np.random.RandomState(0).normal(size=(32, 8)).astype("float32")
-    >>> y = x[:, :2] * 2.0
-    >>> report = keras_lowrank.lora_drop(model, (x, y), rank=2, steps=5, seed=0,
-    ...                                  loss="mse", optimizer=keras.optimizers.Adam(0.05))
-    >>> sorted(r["path"] for r in report.rows)
-    ['a', 'b']
-    >>> sorted(a.method for _, a in keras_lowrank.adapters(model))
-    ['lora_drop', 'lora_drop']
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> inp = keras.Input((8,))
+        >>> h = keras.layers.Dense(8, activation="relu", name="a")(inp)
+        >>> h = keras.layers.Dense(8, activation="relu", name="b")(h)
+        >>> model = keras.Model(inp, keras.layers.Dense(2, name="out")(h))
+        >>> x = np.random.RandomState(0).normal(size=(32, 8)).astype("float32")
+        >>> y = x[:, :2] * 2.0
+        >>> report = keras_lowrank.lora_drop(model, (x, y), rank=2, steps=5, seed=0,
+        ...                                  loss="mse", optimizer=keras.optimizers.Adam(0.05))
+        >>> sorted(r["path"] for r in report.rows)
+        ['a', 'b']
+        >>> sorted(a.method for _, a in keras_lowrank.adapters(model))
+        ['lora_drop', 'lora_drop']
     """
     _check_threshold(threshold)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

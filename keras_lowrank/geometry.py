@@ -47,11 +47,11 @@ class KernelGeometry:
         equation: the layer's einsum equation (`Dense` uses `"...a,ab->...b"`).
         kernel_shape: the shape of the (unpacked, float) kernel.
 
-    Example:
+    Examples:
 
-    >>> g = KernelGeometry("btd,ndh->btnh", (4, 16, 8))
-    >>> (g.n_in, g.n_out, g.batch_shape)
-    (16, 32, ())
+        >>> g = KernelGeometry("btd,ndh->btnh", (4, 16, 8))
+        >>> (g.n_in, g.n_out, g.batch_shape)
+        (16, 32, ())
     """
 
     def __init__(self, equation, kernel_shape):

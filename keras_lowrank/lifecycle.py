@@ -89,16 +89,16 @@ def merge(model, unload=True, requantize=False, adapter_names=None):
 
     Raises `FloatingPointError` (model unchanged) if a merge produces NaN/inf.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4, name="logits")])
-    >>> _ = keras_lowrank.enable_adapter(model, rank=2)
-    >>> keras_lowrank.merge(model)
-    >>> [type(l).__name__ for l in model.layers]
-    ['Dense', 'Dense']
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4, name="logits")])
+        >>> _ = keras_lowrank.enable_adapter(model, rank=2)
+        >>> keras_lowrank.merge(model)
+        >>> [type(l).__name__ for l in model.layers]
+        ['Dense', 'Dense']
     """
     entries = _adapter_entries(model)
     holders = _holders(model, entries)
@@ -208,14 +208,14 @@ def set_adapter_enabled(model, enabled):
 def disable_adapter(model):
     """Context manager: inside it, the model computes its base output.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["dense"], rank=2)
-    >>> with keras_lowrank.disable_adapter(model):
-    ...     y_base = model(np.ones((1, 8), "float32"))
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["dense"], rank=2)
+        >>> with keras_lowrank.disable_adapter(model):
+        ...     y_base = model(np.ones((1, 8), "float32"))
     """
     entries = _adapter_entries(model)
     before = [(e.layer, e.layer.adapter_enabled) for e in entries]

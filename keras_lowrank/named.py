@@ -89,17 +89,17 @@ class AdapterSet(keras.layers.Layer):
         activation: the layer's activation.
         enabled: `False` computes the original layer (`disable_adapter`).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=1, adapter_name="b")
-    >>> type(model.layers[0]).__name__, list(model.layers[0].members)
-    ('AdapterSet', ['a', 'b'])
-    >>> keras_lowrank.active_adapters(model)
-    ['b']
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=1, adapter_name="b")
+        >>> type(model.layers[0]).__name__, list(model.layers[0].members)
+        ('AdapterSet', ['a', 'b'])
+        >>> keras_lowrank.active_adapters(model)
+        ['b']
     """
 
     _klr_is_adapter_set = True
@@ -344,14 +344,14 @@ def adapter_names(model):
 def active_adapters(model):
     """The names of the active adapters of `model` (`set_active`).
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
-    >>> keras_lowrank.active_adapters(model)
-    ['a']
+        >>> import keras
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
+        >>> keras_lowrank.active_adapters(model)
+        ['a']
     """
     found = sets(model)
     if not found:
@@ -396,16 +396,16 @@ def set_active(model, names, trainable=True):
     the next `fit` (the optimizer starts afresh, as after `compile`).
     `trainable=False` leaves what trains as it is (switching for serving).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], method="dora", rank=2, adapter_name="b")
-    >>> keras_lowrank.set_active(model, ["a", "b"])
-    >>> keras_lowrank.active_adapters(model)
-    ['a', 'b']
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], method="dora", rank=2, adapter_name="b")
+        >>> keras_lowrank.set_active(model, ["a", "b"])
+        >>> keras_lowrank.active_adapters(model)
+        ['a', 'b']
     """
     names = _names_arg(model, names, "set_active")
     if trainable not in (True, False):
@@ -433,16 +433,16 @@ def delete_adapter(model, name):
     back first, so the other adapters keep computing what they computed. A
     layer left with no adapter becomes its plain layer again.
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="b")
-    >>> keras_lowrank.delete_adapter(model, "a")
-    >>> keras_lowrank.adapter_names(model)
-    ['b']
+        >>> import keras
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="b")
+        >>> keras_lowrank.delete_adapter(model, "a")
+        >>> keras_lowrank.adapter_names(model)
+        ['b']
     """
     from keras_lowrank import plan as plan_lib
 
@@ -539,16 +539,16 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
         method: `"svd"` (default, as PEFT), `"cat"` or `"linear"`.
         rank: the rank of an `"svd"` combination.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="b")
-    >>> keras_lowrank.combine(model, {"a": 0.7, "b": 0.3}, "ab", method="cat")
-    >>> model.layers[0].members["ab"].rank
-    4
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="b")
+        >>> keras_lowrank.combine(model, {"a": 0.7, "b": 0.3}, "ab", method="cat")
+        >>> model.layers[0].members["ab"].rank
+        4
     """
     from keras_lowrank import adapt
 

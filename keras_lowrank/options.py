@@ -6,16 +6,16 @@ arguments of `enable_adapter`, the per-layer config of an adapter file and of
 a `.keras` file, and the arguments of an adapter layer built by hand; it
 gives `get_config` its keys and the documentation its table.
 
-Example:
+Examples:
 
->>> from keras_lowrank.options import Option, positive_int
->>> rank = Option("rank", 8, positive_int, "adapter rank")
->>> rank.check(4, "dense")
-4
->>> rank.check(0, "dense")
-Traceback (most recent call last):
-...
-ValueError: rank for 'dense' must be a positive int; received rank=0.
+    >>> from keras_lowrank.options import Option, positive_int
+    >>> rank = Option("rank", 8, positive_int, "adapter rank")
+    >>> rank.check(4, "dense")
+    4
+    >>> rank.check(0, "dense")
+    Traceback (most recent call last):
+    ...
+    ValueError: rank for 'dense' must be a positive int; received rank=0.
 """
 
 import dataclasses

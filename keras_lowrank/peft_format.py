@@ -354,7 +354,7 @@ def _check_config(config):
 
 
 def _pattern_value(patterns, module, default):
-    """PEFT's rule: the first key `k` with `re.match(rf"(.*\.)?({k})$", module)`."""
+    r"""PEFT's rule: the first key `k` with `re.match(rf"(.*\.)?({k})$", module)`."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
@@ -806,22 +806,24 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         adapter_name: which named adapter to write (a PEFT directory holds
             one); needed when the model has several.
 
-    Example (a tiny random Hugging Face Gemma, converted by KerasHub):
+    Examples:
 
-    >>> import os, tempfile, transformers, keras_hub, keras_lowrank
-    >>> hf_dir, out = tempfile.mkdtemp(), tempfile.mkdtemp()
-    >>> transformers.GemmaForCausalLM(transformers.GemmaConfig(
-    ...     vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-    ...     num_attention_heads=2, num_key_value_heads=1, head_dim=4)).save_pretrained(hf_dir)
-    >>> backbone = keras_hub.models.Backbone.from_preset(hf_dir)
-    >>> _ = keras_lowrank.enable_adapter(backbone, method="lora", rank=2)
-    >>> keras_lowrank.save_peft_adapter(backbone, out, hf_dir)
-    >>> sorted(os.listdir(out))
-    ['adapter_config.json', 'adapter_model.safetensors']
-    >>> fresh = keras_hub.models.Backbone.from_preset(hf_dir)
-    >>> summary = keras_lowrank.load_peft_adapter(fresh, out)  # the base from the config
-    >>> len(keras_lowrank.adapters(fresh))
-    7
+        A tiny random Hugging Face Gemma, converted by KerasHub:
+
+        >>> import os, tempfile, transformers, keras_hub, keras_lowrank
+        >>> hf_dir, out = tempfile.mkdtemp(), tempfile.mkdtemp()
+        >>> transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        ...     vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        ...     num_attention_heads=2, num_key_value_heads=1, head_dim=4)).save_pretrained(hf_dir)
+        >>> backbone = keras_hub.models.Backbone.from_preset(hf_dir)
+        >>> _ = keras_lowrank.enable_adapter(backbone, method="lora", rank=2)
+        >>> keras_lowrank.save_peft_adapter(backbone, out, hf_dir)
+        >>> sorted(os.listdir(out))
+        ['adapter_config.json', 'adapter_model.safetensors']
+        >>> fresh = keras_hub.models.Backbone.from_preset(hf_dir)
+        >>> summary = keras_lowrank.load_peft_adapter(fresh, out)  # the base from the config
+        >>> len(keras_lowrank.adapters(fresh))
+        7
     """
     from safetensors.numpy import save_file
 

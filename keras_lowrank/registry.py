@@ -117,10 +117,10 @@ def lowrank_count(geometry, options):
 def methods():
     """Names of the registered adapter methods.
 
-    Example:
+    Examples:
 
-    >>> import keras_lowrank
-    >>> "lora" in keras_lowrank.methods()
-    True
+        >>> import keras_lowrank
+        >>> "lora" in keras_lowrank.methods()
+        True
     """
     return sorted(_REGISTRY)

@@ -63,14 +63,14 @@ def save_adapter(model, path, as_lora=False, adapter_name=None):
             as the active one). By default the file holds every named
             adapter and which ones are active.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np, tempfile, os
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
-    >>> _ = keras_lowrank.enable_adapter(model, targets=["dense"], rank=2)
-    >>> f = os.path.join(tempfile.mkdtemp(), "a.safetensors")
-    >>> keras_lowrank.save_adapter(model, f)
+        >>> import keras, numpy as np, tempfile, os
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="dense")])
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["dense"], rank=2)
+        >>> f = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        >>> keras_lowrank.save_adapter(model, f)
     """
     from safetensors.numpy import save_file
 
@@ -207,19 +207,19 @@ def load_adapter(model, path):
     must be in the file as a finite float tensor of the right shape. A
     refused file leaves the model as it was.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np, tempfile, os
-    >>> import keras_lowrank
-    >>> build = lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
-    ...                                   keras.layers.Dense(4)])
-    >>> src = build()
-    >>> _ = keras_lowrank.enable_adapter(src, rank=2)
-    >>> f = os.path.join(tempfile.mkdtemp(), "a.safetensors")
-    >>> keras_lowrank.save_adapter(src, f)
-    >>> fresh = build()  # Keras names its layers dense_2, dense_3
-    >>> keras_lowrank.load_adapter(fresh, f).adapted_paths == [fresh.layers[0].name]
-    True
+        >>> import keras, numpy as np, tempfile, os
+        >>> import keras_lowrank
+        >>> build = lambda: keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+        ...                                   keras.layers.Dense(4)])
+        >>> src = build()
+        >>> _ = keras_lowrank.enable_adapter(src, rank=2)
+        >>> f = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+        >>> keras_lowrank.save_adapter(src, f)
+        >>> fresh = build()  # Keras names its layers dense_2, dense_3
+        >>> keras_lowrank.load_adapter(fresh, f).adapted_paths == [fresh.layers[0].name]
+        True
     """
     where = f"adapter file {os.fspath(path)}"
     _, config, tensors = read_adapter_file(path)

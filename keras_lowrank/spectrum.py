@@ -30,13 +30,13 @@ def spectrum(model, targets=None, exclude=None):
         values in descending order, `(k,)` or `(n_shared, k)` for a batched
         EinsumDense kernel.
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-    >>> {p: s.shape for p, s in keras_lowrank.spectrum(model).items()}
-    {'out': (4,)}
+        >>> import keras
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
+        >>> {p: s.shape for p, s in keras_lowrank.spectrum(model).items()}
+        {'out': (4,)}
     """
     entries = [e for e in tree.spots(tree.walk(model)) if targeting.is_candidate(e.layer)]
     chosen = entries
@@ -72,12 +72,12 @@ def spectrum_share(values, low=0.1, high=1.1):
     """The fraction of singular values `s` with `low <= s <= high`, over
     one array or all arrays of a `spectrum` dict.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> import keras_lowrank
-    >>> keras_lowrank.spectrum_share(np.array([0.05, 0.5, 1.0, 2.0]))
-    0.5
+        >>> import numpy as np
+        >>> import keras_lowrank
+        >>> keras_lowrank.spectrum_share(np.array([0.05, 0.5, 1.0, 2.0]))
+        0.5
     """
     if isinstance(values, dict):
         values = np.concatenate([np.ravel(v) for v in values.values()]) if values else np.zeros(0)
@@ -101,14 +101,14 @@ def plot_spectrum(spectra, path=None, value_range=(0.1, 1.1), ax=None, max_layer
         `(figure, share)`: the matplotlib figure and the share of singular
         values inside `value_range`.
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-    >>> fig, share = keras_lowrank.plot_spectrum(model)
-    >>> 0.0 <= share <= 1.0
-    True
+        >>> import keras
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
+        >>> fig, share = keras_lowrank.plot_spectrum(model)
+        >>> 0.0 <= share <= 1.0
+        True
     """
     try:
         import matplotlib

@@ -172,14 +172,14 @@ def decompose(matrix, rank=None, part="top", niter=None, seed=None, where=None):
         `(U, s, V)`: `U (..., n_in, r)`, `s (..., r)` descending,
         `V (..., n_out, r)`, float32 NumPy arrays.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> from keras_lowrank import svd
-    >>> w = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
-    >>> u, s, v = svd.decompose(w, rank=2, part="bottom")
-    >>> np.allclose(s, np.linalg.svd(w, compute_uv=False)[-2:], rtol=1e-5)
-    True
+        >>> import numpy as np
+        >>> from keras_lowrank import svd
+        >>> w = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
+        >>> u, s, v = svd.decompose(w, rank=2, part="bottom")
+        >>> np.allclose(s, np.linalg.svd(w, compute_uv=False)[-2:], rtol=1e-5)
+        True
     """
     if part not in ("top", "bottom"):
         raise ValueError(f"part must be 'top' or 'bottom'; received {part!r}.")

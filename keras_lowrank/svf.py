@@ -44,15 +44,15 @@ def z_set(model):
     """`{layer path: z}` (NumPy) of every SVF adapter of `model`: an expert
     that `compose` takes.
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, method="svf")
-    >>> {p: z.shape for p, z in keras_lowrank.svf.z_set(model).items()}
-    {'hidden': (6,)}
+        >>> import keras
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, method="svf")
+        >>> {p: z.shape for p, z in keras_lowrank.svf.z_set(model).items()}
+        {'hidden': (6,)}
     """
     layers = svf_layers(model)
     if not layers:
@@ -157,16 +157,16 @@ def compose(model, experts, weights=None):
     Returns:
         The composed z-set, `{layer path: z'}`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, method="svf")
-    >>> a, b = {"hidden": np.full(6, 2.0)}, {"hidden": np.zeros(6)}
-    >>> keras_lowrank.svf.compose(model, [a, b], [0.25, 0.5])["hidden"][:2]
-    array([0.5, 0.5], dtype=float32)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, method="svf")
+        >>> a, b = {"hidden": np.full(6, 2.0)}, {"hidden": np.zeros(6)}
+        >>> keras_lowrank.svf.compose(model, [a, b], [0.25, 0.5])["hidden"][:2]
+        array([0.5, 0.5], dtype=float32)
     """
     experts = list(experts)
     if not experts:

@@ -161,14 +161,14 @@ def find_heads(model, entries):
 def resolve_targets(model, targets=None, exclude=None, entries=None):
     """The entries `enable_adapter` would adapt, in model order.
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4)])
-    >>> [e.path for e in keras_lowrank.resolve_targets(model)]
-    ['hidden']
+        >>> import keras
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4)])
+        >>> [e.path for e in keras_lowrank.resolve_targets(model)]
+        ['hidden']
     """
     return select(model, targets, exclude, entries)[0]
 

@@ -174,13 +174,13 @@ class AdapterOptimizer(keras.optimizers.Optimizer):
         learning_rate_multipliers: `{variable path: factor}`.
         hooks: `OptimizerHook`s (instances or serialized configs).
 
-    Example:
+    Examples:
 
-    >>> import keras
-    >>> from keras_lowrank.training import AdapterOptimizer
-    >>> opt = AdapterOptimizer(keras.optimizers.Adam(1e-3), {"dense/lora_b": 16.0})
-    >>> round(float(opt.learning_rate), 6)
-    0.001
+        >>> import keras
+        >>> from keras_lowrank.training import AdapterOptimizer
+        >>> opt = AdapterOptimizer(keras.optimizers.Adam(1e-3), {"dense/lora_b": 16.0})
+        >>> round(float(opt.learning_rate), 6)
+        0.001
     """
 
     def __init__(self, inner_optimizer, learning_rate_multipliers=None, hooks=(), name=None, **kwargs):

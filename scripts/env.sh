@@ -58,8 +58,9 @@ print(" ".join(r.split(";")[0].replace(" ", "") for r in requires("keras-hub")
   # (peft runs in PyTorch as the reference of the parity tests)
   # shellcheck disable=SC2086
   pip_q "jax[cpu]" tensorflow-cpu $TORCH_SPEC -e ".[files,federated]" $hub_requires \
-    pytest h5py peft matplotlib "bitsandbytes; platform_system != 'Darwin'"
-  python -c "import keras, keras_hub, jax, torch, tensorflow, safetensors, matplotlib, flwr, ray, dp_accounting" \
+    pytest h5py peft matplotlib "bitsandbytes; platform_system != 'Darwin'" \
+    "mkdocs-material>=9" "mkdocstrings[python]>=0.24"
+  python -c "import keras, keras_hub, jax, torch, tensorflow, safetensors, matplotlib, flwr, ray, dp_accounting, mkdocs, mkdocstrings" \
     || { echo "[setup] the installation is incomplete; see $VENV/setup.log" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi

@@ -161,6 +161,33 @@ def save_and_reload(tmp):
             "adapters": len(kl.adapters(reloaded)), "devices": devices}
 
 
+def docs_block():
+    """docs/distribution.md's code block, as written, with `from_preset`
+    giving a tiny Gemma (no download) and small `x`, `y`; in a scratch
+    directory, then the distribution is unset again."""
+    import re
+
+    page = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "distribution.md")
+    with open(page) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    real = keras_hub.models.GemmaCausalLM.from_preset
+    keras_hub.models.GemmaCausalLM.from_preset = classmethod(
+        lambda cls, preset, **kw: cls(backbone=keras_hub.models.GemmaBackbone(**CONFIG), preprocessor=None))
+    cwd = os.getcwd()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.chdir(tmp)
+            namespace = {"x": X, "y": Y}
+            for block in blocks:
+                exec(compile(block, "docs/distribution.md", "exec"), namespace)
+            saved = os.path.isfile("sharded.keras")
+        return {"blocks": len(blocks), "saved": saved, "adapters": len(kl.adapters(namespace["lm"]))}
+    finally:
+        os.chdir(cwd)
+        keras_hub.models.GemmaCausalLM.from_preset = real
+        keras.distribution.set_distribution(None)
+
+
 def main(out_path):
     assert len(jax.devices()) == 8, jax.devices()
     result = {"devices": len(jax.devices()), "cases": {}}
@@ -172,6 +199,7 @@ def main(out_path):
     with tempfile.TemporaryDirectory() as tmp:
         result["reload"] = save_and_reload(tmp)
     result["guide_map"] = keras_lora_under_guide_map()
+    result["docs_block"] = docs_block()
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
 

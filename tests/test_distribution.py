@@ -74,3 +74,11 @@ def test_an_nf4_base_is_replicated_under_model_parallel(report):
     query = "gemma_backbone[0]/decoder_block_0/attention/query"
     assert layouts[f"{query}/codes"] == "P(None,)"
     assert layouts[f"{query}/lora_a"] == "P(None, None)"
+
+
+def test_the_docs_code_block_runs_under_model_parallel(report):
+    """docs/distribution.md's example, as written (tests/test_docs.py runs
+    the other pages' blocks; this one needs the 8 devices)."""
+    assert report["docs_block"]["blocks"] == 1
+    assert report["docs_block"]["saved"]
+    assert report["docs_block"]["adapters"] == 14

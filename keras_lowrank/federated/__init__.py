@@ -20,12 +20,12 @@ Needs the `federated` extra: `pip install 'keras-lowrank[federated]'`
 (Flower with its simulation engine, and dp-accounting). The accounting
 functions need only dp-accounting.
 
-Example:
+Examples:
 
->>> from keras_lowrank import federated
->>> sigma = federated.noise_for_epsilon(8.0, sampling_rate=0.1, rounds=20, delta=1e-5)
->>> round(federated.privacy_budget(sigma, 0.1, 20, 1e-5), 2)
-8.0
+    >>> from keras_lowrank import federated
+    >>> sigma = federated.noise_for_epsilon(8.0, sampling_rate=0.1, rounds=20, delta=1e-5)
+    >>> round(federated.privacy_budget(sigma, 0.1, 20, 1e-5), 2)
+    8.0
 """
 
 from keras_lowrank.federated.accounting import noise_for_epsilon

@@ -93,12 +93,12 @@ def privacy_budget(noise_multiplier, sampling_rate, rounds, delta, accountant="r
     Returns:
         ε as a float (0 for no rounds).
 
-    Example:
+    Examples:
 
-    >>> from keras_lowrank import federated
-    >>> eps = federated.privacy_budget(1.0, 0.01, 100, 1e-5)
-    >>> 0 < eps < federated.privacy_budget(0.8, 0.01, 100, 1e-5)
-    True
+        >>> from keras_lowrank import federated
+        >>> eps = federated.privacy_budget(1.0, 0.01, 100, 1e-5)
+        >>> 0 < eps < federated.privacy_budget(0.8, 0.01, 100, 1e-5)
+        True
     """
     _check("noise_multiplier", noise_multiplier, 0, None)
     _check("sampling_rate", sampling_rate, 0, 1)
@@ -117,12 +117,12 @@ def noise_for_epsilon(target_epsilon, sampling_rate, rounds, delta, accountant="
     DP-FedAvg at sampling rate `sampling_rate` spend at most
     `target_epsilon` at `δ = delta` (dp-accounting's calibration).
 
-    Example:
+    Examples:
 
-    >>> from keras_lowrank import federated
-    >>> sigma = federated.noise_for_epsilon(2.0, 0.05, 50, 1e-5)
-    >>> abs(federated.privacy_budget(sigma, 0.05, 50, 1e-5) - 2.0) < 0.02
-    True
+        >>> from keras_lowrank import federated
+        >>> sigma = federated.noise_for_epsilon(2.0, 0.05, 50, 1e-5)
+        >>> abs(federated.privacy_budget(sigma, 0.05, 50, 1e-5) - 2.0) < 0.02
+        True
     """
     _check("target_epsilon", target_epsilon, 0, None)
     _check("sampling_rate", sampling_rate, 0, 1)

@@ -357,19 +357,19 @@ class AdaLoRA(Adapter):
         alpha: scaling numerator (default: the rank; PEFT's is 8).
         dropout, train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, method="adalora", rank=4, target_rank=2,
-    ...                                  total_steps=20)
-    >>> model.compile(optimizer="adam", loss="mse")
-    >>> x, y = np.ones((8, 8), "float32"), np.zeros((8, 4), "float32")
-    >>> _ = model.fit(x, y, batch_size=4, epochs=10, verbose=0)
-    >>> keras_lowrank.adalora.rank_report(model).budget  # "hidden" (the head is left out) x 2
-    2
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, method="adalora", rank=4, target_rank=2,
+        ...                                  total_steps=20)
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> x, y = np.ones((8, 8), "float32"), np.zeros((8, 4), "float32")
+        >>> _ = model.fit(x, y, batch_size=4, epochs=10, verbose=0)
+        >>> keras_lowrank.adalora.rank_report(model).budget  # "hidden" (the head is left out) x 2
+        2
     """
 
     method = "adalora"

@@ -28,13 +28,13 @@ class DoRA(LoRA):
         layer, rank, alpha, rslora, init, dropout, train_bias, seed,
         activation, merged, enabled: as for `LoRA`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> layer = keras_lowrank.layers.DoRA(keras.layers.Dense(6), rank=2)
-    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
-    (3, 6)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> layer = keras_lowrank.layers.DoRA(keras.layers.Dense(6), rank=2)
+        >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+        (3, 6)
     """
 
     method = "dora"

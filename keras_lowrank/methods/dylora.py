@@ -130,16 +130,16 @@ class DyLoRA(LoRA):
         frozen: train only the `ℓ`-th component each step (the reference);
             `False` trains all of the first `ℓ`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, method="dylora", rank=4)
-    >>> keras_lowrank.dylora.set_rank(model, 2)
-    >>> int(keras_lowrank.dylora.get_rank(model))
-    2
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, method="dylora", rank=4)
+        >>> keras_lowrank.dylora.set_rank(model, 2)
+        >>> int(keras_lowrank.dylora.get_rank(model))
+        2
     """
 
     method = "dylora"
@@ -260,17 +260,17 @@ def evaluate_ranks(model, x=None, y=None, ranks=None, **evaluate_kwargs):
     `ranks`); the model is compiled by the caller. The inference rank is
     put back afterwards.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, method="dylora", rank=3)
-    >>> model.compile(loss="mse")
-    >>> x, y = np.ones((4, 8), "float32"), np.zeros((4, 4), "float32")
-    >>> sorted(keras_lowrank.dylora.evaluate_ranks(model, x, y, verbose=0))
-    [1, 2, 3]
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, method="dylora", rank=3)
+        >>> model.compile(loss="mse")
+        >>> x, y = np.ones((4, 8), "float32"), np.zeros((4, 4), "float32")
+        >>> sorted(keras_lowrank.dylora.evaluate_ranks(model, x, y, verbose=0))
+        [1, 2, 3]
     """
     state = _states(model)
     ranks = list(range(1, state.max_rank + 1)) if ranks is None else list(ranks)

@@ -51,13 +51,13 @@ class LoRA(Adapter):
         init: `"kaiming"` or `"gaussian"`.
         dropout, train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> layer = keras_lowrank.layers.LoRA(keras.layers.Dense(6), rank=2)
-    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
-    (3, 6)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> layer = keras_lowrank.layers.LoRA(keras.layers.Dense(6), rank=2)
+        >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+        (3, 6)
     """
 
     method = "lora"
@@ -130,16 +130,16 @@ class LoRAPlus(LoRA):
         activation, merged, enabled: as for `LoRA`.
         lr_ratio: `η_B / η_A` (λ ≥ 1; the paper's default 16).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> _ = keras_lowrank.enable_adapter(model, method="loraplus", rank=2, lr_ratio=16.0)
-    >>> model.compile(optimizer="adam", loss="mse")
-    >>> type(model.optimizer).__name__
-    'AdapterOptimizer'
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> _ = keras_lowrank.enable_adapter(model, method="loraplus", rank=2, lr_ratio=16.0)
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> type(model.optimizer).__name__
+        'AdapterOptimizer'
     """
 
     method = "loraplus"

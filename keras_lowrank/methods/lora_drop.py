@@ -150,17 +150,17 @@ class LoRADrop(LoRA):
         per layer).
         tied: read the model's tied pair for this kernel shape.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="a"),
-    ...                           keras.layers.Dense(8, name="b"), keras.layers.Dense(4, name="out")])
-    >>> s = keras_lowrank.enable_adapter(model, method="lora_drop", rank=2)
-    >>> s.adapter_params  # one 8x8 pair for both layers: 2 * (8 + 8)
-    32
-    >>> model.get_layer("a").pair()[0] is model.get_layer("b").pair()[0]
-    True
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="a"),
+        ...                           keras.layers.Dense(8, name="b"), keras.layers.Dense(4, name="out")])
+        >>> s = keras_lowrank.enable_adapter(model, method="lora_drop", rank=2)
+        >>> s.adapter_params  # one 8x8 pair for both layers: 2 * (8 + 8)
+        32
+        >>> model.get_layer("a").pair()[0] is model.get_layer("b").pair()[0]
+        True
     """
 
     method = "lora_drop"

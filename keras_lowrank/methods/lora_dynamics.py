@@ -85,15 +85,15 @@ class LoRAFA(LoRA):
         activation, merged, enabled: as for `LoRA`.
         correction: apply the v2 gradient correction to `B`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(4, name="out")])
-    >>> summary = keras_lowrank.enable_adapter(model, method="lora_fa", rank=2)
-    >>> summary.adapter_params  # B of "hidden" only (the head is left out): 2 * 16
-    32
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(4, name="out")])
+        >>> summary = keras_lowrank.enable_adapter(model, method="lora_fa", rank=2)
+        >>> summary.adapter_params  # B of "hidden" only (the head is left out): 2 * 16
+        32
     """
 
     method = "lora_fa"
@@ -177,24 +177,24 @@ class DeltaLoRA(LoRA):
             paper's "a few hundred", 500).
         dropout: must be 0.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> def make():
-    ...     return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                              keras.layers.Dense(4, name="out")])
-    >>> model = make()
-    >>> _ = keras_lowrank.enable_adapter(model, method="delta_lora", rank=2, start_step=1)
-    >>> model.compile(optimizer="adam", loss="mse")
-    >>> x, y = np.ones((8, 8), "float32"), np.zeros((8, 4), "float32")
-    >>> _ = model.fit(x, y, batch_size=4, epochs=2, verbose=0)
-    >>> model.get_layer("hidden").kernel_shift() is not None  # the kernel moved
-    True
-    >>> keras_lowrank.enable_adapter(make(), method="delta_lora", dropout=0.1)
-    Traceback (most recent call last):
-    ...
-    ValueError: ...dropout=0.1...
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> def make():
+        ...     return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                              keras.layers.Dense(4, name="out")])
+        >>> model = make()
+        >>> _ = keras_lowrank.enable_adapter(model, method="delta_lora", rank=2, start_step=1)
+        >>> model.compile(optimizer="adam", loss="mse")
+        >>> x, y = np.ones((8, 8), "float32"), np.zeros((8, 4), "float32")
+        >>> _ = model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+        >>> model.get_layer("hidden").kernel_shift() is not None  # the kernel moved
+        True
+        >>> keras_lowrank.enable_adapter(make(), method="delta_lora", dropout=0.1)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...dropout=0.1...
     """
 
     method = "delta_lora"

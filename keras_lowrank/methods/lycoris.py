@@ -48,12 +48,12 @@ def factorization(dimension, factor=-1):
     accepted while the sum `m + n` does not grow and `m <= factor`
     (`factor=-1`: no bound), which ends near `sqrt(dimension)`.
 
-    Example:
+    Examples:
 
-    >>> [factorization(d) for d in (4096, 768, 128, 127)]
-    [(64, 64), (24, 32), (8, 16), (1, 127)]
-    >>> factorization(128, factor=4)
-    (4, 32)
+        >>> [factorization(d) for d in (4096, 768, 128, 127)]
+        [(64, 64), (24, 32), (8, 16), (1, 127)]
+        >>> factorization(128, factor=4)
+        (4, 32)
     """
     if not isinstance(dimension, int) or dimension < 1:
         raise ValueError(f"factorization needs a positive int; received {dimension!r}.")
@@ -77,10 +77,10 @@ def lokr_layout(n_in, n_out, rank, decompose_both=False, decompose_factor=-1):
     Returns a dict: `in_m, in_n, out_l, out_k` and whether F1 and F2 are
     full matrices (`full_1`, `full_2`).
 
-    Example:
+    Examples:
 
-    >>> lokr_layout(768, 768, 8)["full_2"], lokr_layout(768, 768, 16)["full_2"]
-    (False, True)
+        >>> lokr_layout(768, 768, 8)["full_2"], lokr_layout(768, 768, 16)["full_2"]
+        (False, True)
     """
     in_m, in_n = factorization(n_in, decompose_factor)
     out_l, out_k = factorization(n_out, decompose_factor)
@@ -185,15 +185,15 @@ class LoHa(_LycorisAdapter):
         form: `"auto"`, `"factorized"` or `"materialized"`.
         train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> layer = keras_lowrank.layers.LoHa(keras.layers.Dense(6), rank=2)
-    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
-    (3, 6)
-    >>> layer.trainable_count()  # 2 r (n_in + n_out)
-    40
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> layer = keras_lowrank.layers.LoHa(keras.layers.Dense(6), rank=2)
+        >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+        (3, 6)
+        >>> layer.trainable_count()  # 2 r (n_in + n_out)
+        40
     """
 
     method = "loha"
@@ -290,15 +290,15 @@ class LoKr(_LycorisAdapter):
         init: `"peft"` or `"lycoris"`.
         train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> layer = keras_lowrank.layers.LoKr(keras.layers.Dense(16), rank=2)
-    >>> tuple(layer(np.ones((3, 8), "float32")).shape)
-    (3, 16)
-    >>> layer.layout()["in_m"], layer.layout()["out_l"]
-    (2, 4)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> layer = keras_lowrank.layers.LoKr(keras.layers.Dense(16), rank=2)
+        >>> tuple(layer(np.ones((3, 8), "float32")).shape)
+        (3, 16)
+        >>> layer.layout()["in_m"], layer.layout()["out_l"]
+        (2, 4)
     """
 
     method = "lokr"

@@ -126,15 +126,15 @@ class PiSSA(ResidualLoRA):
         svd_niter: `None` for an exact SVD; an int for a randomized SVD with
             that many subspace iterations.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> dense = keras.layers.Dense(6)
-    >>> dense.build((None, 4))
-    >>> layer = keras_lowrank.layers.PiSSA(dense, rank=2)
-    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
-    (3, 6)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> dense = keras.layers.Dense(6)
+        >>> dense.build((None, 4))
+        >>> layer = keras_lowrank.layers.PiSSA(dense, rank=2)
+        >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+        (3, 6)
     """
 
     method = "pissa"
@@ -195,15 +195,15 @@ class MiLoRA(PiSSA):
         layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
         merged, enabled: as for `LoRA` (the init is the SVD).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> dense = keras.layers.Dense(6)
-    >>> dense.build((None, 4))
-    >>> layer = keras_lowrank.layers.MiLoRA(dense, rank=2)
-    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
-    (3, 6)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> dense = keras.layers.Dense(6)
+        >>> dense.build((None, 4))
+        >>> layer = keras_lowrank.layers.MiLoRA(dense, rank=2)
+        >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+        (3, 6)
     """
 
     method = "milora"
@@ -230,15 +230,15 @@ class OLoRA(ResidualLoRA):
         layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
         merged, enabled: as for `LoRA` (the init is the QR).
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> dense = keras.layers.Dense(6)
-    >>> dense.build((None, 4))
-    >>> layer = keras_lowrank.layers.OLoRA(dense, rank=2)
-    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
-    (3, 6)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> dense = keras.layers.Dense(6)
+        >>> dense.build((None, 4))
+        >>> layer = keras_lowrank.layers.OLoRA(dense, rank=2)
+        >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+        (3, 6)
     """
 
     method = "olora"

@@ -196,17 +196,17 @@ class SVF(SpectralAdapter):
         parametrization: `"paper"` or `"reference"`.
         train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> dense = keras.layers.Dense(6)
-    >>> dense.build((None, 4))
-    >>> layer = keras_lowrank.layers.SVF(dense)
-    >>> tuple(layer(np.ones((3, 4), "float32")).shape)
-    (3, 6)
-    >>> tuple(layer.svf_z.shape)  # min(4, 6) singular values
-    (4,)
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> dense = keras.layers.Dense(6)
+        >>> dense.build((None, 4))
+        >>> layer = keras_lowrank.layers.SVF(dense)
+        >>> tuple(layer(np.ones((3, 4), "float32")).shape)
+        (3, 6)
+        >>> tuple(layer.svf_z.shape)  # min(4, 6) singular values
+        (4,)
     """
 
     method = "svf"
@@ -347,16 +347,16 @@ class SVFT(SpectralAdapter):
             `"reference"` (`M ~ N(0, 2/|Ω|)`, the authors' small nonzero start).
         train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> dense = keras.layers.Dense(6)
-    >>> dense.build((None, 4))
-    >>> layer = keras_lowrank.layers.SVFT(dense, pattern="banded", off_diag=1)
-    >>> _ = layer(np.ones((3, 4), "float32"))
-    >>> layer.trainable_count()  # 4·3 - 2 entries + the gate
-    11
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> dense = keras.layers.Dense(6)
+        >>> dense.build((None, 4))
+        >>> layer = keras_lowrank.layers.SVFT(dense, pattern="banded", off_diag=1)
+        >>> _ = layer(np.ones((3, 4), "float32"))
+        >>> layer.trainable_count()  # 4·3 - 2 entries + the gate
+        11
     """
 
     method = "svft"
@@ -481,16 +481,16 @@ class LoRAXS(SpectralAdapter):
         init_std: standard deviation of `R` at the start.
         train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> dense = keras.layers.Dense(6)
-    >>> dense.build((None, 4))
-    >>> layer = keras_lowrank.layers.LoRAXS(dense, rank=2)
-    >>> _ = layer(np.ones((3, 4), "float32"))
-    >>> layer.trainable_count()
-    4
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> dense = keras.layers.Dense(6)
+        >>> dense.build((None, 4))
+        >>> layer = keras_lowrank.layers.LoRAXS(dense, rank=2)
+        >>> _ = layer(np.ones((3, 4), "float32"))
+        >>> layer.trainable_count()
+        4
     """
 
     method = "lora_xs"
@@ -566,16 +566,16 @@ class SVDTraining(SpectralAdapter):
             (the package uses 2).
         train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> dense = keras.layers.Dense(60)
-    >>> dense.build((None, 40))
-    >>> layer = keras_lowrank.layers.SVDTraining(dense, rank_fraction=0.1)
-    >>> _ = layer(np.ones((3, 40), "float32"))
-    >>> layer.trainable_count()  # int(40 · 0.1)
-    4
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> dense = keras.layers.Dense(60)
+        >>> dense.build((None, 40))
+        >>> layer = keras_lowrank.layers.SVDTraining(dense, rank_fraction=0.1)
+        >>> _ = layer(np.ones((3, 40), "float32"))
+        >>> layer.trainable_count()  # int(40 · 0.1)
+        4
     """
 
     method = "svd_training"

@@ -121,15 +121,15 @@ class VeRA(Adapter):
             are regenerated from the seed when loading).
         dropout, train_bias, seed, activation, merged, enabled: see `Adapter`.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> import keras_lowrank
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
-    ...                           keras.layers.Dense(16, name="hidden2"), keras.layers.Dense(4, name="out")])
-    >>> s = keras_lowrank.enable_adapter(model, method="vera", rank=4)
-    >>> [r["trainable"] for r in s.rows]  # r + n_out each
-    [20, 20]
+        >>> import keras, numpy as np
+        >>> import keras_lowrank
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        ...                           keras.layers.Dense(16, name="hidden2"), keras.layers.Dense(4, name="out")])
+        >>> s = keras_lowrank.enable_adapter(model, method="vera", rank=4)
+        >>> [r["trainable"] for r in s.rows]  # r + n_out each
+        [20, 20]
     """
 
     method = "vera"

@@ -23,14 +23,14 @@ def error_report(kernel, rank, alpha=None, double_quant=True):
     s A B)‖_F / ‖K‖_F` with `K_res = K - s A B` from the top-`rank` SVD
     (spec §16). `kernel` is a matrix view `(n_in, n_out)`.
 
-    Example:
+    Examples:
 
-    >>> import numpy as np
-    >>> from keras_lowrank.quant import error_report
-    >>> k = np.random.RandomState(0).normal(size=(128, 64)).astype("float32")
-    >>> r = error_report(k, rank=8)
-    >>> sorted(r)
-    ['nf4_error', 'qpissa_error', 'reduction']
+        >>> import numpy as np
+        >>> from keras_lowrank.quant import error_report
+        >>> k = np.random.RandomState(0).normal(size=(128, 64)).astype("float32")
+        >>> r = error_report(k, rank=8)
+        >>> sorted(r)
+        ['nf4_error', 'qpissa_error', 'reduction']
     """
     k = ops.convert_to_tensor(np.asarray(kernel, dtype="float32"))
     norm = float(ops.convert_to_numpy(ops.sqrt(ops.sum(k * k))))

@@ -40,15 +40,15 @@ class NF4Linear(keras.layers.Layer):
         source: the serialized original layer (used to merge back into it).
         source_input_shape: the input shape the original layer was built with.
 
-    Example:
+    Examples:
 
-    >>> import keras, numpy as np
-    >>> from keras_lowrank.quant.layers import NF4Linear
-    >>> dense = keras.layers.Dense(512)
-    >>> dense.build((None, 256))
-    >>> q = NF4Linear.from_layer(dense)
-    >>> round(q.bits_per_parameter(), 3)
-    4.127
+        >>> import keras, numpy as np
+        >>> from keras_lowrank.quant.layers import NF4Linear
+        >>> dense = keras.layers.Dense(512)
+        >>> dense.build((None, 256))
+        >>> q = NF4Linear.from_layer(dense)
+        >>> round(q.bits_per_parameter(), 3)
+        4.127
     """
 
     def __init__(
