@@ -86,15 +86,18 @@ def test_optimizer_layer_and_call_context_internals_exist():
 
 
 def test_docs_show_every_methods_options_as_declared():
-    """docs/methods.md holds each method's option table exactly as its
-    declarations give it (`Method.options_table()`), so they cannot drift."""
+    """docs/methods/<method>.md holds each method's option table exactly as
+    its declarations give it (`Method.options_table()`), so they cannot
+    drift, and docs/methods.md links every method's page."""
     import os
 
     import keras_lowrank as kl
     from keras_lowrank import registry
 
-    path = os.path.join(os.path.dirname(__file__), "..", "docs", "methods.md")
-    text = open(path, encoding="utf-8").read()
+    docs = os.path.join(os.path.dirname(__file__), "..", "docs")
+    overview = open(os.path.join(docs, "methods.md"), encoding="utf-8").read()
     for name in kl.methods():
         table = registry.get(name).options_table()
-        assert f"## `{name}`" in text and table in text, f"docs/methods.md: update {name}:\n{table}"
+        text = open(os.path.join(docs, "methods", f"{name}.md"), encoding="utf-8").read()
+        assert f'method="{name}"' in text and table in text, f"docs/methods/{name}.md: update:\n{table}"
+        assert f"(methods/{name}.md)" in overview, name

@@ -17,7 +17,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PAGES = sorted(
-    os.path.relpath(p, ROOT) for p in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md"))
+    os.path.relpath(p, ROOT) for p in [os.path.join(ROOT, "README.md")]
+    + glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
 )
 #: pages whose blocks run elsewhere
 ELSEWHERE = {"docs/distribution.md": "tests/distribution_check.py (8 JAX devices)"}
