@@ -513,9 +513,16 @@ class Plan:
             [layer for layer in tree.all_layers_with_root(self.model) if id(layer) not in leaving]
         ) if pending else []
         unfreed = 0
+        kinds = "/".join(sorted({lp.base.upper() for lp, _ in pending}))
+        with svd.progress(len(pending), f"{kinds} conversion", kind="quantize"):
+            self._convert_each(pending, init, holders, unfreed)
+
+    @staticmethod
+    def _convert_each(pending, init, holders, unfreed):
         for i, (lp, convert) in enumerate(pending):
             a = lp.adapter
             if bases.base_kind(a.layer) == lp.base:
+                svd._tick(lp.path, kind="quantize")
                 continue  # moved with another named adapter on the same layer
             unfreed += bases.kernel_bytes(a.layer)
             old_variables = list(a.layer.variables)
@@ -536,6 +543,7 @@ class Plan:
             if unfreed >= GC_BYTES:  # a collection costs time: not for small kernels
                 gc.collect()
                 unfreed = 0
+            svd._tick(lp.path, kind="quantize")
 
 
 SEP = "::"

@@ -51,15 +51,16 @@ def layer_label(label):
 
 
 @contextlib.contextmanager
-def progress(count, title="SVD"):
-    """Report each `decompose(..., where=...)` call inside the block, with
-    the layer's name, when `count` is at least `PROGRESS_FROM`: one line
-    rewritten in place on a terminal or in a notebook, about ten lines in a
-    log."""
+def progress(count, title="SVD", kind="svd"):
+    """Report each `decompose(..., where=...)` call inside the block (each
+    `_tick(where, kind)` of this `kind`), with the layer's name, when
+    `count` is at least `PROGRESS_FROM`: one line rewritten in place on a
+    terminal or in a notebook, about ten lines in a log. Reports of other
+    kinds nest (quantizing a model whose inits decompose its kernels)."""
     show = count >= PROGRESS_FROM
     if show:
         print(f"{title} of {count} kernels", flush=True)
-    _progress.append({"show": show, "done": 0, "count": count, "title": title})
+    _progress.append({"show": show, "done": 0, "count": count, "title": title, "kind": kind})
     try:
         yield
     finally:
@@ -74,10 +75,11 @@ def _interactive():
     return tty or "ipykernel" in sys.modules
 
 
-def _tick(where):
-    if not _progress:
+def _tick(where, kind="svd"):
+    states = [s for s in _progress if s["kind"] == kind]
+    if not states:
         return
-    state = _progress[-1]
+    state = states[-1]
     state["done"] += 1
     if _labels:
         where = _labels[-1]

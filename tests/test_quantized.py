@@ -546,3 +546,11 @@ def test_pissa_file_onto_a_keras_quantized_model_is_refused(tmp_path):
         kl.load_adapter(other, f)
     assert snapshot_weights(other) == before
     assert bases.base_kind(other.get_layer("target")) == "int8"
+
+
+def test_quantizing_many_layers_shows_progress(capsys):
+    layers = [keras.layers.Dense(64, name=f"d{i}") for i in range(7)]
+    model = keras.Sequential([keras.Input((64,))] + layers + [keras.layers.Dense(2, name="out")])
+    kl.enable_adapter(model, rank=2, base="nf4")
+    out = capsys.readouterr().out
+    assert "NF4 conversion of 7 kernels" in out and "d6" in out
