@@ -4,7 +4,8 @@ A tiny Gemma causal LM is built locally (no download) and trained on task A
 (next token = token + 1); an adapter is put on every Dense/EinsumDense and
 fine-tuned on task B (next token = token + 3); the model is saved as
 `.keras`, reloaded (the outputs must match), saved as an adapter-only file,
-and merged into plain Keras layers (the outputs must match again).
+merged into plain Keras layers (the outputs must match again), and the
+merged model continues a prompt with `generate()`.
 
     python examples/finetune_gemma.py [--backend jax|tensorflow|torch]
         [--method lora] [--rank 8] [--alpha A] [--base float|nf4|int8|int4]
@@ -242,6 +243,19 @@ def run(args):
     merged_diff = _max_diff(y_adapted, reloaded.predict_on_batch(sample))
     left = len(keras_lowrank.adapters(reloaded))
     print(f"adapters left: {left}; max abs difference merged vs adapted: {merged_diff:.3g}")
+    # generate() on the merged model: task B continues a prompt by + SHIFT_B
+    prompt = xb_eval["token_ids"][:1, :4]
+    length = 8
+    padded = np.zeros((1, length), "int32")
+    padded[:, :4] = prompt
+    mask = np.zeros((1, length), "int32")
+    mask[:, :4] = 1
+    generated = keras.ops.convert_to_numpy(reloaded.generate(
+        {"token_ids": padded, "padding_mask": mask}, max_length=length, stop_token_ids=None)["token_ids"])[0]
+    expected = [(int(prompt[0, -1]) + SHIFT_B * (i + 1)) % vocab for i in range(length - 4)]
+    hits = sum(int(g) == e for g, e in zip(generated[4:], expected))
+    print(f"generate: prompt {prompt[0].tolist()} -> {generated[4:].tolist()} "
+          f"(task B would give {expected}: {hits}/{len(expected)})")
     print(f"done in {time.perf_counter() - start:.1f} s")
     if not match:
         raise CheckFailed("the reloaded model does not reproduce the outputs")

@@ -44,3 +44,11 @@ def test_svf_experts_composed_and_searched(tmp_path, capsys):
     alone = result["accuracy_by_weights"]
     assert alone["[1.0, 0.0]"]["plus3"] > alone["[0.0, 1.0]"]["plus3"]  # each expert on its task
     assert len(result["cem_weights"]) == 2
+
+
+@pytest.mark.one_backend
+def test_peft_adapter_into_keras_and_back(tmp_path, capsys):
+    pytest.importorskip("peft")
+    result = run_example("peft_roundtrip", tmp_path, capsys)
+    assert result["layers"] == 6
+    assert result["import_rel_diff"] <= 1e-4 and result["export_rel_diff"] <= 1e-4
