@@ -117,7 +117,7 @@ def run(args):
     # a combination of the two (PEFT's add_weighted_adapter, SVD)
     kl.combine(model, {"plus3": 0.5, "plus5": 0.5}, "mix", method="svd")
     scores["mix"] = {task: round(_accuracy(model, d), 4) for task, d in data.items()}
-    print(f"active=mix    " + "  ".join(f"{t}: {a:.3f}" for t, a in scores["mix"].items()))
+    print("active=mix    " + "  ".join(f"{t}: {a:.3f}" for t, a in scores["mix"].items()))
 
     # save everything, reload, switch the reloaded model
     kl.set_active(model, ["plus3"], trainable=False)
