@@ -22,12 +22,10 @@ import os
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_tasks as tt  # noqa: E402
+
 BACKENDS = ("jax", "tensorflow", "torch")
-TINY_GEMMA = {
-    "vocabulary_size": 32, "num_layers": 2, "num_query_heads": 4, "num_key_value_heads": 1,
-    "hidden_dim": 32, "intermediate_dim": 64, "head_dim": 8,
-}
-SEQ_LEN = 8
 TASKS = {"base": 1, "plus3": 3, "plus5": 5}
 MATCH_TOL = 1e-5
 
@@ -46,53 +44,28 @@ def build_parser(prog=None):
     return parser
 
 
-def _data(rng, n, shift):
-    tokens = rng.integers(0, TINY_GEMMA["vocabulary_size"], size=(n, SEQ_LEN)).astype("int32")
-    x = {"token_ids": tokens, "padding_mask": (tokens * 0 + 1).astype("int32")}
-    return x, ((tokens + shift) % TINY_GEMMA["vocabulary_size"]).astype("int32")
-
-
-def _compile(model, lr):
-    import keras
-
-    model.compile(optimizer=keras.optimizers.Adam(lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-
-
-def _accuracy(model, data):
-    x, y = data
-    return float(model.evaluate(x, y, batch_size=len(y), verbose=0, return_dict=True)["accuracy"])
-
-
 def run(args):
     import warnings
 
     import keras
-    import keras_hub
     import numpy as np
 
     import keras_lowrank as kl
 
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
     n = 128 if args.small else 512
     epochs = args.epochs or (3 if args.small else 6)
-    data = {task: _data(rng, n, shift) for task, shift in TASKS.items()}
+    data = {task: tt.task(shift, n, seed=i) for i, (task, shift) in enumerate(TASKS.items())}
     out = args.out or tempfile.mkdtemp(prefix="klr-named-")
     os.makedirs(out, exist_ok=True)
 
-    model = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(**TINY_GEMMA),
-                                           preprocessor=None)
-    _compile(model, 1e-2)
-    model.fit(*data["base"], batch_size=32, epochs=2 * epochs, verbose=0)
+    model, _ = tt.pretrained_lm(2 * epochs, n)  # trained on task "base" (token + 1)
 
     # one named adapter per task, each trained while it is the active one
     kl.enable_adapter(model, method="lora", rank=4, adapter_name="plus3")
-    _compile(model, 2e-2)
+    tt.compile_lm(model, 2e-2)
     model.fit(*data["plus3"], batch_size=32, epochs=epochs, verbose=0)
     kl.enable_adapter(model, method="dora", rank=4, targets=["*/attention/*"], adapter_name="plus5")
-    _compile(model, 2e-2)
+    tt.compile_lm(model, 2e-2)
     model.fit(*data["plus5"], batch_size=32, epochs=epochs, verbose=0)
     print(f"adapters: {kl.adapter_names(model)}, active: {kl.active_adapters(model)}")
 
@@ -101,7 +74,7 @@ def run(args):
     predict_function = None
     for active in (None, "plus3", "plus5"):
         kl.set_active(model, active, trainable=False)
-        scores[active or "none"] = {task: round(_accuracy(model, d), 4) for task, d in data.items()}
+        scores[active or "none"] = {task: round(tt.accuracy(model, d), 4) for task, d in data.items()}
         model.predict(data["base"][0], batch_size=n, verbose=0)
         if predict_function is None:
             predict_function = model.predict_function
@@ -116,7 +89,7 @@ def run(args):
 
     # a combination of the two (PEFT's add_weighted_adapter, SVD)
     kl.combine(model, {"plus3": 0.5, "plus5": 0.5}, "mix", method="svd")
-    scores["mix"] = {task: round(_accuracy(model, d), 4) for task, d in data.items()}
+    scores["mix"] = {task: round(tt.accuracy(model, d), 4) for task, d in data.items()}
     print("active=mix    " + "  ".join(f"{t}: {a:.3f}" for t, a in scores["mix"].items()))
 
     # save everything, reload, switch the reloaded model
