@@ -8,20 +8,13 @@ import pytest
 import keras_lowrank as kl
 
 from conftest import gemma_backbone
+from conftest import mlp_model as model_fn
 from conftest import perturb
 from conftest import to_np
 from conftest import token_inputs
 
 X = np.random.RandomState(0).normal(size=(6, 5)).astype("float32")
 Y = np.random.RandomState(1).normal(size=(6, 3)).astype("float32")
-
-
-def model_fn(seed=0):
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((5,))
-    h = keras.layers.Dense(6, activation="tanh", name="ffn")(inp)
-    h = keras.layers.EinsumDense("bd,dk->bk", output_shape=(6,), bias_axes="k", name="proj")(h)
-    return keras.Model(inp, keras.layers.Dense(3, name="out")(h))
 
 
 def three_adapters(targets=("out",)):
