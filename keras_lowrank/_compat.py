@@ -123,6 +123,56 @@ def host_view(value):
     return None
 
 
+def from_host(array):
+    """A backend tensor sharing memory with a NumPy array where the backend
+    allows it, else the array itself (which Keras then copies).
+
+    JAX on the CPU takes a C-contiguous array aligned to 64 bytes without a
+    copy (`jax.device_put`; `keras.ops.convert_to_tensor` always copies), so
+    a large state made on the host (NF4 codes) becomes a variable's value
+    without a second copy beside it. Torch already shares a CPU array's
+    memory; TensorFlow always copies. The caller must not write to `array`
+    afterwards."""
+    if keras.backend.backend() == "jax" and isinstance(array, np.ndarray):
+        import jax
+
+        if (
+            jax.default_backend() == "cpu"
+            and array.flags.c_contiguous
+            and array.ctypes.data % 64 == 0
+        ):
+            return jax.device_put(array)
+    return array
+
+
+def writes_in_place():
+    """Whether a slice of a variable can be written without copying the
+    variable (TensorFlow's resource variables); see `slice_writer`."""
+    return keras.backend.backend() == "tensorflow"
+
+
+def slice_writer(variable):
+    """`write(start, values)`: `variable[start:start + len(values)] = values`
+    in place (TensorFlow's `ResourceStridedSliceAssign`; only where
+    `writes_in_place()`)."""
+    target = variable.value
+
+    def write(start, values):
+        target[start : start + values.shape[0]].assign(values)
+
+    return write
+
+
+def aligned_empty(shape, dtype):
+    """`np.empty(shape, dtype)` starting on a 64-byte boundary (what JAX
+    needs to share a host array's memory, see `from_host`)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def copy_value(variable):
     """A copy of a variable's current value (a separate buffer)."""
     return ops.copy(variable.value)

@@ -101,3 +101,30 @@ def test_docs_show_every_methods_options_as_declared():
         text = open(os.path.join(docs, "methods", f"{name}.md"), encoding="utf-8").read()
         assert f'method="{name}"' in text and table in text, f"docs/methods/{name}.md: update:\n{table}"
         assert f"(methods/{name}.md)" in overview, name
+
+
+def test_host_state_enters_a_variable_with_one_copy_at_most():
+    """The NF4 codes made on the host become a variable without a second
+    copy: JAX on the CPU shares a 64-byte aligned array (`from_host`),
+    torch shares any CPU array, and TensorFlow writes a slice of a variable
+    in place (`slice_writer`)."""
+    codes = _compat.aligned_empty((1000,), "uint8")
+    assert codes.ctypes.data % 64 == 0 and codes.shape == (1000,)
+    codes[:] = np.arange(1000) % 251
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        shared = _compat.from_host(codes)
+        if jax.default_backend() == "cpu":
+            assert shared.unsafe_buffer_pointer() == codes.ctypes.data
+        np.testing.assert_array_equal(np.asarray(shared), codes)
+    var = keras.Variable(initializer=lambda shape, dtype: _compat.from_host(codes), shape=(1000,), dtype="uint8", trainable=False)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(var), codes)
+    assert _compat.writes_in_place() == (backend == "tensorflow")
+    if _compat.writes_in_place():
+        write = _compat.slice_writer(var)
+        write(10, np.full((5,), 7, "uint8"))
+        want = codes.copy()
+        want[10:15] = 7
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(var), want)

@@ -163,11 +163,27 @@ def test_quantizing_piece_by_piece_equals_one_pass(equation, kernel_shape, monke
     one_pass = _np_state(nf4.quantize_nf4(np.swapaxes(matrix, -1, -2)))
     monkeypatch.setattr(nf4, "CHUNK", 128)  # many pieces
     layer.quantize_kernel(kernel)
-    pieces = _np_state(layer._state)
-    assert pieces.keys() == one_pass.keys()
-    for name in one_pass:
-        np.testing.assert_array_equal(pieces[name], one_pass[name], err_msg=name)
+    # and as `from_layer` builds one (TensorFlow: codes written into the
+    # variable in place, a few pieces at a time)
+    monkeypatch.setattr(nf4, "WRITE_BYTES", 100)
+    built = NF4Linear(equation, kernel_shape)
+    built.build_quantized(keras.ops.convert_to_tensor(kernel))
+    for state in (layer._state, built._state):
+        pieces = _np_state(state)
+        assert pieces.keys() == one_pass.keys()
+        for name in one_pass:
+            np.testing.assert_array_equal(pieces[name], one_pass[name], err_msg=name)
     np.testing.assert_allclose(to_np(layer.dequantized_kernel()), kernel, atol=0.6)
+
+
+def test_finiteness_check_tells_overflow_from_inf():
+    """The pre-check sums the kernel (no temporary); a sum of finite values
+    that overflows is not mistaken for an inf."""
+    huge = np.full((4, 64), 3e38, "float32")
+    nf4.check_finite(keras.ops.convert_to_tensor(huge))  # sum overflows: no error
+    huge[1, 5] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        nf4.check_finite(keras.ops.convert_to_tensor(huge), "'k'")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -14,9 +14,11 @@ Quantizing (once per kernel) runs on the host in float32 NumPy, piece by
 piece; dequantizing (every forward) runs in `keras.ops` on the device.
 """
 
+import keras
 import numpy as np
 from keras import ops
 
+from keras_lowrank import _compat
 from keras_lowrank.quant._dynamic_map import DYNAMIC_MAP
 
 #: the bitsandbytes NF4 table (index 0..15)
@@ -39,6 +41,9 @@ ABSMAX_BLOCK = 256
 #: values quantized at a time (a multiple of BLOCK): quantizing a kernel of
 #: any size holds only this many float32 values and their codes in flight
 CHUNK = 1 << 16
+#: codes written out at a time by `quantize_nf4_chunks` (one write per
+#: piece costs TensorFlow a slice assignment each)
+WRITE_BYTES = 1 << 20
 
 
 def _midpoints(code):
@@ -94,11 +99,14 @@ def check_finite(values, where="kernel"):
         flat = values.reshape(-1)  # piece by piece: no kernel-sized temporary
         ok = all(bool(np.isfinite(flat[i : i + CHUNK]).all()) for i in range(0, flat.shape[0], CHUNK))
     else:
-        # sum(x * 0) is NaN exactly when some x is NaN or inf; one temporary
-        # in the tensor's own dtype (`isfinite` on a bfloat16 tensor costs a
-        # float32 copy on some backends; slicing it finer measured worse on
-        # TensorFlow, whose allocator keeps the pieces)
-        ok = bool(np.isfinite(ops.convert_to_numpy(ops.cast(ops.sum(values * 0), "float32"))))
+        # A sum of the values is NaN or inf when some value is, and no
+        # temporary is made (TensorFlow's allocator would keep one the size
+        # of the kernel; `isfinite` on a bfloat16 tensor costs a float32
+        # copy on some backends). A sum of finite values can still overflow:
+        # only then is `sum(x * 0)`, NaN exactly when some x is NaN or inf,
+        # taken to tell the two apart.
+        finite = lambda t: bool(np.isfinite(ops.convert_to_numpy(ops.cast(t, "float32"))))  # noqa: E731
+        ok = finite(ops.sum(values)) or finite(ops.sum(values * 0))
     if not ok:
         raise ValueError(
             f"NF4 quantization of {where}: the values contain NaN or inf, "
@@ -117,8 +125,17 @@ def quantize_blockwise_8bit(values, block=ABSMAX_BLOCK, code=None):
 def dequantize_blockwise_8bit(codes, absmax, block=ABSMAX_BLOCK, code=None):
     code = ops.convert_to_tensor(DYNAMIC_MAP if code is None else code, "float32")
     n = codes.shape[0]
-    vals = ops.take(code, ops.cast(codes, "int32"))
+    vals = _take_rows(code, codes)
     return _times_block_absmax(vals, absmax, block, n)
+
+
+def _take_rows(table, codes):
+    """`table[codes]` along axis 0, for unsigned integer codes."""
+    if keras.backend.backend() == "torch":  # keras.ops.take's int64 copy and
+        from keras_lowrank import _torch  # negative-index fix cost 4 passes
+
+        return _torch.take_rows(table, ops.convert_to_tensor(codes))
+    return ops.take(table, ops.cast(codes, "int32"), axis=0)
 
 
 def _times_block_absmax(vals, absmax, block, n, dtype="float32"):
@@ -129,9 +146,15 @@ def _times_block_absmax(vals, absmax, block, n, dtype="float32"):
     pad = n_blocks * block - n
     if pad:
         vals = ops.concatenate([vals, ops.zeros((pad,), vals.dtype)])
-    out = ops.reshape(vals, (n_blocks, block)) * ops.expand_dims(absmax, -1)
-    if dtype != "float32":
-        out = ops.cast(out, dtype)
+    vals = ops.reshape(vals, (n_blocks, block))
+    if keras.backend.backend() == "torch":  # the product written once, in `dtype`
+        from keras_lowrank import _torch
+
+        out = _torch.times_rows(vals, ops.convert_to_tensor(absmax, "float32"), dtype)
+    else:
+        out = vals * ops.expand_dims(absmax, -1)
+        if dtype != "float32":
+            out = ops.cast(out, dtype)
     out = ops.reshape(out, (-1,))
     return out[:n] if pad else out
 
@@ -151,7 +174,7 @@ def quantize_nf4(values, double_quant=True, block=BLOCK, where="kernel"):
     )
 
 
-def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="kernel"):
+def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="kernel", write_codes=None):
     """`quantize_nf4` of values given piece by piece.
 
     `chunks` yields consecutive pieces of the flat values (tensors or
@@ -162,8 +185,28 @@ def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="ke
     every backend, and no backend op compiled per piece shape (eager JAX
     would keep each compiled op). The codes and block constants are the same
     as from one call on all the values (blocks never straddle pieces).
+
+    `write_codes(start, piece)`, if given, receives the codes piece by
+    piece (from byte `start`) instead of one array of them in the result:
+    where a variable can be written in place, no host copy of the codes is
+    made at all.
     """
-    codes = np.empty(((numel + 1) // 2,), np.uint8)
+    codes = None
+    if write_codes is None:
+        # aligned: JAX on the CPU then takes the codes without a copy
+        codes = _compat.aligned_empty(((numel + 1) // 2,), np.uint8)
+
+        def write_codes(start, piece):
+            codes[start : start + piece.shape[0]] = piece
+
+    pending = []  # codes handed to `write_codes` WRITE_BYTES at a time
+
+    def flush():
+        if pending:
+            start = pending[0][0]
+            write_codes(start, pending[0][1] if len(pending) == 1 else np.concatenate([p for _, p in pending]))
+            pending.clear()
+
     absmax = np.empty((-(-numel // block),), np.float32)
     bounds = _midpoints(NF4_TABLE)
     pos = 0
@@ -177,12 +220,15 @@ def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="ke
         q = _bucketize(scaled, bounds)
         if m % 2:
             q = np.concatenate([q, np.full((1,), 7, np.int32)])  # 0.0 pads
-        codes[pos // 2 : pos // 2 + (m + 1) // 2] = (q[0::2] * 16 + q[1::2]).astype(np.uint8)
+        pending.append((pos // 2, (q[0::2] * 16 + q[1::2]).astype(np.uint8)))
+        if len(pending) * (CHUNK // 2) >= WRITE_BYTES:
+            flush()
         absmax[pos // block : pos // block + am.shape[0]] = am
         pos += m
+    flush()
     if pos != numel:
         raise ValueError(f"NF4 quantization of {where}: {pos} values given, {numel} expected.")
-    out = {"codes": codes}
+    out = {} if codes is None else {"codes": codes}
     if double_quant:
         # The mean in float64: the same offset on every backend.
         offset = np.float32(absmax.astype(np.float64).mean())
@@ -206,8 +252,7 @@ def dequantize_nf4(state, numel, block=BLOCK, dtype="float32"):
     Each value is `NF4[code] * absmax` in float32, rounded once to `dtype`:
     bit-identical to bitsandbytes' `dequantize_4bit` into that dtype."""
     # One lookup per byte gives both values (high nibble first).
-    codes = ops.cast(state["codes"], "int32")
-    vals = ops.reshape(ops.take(ops.convert_to_tensor(NF4_PAIRS), codes, axis=0), (-1,))
+    vals = ops.reshape(_take_rows(ops.convert_to_tensor(NF4_PAIRS), state["codes"]), (-1,))
     vals = vals[:numel] if vals.shape[0] != numel else vals
     return _times_block_absmax(vals, dequantize_absmax(state), block, numel, dtype)
 
