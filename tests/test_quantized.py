@@ -176,6 +176,16 @@ def test_quantizing_piece_by_piece_equals_one_pass(equation, kernel_shape, monke
     np.testing.assert_allclose(to_np(layer.dequantized_kernel()), kernel, atol=0.6)
 
 
+def test_nf4_codes_by_comparison_equal_the_binary_search():
+    """The per-bound comparison that makes NF4 codes gives what a binary
+    search (torch.bucketize, right=False) gives, ties included."""
+    bounds = nf4._midpoints(nf4.NF4_TABLE)
+    x = np.random.RandomState(3).uniform(-1, 1, 4096).astype("float32")
+    x[:15] = bounds  # a value on a midpoint goes down
+    x[15:17] = (-1.0, 1.0)
+    np.testing.assert_array_equal(nf4._nf4_codes(x, bounds), nf4._bucketize(x, bounds))
+
+
 def test_finiteness_check_tells_overflow_from_inf():
     """The pre-check sums the kernel (no temporary); a sum of finite values
     that overflows is not mistaken for an inf."""

