@@ -13,6 +13,7 @@ from keras.src.backend.common import global_state
 from keras.src.models.functional import Functional
 from keras.src.quantizers import dequantize_with_sz_map
 from keras.src.quantizers import unpack_int4
+from keras.src.utils import tracking as keras_tracking
 
 try:
     from keras.src.backend.common.variables import AutocastScope
@@ -45,21 +46,32 @@ def unlocked(layer):
     return scope()
 
 
+def _with_inner_graphs(layers):
+    """`layers`, each followed by the Functional graph it keeps outside its
+    sublayers (a Sequential's), which holds a `ParameterDict` of its own."""
+    for layer in layers:
+        yield layer
+        inner = sequential_graph(layer)
+        if inner is not None:
+            yield inner
+
+
 def refresh_torch_params(layers):
     """Torch keeps a ParameterDict of every variable; refresh it after swaps."""
     if keras.backend.backend() != "torch":
         return
-    for layer in layers:
+    for layer in _with_inner_graphs(layers):
         if hasattr(layer, "_torch_params"):
             layer._track_variables()
 
 
 def torch_param_holders(layers):
     """The layers that keep a torch `ParameterDict` of their variables (and
-    their sublayers'); empty on other backends."""
+    their sublayers'), a Sequential's inner graph included; empty on other
+    backends."""
     if keras.backend.backend() != "torch":
         return []
-    return [layer for layer in layers if hasattr(layer, "_torch_params")]
+    return [layer for layer in _with_inner_graphs(layers) if hasattr(layer, "_torch_params")]
 
 
 def forget_torch_variables(holders, variables):
@@ -232,9 +244,41 @@ def _tf_reference_to(item, old):
     return type(item).__name__ == "TrackableReference" and getattr(item, "ref", None) is old
 
 
+def _is_tf_list_wrapper(value):
+    """Whether `value` is a list TensorFlow's attribute tracking wrapped (a
+    `ListWrapper`, which Keras's tracker left alone): TensorFlow refuses to
+    save one in which an element was replaced (`__setitem__`), by it or
+    behind its back."""
+    return type(value).__name__ == "ListWrapper" and hasattr(value, "_non_append_mutation")
+
+
+def _is_tf_dict_wrapper(value):
+    """Whether `value` is a dict TensorFlow's attribute tracking wrapped (a
+    proxy: `dict.__setitem__` does not apply to it)."""
+    return type(value).__name__ == "_DictWrapper" and hasattr(value, "__wrapped__")
+
+
+def set_untracked(obj, name, value):
+    """`obj.<name> = value` past Keras's tracker, the way Keras sets a
+    Functional's `_operations`. On TensorFlow a list then gets a fresh
+    `ListWrapper`, tracked under `name` in place of the old one, as in a
+    model built that way; elsewhere it stays a plain list."""
+    with keras_tracking.DotNotTrackScope():
+        setattr(obj, name, value)
+
+
+def _swapped(items, old, new):
+    return [new if v is old else v for v in items]
+
+
 def replace_in_attributes(parent, old, new):
     """Point every attribute (and list or dict item) of `parent` that holds
-    `old` at `new`, and torch's module registry with them."""
+    `old` at `new`, and torch's module registry with them.
+
+    Items of Keras-tracked or plain lists and dicts are set in place, past
+    Keras's tracker (which would append `new` to the parent's sublayers). A
+    list TensorFlow tracks is replaced whole, so that it tracks `new` as
+    if it had been built with it."""
     for attr, value in list(vars(parent).items()):
         if attr in ("_layers", "_tracker", "_operations"):
             continue
@@ -243,6 +287,8 @@ def replace_in_attributes(parent, old, new):
             modules = vars(parent).get("_modules")
             if modules is not None and attr in modules:
                 modules[attr] = new
+        elif _is_tf_list_wrapper(value) and any(v is old for v in value):
+            set_untracked(parent, attr, _swapped(value, old, new))
         elif isinstance(value, list) and any(v is old or _tf_reference_to(v, old) for v in value):
             for i, v in enumerate(value):
                 if v is old:
@@ -254,7 +300,10 @@ def replace_in_attributes(parent, old, new):
         elif isinstance(value, dict) and any(v is old for v in value.values()):
             for k, v in list(value.items()):
                 if v is old:
-                    dict.__setitem__(value, k, new)
+                    if _is_tf_dict_wrapper(value):
+                        value[k] = new  # the wrapper tracks `new` under `k`
+                    else:
+                        dict.__setitem__(value, k, new)
     modules = vars(parent).get("_modules")
     if modules:
         for key, mod in list(modules.items()):
@@ -282,8 +331,10 @@ def replace_in_graph(parent, old, new):
     for func in _functionals_of(parent):
         if old not in getattr(func, "_operations", []):
             continue
-        ops_list = func._operations
-        ops_list[ops_list.index(old)] = new
+        # A new list, not an item set in the old one: on TensorFlow the
+        # operations list is a tracked `ListWrapper`, which refuses to save
+        # (`model.export`) once an element was replaced.
+        set_untracked(func, "_operations", _swapped(func._operations, old, new))
         by_depth = getattr(func, "_operations_by_depth", None)
         if by_depth:
             for depth, ops_at in by_depth.items():
@@ -300,8 +351,10 @@ def replace_in_graph(parent, old, new):
             for key in [k for k in nodes if k.startswith(prefix)]:
                 nodes.discard(key)
                 nodes.add(f"{id(new)}_ib-{key[len(prefix):]}")
-        new._inbound_nodes = old._inbound_nodes
-        new._outbound_nodes = old._outbound_nodes
+        # `new` keeps its own node lists (tracked as its class tracks them),
+        # with the nodes of `old` as their contents
+        new._inbound_nodes[:] = list(old._inbound_nodes)
+        new._outbound_nodes[:] = list(old._outbound_nodes)
 
 
 def producer(tensor):

@@ -141,6 +141,26 @@ def path_scope(path):
         yield
 
 
+@contextlib.contextmanager
+def scope_of(layer, path):
+    """Nested `keras.name_scope`s in which a layer built in place of `layer`
+    gets the variable paths `layer`'s variables have: the scope Keras built
+    `layer` in, less its own name (`layer.path`; it starts with the model's
+    name where the model opened a scope for it, a Sequential or a subclassed
+    model, which `path` leaves out). `path_scope(path)` where `layer` is
+    `None` or Keras recorded no such scope."""
+    own = getattr(layer, "path", None) if layer is not None else None
+    name = getattr(layer, "name", None)
+    if not (isinstance(own, str) and name and (own == name or own.endswith("/" + name))):
+        with path_scope(path):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        for part in own.split("/")[:-1]:
+            stack.enter_context(keras.name_scope(part))
+        yield
+
+
 def replace_child(parent, old, new):
     """Replace a direct sublayer `old` of `parent` by `new`."""
     with _compat.unlocked(parent):
@@ -151,10 +171,18 @@ def replace_child(parent, old, new):
 def replace_layer(model, entry, new):
     """Put `new` everywhere `entry.layer` is referenced in `model`: in each
     parent's attributes and tracked sublayers, and in the graph of every
-    Functional model (or Sequential's inner Functional) that calls it."""
+    Functional model (or Sequential's inner Functional) that calls it.
+
+    The containers that hold it are left as a build with `new` in the first
+    place would have them: a list TensorFlow tracks (a Functional's
+    operations) is replaced whole, not changed in place, as TensorFlow
+    refuses to save (`model.export`) a tracked list whose item was replaced."""
     old = entry.layer
     for parent in entry.parents:
         replace_child(parent, old, new)
+        inner = _compat.sequential_graph(parent)
+        if inner is not None and old in _compat.sublayers(inner):
+            replace_child(inner, old, new)  # its own sublayers: its weights, torch's ParameterDict
         _compat.replace_in_graph(parent, old, new)
 
 
