@@ -1,13 +1,17 @@
-"""DP-DyLoRA federations (spec §5): accounting, what clients send, the
-server's noise, and whole federations, in this process (a Grid that runs
-the ClientApp in-process) and in Flower's simulation engine (a child
-process: the example script)."""
+"""DP-DyLoRA federations: accounting, what clients send, the server's
+noise, and whole federations, in this process (a Grid that runs the
+ClientApp in-process) and in Flower's simulation engine (Ray workers: the
+example script in a child process, and tiny federations in this one)."""
 
 import json
 import logging
+import math
 import os
+import random
 import subprocess
 import sys
+import threading
+import time
 
 import dp_accounting
 import keras
@@ -72,20 +76,84 @@ def test_noise_for_epsilon_round_trips(accountant, target):
     assert eps <= target * (1 + 1e-6)  # the calibrated σ spends at most the target
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"noise_multiplier": 0.0}, "noise_multiplier"),
-    ({"noise_multiplier": float("nan")}, "noise_multiplier"),
-    ({"sampling_rate": 1.5}, "sampling_rate"),
-    ({"rounds": -1}, "rounds"),
-    ({"rounds": 2.5}, "rounds"),
-    ({"delta": 1.0}, "delta"),
-    ({"accountant": "moments"}, "accountant"),
+def refused(error, where, name, value):
+    """`pytest.raises(error)` for a refusal whose message names the
+    function, the argument and the value (as `repr` writes it)."""
+    import re
+
+    return pytest.raises(error, match=rf"^{re.escape(where)}: .*{re.escape(f'{name}={value!r}')}")
+
+
+BAD_NUMBERS = [  # (value, error) for an argument that needs a positive finite number
+    (float("nan"), ValueError), (-1.0, ValueError), (0, ValueError), (float("inf"), ValueError),
+    ("5", TypeError), (True, TypeError), (None, TypeError),
+]
+
+
+@pytest.mark.parametrize("name,value,error", [
+    *[("noise_multiplier", v, e) for v, e in BAD_NUMBERS],
+    ("noise_multiplier", 1e-300, ValueError),  # was a ZeroDivisionError in dp-accounting
+    ("sampling_rate", 1.5, ValueError), ("sampling_rate", 0.0, ValueError),
+    ("sampling_rate", float("nan"), ValueError), ("sampling_rate", "0.1", TypeError),
+    ("rounds", -1, ValueError), ("rounds", 2.5, TypeError), ("rounds", 10.0, TypeError),
+    ("rounds", True, TypeError), ("rounds", "10", TypeError), ("rounds", 10**400, ValueError),
+    ("delta", 1.0, ValueError), ("delta", 0.0, ValueError), ("delta", float("nan"), ValueError),
+    ("delta", "1e-5", TypeError),
+    ("accountant", "moments", ValueError), ("accountant", None, ValueError),
 ])
-def test_privacy_budget_refuses_bad_values(kwargs, match):
+def test_privacy_budget_refuses_bad_values(name, value, error):
     args = {"noise_multiplier": 1.0, "sampling_rate": 0.1, "rounds": 10, "delta": 1e-5}
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    args[name] = value
+    with refused(error, "privacy_budget", name, value):
         federated.privacy_budget(**args)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_privacy_budget_at_extreme_values(accountant):
+    """A huge σ gives ε = 0 (it overflowed); a σ too small to account, a PLD
+    too large for memory (a MemoryError after minutes), a δ below the PLD's
+    truncated tail (ε = inf) are refused, naming the values."""
+    assert federated.privacy_budget(1e300, 0.1, 10, 1e-5, accountant) == 0.0
+    assert federated.privacy_budget(float(np.finfo(np.float64).max), 0.1, 10, 1e-5, accountant) == 0.0
+    # many rounds of a huge σ: dp-accounting's sparse PLD composition computed
+    # `size ** rounds` and never returned
+    assert federated.privacy_budget(1e100, 0.5, 10**12, 1e-5, accountant) == 0.0
+    assert federated.privacy_budget(3.0, 1e-300, 10, 1e-5, accountant) == 0.0
+    with refused(ValueError, "privacy_budget", "noise_multiplier", 1e-300):
+        federated.privacy_budget(1e-300, 0.1, 10, 1e-5, accountant)
+    if accountant == "rdp":
+        assert math.isfinite(federated.privacy_budget(1e-100, 0.5, 10**12, 5e-324, "rdp"))
+        assert federated.privacy_budget(1.0, 0.1, 10**12, 1e-5, "rdp") > 1e9
+        return
+    for sigma, q, rounds in [(1e-3, 0.1, 10), (1.0, 0.1, 10**6), (1.0, 1.0, 10**6)]:
+        with pytest.raises(ValueError, match=rf"^privacy_budget: the PLD accountant cannot account "
+                                             rf"noise_multiplier={sigma!r}, sampling_rate={q!r}, "
+                                             rf"rounds={rounds!r}.*accountant='rdp'"):
+            federated.privacy_budget(sigma, q, rounds, 1e-5, "pld")
+    with pytest.raises(ValueError, match=r"^privacy_budget: .*no finite epsilon.*delta=1e-100"):
+        federated.privacy_budget(1.0, 0.1, 10, 1e-100, "pld")
+
+
+@pytest.mark.parametrize("name,value,error", [
+    *[("target_epsilon", v, e) for v, e in BAD_NUMBERS],
+    ("sampling_rate", 2, ValueError), ("rounds", 0, ValueError), ("rounds", 1.5, TypeError),
+    ("delta", -1e-5, ValueError), ("accountant", "gdp", ValueError),
+])
+def test_noise_for_epsilon_refuses_bad_values(name, value, error):
+    args = {"target_epsilon": 2.0, "sampling_rate": 0.1, "rounds": 10, "delta": 1e-5}
+    args[name] = value
+    with refused(error, "noise_for_epsilon", name, value):
+        federated.noise_for_epsilon(**args)
+
+
+def test_noise_for_epsilon_at_extreme_targets():
+    # a tiny target: the smallest σ whose ε is 0 to the accountant
+    sigma = federated.noise_for_epsilon(1e-300, 0.1, 10, 1e-5)
+    assert 1e3 < sigma < 1e6 and federated.privacy_budget(sigma, 0.1, 10, 1e-5) == 0.0
+    # a target no noise reaches (at δ = 5e-324 RDP's ε keeps a floor)
+    with pytest.raises(ValueError, match=r"^noise_for_epsilon: target_epsilon=0.01 is below the "
+                                         r"epsilon of any noise"):
+        federated.noise_for_epsilon(0.01, 1.0, 10, 5e-324)
 
 
 def test_noise_for_epsilon_refuses_a_budget_with_no_privacy():
@@ -154,7 +222,7 @@ def test_set_adapter_arrays_checks_before_writing():
     wrong["logits/kernel"] = np.zeros((12, 3), "float32")
     with pytest.raises(ValueError, match="unexpected: \\['logits/kernel'\\]"):
         federated.set_adapter_arrays(model, wrong)
-    with pytest.raises(ValueError, match="rank must be an int in \\[1, 4\\]"):
+    with pytest.raises(ValueError, match="rank must be None or an int in \\[1, 4\\]"):
         federated.adapter_arrays(model, rank=5)
     after = federated.adapter_arrays(model)
     for k in before:
@@ -252,9 +320,10 @@ def test_the_naive_variant_is_refused():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"clients_per_round": 20}, "clients_per_round"),
-    ({"rounds": 0}, "rounds must be an int >= 1"),
+    ({"rounds": 0}, r"rounds must be an int in \[1, "),
     ({"noise_multiplier": 1.0}, "needs a clipping_norm"),
     ({"clipping_norm": 1.0}, "belong to differential privacy"),
+    ({"max_epsilon": 5.0}, "belong to differential privacy"),
     ({"noise_multiplier": 1.0, "target_epsilon": 2.0, "clipping_norm": 1.0}, "not both"),
     ({"accountant": "gdp"}, "accountant"),
 ])
@@ -263,6 +332,142 @@ def test_server_app_refuses_bad_settings(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         federated.server_app(model_fn, **args)
+
+
+DP = {"num_clients": 10, "clients_per_round": 2, "rounds": 2, "noise_multiplier": 1.0,
+      "clipping_norm": 1.0}
+
+
+@pytest.mark.parametrize("name,value,error", [
+    *[("max_epsilon", v, e) for v, e in BAD_NUMBERS if v is not None],  # None: no cap
+    *[("clipping_norm", v, e) for v, e in BAD_NUMBERS if v is not None],
+    *[("server_learning_rate", v, e) for v, e in BAD_NUMBERS],
+    *[("timeout", v, e) for v, e in BAD_NUMBERS],
+    ("noise_multiplier", float("nan"), ValueError), ("noise_multiplier", -1.0, ValueError),
+    ("noise_multiplier", float("inf"), ValueError), ("noise_multiplier", "1.0", TypeError),
+    ("noise_multiplier", 1e-300, ValueError),
+    ("target_epsilon", float("nan"), ValueError), ("target_epsilon", 0.0, ValueError),
+    ("num_clients", 0, ValueError), ("num_clients", 2.5, TypeError), ("num_clients", True, TypeError),
+    ("num_clients", "10", TypeError),
+    ("clients_per_round", float("nan"), ValueError), ("clients_per_round", 0, ValueError),
+    ("clients_per_round", 11, ValueError), ("clients_per_round", "2", TypeError),
+    ("rounds", 0, ValueError), ("rounds", 2.5, TypeError), ("rounds", "2", TypeError),
+    ("delta", 0.0, ValueError), ("delta", 1.0, ValueError), ("delta", float("nan"), ValueError),
+    ("seed", -1, ValueError), ("seed", 1.5, TypeError), ("seed", "0", TypeError),
+    ("accountant", 3, ValueError), ("save_path", 3, TypeError), ("save_path", "model.h5", ValueError),
+    ("model_fn", None, TypeError), ("evaluate_fn", 3, TypeError), ("on_finish", "print", TypeError),
+])
+def test_server_app_checks_every_argument(name, value, error):
+    """Each refused before anything runs, naming the argument and the value
+    (a NaN max_epsilon used to be accepted and the cap silently ignored)."""
+    args = dict(DP, model_fn=model_fn)
+    args[name] = value
+    with refused(error, "server_app", name, value):
+        federated.server_app(**args)
+
+
+def test_a_nan_max_epsilon_from_the_run_config_is_refused_when_the_run_starts():
+    settings = federated.server_app(model_fn, **DP, max_epsilon=3.0).settings
+    assert settings.with_run_config({"max-epsilon": 2.0}).max_epsilon == 2.0
+    with pytest.raises(ValueError, match=r"^server_app: max_epsilon must be .*max_epsilon=nan.*"
+                                         r"\(the run config set max-epsilon\)"):
+        settings.with_run_config({"max-epsilon": float("nan")})
+    with pytest.raises(TypeError, match=r"max_epsilon='5'"):
+        settings.with_run_config({"max-epsilon": "5"})
+
+
+def test_a_pld_run_too_large_to_account_is_refused_by_server_app():
+    with pytest.raises(ValueError, match=r"^server_app: the PLD accountant cannot account "
+                                         r"noise_multiplier=0.01"):
+        federated.server_app(model_fn, **dict(DP, noise_multiplier=0.01), accountant="pld")
+
+
+@pytest.mark.parametrize("name,value,error", [
+    ("epochs", 0, ValueError), ("epochs", -1, ValueError), ("epochs", float("nan"), TypeError),
+    ("epochs", 2.5, TypeError), ("epochs", True, TypeError), ("epochs", "1", TypeError),
+    ("batch_size", 0, ValueError), ("batch_size", 2.5, TypeError), ("batch_size", None, TypeError),
+    ("seed", -1, ValueError), ("seed", 1.5, TypeError),
+    ("model_fn", "model", TypeError), ("data_fn", None, TypeError),
+])
+def test_client_app_checks_every_argument(name, value, error):
+    args = {"model_fn": model_fn, "data_fn": data_fn}
+    args[name] = value
+    with refused(error, "client_app", name, value):
+        federated.client_app(**args)
+
+
+def test_train_client_checks_its_numbers():
+    model = model_fn(rank=4)
+    fp = federated.base_fingerprint(model)
+    arrays, config = _round_message(model, rank=2)
+    content = RecordDict({"arrays": arrays, "config": config})
+    before = federated.adapter_arrays(model)
+    for name, value, error in [("epochs", 0, ValueError), ("batch_size", 2.5, TypeError)]:
+        with refused(error, "train_client", name, value):
+            apps.train_client(model, fp, content, data_fn(0, 1), **{name: value})
+    for k, v in federated.adapter_arrays(model).items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_run_simulation_checks_its_arguments_before_anything_runs():
+    built = []
+
+    def counting_model_fn():
+        built.append(1)
+        return model_fn("lora", rank=2)
+
+    server = federated.server_app(counting_model_fn, num_clients=3, clients_per_round=2, rounds=1)
+    client = federated.client_app(counting_model_fn, data_fn)
+    for kwargs, error, where in [
+        ({"num_clients": 0}, ValueError, ("num_clients", 0)),
+        ({"num_clients": 2.5}, TypeError, ("num_clients", 2.5)),
+        ({"num_clients": 3, "cpus_per_client": 0}, ValueError, ("cpus_per_client", 0)),
+        ({"num_clients": 3, "cpus_per_client": float("nan")}, ValueError,
+         ("cpus_per_client", float("nan"))),
+        ({"num_clients": 3, "cpus_per_client": "1"}, TypeError, ("cpus_per_client", "1")),
+        ({"num_clients": 3, "verbose": "yes"}, TypeError, ("verbose", "yes")),
+    ]:
+        with refused(error, "run_simulation", *where):
+            federated.run_simulation(server, client, **kwargs)
+    with pytest.raises(ValueError, match=r"^run_simulation: num_clients=2 is below the server's "
+                                         r"num_clients=3"):
+        federated.run_simulation(server, client, num_clients=2)
+    with pytest.raises(TypeError, match=r"^run_simulation: server must be a Flower ServerApp"):
+        federated.run_simulation(client, client, num_clients=3)
+    assert not built  # nothing was built, no engine started
+
+
+def test_the_strategies_check_their_numbers():
+    with refused(ValueError, "PoissonFedAvg", "sampling_rate", float("nan")):
+        apps.PoissonFedAvg(float("nan"), 4, True)
+    with refused(ValueError, "PoissonFedAvg", "expected_cohort", 0):
+        apps.PoissonFedAvg(0.5, 0, True)
+    with refused(ValueError, "PoissonFedAvg", "seed", -1):
+        apps.PoissonFedAvg(0.5, 4, True, seed=-1)
+    with refused(TypeError, "PoissonFedAvg", "fixed_denominator", "yes"):
+        apps.PoissonFedAvg(0.5, 4, "yes")
+    with refused(ValueError, "RankBroadcast", "max_epsilon", float("nan")):
+        apps.RankBroadcast(None, {}, 4, {}, "", max_epsilon=float("nan"))
+
+
+def test_the_exchange_checks_its_arguments():
+    model = model_fn(rank=4)
+    before = federated.adapter_arrays(model)
+    for rank, error in [(2.0, TypeError), (True, TypeError), ("2", TypeError), (0, ValueError),
+                        (5, ValueError)]:
+        with refused(error, "adapter_arrays", "rank", rank):
+            federated.adapter_arrays(model, rank=rank)
+        with refused(error, "set_adapter_arrays", "rank", rank):
+            federated.set_adapter_arrays(model, before, rank=rank)
+    with pytest.raises(TypeError, match=r"^set_adapter_arrays: arrays must be a dict"):
+        federated.set_adapter_arrays(model, list(before.values()))
+    bad = dict(before, **{"hidden/lora_a": before["hidden/lora_a"].astype(str)})
+    with pytest.raises(TypeError, match=r"^set_adapter_arrays: .*'hidden/lora_a' must hold real numbers"):
+        federated.set_adapter_arrays(model, bad)
+    with pytest.raises(TypeError, match=r"^base_fingerprint: model must be a Keras model"):
+        federated.base_fingerprint("model")
+    for k, v in federated.adapter_arrays(model).items():
+        np.testing.assert_array_equal(v, before[k])
 
 
 # ---------------------------------------------------------------------------
@@ -488,3 +693,90 @@ def test_a_seeded_client_repeats_its_training_exactly():
     second = _client_round(client, arrays, config)
     for k, v in first.content["arrays"].items():
         np.testing.assert_array_equal(v.numpy(), second.content["arrays"][k].numpy())
+
+
+# ---------------------------------------------------------------------------
+# The server's base under Flower's simulation engine
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("entry", ["keras_lowrank", "flower"])
+def test_the_server_builds_the_clients_base_while_ray_starts(monkeypatch, entry):
+    """Keras seeds unseeded initializers from Python's global `random`,
+    which Ray's start-up draws from too; Flower's simulation engine runs
+    the ServerApp in a thread while its main thread starts Ray. Here Ray's
+    start-up is made to fall deterministically in the middle of the
+    server's seeded `model_fn` whenever that runs beside the engine: the
+    server then built another base, every client refused it ("base weights
+    differ") and the run ended with "every client failed". `run_simulation`
+    builds the server's model before the engine starts; Flower's own
+    `run_simulation` (`entry="flower"`) gets a server that waits for Ray.
+    Two clients, one round, a tiny model."""
+    import flwr.simulation
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    engine_entered = threading.Event()
+    ray_started = threading.Event()
+    real_flower, real_init = flwr.simulation.run_simulation, ray.init
+
+    def flower_run_simulation(*args, **kwargs):
+        engine_entered.set()
+        return real_flower(*args, **kwargs)
+
+    def ray_init(*args, **kwargs):
+        random.random()  # a draw at Ray's start, beside its own (external storage)
+        try:
+            return real_init(*args, **kwargs)
+        finally:
+            ray_started.set()
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", flower_run_simulation)
+    monkeypatch.setattr(ray, "init", ray_init)
+
+    # defined here, so that cloudpickle sends them to Ray's workers by value
+    def build():
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="hidden"),
+                                  keras.layers.Dense(3, name="logits")])
+        kl.enable_adapter(model, method="lora", rank=2, targets=["hidden", "logits"])
+        model.compile(optimizer="adam",
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    def client_model_fn():
+        keras.utils.set_random_seed(0)
+        return build()
+
+    def server_model_fn():
+        keras.utils.set_random_seed(0)
+        if engine_entered.is_set():  # built beside the engine: Ray starts now
+            ray_started.wait(timeout=120)
+        return build()
+
+    def client_data_fn(partition, partitions):
+        x = np.random.default_rng(partition).normal(size=(8, 6)).astype("float32")
+        return x, (x[:, 0] > 0).astype("int32")
+
+    results = []
+    server = federated.server_app(server_model_fn, num_clients=2, clients_per_round=2, rounds=1,
+                                  on_finish=results.append, timeout=300)
+    client = federated.client_app(client_model_fn, client_data_fn, epochs=1, batch_size=8)
+    cpus = os.cpu_count() or 1  # one Ray worker for both clients: one Keras import
+    start = time.time()
+    try:
+        if entry == "keras_lowrank":
+            federated.run_simulation(server, client, num_clients=2, cpus_per_client=cpus)
+        else:
+            monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())
+            flwr.simulation.run_simulation(
+                server_app=server, client_app=client, num_supernodes=2,
+                backend_config={"client_resources": {"num_cpus": cpus, "num_gpus": 0.0}})
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"federation in Flower's simulation engine: {time.time() - start:.1f} s")
+    assert ray_started.is_set()  # Ray did start
+    (result,) = results
+    assert [h["clients"] for h in result.history] == [2]
+    assert federated.base_fingerprint(result.model) == federated.base_fingerprint(client_model_fn())

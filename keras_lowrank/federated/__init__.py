@@ -1,6 +1,6 @@
 """Federated DP-DyLoRA on Flower, with privacy budgets from dp-accounting.
 
-DP-DyLoRA (spec §5) trains DyLoRA adapters across many clients under
+DP-DyLoRA (Xu et al., arXiv 2405.06368) trains DyLoRA adapters across many clients under
 user-level differential privacy (DP-FedAvg): each round the server draws
 one rank `ℓ` and samples a cohort; each client trains the adapters cut to
 `ℓ` on its own data with `model.fit`, clips its update to norm `C` and
@@ -19,6 +19,11 @@ standard deviation `σ C / n` to the average over the expected cohort size
 Needs the `federated` extra: `pip install 'keras-lowrank[federated]'`
 (Flower with its simulation engine, and dp-accounting). The accounting
 functions need only dp-accounting.
+
+Every public function checks its arguments before it does anything: a
+value of the wrong kind (`"5"`, `True`, `2.5` where an int is needed)
+raises a `TypeError`, a number out of range or not finite a `ValueError`;
+both name the function, the argument and the value.
 
 Examples:
 

@@ -31,6 +31,7 @@ import weakref
 import keras
 import numpy as np
 
+from keras_lowrank import arguments
 from keras_lowrank.federated import accounting
 from keras_lowrank.federated import exchange
 from keras_lowrank.methods import dylora
@@ -165,7 +166,10 @@ def train_client(model, fingerprint, content, data, epochs=1, batch_size=32):
     """One client's round: load the server's arrays at the round's rank,
     `fit` on `data` (a tuple of fit's `x, y[, sample_weight]` or a dataset),
     and return `(arrays, metrics)`: the trained rank-`ℓ` adapter arrays
-    (unclipped: `fixedclipping_mod` clips them) and the reply's metrics."""
+    (unclipped: `fixedclipping_mod` clips them) and the reply's metrics.
+    `epochs` and `batch_size` are ints >= 1."""
+    epochs = arguments.number("train_client", "epochs", epochs, 1, None, integer=True)
+    batch_size = arguments.number("train_client", "batch_size", batch_size, 1, None, integer=True)
     config = content["config"]
     rank = config.get(KEY_RANK)
     has_dylora = exchange.max_rank(model) is not None
@@ -262,8 +266,8 @@ def client_app(model_fn, data_fn, epochs=1, batch_size=32, seed=None):
             Flower's simulation sets the node config keys `partition-id`
             and `num-partitions`; a SuperNode gets them from
             `--node-config`.
-        epochs, batch_size: local training per round.
-        seed: if given, each local training starts from
+        epochs, batch_size: local training per round: ints >= 1.
+        seed: `None`, or an int >= 0: each local training then starts from
             `keras.utils.set_random_seed` of (seed, round, partition), so a
             client's shuffling (and any draw from NumPy's or Keras's global
             generators) repeats whichever worker runs it. Layers' own seed
@@ -275,7 +279,17 @@ def client_app(model_fn, data_fn, epochs=1, batch_size=32, seed=None):
     client loads them, trains at that rank with `model.fit`, and replies
     with the same arrays trained, clipped to the norm by Flower's
     `fixedclipping_mod`: adapter slices only, never a base weight.
+
+    Bad arguments are refused before anything is built, with a `TypeError`
+    (a value of the wrong kind: `"5"`, `True`, `2.5` for an int) or a
+    `ValueError` (out of range) naming the argument and the value.
     """
+    where = "client_app"
+    arguments.function(where, "model_fn", model_fn)
+    arguments.function(where, "data_fn", data_fn)
+    epochs = arguments.number(where, "epochs", epochs, 1, None, integer=True)
+    batch_size = arguments.number(where, "batch_size", batch_size, 1, None, integer=True)
+    seed = arguments.number(where, "seed", seed, 0, None, integer=True, none=True)
     app = ClientApp(mods=[_clip_when_asked])
     # the key of this app's model in a worker process (the app travels to
     # simulation workers pickled: `model_fn` arrives as a new object)
@@ -317,11 +331,19 @@ class PoissonFedAvg(FedAvg):
 
     def __init__(self, sampling_rate, expected_cohort, fixed_denominator, seed=None,
                  server_learning_rate=1.0):
+        where = "PoissonFedAvg"
+        sampling_rate = accounting.check_sampling_rate(where, sampling_rate)
+        expected_cohort = arguments.number(where, "expected_cohort", expected_cohort, 0, None,
+                                         low_open=True)
+        fixed_denominator = arguments.flag(where, "fixed_denominator", fixed_denominator)
+        seed = arguments.number(where, "seed", seed, 0, None, integer=True, none=True)
+        server_learning_rate = arguments.number(where, "server_learning_rate", server_learning_rate,
+                                              0, None, low_open=True)
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, weighted_by_key=KEY_WEIGHT)
-        self.server_learning_rate = float(server_learning_rate)
-        self.sampling_rate = float(sampling_rate)
-        self.expected_cohort = float(expected_cohort)
-        self.fixed_denominator = bool(fixed_denominator)
+        self.server_learning_rate = server_learning_rate
+        self.sampling_rate = sampling_rate
+        self.expected_cohort = expected_cohort
+        self.fixed_denominator = fixed_denominator
         self.rng = np.random.default_rng(seed)
         self.current = None
         self.last_cohort = 0
@@ -376,6 +398,11 @@ class RankBroadcast(Strategy):
 
     def __init__(self, strategy, full_arrays, max_rank, layer_ranks, fingerprint, ledger=None,
                  max_epsilon=None, seed=None):
+        where = "RankBroadcast"
+        max_rank = arguments.number(where, "max_rank", max_rank, 1, None, integer=True, none=True)
+        max_epsilon = arguments.number(where, "max_epsilon", max_epsilon, 0, None, low_open=True,
+                                     none=True)
+        seed = arguments.number(where, "seed", seed, 0, None, integer=True, none=True)
         super().__init__()
         self.strategy = strategy
         self.full = {k: np.array(v, np.float32) for k, v in full_arrays.items()}
@@ -518,63 +545,84 @@ class Settings:
 
     def with_run_config(self, run_config):
         values = dict(self.given)
-        changed = False
+        changed = []
         for key, attr in self.RUN_CONFIG.items():
             if key in run_config:
                 value = run_config[key]
-                values[attr] = None if value in ("", "none", "None") else value
-                changed = True
-        return Settings(**values) if changed else self
+                values[attr] = None if isinstance(value, str) and value in ("", "none", "None") else value
+                changed.append(key)
+        if not changed:
+            return self
+        try:
+            return Settings(**values)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (the run config set {', '.join(changed)})") from None
 
     def check(self):
-        def positive_int(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"server_app: {name} must be an int >= 1; received {name}={v!r}.")
-
-        positive_int("num_clients")
-        positive_int("rounds")
-        accounting._check("server_learning_rate", self.server_learning_rate, 0, None)
-        if not isinstance(self.clients_per_round, (int, float)) or isinstance(self.clients_per_round, bool) \
-                or not 0 < self.clients_per_round <= self.num_clients:
-            raise ValueError(
-                "server_app: clients_per_round (the expected cohort size) must be in "
-                f"(0, num_clients={self.num_clients}]; received clients_per_round={self.clients_per_round!r}."
-            )
+        """Every setting checked (type, finiteness, range), then how they
+        combine; σ derived from `target_epsilon`; the whole run's privacy
+        accounted once, so that an accountant that cannot account it
+        refuses now rather than after some rounds."""
+        w = "server_app"
+        number = arguments.number
+        self.num_clients = number(w, "num_clients", self.num_clients, 1, None, integer=True)
+        self.rounds = accounting.check_rounds(w, self.rounds, low=1)
+        self.clients_per_round = number(w, "clients_per_round", self.clients_per_round, 0,
+                                        self.num_clients, low_open=True)
+        self.noise_multiplier = number(w, "noise_multiplier", self.noise_multiplier, 0, None)
+        self.clipping_norm = number(w, "clipping_norm", self.clipping_norm, 0, None, low_open=True,
+                                    none=True)
+        self.target_epsilon = number(w, "target_epsilon", self.target_epsilon, 0, None,
+                                     low_open=True, none=True)
+        if self.delta is not None:
+            self.delta = accounting.check_delta(w, self.delta)
+        self.max_epsilon = number(w, "max_epsilon", self.max_epsilon, 0, None, low_open=True,
+                                  none=True)
+        self.seed = number(w, "seed", self.seed, 0, None, integer=True, none=True)
+        self.server_learning_rate = number(w, "server_learning_rate", self.server_learning_rate,
+                                           0, None, low_open=True)
+        arguments.path(w, "save_path", self.save_path, (".keras",), none=True)
         if self.rank_sampling != "server":
             if self.rank_sampling == "client":
                 raise ValueError(f"server_app: rank_sampling='client' is refused. {NAIVE_RANKS}")
             raise ValueError(
                 f"server_app: rank_sampling must be 'server'; received rank_sampling={self.rank_sampling!r}."
             )
-        if self.accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(
-                f"server_app: accountant must be one of {accounting.ACCOUNTANTS}; "
-                f"received accountant={self.accountant!r}."
-            )
+        accounting.check_accountant(w, self.accountant)
+        if self.noise_multiplier:
+            accounting.check_noise(w, self.noise_multiplier)
         if self.target_epsilon is not None and self.noise_multiplier:
             raise ValueError(
                 "server_app: give noise_multiplier or target_epsilon, not both; received "
                 f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}."
             )
+        if not self.private:
+            if self.clipping_norm is not None or self.max_epsilon is not None:
+                raise ValueError(
+                    "server_app: clipping_norm and max_epsilon belong to differential privacy: "
+                    "give noise_multiplier > 0 or target_epsilon too; received "
+                    f"clipping_norm={self.clipping_norm!r}, max_epsilon={self.max_epsilon!r}."
+                )
+            if self.delta is None:
+                self.delta = float(self.num_clients) ** -1.1
+            return
+        if self.clipping_norm is None:
+            raise ValueError("server_app: differential privacy needs a clipping_norm (C > 0); "
+                             "received clipping_norm=None.")
         if self.delta is None:
             self.delta = float(self.num_clients) ** -1.1
-        if self.private:
-            if self.clipping_norm is None:
-                raise ValueError("server_app: differential privacy needs a clipping_norm (C > 0).")
-            accounting._check("clipping_norm", self.clipping_norm, 0, None)
-            accounting._check("delta", self.delta, 0, 1, high_open=True)
+        try:
             if self.target_epsilon is not None:
                 self.noise_multiplier = accounting.noise_for_epsilon(
                     self.target_epsilon, self.sampling_rate, self.rounds, self.delta, self.accountant
                 )
                 self.target_epsilon = None
-            accounting._check("noise_multiplier", self.noise_multiplier, 0, None)
-        elif self.clipping_norm is not None or self.max_epsilon is not None:
-            raise ValueError(
-                "server_app: clipping_norm and max_epsilon belong to differential privacy: "
-                "give noise_multiplier > 0 or target_epsilon too."
-            )
+            accounting._epsilon(w, self.noise_multiplier, self.sampling_rate, self.rounds,
+                                self.delta, self.accountant)
+        except (TypeError, ValueError) as e:
+            if str(e).startswith(f"{w}:"):
+                raise
+            raise type(e)(f"{w}: {e}") from None
 
     @property
     def private(self):
@@ -611,10 +659,105 @@ def _wait_for_clients(grid, n, timeout):
         time.sleep(0.5)
 
 
-def run_server(grid, model_fn, settings, evaluate_fn=None, timeout=3600):
+#: how long a server started in Flower's simulation engine without
+#: `run_simulation` waits for Ray to start before it builds its model
+ENGINE_START_TIMEOUT = 300.0
+
+
+def _is_simulation_grid(grid):
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # pragma: no cover - another Flower layout
+        return type(grid).__name__ == "InMemoryGrid"
+    return isinstance(grid, InMemoryGrid)
+
+
+def _wait_for_simulation_engine(grid, timeout):
+    """In Flower's simulation engine, wait until Ray has started.
+
+    The engine runs the ServerApp in a thread while its main thread starts
+    Ray, and Ray's start-up draws from Python's global `random`, which every
+    thread shares and from which Keras seeds the initializers of a model
+    built without explicit seeds. A `model_fn` seeded with
+    `keras.utils.set_random_seed` then builds other weights than the
+    clients' if Ray draws in the middle of it. `run_simulation` builds the
+    server's model before the engine starts; a server started by the
+    engine in another way (Flower's own `run_simulation`, `flwr run` on a
+    simulation federation) builds it once Ray is up."""
+    if not _is_simulation_grid(grid):
+        return
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - the engine needs Ray
+        return
+    limit = min(float(timeout), ENGINE_START_TIMEOUT)
+    start = time.time()
+    while not ray.is_initialized():
+        if time.time() - start > limit:
+            logger.warning("Ray has not started within %.0f s; the server builds its model now.",
+                           limit)
+            return
+        time.sleep(0.05)
+
+
+def _build_server_model(model_fn):
+    """`model_fn()` in a thread of its own, as the server's main would run it
+    (Keras keeps its global state, e.g. a dtype policy, per thread)."""
+    out = {}
+
+    def build():
+        try:
+            out["model"] = model_fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=build, name="keras-lowrank-server-model")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["model"]
+
+
+class _ServerModel:
+    """The model of a `server_app`: built by `prepare` before Flower's
+    simulation engine starts (`run_simulation` calls it), so that nothing
+    else in the process draws from Python's global `random` while
+    `model_fn` runs; otherwise built by the server's main, after the
+    engine has started (see `_wait_for_simulation_engine`)."""
+
+    def __init__(self, model_fn):
+        self.model_fn = model_fn
+        self._lock = threading.Lock()
+        self._ready = None
+
+    def prepare(self):
+        """Build the model now, for the next run of the server."""
+        model = _build_server_model(self.model_fn)
+        with self._lock:
+            self._ready = model
+
+    def discard(self):
+        with self._lock:
+            self._ready = None
+
+    def take(self, grid, timeout):
+        """The prepared model, or one built now (once the engine is up)."""
+        with self._lock:
+            model, self._ready = self._ready, None
+        if model is None:
+            _wait_for_simulation_engine(grid, timeout)
+            model = self.model_fn()
+        return model
+
+
+def run_server(grid, model_fn, settings, evaluate_fn=None, timeout=3600, model=None):
     """The server's work (what `server_app`'s main runs): returns a
-    `FederatedResult`."""
-    model = model_fn()
+    `FederatedResult`. `model`: the server's model if already built (else
+    `model_fn()` builds it, once Flower's simulation engine is up)."""
+    if model is None:
+        _wait_for_simulation_engine(grid, timeout)
+        model = model_fn()
     full = exchange.adapter_arrays(model)
     big = exchange.max_rank(model)
     fingerprint = exchange.base_fingerprint(model)
@@ -676,63 +819,125 @@ def server_app(model_fn, num_clients, clients_per_round, rounds, noise_multiplie
                clipping_norm=None, target_epsilon=None, delta=None, max_epsilon=None,
                accountant="rdp", seed=0, rank_sampling="server", evaluate_fn=None,
                save_path=None, on_finish=None, server_learning_rate=1.0, timeout=3600):
-    """A Flower `ServerApp` for a (DP-)DyLoRA federation (spec §5).
+    """A Flower `ServerApp` for a (DP-)DyLoRA federation (DP-DyLoRA).
 
     Args:
         model_fn: `() -> model` with adapters: the same base as the
             clients'. DyLoRA adapters make it DP-DyLoRA (one rank per round,
             drawn by the server); any other method trains at full rank
             (e.g. DP-LoRA).
-        num_clients: N, the clients taking part (the server waits for them).
-        clients_per_round: n, the expected cohort size: each client takes
-            part in a round with probability `n / N`.
-        rounds: the number of rounds.
-        noise_multiplier: σ (> 0 turns on user-level DP, with
-            `clipping_norm`); or `target_epsilon` to derive σ from ε at `delta`
-            over `rounds` (dp-accounting's calibration).
-        clipping_norm: C, the bound on each client's update norm.
-        delta: δ (default `N ** -1.1`).
-        max_epsilon: stop (clearly, keeping the model so far) before a
-            round that would bring ε above it.
+        num_clients: N, the clients taking part (the server waits for
+            them): an int >= 1.
+        clients_per_round: n, the expected cohort size, a number in
+            (0, N]: each client takes part in a round with probability
+            `n / N`.
+        rounds: the number of rounds: an int in [1, 10**12].
+        noise_multiplier: σ, a finite number >= 0 (> 0 turns on user-level
+            DP, with `clipping_norm`); or `target_epsilon` (a finite number
+            > 0) to derive σ from ε at `delta` over `rounds`
+            (dp-accounting's calibration).
+        clipping_norm: C, the bound on each client's update norm: a finite
+            number > 0, required under DP.
+        delta: δ in (0, 1) (default `N ** -1.1`).
+        max_epsilon: `None` (no cap) or a finite number > 0: stop
+            (clearly, keeping the model so far) before a round that would
+            bring ε above it.
         accountant: `"rdp"` or `"pld"`.
-        seed: the seed of the server's randomness (client sampling, ranks).
+        seed: `None` or an int >= 0: the seed of the server's randomness
+            (client sampling, ranks).
         rank_sampling: `"server"`; `"client"` (the naive variant) is
             refused because it breaks the privacy accounting.
         evaluate_fn: optional `(model, round) -> {name: value}`, run on the
             server's model before the first round and after each.
-        save_path: save the final model there (a `.keras` file).
+        save_path: save the final model there (a path ending in `.keras`).
         on_finish: optional callable receiving the `FederatedResult`.
-        server_learning_rate: η, the step the server takes along the
+        server_learning_rate: η > 0, the step the server takes along the
             (noised) average update (1: FedAvg; a post-processing, so it
             costs no privacy).
+        timeout: seconds (a finite number > 0) to wait for the clients to
+            connect and for each round's replies.
+
+    Every argument is checked before anything runs (and under DP the whole
+    run's ε accounted once): a value of the wrong kind (`"5"`, `True`,
+    `2.5` for an int) raises a `TypeError`, a value out of range or not
+    finite a `ValueError`, both naming the argument and the value.
 
     The run config of `flwr run` (keys `rounds`, `clients-per-round`,
     `num-clients`, `noise-multiplier`, `clipping-norm`, `target-epsilon`,
     `delta`, `max-epsilon`, `seed`, `accountant`, `save-path`,
-    `server-learning-rate`) overrides these.
+    `server-learning-rate`) overrides these, checked the same way when the
+    run starts.
+
+    The server builds its model with `model_fn` once per run: under
+    `run_simulation` before Flower's simulation engine starts, so that
+    nothing else draws from Python's global `random` (which Keras seeds
+    unseeded initializers from) while it runs.
     """
+    where = "server_app"
+    arguments.function(where, "model_fn", model_fn)
+    arguments.function(where, "evaluate_fn", evaluate_fn, none=True)
+    arguments.function(where, "on_finish", on_finish, none=True)
+    timeout = arguments.number(where, "timeout", timeout, 0, None, low_open=True)
     settings = Settings(num_clients, clients_per_round, rounds, noise_multiplier, clipping_norm,
                         target_epsilon, delta, max_epsilon, accountant, seed, rank_sampling,
                         save_path, server_learning_rate)
+    server_model = _ServerModel(model_fn)
     app = ServerApp()
 
     @app.main()
     def main(grid, context):
         run_settings = settings.with_run_config(context.run_config or {})
-        result = run_server(grid, model_fn, run_settings, evaluate_fn=evaluate_fn, timeout=timeout)
+        model = server_model.take(grid, timeout)
+        result = run_server(grid, model_fn, run_settings, evaluate_fn=evaluate_fn, timeout=timeout,
+                            model=model)
         if on_finish is not None:
             on_finish(result)
 
     app.settings = settings
+    app.server_model = server_model
     return app
 
 
 def run_simulation(server, client, num_clients, cpus_per_client=1, verbose=False):
     """Run a federation in Flower's simulation engine (Ray) on this machine:
     `num_clients` virtual SuperNodes run `client`, each with its own
-    `partition-id`. The Keras backend of this process is the workers'."""
+    `partition-id`. The Keras backend of this process is the workers'.
+
+    Args:
+        server: a Flower `ServerApp` (`server_app(...)`).
+        client: a Flower `ClientApp` (`client_app(...)`).
+        num_clients: the virtual SuperNodes: an int >= 1, at least the
+            server's `num_clients` (it waits for that many).
+        cpus_per_client: the CPUs Ray reserves for each client: a finite
+            number > 0.
+        verbose: Flower's verbose logging (`True`/`False`).
+
+    A `server_app`'s model is built here, before the engine starts (see
+    `server_app`).
+    """
+    where = "run_simulation"
+    if not isinstance(server, ServerApp):
+        raise TypeError(f"{where}: server must be a Flower ServerApp (server_app(...)); "
+                        f"received server={server!r}.")
+    if not isinstance(client, ClientApp):
+        raise TypeError(f"{where}: client must be a Flower ClientApp (client_app(...)); "
+                        f"received client={client!r}.")
+    num_clients = arguments.number(where, "num_clients", num_clients, 1, None, integer=True)
+    cpus_per_client = arguments.number(where, "cpus_per_client", cpus_per_client, 0, None,
+                                     low_open=True)
+    verbose = arguments.flag(where, "verbose", verbose)
+    settings = getattr(server, "settings", None)
+    if isinstance(settings, Settings) and num_clients < settings.num_clients:
+        raise ValueError(
+            f"{where}: num_clients={num_clients} is below the server's num_clients="
+            f"{settings.num_clients}, which it waits for; give at least {settings.num_clients}."
+        )
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    server_model = getattr(server, "server_model", None)
+    if isinstance(server_model, _ServerModel):
+        # before the engine starts: nothing else draws from `random` meanwhile
+        server_model.prepare()
     os.environ["KERAS_BACKEND"] = keras.backend.backend()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     quiet = _NoDeprecation()
@@ -750,3 +955,5 @@ def run_simulation(server, client, num_clients, cpus_per_client=1, verbose=False
             )
     finally:
         flower.removeFilter(quiet)
+        if isinstance(server_model, _ServerModel):
+            server_model.discard()

@@ -12,7 +12,9 @@ server's refuses the round instead of training a mismatched adapter.
 """
 
 import hashlib
+from collections.abc import Mapping
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -24,16 +26,20 @@ SEP = "/"
 DYLORA_FACTORS = ("lora_a", "lora_b")
 
 
-def _adapter_entries(model):
+def _adapter_entries(model, where="keras_lowrank.federated"):
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"{where}: model must be a Keras model with adapters; received "
+                        f"model={model!r}.")
     entries = [e for e in tree.walk(model) if tree.is_adapter(e.layer)]
     if not entries:
         raise ValueError(
-            f"Model {model.name!r} has no adapters: call enable_adapter on it "
+            f"{where}: model {model.name!r} has no adapters: call enable_adapter on it "
             "before federating it."
         )
     merged = [e.key for e in entries if e.layer.merged]
     if merged:
-        raise ValueError(f"Model {model.name!r}: the adapters {merged} are merged; unmerge(model) first.")
+        raise ValueError(f"{where}: model {model.name!r}: the adapters {merged} are merged; "
+                         "unmerge(model) first.")
     return entries
 
 
@@ -49,25 +55,32 @@ def _layer_rank(adapter, rank):
     return int(ops.convert_to_numpy(adapter.layer_rank(ops.convert_to_tensor(rank, "int32"))))
 
 
-def _check_rank(model, rank):
-    big = max_rank(model)
+def _check_rank(model, rank, where):
     if rank is None:
-        return
+        return None
+    big = max_rank(model)
     if big is None:
         raise ValueError(
-            f"Model {model.name!r} has no DyLoRA adapters; a rank ({rank!r}) only "
-            "applies to DyLoRA."
+            f"{where}: model {model.name!r} has no DyLoRA adapters; a rank "
+            f"(received rank={rank!r}) only applies to DyLoRA."
         )
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 1 <= rank <= big:
-        raise ValueError(f"rank must be an int in [1, {big}]; received rank={rank!r}.")
+    message = f"{where}: rank must be None or an int in [1, {big}]; received rank={rank!r}."
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(message)
+    if not 1 <= rank <= big:
+        raise ValueError(message)
+    return int(rank)
 
 
 def adapter_arrays(model, rank=None):
     """`{key: numpy array}` of the model's trainable adapter variables, the
-    DyLoRA factors cut to rank `rank` (all of them for `None`)."""
-    _check_rank(model, rank)
+    DyLoRA factors cut to rank `rank` (`None`, or an int in [1, R]: all
+    of them for `None`)."""
+    where = "adapter_arrays"
+    entries = _adapter_entries(model, where)
+    rank = _check_rank(model, rank, where)
     out = {}
-    for e in _adapter_entries(model):
+    for e in entries:
         cut = _layer_rank(e.layer, rank)
         for v in e.layer.trainable_weights:
             name = v.name.split("/")[-1]
@@ -81,11 +94,17 @@ def adapter_arrays(model, rank=None):
 def set_adapter_arrays(model, arrays, rank=None):
     """Write `arrays` (as `adapter_arrays(model, rank)` gives them) into the
     model; DyLoRA components above `rank` keep their values. The whole set
-    is checked (keys, shapes, finite values) before anything is written."""
-    _check_rank(model, rank)
+    is checked (keys, shapes, finite real values) before anything is
+    written."""
+    where = "set_adapter_arrays"
+    entries = _adapter_entries(model, where)
+    rank = _check_rank(model, rank, where)
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"{where}: arrays must be a dict of arrays (as adapter_arrays gives them); "
+                        f"received arrays of type {type(arrays).__name__}.")
     expected = {}
     targets = {}
-    for e in _adapter_entries(model):
+    for e in entries:
         cut = _layer_rank(e.layer, rank)
         for v in e.layer.trainable_weights:
             name = v.name.split("/")[-1]
@@ -99,19 +118,24 @@ def set_adapter_arrays(model, arrays, rank=None):
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
         raise ValueError(
-            f"Model {model.name!r}: the adapter arrays do not fit its adapters "
+            f"{where}: model {model.name!r}: the adapter arrays do not fit its adapters "
             f"(missing: {missing[:5]}, unexpected: {extra[:5]})."
         )
     values = {}
     for key, shape in expected.items():
         value = np.asarray(arrays[key])
+        if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+            raise TypeError(
+                f"{where}: model {model.name!r}: array {key!r} must hold real numbers; "
+                f"received dtype {value.dtype}."
+            )
         if tuple(value.shape) != shape:
             raise ValueError(
-                f"Model {model.name!r}: array {key!r} has shape {tuple(value.shape)}; "
+                f"{where}: model {model.name!r}: array {key!r} has shape {tuple(value.shape)}; "
                 f"the adapter needs {shape}."
             )
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"Model {model.name!r}: array {key!r} holds non-finite values.")
+            raise ValueError(f"{where}: model {model.name!r}: array {key!r} holds non-finite values.")
         values[key] = value
     for key, value in values.items():
         v, cut = targets[key]
@@ -127,7 +151,7 @@ def base_fingerprint(model):
     (kernels, quantized codes and scales, biases): two models share a base
     exactly when their fingerprints agree."""
     h = hashlib.sha256()
-    for e in _adapter_entries(model):
+    for e in _adapter_entries(model, "base_fingerprint"):
         for v in e.layer.layer.non_trainable_weights:
             value = np.ascontiguousarray(ops.convert_to_numpy(v))
             h.update(e.key.encode())
