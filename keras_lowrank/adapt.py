@@ -2,9 +2,12 @@
 of what it did."""
 
 import math
+import re
 
 from keras_lowrank import bases
+from keras_lowrank import registry
 from keras_lowrank import shared
+from keras_lowrank import targeting
 from keras_lowrank import tree
 from keras_lowrank.plan import Plan
 from keras_lowrank.plan import adapters
@@ -23,11 +26,31 @@ class AdapterSummary:
     `total_params` and `adapted_paths` hold the same data. Parameters of a
     quantized base count as the parameters of its float kernel, not as its
     packed bytes.
+
+    `left_out` counts, by reason and layer class, what `enable_adapter` did
+    not adapt: `"not adaptable"` (layers with a weight matrix that are not
+    Dense/EinsumDense: Conv, Embedding, ...), `"output head"`, `"read
+    directly by their parent"` (a parent reads the layer's weights instead
+    of calling it, and the method cannot serve them), `"not targeted"`
+    (left out by `targets`/`exclude`); `left_out_paths` lists the layers.
+    `kernel_reads` are the adapted layers whose parent reads their `kernel`
+    instead of calling them (Gemma 4's feed-forward), which the adapter
+    serves (`Adapter.kernel`).
     """
 
     def __init__(self, method, rows, trainable_params, total_params, heads=(), head_rule=None,
-                 shared_params=0):
+                 shared_params=0, task_layers=(), left_out=None, left_out_paths=None,
+                 kernel_reads=()):
         self.method = method
+        #: `{reason: {layer class: count}}` of the layers not adapted
+        self.left_out = {r: dict(k) for r, k in (left_out or {}).items()}
+        #: `{reason: [path, ...]}`, the same layers by path
+        self.left_out_paths = {r: list(p) for r, p in (left_out_paths or {}).items()}
+        #: adapted layers their parent multiplies by `kernel` itself
+        self.kernel_reads = list(kernel_reads)
+        #: paths of the layers a KerasHub task adds around its backbone,
+        #: trained in full (`train_task_layers`)
+        self.task_layers = list(task_layers)
         #: trainable parameters held once by the model and read by several
         #: layers (LoRA-drop's tied pairs), not in any row
         self.shared_params = shared_params
@@ -81,6 +104,21 @@ class AdapterSummary:
             f"{self.trainable_params:,} / {self.total_params:,} "
             f"({100 * self.trainable_fraction:.3f}%)"
         )
+        if self.left_out:
+            out.append("left out: " + targeting.left_out_text(self.left_out))
+        if self.kernel_reads:
+            shown = ", ".join(self.kernel_reads[:4])
+            if len(self.kernel_reads) > 4:
+                shown += f", ... ({len(self.kernel_reads)} layers: summary.kernel_reads)"
+            out.append(
+                f"adapted through their kernel (their parent reads it instead of "
+                f"calling them; adapter dropout does not apply there): {shown}"
+            )
+        if self.task_layers:
+            out.append(
+                f"trained in full (the task's own layers, outside its backbone; "
+                f"train_task_layers=False freezes them): {', '.join(self.task_layers)}"
+            )
         if self.shared_params:
             out.append(
                 f"shared by several layers (held once by the model): "
@@ -97,7 +135,8 @@ class AdapterSummary:
     __repr__ = __str__
 
 
-def summarize(model, method=None, heads=(), head_rule=None):
+def summarize(model, method=None, heads=(), head_rule=None, task_layers=(), left_out=None,
+              left_out_paths=None, kernel_reads=()):
     rows = []
     for entry in tree.walk(model):
         if tree.is_adapter(entry.layer):
@@ -118,7 +157,7 @@ def summarize(model, method=None, heads=(), head_rule=None):
     )
     return AdapterSummary(
         method, rows, bases.count_params(model, trainable_only=True), bases.count_params(model),
-        heads, head_rule, shared_params,
+        heads, head_rule, shared_params, task_layers, left_out, left_out_paths, kernel_reads,
     )
 
 
@@ -138,6 +177,7 @@ def enable_adapter(
     base=None,
     double_quant=True,
     adapter_name=None,
+    train_task_layers=True,
     verbose=False,
     **options,
 ):
@@ -165,7 +205,7 @@ def enable_adapter(
         rank_pattern, alpha_pattern: `{pattern: value}` per-layer overrides.
         train_bias: keep the adapted layers' biases trainable.
         trainable_layers: patterns of further layers to keep trainable
-            (e.g. a classifier head or the norms).
+            (e.g. the norms), trained in full; adapter files hold them.
         base: storage of the frozen kernels: `None`/`"float"` (as they are),
             `"nf4"` (4-bit NormalFloat, QLoRA's base), or `"int8"`/`"int4"`
             (Keras's own quantizers). SVD inits decompose the full-precision
@@ -179,12 +219,29 @@ def enable_adapter(
             becomes the active one (`set_active` to change that). Without
             it, a layer that already has an adapter is refused, unless the
             model has named adapters (then the name is `"default"`).
+        train_task_layers: on a KerasHub task model, keep the layers the
+            task adds around its backbone (a classifier's new head) trainable
+            and train them in full, as Keras's `enable_lora` and PEFT's
+            `modules_to_save` do; adapter files hold them. A causal LM's
+            head is its backbone's tied embedding and stays frozen. `False`
+            freezes them too (they are adapted like any other layer when
+            targeted).
         verbose: print the summary table.
-        **options: method options (see `keras_lowrank.methods()` and the
-            method's layer class).
+        **options: method options (`keras_lowrank.method_info(method)` lists
+            them, with their defaults and meaning).
+
+    A layer whose parent reads its weights instead of calling it (Gemma 4's
+    feed-forward multiplies by `gating_ffw.kernel` itself) is adapted all
+    the same: the adapter's `kernel` is the adapted kernel, and the update
+    trains through it (adapter dropout does not apply there). Methods whose
+    training step does more than multiply by one kernel (`dylora`,
+    `adalora`, `delta_lora`, `lora_fa` with its correction, `svft`) leave
+    such a layer out instead; the summary says which.
 
     Returns:
-        An `AdapterSummary` (prints as a table).
+        An `AdapterSummary` (prints as a table, then what was left out, by
+        reason and layer class: Conv and Embedding layers are not
+        adaptable).
 
     Examples:
 
@@ -200,15 +257,85 @@ def enable_adapter(
     """
     given = {"rank": rank, "alpha": alpha, "dropout": dropout, "train_bias": train_bias}
     options = {**{k: v for k, v in given.items() if v is not None}, **options}
-    plan = Plan.for_model(
-        model, method, options, targets=targets, exclude=exclude,
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        trainable_layers=trainable_layers, base=base, double_quant=double_quant,
-        adapter_name=adapter_name,
-    )
+    # Layers whose parent reads their weights instead of calling them: an
+    # adapter serves their kernel where the method can, else they stay out.
+    serves = registry.get(method).layer_class.serves_kernel_with(options)
+    spots = tree.spots(tree.walk(model))
+    reads = targeting.direct_reads(spots)
+    unread, kernel_reads = _direct_reads(spots, reads, serves)
+    del spots
+    excluded = exclude
+    if unread:
+        excluded = _pattern_list(exclude) + [re.compile(re.escape(p)) for p in unread]
+    try:
+        plan = Plan.for_model(
+            model, method, options, targets=targets, exclude=excluded,
+            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+            trainable_layers=trainable_layers, base=base, double_quant=double_quant,
+            adapter_name=adapter_name, train_task_layers=train_task_layers,
+        )
+    except ValueError as e:
+        if unread and str(e).startswith("No layer left to adapt after"):
+            raise ValueError(
+                f"No layer left to adapt after targets={targets!r}, exclude={exclude!r}: "
+                f"the parents of {unread} read their weights instead of calling them, "
+                f"which a {method!r} adapter cannot serve (its training step does more "
+                "than multiply by one kernel). Use a method that can (e.g. 'lora', "
+                "'dora') or target other layers."
+            ) from None
+        raise
+    counts, paths = _left_out(plan, unread)
+    chosen = {(lp.spot or lp.entry).path for lp in plan.layers}
+    kernel_reads = [p for p in kernel_reads if p in chosen]
     plan.prepare()
     plan.apply(init=True)
-    summary = summarize(model, method, [e.path for e in plan.heads], plan.head_rule)
+    summary = summarize(model, method, [e.path for e in plan.heads], plan.head_rule,
+                        plan.task_layers, counts, paths, kernel_reads)
     if verbose:
         print(summary)
     return summary
+
+
+def _pattern_list(value):
+    if value is None:
+        return []
+    if isinstance(value, (str, re.Pattern)):
+        return [value]
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(
+            f"exclude must be a pattern or a list of patterns; received {value!r}."
+        ) from None
+
+
+def _direct_reads(entries, reads, serves):
+    """`(paths left out, paths adapted through their kernel)` of the layers
+    whose parent reads their weights (`reads`, from
+    `targeting.direct_reads`): an adapter serves `kernel` and `bias` when
+    its method computes exactly `x · kernel` (`serves`)."""
+    unread, through_kernel = [], []
+    for entry in entries:
+        found = reads.get(id(entry.layer))
+        if not found:
+            continue
+        if serves and found <= targeting.SERVED_READS:
+            through_kernel.append(entry.path)
+        else:
+            unread.append(entry.path)
+    return unread, through_kernel
+
+
+def _left_out(plan, unread):
+    """What the plan leaves out, counted by reason and class (before it is
+    applied: the counts hold no reference to the model's layers)."""
+    entries = plan.entries
+    chosen = {id((lp.spot or lp.entry).layer) for lp in plan.layers}
+    heads = {id(e.layer) for e in plan.heads}
+    unread = set(unread)
+    unread_ids = {id(e.layer) for e in entries if e.path in unread}
+    kept = list(getattr(plan, "task_layers", ()) or ())
+    if plan.trainable_layers:
+        pats = targeting.patterns(plan.trainable_layers, "trainable_layers")
+        kept += [e.path for e in targeting.matching_entries(entries, pats, "trainable_layers")]
+    return targeting.left_out(entries, chosen, heads, unread_ids, kept)

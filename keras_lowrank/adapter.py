@@ -23,6 +23,7 @@ from keras import ops
 
 from keras_lowrank import _compat
 from keras_lowrank import bases
+from keras_lowrank.linalg import NonFiniteError
 from keras_lowrank import options as opt
 from keras_lowrank import tree
 
@@ -378,6 +379,50 @@ class Adapter(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
 
+    # ------------------------------------------------------------------
+    # The weights a parent layer reads directly
+    #: whether `kernel` is exactly the map the adapter computes, in training
+    #: too (False for methods whose training step does more than multiply
+    #: by one kernel: a sampled rank, a regularizer, a corrected gradient, a
+    #: state update); `enable_adapter` leaves out a layer whose parent reads
+    #: its kernel when this is False
+    serves_kernel = True
+
+    @classmethod
+    def serves_kernel_with(cls, options):
+        """`serves_kernel` for adapters made with these method `options`
+        (as given to `enable_adapter`; defaults where absent)."""
+        return cls.serves_kernel
+
+    def computed_matrix(self):
+        """The matrix view (float32) of the kernel this layer computes with:
+        the frozen kernel when merged, the kernel with the update when
+        enabled, the original base when disabled. Built from the variables
+        (traceable, differentiable), unlike the merge helpers' checks."""
+        k = self.base_matrix()
+        if self.merged:
+            return k
+        if self.adapter_enabled:
+            return self.merged_matrix(k)
+        return self.original_matrix(k)
+
+    @property
+    def kernel(self):
+        """The kernel this adapted layer computes with, in the wrapped
+        layer's kernel layout and compute dtype (a quantized base is
+        dequantized). For a parent that reads `layer.kernel` instead of
+        calling the layer (Gemma 4's feed-forward multiplies by
+        `gating_ffw.kernel` itself): the adapter trains through it. Dropout
+        on the adapter input does not apply on this path, and the bias and
+        activation are the parent's to apply, as for a plain layer."""
+        matrix = self.computed_matrix()
+        return ops.cast(self.geometry.matrix_to_kernel(matrix), self.layer.compute_dtype)
+
+    @property
+    def bias(self):
+        """The wrapped layer's bias variable (`None` without one)."""
+        return bases.bias_variable(self.layer)
+
     def lowrank_rows(self, x, a_t, b, scale):
         """`scale * (x A) B` in rows of the matrix view, with `A` stored
         transposed, `a_t: (r, n_in)` (PEFT's `lora_A` layout: XLA and torch
@@ -617,7 +662,7 @@ class _Ref:
 def check_finite(matrix, name, what):
     ok = bool(ops.convert_to_numpy(ops.all(ops.isfinite(matrix))))
     if not ok:
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{what} of layer {name!r} produced NaN or inf values; the model "
             "was left unchanged."
         )

@@ -8,6 +8,13 @@ and `trainable_layers`):
 - `"re:.*_(query|value)$"` or `re.compile(...)`: a regex (fullmatch) on the
   path.
 
+A layer whose parent reads its weights instead of calling it (Gemma 4's
+feed-forward multiplies by `self.gating_ffw.kernel`) is found by reading the
+parent's source (`direct_reads`): adapters serve `kernel` and `bias` to such
+a parent (`Adapter.kernel`); `enable_adapter` leaves the layer out, with a
+line in the summary, where the method cannot (`Adapter.serves_kernel`) or
+the parent reads something else.
+
 The output head is found by position, not by name: it is a Dense or
 EinsumDense whose output reaches a model output through layers and ops that
 hold no weights (an activation, a reshape, a dropout). For Functional and
@@ -18,6 +25,8 @@ model cannot be traced does the rule fall back to the layer's name
 """
 
 import fnmatch
+import functools
+import inspect
 import re
 
 import keras
@@ -226,6 +235,8 @@ def select(model, targets=None, exclude=None, entries=None):
                 f" The only Dense/EinsumDense layers are the output head "
                 f"{[e.path for e in heads]}, which is left out unless targeted by name."
             )
+        counts, _ = left_out(entries, set(), {id(e.layer) for e in heads})
+        hint += f" Left out: {left_out_text(counts)}." if counts else ""
         raise ValueError(
             f"No layer left to adapt after targets={targets!r}, exclude={exclude!r}.{hint} "
             f"Layer paths that exist: {available}."
@@ -267,3 +278,142 @@ def matching_entries(entries, pats, option):
             )
         keep.extend(hits)
     return keep
+
+
+# ----------------------------------------------------------------------
+# Layers their parent reads instead of calling
+#: what an adapter (or a set of named adapters) serves to a parent that
+#: reads it instead of calling it (`Adapter.kernel`, `Adapter.bias`)
+SERVED_READS = frozenset({"kernel", "bias"})
+#: the attributes through which code reaches a linear layer's weights
+#: without calling the layer
+WEIGHT_READS = SERVED_READS | frozenset({
+    "_kernel", "_bias", "weights", "variables", "trainable_weights",
+    "non_trainable_weights", "trainable_variables", "non_trainable_variables",
+    "get_weights", "set_weights", "kernel_scale", "kernel_zero", "quantized_kernel",
+    "lora_kernel_a", "lora_kernel_b", "lora_enabled",
+})
+_SELF_READ = re.compile(r"\bself\s*\.\s*(\w+)\s*\.\s*(\w+)")
+#: modules whose classes never read a sublayer's weights (framework bases)
+_SKIP_MODULES = ("builtins", "torch.", "tensorflow.", "tf_keras.")
+
+
+@functools.lru_cache(maxsize=None)
+def _class_reads(cls):
+    """`{attribute: {member, ...}}`: what the body of `cls` reads as
+    `self.<attribute>.<member>` (empty where the source is not available)."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    reads = {}
+    for attr, member in _SELF_READ.findall(source):
+        reads.setdefault(attr, set()).add(member)
+    return reads
+
+
+def _reads_of(parent):
+    reads = {}
+    for cls in type(parent).__mro__:
+        if cls is object or cls.__module__.startswith(_SKIP_MODULES):
+            continue
+        for attr, members in _class_reads(cls).items():
+            reads.setdefault(attr, set()).update(members)
+    return reads
+
+
+def _attribute_names(parent, layer):
+    """The attribute names under which `parent` holds `layer`."""
+    names = set()
+    for store in (vars(parent), vars(parent).get("_modules") or {}):
+        names.update(k for k, v in list(store.items()) if v is layer)
+    return names
+
+
+def direct_reads(entries):
+    """`{id(layer): {attribute, ...}}`: for each Dense/EinsumDense (or
+    adapter) of `entries`, the weight attributes (`WEIGHT_READS`) a parent's
+    code reads from it directly (`self.gating_ffw.kernel`) instead of, or
+    besides, calling it. Read off the source of the parents' classes:
+    `self.<name>.<attribute>` where the parent holds the layer as `<name>`.
+
+    Examples:
+
+        >>> import keras
+        >>> from keras_lowrank import targeting, tree
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.SpectralNormalization(
+        ...     keras.layers.Dense(4, name="proj"), name="norm")])
+        >>> entries = tree.walk(model)
+        >>> reads = targeting.direct_reads(entries)
+        >>> [(e.path, sorted(reads[id(e.layer)])) for e in entries if id(e.layer) in reads]
+        [('norm/proj', ['kernel'])]
+    """
+    out = {}
+    for entry in entries:
+        if not is_candidate(entry.layer):
+            continue
+        found = set()
+        for parent in entry.parents:
+            reads = _reads_of(parent)
+            for name in _attribute_names(parent, entry.layer):
+                found |= reads.get(name, set()) & WEIGHT_READS
+        if found:
+            out[id(entry.layer)] = found
+    return out
+
+
+# ----------------------------------------------------------------------
+# What was left out
+#: the reasons `left_out` gives, in the order the summary prints them
+LEFT_OUT_REASONS = ("not adaptable", "output head", "read directly by their parent", "not targeted")
+
+
+def holds_matrix(layer):
+    """Whether `layer` itself (not a sublayer) holds a weight of two or
+    more axes: a kernel, a table, an expert bank."""
+    own = list(_compat.created_trainable(layer)) + list(getattr(layer, "_non_trainable_variables", []))
+    return any(len(v.shape) >= 2 for v in own)
+
+
+def left_out(entries, chosen, heads=(), unread=(), kept=()):
+    """`({reason: {class name: count}}, {reason: [path, ...]})`: the layers
+    of `entries` that get no adapter (see `LEFT_OUT_REASONS`).
+
+    `chosen`, `heads` and `unread` are sets of layer ids (adapted, output
+    heads, left out as read directly by their parent); `kept` are paths of
+    layers trained in full (`trainable_layers`, a task's own layers), not
+    counted, nor is anything inside them or already adapted. A layer that
+    is not a Dense/EinsumDense counts when it holds a weight matrix itself
+    (`holds_matrix`: a Conv, an Embedding, an expert bank; not a norm)."""
+    counts, paths = {}, {}
+    for entry in tree.spots(entries):
+        layer = entry.layer
+        if id(layer) in chosen or tree.is_adapter(layer) or tree.is_adapter_set(layer):
+            continue
+        if any(entry.path == p or entry.path.startswith(p + "/") for p in kept):
+            continue
+        if not is_candidate(layer):
+            if not holds_matrix(layer):
+                continue
+            reason = "not adaptable"
+        elif id(layer) in unread:
+            reason = "read directly by their parent"
+        elif id(layer) in heads:
+            reason = "output head"
+        else:
+            reason = "not targeted"
+        kind = tree.layer_kind(layer).__name__
+        kinds = counts.setdefault(reason, {})
+        kinds[kind] = kinds.get(kind, 0) + 1
+        paths.setdefault(reason, []).append(entry.path)
+    order = {r: i for i, r in enumerate(LEFT_OUT_REASONS)}
+    counts = dict(sorted(counts.items(), key=lambda kv: order[kv[0]]))
+    return counts, {r: paths[r] for r in counts}
+
+
+def left_out_text(counts):
+    """`"3 Conv2D, 1 Embedding (not adaptable); 1 Dense (output head)"`."""
+    return "; ".join(
+        ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + f" ({reason})"
+        for reason, kinds in counts.items()
+    )

@@ -1,5 +1,5 @@
 """AdaLoRA: an SVD-shaped update whose rank budget moves to where it
-matters (spec §6).
+matters (arXiv 2303.10512).
 
 Each adapted matrix holds `ΔK = c · A diag(λ) B` with `A: (n_in, r)`
 (stored transposed, `lora_a: (r, n_in)`, PEFT's `lora_A`), `λ: (r,)`
@@ -51,6 +51,9 @@ from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import ALPHA
 from keras_lowrank.methods.lora import DROPOUT
+
+#: what users call (the rest is the method's machinery)
+__all__ = ["RankReport", "rank_report"]
 
 #: the options that define the one budget schedule all AdaLoRA layers of a
 #: model share
@@ -336,7 +339,7 @@ class AdaLoRAState(shared.SharedState):
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class AdaLoRA(Adapter):
     """AdaLoRA: `y = xK + b + c ((x A) ⊙ λ) B`, with a rank budget that
-    training moves between layers (spec §6; see the module docstring).
+    training moves between layers (arXiv 2303.10512; see the module docstring).
 
     `A` and `B` start `N(0, 0.02²)`, `λ` at zero (a no-op at start);
     `c = alpha / (rank + 1e-5)`, `rank` being the initial rank (pruning
@@ -373,6 +376,8 @@ class AdaLoRA(Adapter):
     """
 
     method = "adalora"
+    #: its orthogonality regularizer is added where the layer is called
+    serves_kernel = False
     OPTIONS = (
         opt.Option("rank", 12, opt.positive_int, "initial rank r (PEFT's init_r)"),
         opt.Option("target_rank", None, opt.positive_int_or_none,

@@ -1,4 +1,4 @@
-"""DyLoRA: one LoRA trained at every rank at once (spec §4).
+"""DyLoRA: one LoRA trained at every rank at once (arXiv 2210.07558).
 
 A DyLoRA adapter holds LoRA factors of rank `r` (`A: (n_in, r)`,
 `B: (r, n_out)`) and computes, at an active rank `ℓ`,
@@ -39,6 +39,9 @@ from keras_lowrank.methods.lora import DROPOUT
 from keras_lowrank.methods.lora import INITS
 from keras_lowrank.methods.lora import RANK
 from keras_lowrank.methods.lora import LoRA
+
+#: what users call (the rest is the method's machinery)
+__all__ = ["evaluate_ranks", "fix_train_rank", "get_rank", "set_rank"]
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -121,12 +124,13 @@ class DyLoRAState(shared.SharedState):
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class DyLoRA(LoRA):
     """Dynamic, search-free LoRA: trained at a random rank every step, used
-    at any rank after (spec §4).
+    at any rank after (arXiv 2210.07558).
+
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `dropout`, `init`,
+    `train_bias`, `seed`, `activation`, `merged` and `enabled`; `rank` is the
+    largest rank `r`, and the scale at rank `ℓ` is `alpha / ℓ`), and:
 
     Args:
-        layer, rank, alpha, dropout, init, train_bias, seed, activation,
-        merged, enabled: as for `LoRA` (`rank` is the largest rank `r`;
-        the scale at rank `ℓ` is `alpha / ℓ`).
         frozen: train only the `ℓ`-th component each step (the reference);
             `False` trains all of the first `ℓ`.
 
@@ -143,6 +147,8 @@ class DyLoRA(LoRA):
     """
 
     method = "dylora"
+    #: each training step samples the rank where the layer is called
+    serves_kernel = False
     OPTIONS = (
         RANK,
         ALPHA,

@@ -1,5 +1,5 @@
-"""LoRA with different training dynamics: LoRA-FA (spec §3) and
-Delta-LoRA (spec §7).
+"""LoRA with different training dynamics: LoRA-FA (arXiv 2308.03303) and
+Delta-LoRA (arXiv 2309.02411).
 
 Both are LoRA's layer, `y = x K + b + s (x A) B`; what changes is what a
 train step does.
@@ -70,7 +70,7 @@ def corrected(b, a_t, scaling):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRAFA(LoRA):
-    """LoRA-FA: LoRA with a frozen, random `A` (spec §3).
+    """LoRA-FA: LoRA with a frozen, random `A` (arXiv 2308.03303).
 
     Only `B` (`r · n_out` per matrix) trains. `A` is a non-trainable
     variable, so the backward pass keeps the r-wide activation `x A`, not the
@@ -80,9 +80,10 @@ class LoRAFA(LoRA):
     fine-tuning's, before the optimizer (any Keras optimizer) sees it;
     `correction=False` is the paper's v1. Merges and exports as LoRA.
 
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `init`, `dropout`, `train_bias`,
+    `seed`, `activation`, `merged` and `enabled`), and:
+
     Args:
-        layer, rank, alpha, rslora, init, dropout, train_bias, seed,
-        activation, merged, enabled: as for `LoRA`.
         correction: apply the v2 gradient correction to `B`.
 
     Examples:
@@ -100,6 +101,11 @@ class LoRAFA(LoRA):
     OPTIONS = LoRA.OPTIONS + (
         opt.Option("correction", True, opt.boolean, "v2 gradient correction of B (PEFT's LoraFAOptimizer)"),
     )
+
+    @classmethod
+    def serves_kernel_with(cls, options):
+        # the v2 correction of B's gradient happens where the layer is called
+        return not options.get("correction", True)
 
     def variable_specs(self, geometry):
         batch, n_in, n_out, r = geometry.batch_shape, geometry.n_in, geometry.n_out, self.rank
@@ -154,7 +160,7 @@ class DeltaLoRAState(shared.SharedState):
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class DeltaLoRA(LoRA):
     """Delta-LoRA: LoRA whose frozen kernel also moves by `λ s Δ(A B)`
-    after every optimizer step from `start_step` on (spec §7).
+    after every optimizer step from `start_step` on (arXiv 2309.02411).
 
     The kernel in effect at train step `t` is
     `K_t = K + λ s (A_t B_t − A_start B_start)` for `t >= start_step`
@@ -169,9 +175,10 @@ class DeltaLoRA(LoRA):
     gradient of `A B` is the kernel's). Merging folds
     `s A B + λ s (A B − A_start B_start)` exactly.
 
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `init`,
+    `train_bias`, `seed`, `activation`, `merged` and `enabled`), and:
+
     Args:
-        layer, rank, alpha, rslora, init, train_bias, seed, activation,
-        merged, enabled: as for `LoRA`.
         update_ratio: `λ` (the paper's 2).
         start_step: the train step from which the kernel moves (the
             paper's "a few hundred", 500).
@@ -198,6 +205,8 @@ class DeltaLoRA(LoRA):
     """
 
     method = "delta_lora"
+    #: each training step moves the kernel where the layer is called
+    serves_kernel = False
     OPTIONS = (
         RANK,
         ALPHA,

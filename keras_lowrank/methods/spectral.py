@@ -5,13 +5,13 @@ With `W = U diag(σ) Vᵀ` the SVD of a kernel's matrix view (from
 quantization of the base), these methods keep `U`, `V` frozen and train a
 few numbers in that basis:
 
-- `SVF` (spec §14, Transformer²): a vector `z` scaling the singular values,
+- `SVF` (arXiv 2501.06252, Transformer²): a vector `z` scaling the singular values,
   `W' = U diag(σ ⊙ z) Vᵀ`;
-- `SVFT` (spec §15): a sparse matrix `M` between the singular vectors,
+- `SVFT` (arXiv 2405.19597): a sparse matrix `M` between the singular vectors,
   `W' = W + sigmoid(g) U M Vᵀ`;
-- `LoRAXS` (spec §18): an `r x r` matrix `R` between frozen factors,
+- `LoRAXS` (arXiv 2405.17604): an `r x r` matrix `R` between frozen factors,
   `W' = W + s (U_r diag(σ_r)) R V_rᵀ`;
-- `SVDTraining` (spec §19): the top `q` singular values themselves, with the
+- `SVDTraining`: the top `q` singular values themselves, with the
   rest of the kernel frozen as a residual.
 
 What they share lives in `SpectralAdapter`, written once: the decomposition
@@ -171,7 +171,7 @@ def _sigmoid(x):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class SVF(SpectralAdapter):
-    """Singular value fine-tuning (Transformer², spec §14).
+    """Singular value fine-tuning (Transformer², arXiv 2501.06252).
 
     Trains one vector `z` per kernel that scales its singular values:
     `W' = U diag(σ ⊙ z) Vᵀ`, computed as `W + U diag(σ ⊙ (z - 1)) Vᵀ` so
@@ -272,7 +272,7 @@ SVFT_PATTERNS = ("plain", "banded", "random", "top_k")
 
 
 def svft_count(pattern, k, off_diag):
-    """`|Ω|` of an SVFT pattern on `k` singular vectors (spec §15):
+    """`|Ω|` of an SVFT pattern on `k` singular vectors (arXiv 2405.19597):
     `k` for plain, `k(2d+1) - d(d+1)` otherwise, `d = min(off_diag, k - 1)`."""
     if pattern == "plain":
         return k
@@ -288,7 +288,7 @@ def svft_pattern(pattern, k, off_diag, seed=None, u=None, v=None):
     - plain: the diagonal; banded: diagonals `-d..d`;
     - random: as many pairs drawn uniformly with replacement (NumPy,
       `seed`; repeated pairs add up);
-    - top_k: the reference's heuristic (spec §15), in PyTorch orientation
+    - top_k: the reference's heuristic (arXiv 2405.19597), in PyTorch orientation
       `C = V Uᵀ` when the kernel is square, else `V` (if `n_out == k`) or
       `Uᵀ`, cut to `k x k`; the `|Ω|` largest entries of `C`, `(row, col)`
       → `(i, j) = (col, row)`.
@@ -323,7 +323,7 @@ def svft_pattern(pattern, k, off_diag, seed=None, u=None, v=None):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class SVFT(SpectralAdapter):
-    """Singular-vector guided fine-tuning (spec §15).
+    """Singular-vector guided fine-tuning (arXiv 2405.19597).
 
     `W' = W + sigmoid(g) U M_Ω Vᵀ`: `U, V` the kernel's singular vectors
     (all of them with `rank=None`, or the top `rank`, the rest of the kernel
@@ -360,6 +360,8 @@ class SVFT(SpectralAdapter):
     """
 
     method = "svft"
+    #: its merge rule scatters M on the host (not traceable)
+    serves_kernel = False
     OPTIONS = (
         opt.Option("rank", None, RANK_OR_FULL, "None: every singular vector; r: the top r"),
         opt.Option("pattern", "plain", opt.choice(*SVFT_PATTERNS), "sparsity pattern of M"),
@@ -462,7 +464,7 @@ class SVFT(SpectralAdapter):
 # ----------------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRAXS(SpectralAdapter):
-    """LoRA-XS (spec §18): an `r x r` matrix between frozen SVD factors.
+    """LoRA-XS (arXiv 2405.17604): an `r x r` matrix between frozen SVD factors.
 
     `y = x K + b + s ((dropout(x) A_f) R) B_f` with `A_f = U_r diag(σ_r)`
     `(n_in, r)` and `B_f = V_rᵀ` `(r, n_out)` from the top-`r` SVD of the
@@ -547,7 +549,7 @@ class LoRAXS(SpectralAdapter):
 # ----------------------------------------------------------------------
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class SVDTraining(SpectralAdapter):
-    """SVD-training (spec §19): train only the top singular values.
+    """SVD-training: train only the top singular values.
 
     With `U_q, σ_q, V_q` the top `q` triplets of the kernel, the frozen
     kernel becomes the residual `W - U_q diag(σ_q) V_qᵀ` and the layer
