@@ -1,29 +1,55 @@
-"""The `keras-lowrank` command, and what it can tell about a file without Keras.
+"""The `keras-lowrank` command: its arguments, and what it can answer without Keras.
 
-`keras-lowrank inspect FILE` reads an adapter file (`.safetensors`) or a
-`.keras` model and lists its adapters from the metadata alone: it imports
-neither Keras nor a backend, so it answers in well under a second. Every
-other command (`demo`, `merge`) needs Keras and runs in `keras_lowrank.cli`.
+`keras-lowrank --help`, `keras-lowrank methods [NAME]` and `keras-lowrank
+inspect FILE` import neither Keras nor a backend, so they answer in well
+under a second: `inspect` reads an adapter file (`.safetensors`) or a
+`.keras` model from its metadata alone, and `methods` reads the registry's
+description of every method from `keras_lowrank/_catalog.py` (a file the
+registry writes and a test keeps up to date). Every other command needs
+Keras and runs in `keras_lowrank.cli`.
 
 This module sits beside the `keras_lowrank` package, not in it: importing
-anything inside the package imports Keras and a backend first.
+the package imports Keras and a backend (except while `python -m
+keras_lowrank` starts, see `keras_lowrank/__init__.py`).
+
+Exit codes: 0 on success, 1 when a check fails or an operation cannot be
+carried out, 2 on bad input (bad arguments, a missing, unreadable or
+existing file, an option the library refuses), with one line on stderr and
+no traceback. When the reader of the output goes away (`... | head`), the
+command stops quietly with exit code 2.
 """
 
+import argparse
+import ast
+import importlib.util
 import json
 import os
 import sys
 import zipfile
 
 ADAPTER_FORMAT = "keras_lowrank.adapter"
+PROG = "keras-lowrank"
+BACKENDS = ("jax", "tensorflow", "torch")
 
 
 class FileError(Exception):
     """A file that does not exist or cannot be read (exit code 2)."""
 
 
+class UsageError(Exception):
+    """Bad input from the user (exit code 2)."""
+
+
+class CheckFailed(Exception):
+    """An operation or a check failed on valid input (exit code 1)."""
+
+
 def _rows_from_plan(plan):
     rows = []
-    for key, cfg in plan.get("layers", {}).items():
+    layers = plan.get("layers", {})
+    if not isinstance(layers, dict):
+        raise FileError("the adapter plan's layers are malformed")
+    for key, cfg in layers.items():
         if not isinstance(cfg, dict):
             raise FileError(f"the adapter plan's entry {key!r} is malformed")
         options = cfg.get("options")
@@ -32,7 +58,10 @@ def _rows_from_plan(plan):
         trainable = cfg.get("trainable")
         rows.append(
             {
-                "layer": cfg.get("path", key),
+                # the layer's key, as adapter files and error messages name
+                # it (the path of names, with the names Keras made up
+                # replaced by positions: `dense[1]`, not `dense_3`)
+                "layer": str(key),
                 "method": str(cfg.get("method", "?")),
                 "rank": options.get("rank"),
                 "alpha": options.get("alpha"),
@@ -191,20 +220,220 @@ def inspect(path, out=None):
     return 0
 
 
-def main(argv=None):
-    """The `keras-lowrank` command: `inspect` here, the rest in
-    `keras_lowrank.cli` (which imports Keras)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 2 and argv[0] == "inspect" and not argv[1].startswith("-"):
-        try:
-            return inspect(argv[1])
-        except FileError as e:
-            print(f"keras-lowrank inspect: error: {e}", file=sys.stderr)
-            return 2
-    # Imported here, not at the top: everything in keras_lowrank imports Keras.
-    from keras_lowrank.cli import main as full_main
+# ----------------------------------------------------------------------
+# keras-lowrank methods [NAME]
+def load_catalog():
+    """Every method's description (`keras_lowrank.method_info(name).to_dict()`),
+    read from `keras_lowrank/_catalog.py` without importing the package."""
+    spec = importlib.util.find_spec("keras_lowrank")  # finds it; runs nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the keras_lowrank package is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "_catalog.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError) as e:
+        raise UsageError(f"cannot read the method catalog {path}: {e}") from None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["METHODS"]:
+            return ast.literal_eval(node.value)
+    raise UsageError(f"the method catalog {path} has no METHODS")
 
-    return full_main(argv)
+
+def format_method(info):
+    """One method's description (a `MethodInfo.to_dict()`) as text."""
+    lines = [f"{info['name']} - {info['description']}", ""]
+    rows = [(o["name"], o["default"], o["allowed"], o["meaning"]) for o in info["options"]]
+    lines.append(table(("option", "default", "allowed", "meaning"), rows))
+    notes = []
+    if info.get("lr_scale", 1.0) != 1.0:
+        notes.append(f"Learning rate: about {info['lr_scale']:g}x LoRA's.")
+    if info.get("as_lora"):
+        notes.append("Saving: save_adapter(..., as_lora=True) writes it as a plain LoRA.")
+    if notes:
+        lines += [""] + notes
+    lines += ["", f"Use: enable_adapter(model, method={info['name']!r}, <option>=<value>, ...)"]
+    return "\n".join(lines)
+
+
+def methods(name=None, out=None):
+    """Print every method with its one-line description, or one method's
+    options (`name`)."""
+    out = sys.stdout if out is None else out
+    catalog = load_catalog()
+    if name is None:
+        print(table(("method", "description"), [(m["name"], m["description"]) for m in catalog]), file=out)
+        print(f"\n{len(catalog)} methods; `{PROG} methods NAME` lists a method's options.", file=out)
+        return 0
+    for info in catalog:
+        if info["name"] == name:
+            print(format_method(info), file=out)
+            return 0
+    raise UsageError(f"unknown method {name!r}; available methods: {', '.join(m['name'] for m in catalog)}")
+
+
+# ----------------------------------------------------------------------
+# Arguments
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` whose errors are one line on stderr (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+#: what each command takes, in the order `--help` and the README list them
+COMMANDS = {
+    "demo": ("[OPTIONS]", "the main job: adapt a tiny Gemma to a new synthetic task, save, reload, "
+             f"merge ({PROG} demo --help lists its options)"),
+    "methods": ("[NAME]", "list the adapter methods, or one method's options with their "
+                "defaults (no Keras needed)"),
+    "inspect": ("FILE", "list the adapters of a .keras model or an adapter file (no Keras needed)"),
+    "merge": ("IN.keras OUT.keras", "fold the adapters of a .keras model into its kernels and save it"),
+    "spectrum": ("FILE.keras [--plot OUT.png] [--range LOW HIGH] [--targets PATTERN ...]",
+                 "singular values of every Dense/EinsumDense kernel of a .keras model"),
+    "peft-import": ("ADAPTER_DIR MODEL_DIR OUT.keras",
+                    "put a PEFT adapter onto the KerasHub model converted from its Hugging Face "
+                    "checkpoint, and save it as .keras"),
+    "peft-export": ("MODEL.keras MODEL_DIR OUT_DIR",
+                    "write the adapters of a .keras KerasHub model as a PEFT adapter directory"),
+}
+
+
+def synopsis():
+    """`keras-lowrank COMMAND ARGS` for every command (what `--help` and the
+    README show)."""
+    return [f"{PROG} {name} {args}" for name, (args, _) in COMMANDS.items()]
+
+
+def build_parser():
+    """The `argparse` parser of `keras-lowrank`."""
+    parser = _Parser(
+        prog=PROG,
+        description="Low-rank adapters (LoRA, DoRA, PiSSA, ...) for Keras 3.",
+        epilog="commands:\n" + "\n".join(f"  {line}" for line in synopsis())
+        + f"\n\n`{PROG} COMMAND --help` describes a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    helps = {name: help_ for name, (_, help_) in COMMANDS.items()}
+
+    sub.add_parser("demo", add_help=False, help=helps["demo"])  # main() passes its arguments on
+
+    methods_ = sub.add_parser("methods", help=helps["methods"])
+    methods_.add_argument("name", metavar="NAME", nargs="?", default=None,
+                          help="a method: list its options, defaults, allowed values and meaning")
+
+    inspect_ = sub.add_parser("inspect", help=helps["inspect"])
+    inspect_.add_argument("file", metavar="FILE")
+
+    merge = sub.add_parser("merge", help=helps["merge"])
+    merge.add_argument("input", metavar="IN.keras")
+    merge.add_argument("output", metavar="OUT.keras")
+
+    spec = sub.add_parser("spectrum", help=helps["spectrum"])
+    spec.add_argument("file", metavar="FILE.keras")
+    spec.add_argument("--plot", metavar="OUT.png", default=None, help="also draw them (needs matplotlib)")
+    spec.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(0.1, 1.1),
+                      help="report the share of singular values in [LOW, HIGH] (default 0.1 1.1)")
+    spec.add_argument("--targets", nargs="+", default=None, metavar="PATTERN",
+                      help="only these layers (names, paths, globs, re:regexes)")
+
+    pimport = sub.add_parser("peft-import", help=helps["peft-import"])
+    pimport.add_argument("adapter", metavar="ADAPTER_DIR", help="the PEFT adapter directory")
+    pimport.add_argument("model_dir", metavar="MODEL_DIR", help="the Hugging Face model directory")
+    pimport.add_argument("output", metavar="OUT.keras")
+
+    pexport = sub.add_parser("peft-export", help=helps["peft-export"])
+    pexport.add_argument("input", metavar="MODEL.keras")
+    pexport.add_argument("model_dir", metavar="MODEL_DIR",
+                         help="the Hugging Face model directory the model was converted from")
+    pexport.add_argument("output", metavar="OUT_DIR", help="the folder to write (created if needed)")
+    return parser
+
+
+# ----------------------------------------------------------------------
+# Running a command
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _stdout_gone():
+    """The reader of stdout went away: send what is left to /dev/null, so
+    that Python's own flush at exit does not complain either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (a test's capture): nothing is flushed at exit
+
+
+def run(command, fn, *args):
+    """`fn(*args)` as the command `command`: its refusals become one line on
+    stderr and an exit code (2: bad input, including the library's
+    `ValueError`/`TypeError`/`OSError`; 1: a failed check); a closed stdout
+    ends it quietly (2)."""
+    label = f"{PROG} {command}" if command else PROG
+    try:
+        code = fn(*args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _stdout_gone()
+        return 2
+    except CheckFailed as e:
+        print(f"{label}: failed: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except FileExistsError as e:
+        what = f"{e.filename} already exists" if e.filename else _one_line(e)
+        print(f"{label}: error: {what}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"{label}: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+        return 2
+    except (UsageError, FileError, ValueError, TypeError) as e:
+        print(f"{label}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None):
+    """Run `keras-lowrank` with the arguments `argv` (default: `sys.argv[1:]`).
+
+    `--help`, `methods` and `inspect` run here, without Keras; the other
+    commands run in `keras_lowrank.cli`, which imports it. Returns the exit
+    code (0 success, 1 failed check, 2 bad input) instead of exiting.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # every argument after "demo" goes to the example
+        return run("demo", _keras_command("demo"), argv[1:])
+    parsed = []
+
+    def parse():
+        try:
+            parsed.append(build_parser().parse_args(argv))
+            return 0
+        except SystemExit as e:  # argparse exits on --help and on bad arguments
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+
+    code = run(None, parse)
+    if not parsed:
+        return code
+    args = parsed[0]
+    if args.command == "methods":
+        return run(args.command, methods, args.name)
+    if args.command == "inspect":
+        return run(args.command, inspect, args.file)
+    return run(args.command, _keras_command(args.command), args)
+
+
+def _keras_command(name):
+    """`keras_lowrank.cli.cmd_<name>`: imported here, not at the top, since
+    everything in keras_lowrank imports Keras."""
+    from keras_lowrank import cli
+
+    return getattr(cli, "cmd_" + name.replace("-", "_"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 PiSSA starts from the top singular triplets of each kernel and freezes the
 residual, so its adapter file only makes sense on that residual. Saved with
 `save_adapter(..., as_lora=True)` it becomes the rank-2r plain LoRA that
-applies to the *original* kernel (spec §16): this script trains PiSSA on a
+applies to the *original* kernel (arXiv 2404.02948): this script trains PiSSA on a
 tiny KerasHub Gemma, writes both files, loads the LoRA one onto a fresh copy
 of the original base, and checks that the outputs are the same.
 

@@ -1,4 +1,8 @@
-"""`python -m keras_lowrank ...`: the `keras-lowrank` command line."""
+"""`python -m keras_lowrank ...`: the `keras-lowrank` command line.
+
+`--help`, `methods` and `inspect` answer without importing Keras (see
+`keras_lowrank/__init__.py` and `keras_lowrank_cli`).
+"""
 
 import sys
 

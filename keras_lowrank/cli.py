@@ -1,26 +1,31 @@
-"""The `keras-lowrank` command line.
+"""The `keras-lowrank` command line: the commands that need Keras.
 
-Subcommands:
+Subcommands (the arguments and `--help` are in `keras_lowrank_cli`, which
+answers `--help`, `methods` and `inspect` without importing Keras):
 
 - `keras-lowrank demo [ARGS]`: the main job, `examples/finetune_gemma.py`
   (installed as `keras_lowrank.examples.finetune_gemma`): train a tiny
   KerasHub Gemma on a synthetic task A, adapt it to a shifted task B with an
   adapter, save, reload, save the adapter alone, merge, and check.
+- `keras-lowrank methods [NAME]`: the adapter methods, or one method's
+  options with their defaults, allowed values and meaning.
 - `keras-lowrank inspect FILE`: list the adapters of a `.keras` model or an
-  adapter file, from its metadata, without Keras (`keras_lowrank_cli`).
+  adapter file, from its metadata, without Keras.
 - `keras-lowrank merge IN.keras OUT.keras`: fold the adapters into the base
   kernels and save a plain model.
 - `keras-lowrank spectrum FILE.keras [--plot OUT.png]`: the singular values
   of every Dense/EinsumDense kernel (matrix view), with the share inside a
   range (`--range 0.1 1.1`), and optionally their plot (matplotlib).
-- `keras-lowrank peft-import ADAPTER_DIR MODEL_DIR OUT.keras`: a PEFT LoRA/DoRA
+- `keras-lowrank peft-import ADAPTER_DIR MODEL_DIR OUT.keras`: a PEFT
   adapter put onto the KerasHub model converted from the Hugging Face model
   in MODEL_DIR, saved as `.keras`.
 - `keras-lowrank peft-export MODEL.keras MODEL_DIR OUT_DIR`: the adapters of a
   KerasHub model as a PEFT adapter directory.
 
 Exit codes: 0 on success, 1 when a check fails or an operation cannot be
-carried out, 2 on bad input (a missing or unreadable file, a bad option).
+carried out, 2 on bad input (bad arguments, a missing, unreadable or
+existing file, an option the library refuses), always with one line on
+stderr and no traceback.
 
 Keras is imported inside the command functions, after `--backend` has been
 applied (a different backend than the running one re-runs the command in a
@@ -33,80 +38,10 @@ import subprocess
 import sys
 
 import keras_lowrank_cli
-
-BACKENDS = ("jax", "tensorflow", "torch")
-
-
-class UsageError(Exception):
-    """Bad input from the user (exit code 2)."""
-
-
-class CheckFailed(Exception):
-    """An operation or a check failed on valid input (exit code 1)."""
-
-
-# ----------------------------------------------------------------------
-# Argument parsing
-def build_parser():
-    """The `argparse` parser of `keras-lowrank`."""
-    parser = argparse.ArgumentParser(
-        prog="keras-lowrank",
-        description="Low-rank adapters (LoRA, DoRA, PiSSA, ...) for Keras 3.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    demo = sub.add_parser(
-        "demo",
-        add_help=False,
-        help="the main job: adapt a tiny Gemma to a new synthetic task, save, reload, merge "
-        "(keras-lowrank demo --help for its options)",
-    )
-    demo.set_defaults(func=None)  # main() hands every argument after "demo" to the example
-
-    inspect = sub.add_parser(
-        "inspect", help="list the adapters of a .keras model or an adapter file (no Keras needed)"
-    )
-    inspect.add_argument("file", metavar="FILE")
-    inspect.set_defaults(func=cmd_inspect)
-
-    merge = sub.add_parser(
-        "merge", help="fold the adapters of a .keras model into its kernels and save it"
-    )
-    merge.add_argument("input", metavar="IN.keras")
-    merge.add_argument("output", metavar="OUT.keras")
-    merge.set_defaults(func=cmd_merge)
-
-    spec = sub.add_parser(
-        "spectrum", help="singular values of every Dense/EinsumDense kernel of a .keras model"
-    )
-    spec.add_argument("file", metavar="FILE.keras")
-    spec.add_argument("--plot", metavar="OUT.png", default=None, help="also draw them (needs matplotlib)")
-    spec.add_argument("--range", nargs=2, type=float, metavar=("LOW", "HIGH"), default=(0.1, 1.1),
-                      help="report the share of singular values in [LOW, HIGH] (default 0.1 1.1)")
-    spec.add_argument("--targets", nargs="+", default=None, metavar="PATTERN",
-                      help="only these layers (names, paths, globs, re:regexes)")
-    spec.set_defaults(func=cmd_spectrum)
-    pimport = sub.add_parser(
-        "peft-import",
-        help="put a PEFT LoRA/DoRA adapter onto the KerasHub model converted from its "
-        "Hugging Face checkpoint, and save it as .keras",
-    )
-    pimport.add_argument("adapter", metavar="ADAPTER_DIR", help="the PEFT adapter directory")
-    pimport.add_argument("model_dir", metavar="MODEL_DIR", help="the Hugging Face model directory")
-    pimport.add_argument("output", metavar="OUT.keras")
-    pimport.set_defaults(func=cmd_peft_import)
-
-    pexport = sub.add_parser(
-        "peft-export",
-        help="write the adapters of a .keras KerasHub model as a PEFT adapter directory",
-    )
-    pexport.add_argument("input", metavar="MODEL.keras")
-    pexport.add_argument("model_dir", metavar="MODEL_DIR",
-                         help="the Hugging Face model directory the model was converted from")
-    pexport.add_argument("output", metavar="OUT_DIR")
-    pexport.set_defaults(func=cmd_peft_export)
-    return parser
+from keras_lowrank_cli import BACKENDS
+from keras_lowrank_cli import CheckFailed
+from keras_lowrank_cli import UsageError
+from keras_lowrank_cli import build_parser  # noqa: F401  (the parser of every command)
 
 
 def main(argv=None):
@@ -115,22 +50,17 @@ def main(argv=None):
     Returns the exit code (0 success, 1 failed check, 2 bad input) instead
     of exiting, so the function can be called in-process.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        return cmd_demo(argv[1:])
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse exits on --help and on bad arguments
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    try:
-        return args.func(args)
-    except UsageError as e:
-        print(f"keras-lowrank {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except CheckFailed as e:
-        print(f"keras-lowrank {args.command}: failed: {e}", file=sys.stderr)
-        return 1
+    return keras_lowrank_cli.main(argv)
+
+
+def _library():
+    """The `keras_lowrank` package with everything in it (its layers
+    registered with Keras, `Model.enable_adapter` added): under `python -m
+    keras_lowrank` it is loaded only when a command needs it."""
+    import keras_lowrank
+
+    keras_lowrank.enable_adapter  # noqa: B018  (loads the package if it waited)
+    return keras_lowrank
 
 
 def _use_backend(backend, argv):
@@ -181,14 +111,11 @@ def _import_hub(required):
 
 def _load(path):
     """Load a `.keras` model (with its adapters); bad files are `UsageError`."""
-    import keras
-
-    import keras_lowrank  # noqa: F401  (registers the adapter classes)
-
     if not os.path.exists(path):
         raise UsageError(f"no such file: {path}")
     if os.path.isdir(path) or not str(path).endswith(".keras"):
         raise UsageError(f"expected a .keras model file, got {path}")
+    _library()  # registers the adapter classes
     _import_hub(required=False)  # registers the KerasHub classes, if any
     try:
         return _load_model(path)
@@ -235,20 +162,10 @@ def cmd_demo(argv):
         code = _use_backend(known.backend, ["demo", *argv])
         if code is not None:
             return code
+    _library()
     from keras_lowrank.examples import finetune_gemma
 
     return finetune_gemma.main(argv, prog="keras-lowrank demo")
-
-
-# ----------------------------------------------------------------------
-# inspect
-def cmd_inspect(args):
-    """`keras-lowrank inspect FILE`: list the adapters of a `.keras` model or
-    an adapter file, from the file's metadata (Keras is not needed)."""
-    try:
-        return keras_lowrank_cli.inspect(args.file)
-    except keras_lowrank_cli.FileError as e:
-        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------
@@ -260,10 +177,9 @@ def cmd_merge(args):
     OUT is written to a temporary file beside it and renamed into place, so
     a failed write keeps both files as they were; IN and OUT may be the same
     file."""
-    import keras_lowrank
-
     _check_output_path(args.output)
     model = _load(args.input)
+    keras_lowrank = _library()
     found = keras_lowrank.adapters(model)
     if not found:
         raise UsageError(f"{args.input} has no adapters to merge")
@@ -288,8 +204,6 @@ def cmd_spectrum(args):
     """`keras-lowrank spectrum FILE.keras [--plot OUT.png]`."""
     import numpy as np
 
-    import keras_lowrank
-
     low, high = args.range
     if not (np.isfinite(low) and np.isfinite(high) and 0 <= low < high):
         raise UsageError(f"--range needs 0 <= LOW < HIGH; got {low:g} {high:g}")
@@ -302,6 +216,7 @@ def cmd_spectrum(args):
         if not os.path.isdir(folder):
             raise UsageError(f"the plot's folder does not exist: {folder}")
     model = _load(args.file)
+    keras_lowrank = _library()
     try:
         spectra = keras_lowrank.spectrum(model, targets=args.targets)
     except (ValueError, TypeError) as e:
@@ -343,29 +258,25 @@ def _save_atomically(model, path):
 
 # ----------------------------------------------------------------------
 # peft-import / peft-export
-def _peft_errors(fn, *args):
-    try:
-        return fn(*args)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-
-
+# The library's refusals (ValueError, TypeError, OSError: a malformed
+# adapter directory, a module PEFT cannot hold) become one line and exit
+# code 2 in `keras_lowrank_cli.run`.
 def cmd_peft_import(args):
     """`keras-lowrank peft-import ADAPTER_DIR MODEL_DIR OUT.keras`: the
     KerasHub model converted from MODEL_DIR (a causal LM when the family has
     one, else the backbone) with the PEFT adapter on it, saved as OUT."""
-    import keras_hub
-
-    import keras_lowrank
-
     _check_output_path(args.output)
+    if not os.path.isdir(args.adapter):
+        raise UsageError(f"{args.adapter} is not a PEFT adapter directory")
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise UsageError(f"{args.model_dir} is not a Hugging Face model directory (no config.json)")
+    keras_lowrank = _library()
+    keras_hub = _import_hub(required=True)
     try:
         model = keras_hub.models.CausalLM.from_preset(args.model_dir, preprocessor=None)
     except (ValueError, KeyError, AttributeError):
         model = keras_hub.models.Backbone.from_preset(args.model_dir)
-    _peft_errors(keras_lowrank.load_peft_adapter, model, args.adapter, args.model_dir)
+    keras_lowrank.load_peft_adapter(model, args.adapter, args.model_dir)
     _save_atomically(model, args.output)
     found = keras_lowrank.adapters(model)
     print(f"loaded {len(found)} PEFT modules onto {type(model).__name__}; saved {args.output}")
@@ -375,14 +286,18 @@ def cmd_peft_import(args):
 def cmd_peft_export(args):
     """`keras-lowrank peft-export MODEL.keras MODEL_DIR OUT_DIR`: the
     adapters of MODEL as a PEFT adapter directory for the Hugging Face model
-    in MODEL_DIR."""
-    import keras_lowrank
-
+    in MODEL_DIR (OUT_DIR is created; in an existing folder the adapter's
+    two files are replaced)."""
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"{args.output} already exists and is not a folder")
+    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        raise UsageError(f"{args.model_dir} is not a Hugging Face model directory (no config.json)")
     model = _load(args.input)
+    keras_lowrank = _library()
     if not keras_lowrank.adapters(model):
         raise UsageError(f"{args.input} has no adapters to export")
-    _peft_errors(keras_lowrank.save_peft_adapter, model, args.output, args.model_dir)
-    print(f"wrote {len(keras_lowrank.adapters(model))} adapters as a PEFT LoRA directory: {args.output}")
+    keras_lowrank.save_peft_adapter(model, args.output, args.model_dir)
+    print(f"wrote {len(keras_lowrank.adapters(model))} adapters as a PEFT adapter directory: {args.output}")
     return 0
 
 

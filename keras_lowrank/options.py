@@ -179,15 +179,49 @@ class Option:
             ) from None
 
 
+#: PEFT's `LoraConfig` names and what keras-lowrank calls them (an option of
+#: the method, or an argument of `enable_adapter`)
+PEFT_NAMES = {
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "exclude_modules": "exclude",
+    "modules_to_save": "trainable_layers",
+    "use_rslora": "rslora",
+}
+
+
+def peft_hint(name):
+    """`"'r' is PEFT's name; keras-lowrank calls it 'rank'"`, or `""` for a
+    name that is not one of PEFT's.
+
+    Examples:
+
+        >>> from keras_lowrank.options import peft_hint
+        >>> peft_hint("lora_alpha")
+        "'lora_alpha' is PEFT's name; keras-lowrank calls it 'alpha'"
+    """
+    ours = PEFT_NAMES.get(name) if isinstance(name, str) else None
+    return f"{name!r} is PEFT's name; keras-lowrank calls it {ours!r}" if ours else ""
+
+
 def validate(declared, values, where, method=None):
     """Check `values` (a dict) against the `Option`s in `declared` and fill
-    in the defaults. Unknown keys are an error that lists the valid ones."""
+    in the defaults. Unknown keys are an error that lists the valid ones
+    (and says which of ours a PEFT name is)."""
     by_name = {o.name: o for o in declared}
     if not isinstance(values, dict):
         raise ValueError(f"The options for {where!r} must be a dict; received {values!r}.")
-    unknown = sorted(set(values) - set(by_name))
+    unknown = sorted(set(values) - set(by_name), key=str)
     if unknown:
         label = f"method {method!r}" if method else "this adapter"
+        hints = [h for h in map(peft_hint, unknown) if h]
+        if hints:  # PEFT's names: say which of ours each one is
+            raise ValueError(
+                f"Unknown option(s) {unknown} for {label} ({where}): {'. '.join(hints)}. "
+                f"Valid options: {sorted(by_name)}."
+            )
         raise ValueError(
             f"Unknown option(s) {unknown} for {label} ({where}); valid "
             f"options: {sorted(by_name)}."
@@ -196,3 +230,4 @@ def validate(declared, values, where, method=None):
     for o in declared:
         out[o.name] = o.check(values[o.name], where) if o.name in values else o.default
     return out
+

@@ -21,8 +21,12 @@ else reads that declaration:
 """
 
 import dataclasses
+import os
+import pprint
+from typing import Any
 from typing import Callable
 
+import keras_lowrank_cli
 from keras_lowrank import options as opt
 
 #: frozen-base storages a method composes with unless it says otherwise
@@ -47,8 +51,8 @@ class Method:
     training: tuple = ()
     export_forms: tuple = ()
     #: the learning rate the method wants, relative to LoRA's (the
-    #: singular-value methods train a few numbers on the scale of σ and
-    #: want a much larger one: spec §14, §15, §19)
+    #: singular-value methods, SVF, SVFT and SVD-training, train a few
+    #: numbers on the scale of σ and want a much larger one)
     lr_scale: float = 1.0
     #: values for the options that have no default (AdaLoRA's
     #: `total_steps`): what a minimal example passes; the contract suite
@@ -115,7 +119,11 @@ def lowrank_count(geometry, options):
 
 
 def methods():
-    """Names of the registered adapter methods.
+    """Names of the registered adapter methods, sorted.
+
+    `keras_lowrank.method_info(name)` describes one: what it does, and its
+    options with their defaults, allowed values and meaning (on the command
+    line: `keras-lowrank methods [NAME]`).
 
     Examples:
 
@@ -124,3 +132,122 @@ def methods():
         True
     """
     return sorted(_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """One option of a method, as `method_info` describes it.
+
+    Attributes:
+        name: the keyword to pass to `enable_adapter`.
+        default: the value used when it is not passed.
+        allowed: the values it takes, in words.
+        meaning: what it does.
+    """
+
+    name: str
+    default: Any
+    allowed: str
+    meaning: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+    """What an adapter method does and which options it takes (see
+    `method_info`). `print(info)` shows it as a table.
+
+    Attributes:
+        name: the method's name (`enable_adapter(model, method=name)`).
+        description: one line: what the method trains.
+        options: its options (`OptionInfo`), in declaration order.
+        lr_scale: the learning rate it wants, relative to LoRA's.
+        as_lora: whether `save_adapter(..., as_lora=True)` can write it as
+            a plain LoRA.
+    """
+
+    name: str
+    description: str
+    options: tuple
+    lr_scale: float = 1.0
+    as_lora: bool = False
+
+    @property
+    def defaults(self):
+        """`{option name: default}`."""
+        return {o.name: o.default for o in self.options}
+
+    def to_dict(self):
+        """The description as plain JSON-able values (defaults as their
+        Python `repr`)."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "lr_scale": self.lr_scale,
+            "as_lora": self.as_lora,
+            "options": [{"name": o.name, "default": repr(o.default), "allowed": o.allowed,
+                         "meaning": o.meaning} for o in self.options],
+        }
+
+    def __str__(self):
+        return keras_lowrank_cli.format_method(self.to_dict())
+
+
+def method_info(name):
+    """What the adapter method `name` does, and its options.
+
+    Args:
+        name: a method name, from `keras_lowrank.methods()`.
+
+    Returns:
+        A `MethodInfo`: the method's one-line description, and each option's
+        name, default, allowed values and meaning. `print()` shows it as a
+        table; the command line shows the same with
+        `keras-lowrank methods NAME`.
+
+    Raises:
+        ValueError: `name` is not a registered method (the message lists
+            the methods).
+
+    Examples:
+
+        >>> import keras_lowrank
+        >>> info = keras_lowrank.method_info("lora")
+        >>> info.defaults["rank"], info.defaults["alpha"]
+        (8, None)
+        >>> [o.allowed for o in info.options if o.name == "init"]
+        ["one of ('kaiming', 'gaussian')"]
+    """
+    m = get(name)
+    return MethodInfo(
+        name=m.name,
+        description=m.summary,
+        options=tuple(OptionInfo(o.name, o.default, repr(o.check_fn), o.doc) for o in m.options),
+        lr_scale=float(m.lr_scale),
+        as_lora="lora" in m.export_forms,
+    )
+
+
+#: the file the command line reads `keras-lowrank methods` from
+CATALOG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_catalog.py")
+
+
+def catalog_text():
+    """The source of `keras_lowrank/_catalog.py`: every method's
+    `method_info(...).to_dict()`, which the command line reads without
+    importing Keras."""
+    entries = [method_info(name).to_dict() for name in methods()]
+    return (
+        '"""Every adapter method\'s description and options, for `keras-lowrank\n'
+        "methods`, which reads this file without importing Keras or keras_lowrank.\n\n"
+        "Written by `keras_lowrank.registry.write_catalog()` from the registry; a\n"
+        'test checks it is up to date. Do not edit by hand.\n"""\n\n'
+        f"METHODS = {pprint.pformat(entries, width=100, sort_dicts=False)}\n"
+    )
+
+
+def write_catalog(path=CATALOG_PATH):
+    """Rewrite `keras_lowrank/_catalog.py` from the registry (after a
+    method or an option changed)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(catalog_text())
+    return path

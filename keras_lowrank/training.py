@@ -35,6 +35,9 @@ from keras_lowrank import _compat
 from keras_lowrank import registry
 from keras_lowrank import tree
 
+#: what users meet (the rest is how methods declare their training parts)
+__all__ = ["AdapterOptimizer"]
+
 KINDS = ("forward", "model_call", "optimizer")
 
 

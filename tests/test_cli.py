@@ -2,8 +2,11 @@
 
 The demo runs once per test module, in-process, on the backend the test
 process runs under (`KERAS_BACKEND`); the other tests use the files it wrote.
+The tests of what runs without Keras (`--help`, `methods`, `inspect`) run
+child processes and are backend-neutral (`one_backend`).
 """
 
+import argparse
 import contextlib
 import io
 import os
@@ -21,6 +24,8 @@ pytest.importorskip("safetensors")
 import keras  # noqa: E402
 
 import keras_lowrank  # noqa: E402
+import keras_lowrank_cli  # noqa: E402
+from keras_lowrank import registry  # noqa: E402
 from keras_lowrank.cli import main  # noqa: E402
 
 # KerasHub tasks compile themselves with a default optimizer when built, so
@@ -170,3 +175,202 @@ def test_bad_input(tmp_path, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2  # argparse error
     assert main([]) == 2
+
+
+def _one_line_error(err, *words):
+    """`err` is one line, no traceback, naming `words`."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+# ----------------------------------------------------------------------
+# Refusals: one line on stderr, exit code 2
+def test_library_refusals_are_one_line_and_exit_2(capsys, monkeypatch):
+    """Whatever the library refuses with (ValueError, TypeError, OSError,
+    FileExistsError), the command prints one line naming it and exits 2;
+    a closed stdout ends it quietly with 2."""
+    cases = [
+        (ValueError("layer 'q': rank must be\na positive int"), "rank must be a positive int"),
+        (TypeError("base_model must be a str"), "base_model must be a str"),
+        (FileNotFoundError(2, "No such file or directory", "x/adapter_config.json"), "x/adapter_config.json"),
+        (FileExistsError(17, "File exists", "out_dir"), "out_dir already exists"),
+        (PermissionError(13, "Permission denied", "ro/out"), "Permission denied"),
+    ]
+    for error, words in cases:
+        def fail(error=error):
+            raise error
+
+        assert keras_lowrank_cli.run("peft-export", fail) == 2
+        _one_line_error(capsys.readouterr().err, "keras-lowrank peft-export: error:", words)
+
+    def pipe_closed():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert keras_lowrank_cli.run("inspect", pipe_closed) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_peft_commands_refuse_in_one_line(tmp_path, capsys, monkeypatch):
+    """`peft-export` onto an existing file, and `peft-import` of an adapter
+    whose config is a JSON list, are one line and exit code 2 (they were a
+    FileExistsError and an AttributeError traceback)."""
+    import keras_hub
+
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    # peft-export: OUT_DIR is an existing file
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    assert main(["peft-export", str(tmp_path / "m.keras"), str(model_dir), str(taken)]) == 2
+    _one_line_error(capsys.readouterr().err, "peft-export: error:", "already exists")
+    assert taken.read_text() == "keep me"
+    # peft-import: adapter_config.json holds a JSON list
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[]")
+    tiny = dict(vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+                hidden_dim=8, intermediate_dim=16, head_dim=4)
+    monkeypatch.setattr(keras_hub.models.CausalLM, "from_preset", classmethod(
+        lambda cls, preset, **kw: keras_hub.models.GemmaCausalLM(
+            backbone=keras_hub.models.GemmaBackbone(**tiny), preprocessor=None)))
+    out = tmp_path / "out.keras"
+    assert main(["peft-import", str(adapter), str(model_dir), str(out)]) == 2
+    _one_line_error(capsys.readouterr().err, "peft-import: error:", "adapter_config.json")
+    assert not out.exists()
+
+
+def test_argument_errors_are_one_line(capsys):
+    assert main(["merge", "only-one.keras"]) == 2
+    _one_line_error(capsys.readouterr().err, "keras-lowrank merge: error:", "OUT.keras")
+    assert main(["frobnicate"]) == 2
+    _one_line_error(capsys.readouterr().err, "invalid choice", "frobnicate")
+    assert main(["methods", "nope"]) == 2
+    _one_line_error(capsys.readouterr().err, "unknown method 'nope'", "lora")
+
+
+# ----------------------------------------------------------------------
+# methods [NAME]
+def test_methods_command_lists_every_method_and_its_options(capsys):
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in keras_lowrank.methods():
+        info = keras_lowrank.method_info(name)
+        assert re.search(rf"^{name} +{re.escape(info.description)}$", text, re.M), (name, text)
+    assert main(["methods", "vera"]) == 0
+    text = capsys.readouterr().out
+    for o in keras_lowrank.method_info("vera").options:
+        assert re.search(rf"^{o.name} +{re.escape(repr(o.default))} +{re.escape(o.allowed)} +"
+                         rf"{re.escape(o.meaning)}$", text, re.M), (o, text)
+
+
+def test_the_method_catalog_is_up_to_date():
+    """`keras-lowrank methods` reads keras_lowrank/_catalog.py (no Keras);
+    it must say what the registry says. After a method or an option changed:
+    `python -c "from keras_lowrank import registry; registry.write_catalog()"`."""
+    with open(registry.CATALOG_PATH, encoding="utf-8") as f:
+        assert f.read() == registry.catalog_text(), (
+            "keras_lowrank/_catalog.py is out of date: run python -c "
+            "'from keras_lowrank import registry; registry.write_catalog()'")
+    assert keras_lowrank_cli.load_catalog() == [
+        keras_lowrank.method_info(m).to_dict() for m in keras_lowrank.methods()]
+
+
+# ----------------------------------------------------------------------
+# The parser, --help and the docs list the same commands
+def test_the_synopsis_is_the_parser():
+    """`COMMANDS` (what `--help`, the README and docs/index.md show) names
+    every command of the parser with every argument and option it takes."""
+    parser = keras_lowrank_cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(keras_lowrank_cli.COMMANDS)
+    for name, command in sub.choices.items():
+        args, _ = keras_lowrank_cli.COMMANDS[name]
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if action.option_strings:
+                assert action.option_strings[0] in args, (name, action.option_strings)
+            else:
+                assert action.metavar in args, (name, action.metavar)
+    helptext = parser.format_help()
+    for line in keras_lowrank_cli.synopsis():
+        assert line in helptext
+
+
+# ----------------------------------------------------------------------
+# Without Keras: --help, methods, inspect
+HEAVY = ("keras", "tensorflow", "jax", "torch")
+
+
+def _imported(importtime_log):
+    """Top-level packages in a `python -X importtime` log."""
+    return {line.rsplit("|", 1)[-1].strip().split(".")[0]
+            for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.one_backend
+def test_help_methods_and_inspect_import_no_keras(demo):
+    """`python -m keras_lowrank --help`, `methods [NAME]` and `inspect FILE`,
+    and the same through the `keras-lowrank` entry point, import neither
+    Keras nor a backend (they took ~7 s when they did)."""
+    _, _, out = demo
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    commands = [["--help"], ["methods"], ["methods", "svft"], ["inspect", str(out / "adapted.keras")],
+                ["inspect", str(out / "adapter.safetensors")], ["merge", "--help"]]
+    for argv in commands:
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "keras_lowrank", *argv],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+        heavy = set(HEAVY) & _imported(proc.stderr)
+        assert not heavy, (argv, heavy)
+        assert "keras_lowrank" in _imported(proc.stderr), argv  # the log is read right
+    script = ("import sys, keras_lowrank_cli\n"
+              "for argv in (['--help'], ['methods', 'lora'], ['inspect', sys.argv[1]]):\n"
+              "    assert keras_lowrank_cli.main(argv) == 0, argv\n"
+              "print('imported:', sorted(m for m in %r if m in sys.modules))\n" % (HEAVY,))
+    proc = subprocess.run([sys.executable, "-c", script, str(out / "adapted.keras")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "imported: []" in proc.stdout and "rank" in proc.stdout
+
+
+@pytest.mark.one_backend
+def test_a_closed_pipe_ends_quietly(demo):
+    """`keras-lowrank inspect FILE | head` with the reader gone: no
+    traceback, nothing on stderr, exit code 2."""
+    _, _, out = demo
+    for argv in (["inspect", str(out / "adapted.keras")], ["methods"], ["--help"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written
+        try:
+            proc = subprocess.run([sys.executable, "-m", "keras_lowrank", *argv], stdout=write,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write)
+        assert proc.stderr == "", (argv, proc.stderr)
+        # argparse itself drops what `--help` cannot write
+        assert proc.returncode == (0 if argv == ["--help"] else 2), (argv, proc.returncode)
+
+
+def test_inspect_names_layers_by_their_keys(tmp_path, capsys):
+    """`inspect` names each layer by its key, as adapter files and error
+    messages do (`dense[1]`), not by the names Keras numbered in this
+    process (`dense_7`)."""
+    for _ in range(3):
+        keras.layers.Dense(2)  # numbers the next generated names
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6), keras.layers.Dense(6),
+                              keras.layers.Dense(2, name="head")])
+    keras_lowrank.enable_adapter(model, method="lora", rank=2)
+    numbered = [layer.name for layer in model.layers[:2]]
+    assert all(re.fullmatch(r"dense_\d+", n) for n in numbered), numbered
+    model.save(tmp_path / "m.keras")
+    keras_lowrank.save_adapter(model, tmp_path / "m.safetensors")
+    for name in ("m.keras", "m.safetensors"):
+        assert main(["inspect", str(tmp_path / name)]) == 0
+        text = capsys.readouterr().out
+        rows = [line.split()[0] for line in text.splitlines() if " lora " in line]
+        assert rows == ["dense[0]", "dense[1]"], text
+        assert not any(n in text for n in numbered), text

@@ -4,9 +4,20 @@ docs and the README runs (on one backend: the torch shard). Blocks of a page
 run in order in one namespace, in a scratch directory. Blocks that load a
 KerasHub preset get a tiny model of the same class (no download); the PEFT
 page gets a tiny Hugging Face model and PEFT adapter at the paths it names.
-docs/distribution.md needs 8 devices: tests/distribution_check.py runs it."""
+docs/distribution.md needs 8 devices: tests/distribution_check.py runs it
+(here its names are only checked to be defined).
 
+The docs also say what exists, and the tests hold them to it: the API
+reference shows every public name and no internal one; the extras, the
+command line's commands, `enable_adapter`'s signature, the demo's options,
+the `keras_lowrank.*` names and what saves as LoRA are what the code has;
+and no page cites sections of a document users cannot read ("spec §N")."""
+
+import ast
+import builtins
 import glob
+import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -73,13 +84,20 @@ def peft_paths():
     pm.save_pretrained("path/to/peft-adapter")
 
 
-@pytest.mark.one_backend
-def test_the_site_builds_strict(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The site, built once per module with `mkdocs build --strict`."""
+    out = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert (tmp_path / "site" / "api" / "index.html").is_file()
+    return out
+
+
+@pytest.mark.one_backend
+def test_the_site_builds_strict(site):
+    assert (site / "api" / "index.html").is_file()
 
 
 @pytest.mark.one_backend
@@ -101,3 +119,262 @@ def test_code_blocks_run(page, tmp_path, monkeypatch):
 def test_every_page_with_code_is_run():
     assert set(RUN) | set(ELSEWHERE) == {p for p in PAGES if code_blocks(p)}
     assert len(RUN) >= 6
+
+
+def page_text(page):
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------
+# The API reference: every public name, no internal one
+#: the members the reference shows of a class (the others are how methods
+#: are built, or Keras's own)
+CLASS_MEMBERS = {
+    "keras_lowrank.Adapter": {"options", "delta_matrix", "trainable_count"},
+    "keras_lowrank.AdapterSummary": {"adapter_params", "adapted_paths", "trainable_fraction"},
+    "keras_lowrank.registry.MethodInfo": {"defaults"},
+}
+#: classes the reference shows because a public function returns them
+RETURN_TYPES = ("keras_lowrank.registry.MethodInfo", "keras_lowrank.registry.OptionInfo")
+
+
+def resolve(path):
+    """The object a dotted path names: attributes from the package down
+    (`keras_lowrank.methods` is the function), or else from the longest
+    module prefix (`keras_lowrank.methods.lora.LoRA`)."""
+    parts = path.split(".")
+    try:
+        obj = importlib.import_module(parts[0])
+        for i, name in enumerate(parts[1:], 1):
+            if inspect.ismodule(obj) and not hasattr(obj, name):
+                importlib.import_module(".".join(parts[: i + 1]))
+            obj = getattr(obj, name)
+        return obj
+    except (AttributeError, ImportError):
+        pass
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise AttributeError(f"{path} names nothing")
+
+
+def public_api():
+    """`{id(object): (public path, object)}` of every public name:
+    `keras_lowrank.__all__`, and the public names of its public modules
+    (their `__all__`, or else every function and class they define) and of
+    `keras_lowrank.federated`."""
+    import keras_lowrank as kl
+    from keras_lowrank import federated
+
+    found = {}
+    modules = [("keras_lowrank.federated", federated)]
+    for name in kl.__all__:
+        obj = getattr(kl, name)
+        if inspect.ismodule(obj):
+            modules.append((f"keras_lowrank.{name}", obj))
+        elif name != "__version__":
+            found.setdefault(id(obj), (f"keras_lowrank.{name}", obj))
+    for path, module in modules:
+        names = getattr(module, "__all__", None)
+        if names is None:
+            names = [n for n, o in vars(module).items() if not n.startswith("_")
+                     and (inspect.isfunction(o) or inspect.isclass(o)) and o.__module__ == module.__name__]
+        for name in names:
+            obj = getattr(module, name)
+            found.setdefault(id(obj), (f"{path}.{name}", obj))
+    return found
+
+
+@pytest.mark.one_backend
+def test_the_api_reference_shows_every_public_name_and_no_internal_one(site):
+    html = (site / "api" / "index.html").read_text(encoding="utf-8")
+    shown = {ident: resolve(ident) for ident in set(re.findall(r'id="(keras_lowrank\.[\w.]+)"', html))}
+    public = public_api()
+    shown_ids = {id(obj) for obj in shown.values()}
+    missing = sorted(path for key, (path, _) in public.items() if key not in shown_ids)
+    assert not missing, f"docs/api.md lacks these public names: {missing}"
+    allowed = set(public) | {id(resolve(path)) for path in RETURN_TYPES}
+    internal = sorted(
+        ident for ident, obj in shown.items()
+        if id(obj) not in allowed and ident.rpartition(".")[2] not in CLASS_MEMBERS.get(ident.rpartition(".")[0], ())
+    )
+    assert not internal, f"docs/api.md shows internal names (list a class's public members): {internal}"
+    for owner, members in CLASS_MEMBERS.items():
+        for member in members:
+            assert hasattr(resolve(owner), member) and f'id="{owner}.{member}"' in html, (owner, member)
+    assert "spec §" not in html
+
+
+# ----------------------------------------------------------------------
+# What the docs name exists
+def test_no_page_cites_the_spec():
+    """Users cannot read the internal spec: no page cites its sections."""
+    cited = [f"{page}:{n}" for page in PAGES for n, line in enumerate(page_text(page).splitlines(), 1)
+             if re.search(r"spec §|\bthe spec\b|\bspec's\b", line, re.I)]
+    assert not cited, cited
+
+
+def pyproject_extras():
+    text = page_text("pyproject.toml")
+    section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return re.findall(r"^([\w-]+)\s*=", section, re.M)
+
+
+def test_the_extras_listed_are_pyprojects():
+    extras = set(pyproject_extras())
+    assert {"jax", "torch", "tensorflow", "files", "all"} <= extras
+    for page in ("README.md", "docs/index.md"):
+        text = page_text(page)
+        paragraph = text[text.index("To install the library alone"):].split("\n\n", 1)[0]
+        assert set(re.findall(r"`\[([\w-]+)\]`", paragraph)) == extras, page
+
+
+def test_the_command_lines_in_the_docs_are_the_parsers():
+    """README and docs/index.md list the commands exactly as the parser
+    (and so `--help`) has them, and every `keras-lowrank COMMAND` the docs
+    name is a command."""
+    import keras_lowrank_cli
+
+    for page in ("README.md", "docs/index.md"):
+        blocks = re.findall(r"```bash\n(.*?)```", page_text(page), re.S)
+        lines = [line for block in blocks for line in block.splitlines() if line.startswith("keras-lowrank ")]
+        assert lines == keras_lowrank_cli.synopsis(), page
+    for page in PAGES:
+        for command in re.findall(r"`keras-lowrank ([a-z][\w-]*)", page_text(page)):
+            assert command in keras_lowrank_cli.COMMANDS, (page, command)
+
+
+def test_the_documented_demo_options_exist():
+    from keras_lowrank.examples import finetune_gemma
+
+    options = {a.option_strings[0]: a for a in finetune_gemma.build_parser()._actions if a.option_strings}
+    text = page_text("README.md")
+    paragraph = text[text.index("`scripts/demo.sh` (= `keras-lowrank demo`"):].split("\n\n", 1)[0]
+    named = re.findall(r"`(--[\w-]+)(?: ([\w|]+))?`", paragraph)
+    assert len(named) >= 6
+    for flag, values in named:
+        assert flag in options, flag
+        if "|" in values:
+            assert set(values.split("|")) == set(options[flag].choices), flag
+
+
+def test_the_documented_enable_adapter_signature_is_the_code():
+    import keras_lowrank
+
+    text = " ".join(page_text("README.md").split())
+    documented = re.search(r"`keras_lowrank\.enable_adapter\((model, .*?)\)` is the same", text).group(1)
+    tree = ast.parse(f"def f({documented}): pass").body[0].args
+    names = [a.arg for a in tree.args] + ([f"**{tree.kwarg.arg}"] if tree.kwarg else [])
+    defaults = [ast.literal_eval(d) for d in tree.defaults]
+    params = list(inspect.signature(keras_lowrank.enable_adapter).parameters.values())
+    assert names == [("**" if p.kind is p.VAR_KEYWORD else "") + p.name for p in params]
+    assert defaults == [p.default for p in params if p.default is not p.empty]
+
+
+def test_what_the_readme_says_saves_as_lora_does():
+    """A method the README says saves as LoRA has a LoRA form, and only
+    `save_adapter(..., as_lora=True)` writes it."""
+    import keras_lowrank
+
+    rows = re.findall(r"^\| `(\w+)` .*$", page_text("README.md"), re.M)
+    claims = [line for line in page_text("README.md").splitlines()
+              if line.startswith("| `") and re.search(r"saves?( it)? as", line)]
+    assert len(claims) >= 5
+    for line in claims:
+        name = re.match(r"^\| `(\w+)`", line).group(1)
+        assert name in rows and keras_lowrank.method_info(name).as_lora, name
+        assert "`as_lora=True` saves" in line, line
+
+
+def test_the_keras_lowrank_names_the_docs_use_exist():
+    missing = set()
+    for page in PAGES:
+        for path in set(re.findall(r"\bkeras_lowrank(?:\.[A-Za-z_]\w*)+", page_text(page))):
+            try:
+                resolve(path)
+            except (AttributeError, ImportError):
+                missing.add(f"{page}: {path}")
+    assert not missing, sorted(missing)
+
+
+def test_the_blocks_run_elsewhere_define_their_names():
+    """docs/distribution.md's block runs under 8 devices elsewhere: here,
+    every name it reads is imported or assigned in it (it once used `x`,
+    `y` it never made)."""
+    for page in ELSEWHERE:
+        source = "\n".join(code_blocks(page))
+        tree = ast.parse(source)
+        bound = set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                bound.add(node.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not read - bound, (page, sorted(read - bound))
+
+
+# ----------------------------------------------------------------------
+# Discoverability: each method's options, PEFT's names
+def test_method_info_describes_every_method():
+    import keras_lowrank
+    from keras_lowrank import registry
+
+    for name in keras_lowrank.methods():
+        info = keras_lowrank.method_info(name)
+        method = registry.get(name)
+        assert info.name == name and info.description == method.summary
+        assert [o.name for o in info.options] == [o.name for o in method.options]
+        assert info.defaults == method.defaults
+        assert all(o.allowed and o.meaning for o in info.options), name
+        text = str(info)
+        assert all(o.name in text and o.meaning in text for o in info.options), name
+    assert keras_lowrank.method_info("pissa").as_lora and not keras_lowrank.method_info("dora").as_lora
+    assert keras_lowrank.method_info("svf").lr_scale > 1
+    with pytest.raises(ValueError, match="'nope'.*available methods"):
+        keras_lowrank.method_info("nope")
+
+
+@pytest.mark.parametrize("peft_name, ours", [
+    ("r", "rank"), ("lora_alpha", "alpha"), ("target_modules", "targets"),
+    ("lora_dropout", "dropout"), ("modules_to_save", "trainable_layers"),
+])
+def test_peft_names_are_refused_with_ours(peft_name, ours):
+    import keras
+
+    import keras_lowrank
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"),
+                              keras.layers.Dense(2, name="head")])
+    before = [v.name for v in model.weights]
+    message = f"'{peft_name}' is PEFT's name; keras-lowrank calls it '{ours}'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        keras_lowrank.enable_adapter(model, method="lora", **{peft_name: 4})
+    assert [v.name for v in model.weights] == before
+    with pytest.raises(ValueError, match=re.escape(message)):
+        keras_lowrank.registry.get("dora").validate_options({peft_name: 4})
+
+
+def test_the_options_the_readme_table_names_exist():
+    """Each `option=value` the README's methods table gives a method is an
+    option of that method, and every value it shows is accepted."""
+    from keras_lowrank import registry
+
+    checked = 0
+    for line in page_text("README.md").splitlines():
+        row = re.match(r"^\| `(\w+)` (.*?) \|", line)
+        if not row or row.group(1) not in registry.methods():
+            continue
+        method = registry.get(row.group(1))
+        for key, values in re.findall(r"`(\w+)=([^`]+)`", row.group(2)):
+            assert key in method.defaults, (method.name, key)
+            for value in values.split("\\|"):
+                method.validate_options({key: ast.literal_eval(value), **method.example_options})
+                checked += 1
+    assert checked >= 15

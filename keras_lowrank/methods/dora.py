@@ -1,4 +1,4 @@
-"""DoRA: weight-decomposed LoRA (spec §8).
+"""DoRA: weight-decomposed LoRA (arXiv 2402.09353).
 
 `K' = m ⊙ (K + sAB) / ‖K + sAB‖_c`, with the column norm held constant in the
 backward pass (paper §4.3). The forward never builds `K'`: it rescales the
@@ -24,9 +24,8 @@ class DoRA(LoRA):
     a LoRA pair `A, B`. `m` starts at the column norms of the kernel, `B` at
     zero, so the layer starts as a no-op.
 
-    Args:
-        layer, rank, alpha, rslora, init, dropout, train_bias, seed,
-        activation, merged, enabled: as for `LoRA`.
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `init`, `dropout`, `train_bias`,
+    `seed`, `activation`, `merged` and `enabled`).
 
     Examples:
 

@@ -1,4 +1,4 @@
-"""LoRA: `y = x K + b + s (dropout(x) A) B` (spec §1)."""
+"""LoRA: `y = x K + b + s (dropout(x) A) B` (arXiv 2106.09685)."""
 
 import math
 
@@ -49,7 +49,12 @@ class LoRA(Adapter):
         alpha: scaling numerator (default `rank`).
         rslora: use `alpha / sqrt(rank)`.
         init: `"kaiming"` or `"gaussian"`.
-        dropout, train_bias, seed, activation, merged, enabled: see `Adapter`.
+        dropout: dropout rate on the adapter's input.
+        train_bias: keep the wrapped layer's bias trainable.
+        seed: seed of the random initializers and of dropout.
+        activation: see `Adapter`.
+        merged: see `Adapter`.
+        enabled: see `Adapter`.
 
     Examples:
 
@@ -116,18 +121,20 @@ class LoRA(Adapter):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRAPlus(LoRA):
-    """LoRA+ (spec §2): LoRA whose `B` (and every trainable 1-D variable of
+    """LoRA+ (arXiv 2402.12354): LoRA whose `B` (and every trainable 1-D variable of
     the model, as PEFT groups them) learns at `lr_ratio` times the
     optimizer's learning rate.
 
     The layer is LoRA's; the ratio is a training part that
     `model.compile` puts in place by wrapping the optimizer
     (`keras_lowrank.training.AdapterOptimizer`), under any Keras optimizer
-    and learning-rate schedule. Merges, saves and exports as LoRA.
+    and learning-rate schedule. Merges as LoRA; `save_adapter(...,
+    as_lora=True)` and `save_peft_adapter` write it as a LoRA.
+
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `init`, `dropout`, `train_bias`,
+    `seed`, `activation`, `merged` and `enabled`), and:
 
     Args:
-        layer, rank, alpha, rslora, init, dropout, train_bias, seed,
-        activation, merged, enabled: as for `LoRA`.
         lr_ratio: `η_B / η_A` (λ ≥ 1; the paper's default 16).
 
     Examples:

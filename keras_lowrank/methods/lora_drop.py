@@ -1,4 +1,4 @@
-"""LoRA-drop's layers: LoRA with one pair tied across layers (spec §12).
+"""LoRA-drop's layers: LoRA with one pair tied across layers (arXiv 2402.07721).
 
 LoRA-drop keeps its own LoRA pair `(A_i, B_i)` on the layers whose LoRA
 output matters most and makes all the other layers of one kernel shape
@@ -134,7 +134,7 @@ class LoRADropPairs(shared.SharedState):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRADrop(LoRA):
-    """LoRA-drop's adapter (spec §12): a LoRA layer that either has its own
+    """LoRA-drop's adapter (arXiv 2402.07721): a LoRA layer that either has its own
     pair (`tied=False`) or reads the pair its kernel shape shares with the
     model's other `tied=True` LoRA-drop layers.
 
@@ -143,11 +143,12 @@ class LoRADrop(LoRA):
     every targeted layer share (`tied=False` on some targets, in a second
     call, gives them their own).
 
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `init`, `dropout`, `train_bias`,
+    `seed`, `activation`, `merged` and `enabled`; layers sharing one pair need one
+    `rank` and `init`, while `alpha`, `rslora` and `dropout` stay per layer),
+    and:
+
     Args:
-        layer, rank, alpha, rslora, init, dropout, train_bias, seed,
-        activation, merged, enabled: as for `LoRA` (layers sharing one pair
-        need one `rank` and `init`; `alpha`, `rslora` and `dropout` stay
-        per layer).
         tied: read the model's tied pair for this kernel shape.
 
     Examples:

@@ -1,4 +1,4 @@
-"""The LyCORIS family: LoHa (spec §10) and LoKr (spec §11).
+"""The LyCORIS family: LoHa (arXiv 2108.06098) and LoKr (arXiv 2309.14859).
 
 Both add a structured update to the frozen kernel's matrix view and train
 PEFT's factors, stored in the Keras layout (an input-side factor `A` is kept
@@ -41,7 +41,7 @@ def kaiming(fan_in, seed):
 
 def factorization(dimension, factor=-1):
     """Split `dimension` into `(m, n)`, `m <= n`, `m * n == dimension`
-    (PEFT's LoKr rule, spec §11).
+    (PEFT's LoKr rule, arXiv 2309.14859).
 
     With `factor > 0` dividing `dimension`, the pair is `factor` and its
     cofactor. Otherwise divisors are tried in increasing order, each
@@ -161,7 +161,7 @@ class _LycorisAdapter(Adapter):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoHa(_LycorisAdapter):
-    """Low-rank Hadamard product (spec §10, FedPara; PEFT's LoHa).
+    """Low-rank Hadamard product (arXiv 2108.06098, FedPara; PEFT's LoHa).
 
     `y = x K + b + s · x ((A1ᵀ B1) ⊙ (A2ᵀ B2))`, `s = alpha / r`, so the
     update has rank up to r² for `2r (n_in + n_out)` parameters. Variables:
@@ -264,7 +264,7 @@ class LoHa(_LycorisAdapter):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoKr(_LycorisAdapter):
-    """Kronecker-product adaptation (spec §11, LyCORIS; PEFT's LoKr).
+    """Kronecker-product adaptation (arXiv 2309.14859, LyCORIS; PEFT's LoKr).
 
     `ΔK = s · kron(F1, F2)`, `s = alpha / r`, with `F1: (in_m, out_l)` and
     `F2: (in_n, out_k)` from `factorization` of `n_in` and `n_out`. F2 is

@@ -9,16 +9,16 @@ matrix view `W` and freeze the residual `W - s A0 B0`, so the layer computes
   the adapter gives the original base (`K_res + s A0 B0`), an adapter file
   can be loaded onto an original kernel (`rebase` recomputes the residual),
   and `save_adapter(..., as_lora=True)` writes the plain rank-2r LoRA
-  `A' = [A | A0]`, `B' = [B ; -B0]` for the original kernel (spec §16);
+  `A' = [A | A0]`, `B' = [B ; -B0]` for the original kernel (arXiv 2404.02948);
 - the decomposition runs in float32 on the full-precision kernel, before a
   quantized base stores the residual (QPiSSA);
 - merging is exact: `K' = K_res + s A B`.
 
 A method of the family only says how it decomposes `W` (`initial_factors`):
 
-- `PiSSA` (spec §16): the top-`r` singular triplets;
-- `MiLoRA` (spec §17): the `r` smallest singular triplets;
-- `OLoRA` (spec §20): the QR decomposition of `Wᵀ` (PyTorch layout).
+- `PiSSA` (arXiv 2404.02948): the top-`r` singular triplets;
+- `MiLoRA` (arXiv 2406.09044): the `r` smallest singular triplets;
+- `OLoRA` (arXiv 2406.01775): the QR decomposition of `Wᵀ` (PyTorch layout).
 
 The singular triplets come from `keras_lowrank.svd` (one engine for every
 SVD method, on the host, the same on every backend).
@@ -37,6 +37,7 @@ from keras_lowrank import registry
 from keras_lowrank import svd
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
+from keras_lowrank.linalg import NonFiniteError
 from keras_lowrank.methods.lora import ALPHA
 from keras_lowrank.methods.lora import DROPOUT
 from keras_lowrank.methods.lora import RANK
@@ -46,7 +47,7 @@ from keras_lowrank.methods.lora import LoRA
 
 def _check_finite(value, name, what):
     if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(value)))):
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"Init of layer {name!r}: the {what} has NaN or inf values (is the "
             "kernel finite?); the model was left unchanged."
         )
@@ -100,9 +101,36 @@ class ResidualLoRA(LoRA):
         return matrix + self.initial_delta()
 
     def rebase(self, original):
-        w = original - self.initial_delta()
+        """Subtract the file's initial update from `original`, once it is
+        known to be this method's decomposition of `original`: an adapter
+        file cannot rewrite the frozen base into something else (factors
+        made for another kernel, or huge ones whose product would cancel
+        the kernel in float32)."""
+        a0 = ops.swapaxes(self.read(self.lora_a0), -1, -2)
+        b0 = self.read(self.lora_b0)
+        exact = bases.base_kind(self.layer) == "float"
+        err = float(ops.convert_to_numpy(self.init_mismatch(ops.cast(original, "float32"), a0, b0, exact)))
+        if not err <= INIT_RTOL:  # NaN included
+            raise ValueError(
+                f"Layer {self.name!r}: the initial factors lora_a0/lora_b0 of the adapter "
+                f"file are not {self.method}'s decomposition of this layer's kernel "
+                f"(mismatch {err:.3g}, relative; the limit is {INIT_RTOL:g}): the file "
+                "was made for another base model, or was altered. Nothing was loaded."
+            )
+        w = original - self.scaling * ops.matmul(a0, b0)
         _check_finite(w, self.name, "residual kernel")
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
+
+    def init_mismatch(self, w, a0, b0, exact):
+        """How far `A0 (n_in, r)`, `B0 (r, n_out)` are from what this
+        method's init takes from the matrix `w`, relative (0: exactly).
+        `exact`: `w` is the float kernel itself (not a dequantized one,
+        which is only close to the kernel the factors came from).
+
+        The default: `s A0 B0` is no larger than `w` (it is a part of `w`
+        and the residual the rest), the test for a `w` known only
+        approximately; subclasses test their decomposition exactly."""
+        return _excess_norm(self.scaling * ops.matmul(a0, b0), w, slack=0.25)
 
     def as_lora_state(self):
         """The update as a plain rank-2r LoRA for the original kernel (§16)."""
@@ -120,9 +148,10 @@ class PiSSA(ResidualLoRA):
     `A = U_r diag(√σ̃)`, `B = diag(√σ̃) V_rᵀ`, and the frozen kernel becomes the
     residual `W - s A B`, so the layer's output is unchanged at the start.
 
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `dropout`, `train_bias`, `seed`,
+    `activation`, `merged` and `enabled`; the init is the SVD), and:
+
     Args:
-        layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
-        merged, enabled: as for `LoRA` (the init is the SVD).
         svd_niter: `None` for an exact SVD; an int for a randomized SVD with
             that many subspace iterations.
 
@@ -148,11 +177,43 @@ class PiSSA(ResidualLoRA):
 
     part = "top"
 
+    def init_mismatch(self, w, a0, b0, exact):
+        """A part of `w`'s SVD, `s A0 B0 = U_r diag(σ_r) V_rᵀ`, leaves a
+        residual `R` orthogonal to its singular vectors: `A0ᵀ R = 0` and
+        `R B0ᵀ = 0` (for the top or the bottom triplets alike, from an
+        exact or a randomized SVD), and no larger than `w`."""
+        delta = self.scaling * ops.matmul(a0, b0)
+        bound = _excess_norm(delta, w, slack=1e-3 if exact else 0.25)
+        if not exact:
+            return bound
+        r = w - delta
+        scale = _norm(w) + linalg.TINY
+        left = _norm(ops.matmul(ops.swapaxes(a0, -1, -2), r)) / (_norm(a0) * scale + linalg.TINY)
+        right = _norm(ops.matmul(r, ops.swapaxes(b0, -1, -2))) / (_norm(b0) * scale + linalg.TINY)
+        return ops.maximum(bound, ops.maximum(left, right))
+
     def initial_factors(self, w):
         u, s, v = svd.decompose(
             w, rank=self.rank, part=self.part, niter=self.svd_niter, seed=self.seed, where=self.name
         )
         return split_triplets(u, s, v, self.scaling)
+
+
+#: how far an adapter file's initial factors may be from the init's
+#: decomposition of the kernel (relative; float32 round-off is ~1e-6)
+INIT_RTOL = 1e-3
+
+
+def _norm(x):
+    """Frobenius norm over every axis (a batch of matrices counts as one)."""
+    return ops.sqrt(ops.sum(ops.square(ops.cast(x, "float32"))))
+
+
+def _excess_norm(delta, w, slack):
+    """How much `‖delta‖` exceeds `(1 + slack) ‖w‖`, relative to `‖w‖`
+    (0 when it does not)."""
+    limit = (1.0 + slack) * _norm(w)
+    return ops.maximum(_norm(delta) - limit, 0.0) / (limit + linalg.TINY)
 
 
 def split_triplets(u, s, v, scaling):
@@ -191,9 +252,8 @@ class MiLoRA(PiSSA):
     original kernel, as for PiSSA. A randomized SVD is refused: it does not
     approximate the minor subspace.
 
-    Args:
-        layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
-        merged, enabled: as for `LoRA` (the init is the SVD).
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `dropout`, `train_bias`, `seed`,
+    `activation`, `merged` and `enabled`; the init is the SVD).
 
     Examples:
 
@@ -226,9 +286,8 @@ class OLoRA(ResidualLoRA):
     frozen kernel becomes `W - s A B` (no division by `s`, unlike PiSSA).
     QR is not transpose-invariant: the QR of `W` would give another init.
 
-    Args:
-        layer, rank, alpha, rslora, dropout, train_bias, seed, activation,
-        merged, enabled: as for `LoRA` (the init is the QR).
+    Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `dropout`, `train_bias`, `seed`,
+    `activation`, `merged` and `enabled`; the init is the QR).
 
     Examples:
 
@@ -242,6 +301,17 @@ class OLoRA(ResidualLoRA):
     """
 
     method = "olora"
+
+    def init_mismatch(self, w, a0, b0, exact):
+        """`Wᵀ = Q R` gives `B0 = Q_rᵀ` with orthonormal rows and
+        `A0 = R_rᵀ = W B0ᵀ`."""
+        if not exact:  # ‖A0 B0‖ = ‖Q_r R_r‖ <= ‖W‖ (no scale: s multiplies it)
+            return _excess_norm(ops.matmul(a0, b0), w, slack=0.25)
+        r = ops.shape(b0)[-2]
+        gram = ops.matmul(b0, ops.swapaxes(b0, -1, -2)) - ops.eye(r, dtype="float32")
+        rows = _norm(gram) / (r ** 0.5)
+        fit = _norm(a0 - ops.matmul(w, ops.swapaxes(b0, -1, -2))) / (_norm(w) + linalg.TINY)
+        return ops.maximum(rows, fit)
 
     def initial_factors(self, w):
         q, r = linalg.qr(ops.swapaxes(w, -1, -2))  # Wᵀ = Q R

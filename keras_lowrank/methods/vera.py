@@ -1,4 +1,4 @@
-"""VeRA: vector-based random matrix adaptation (spec §9).
+"""VeRA: vector-based random matrix adaptation (arXiv 2310.11454).
 
 One pair of frozen random projections is shared by every VeRA layer of the
 model: `A_sh: (N_in, r)` and `B_sh: (r, N_out)`, `N_in`/`N_out` the largest
@@ -29,6 +29,9 @@ from keras_lowrank import shared
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import DROPOUT
+
+#: what users call (the rest is the method's machinery)
+__all__ = ["projections"]
 
 
 def projections(rank, n_in, n_out, seed):
@@ -109,7 +112,7 @@ class VeRAProjections(shared.SharedState):
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class VeRA(Adapter):
-    """Vector-based random matrix adaptation (spec §9).
+    """Vector-based random matrix adaptation (arXiv 2310.11454).
 
     Args:
         layer: the `Dense`/`EinsumDense` to adapt.

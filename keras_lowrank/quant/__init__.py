@@ -21,7 +21,7 @@ def error_report(kernel, rank, alpha=None, double_quant=True):
 
     `nf4_error = ‖K - nf4(K)‖_F / ‖K‖_F`; `qpissa_error = ‖K - (nf4(K_res) +
     s A B)‖_F / ‖K‖_F` with `K_res = K - s A B` from the top-`rank` SVD
-    (spec §16). `kernel` is a matrix view `(n_in, n_out)`.
+    (arXiv 2404.02948). `kernel` is a matrix view `(n_in, n_out)`.
 
     Examples:
 
