@@ -21,9 +21,11 @@ import keras
 from keras import ops
 
 from keras_lowrank import _compat
+from keras_lowrank import arguments
 from keras_lowrank import tree
 from keras_lowrank.geometry import KernelGeometry
-from keras_lowrank.quant import nf4
+from keras_lowrank import linalg
+from keras_lowrank import options as opt
 from keras_lowrank.quant.layers import DENSE_EQUATION
 from keras_lowrank.quant.layers import NF4Linear
 
@@ -89,9 +91,14 @@ class Storage:
     def check(self, layer, where):
         """Raise a clear error if an adapter cannot sit on this storage."""
 
-    def check_source(self, layer, where):
-        """Raise a clear error if the float `layer` cannot be converted to
-        this storage (checked before the model changes)."""
+    def float_values(self, layer):
+        """The float values that make up the stored kernel (the kernel, or
+        a quantized kernel's scales), for the finiteness check."""
+        return [v.value for v in self.storage_variables_of(layer) if "float" in str(v.dtype)]
+
+    def storage_variables_of(self, layer):
+        var = self.kernel_variable(layer)
+        return [] if var is None else [var]
 
     def convert(self, layer, double_quant=True):
         """A copy of the float `layer` in this storage."""
@@ -151,11 +158,8 @@ class NF4Storage(Storage):
         stored = sum(math.prod(v.shape) for v in layer.storage_variables())
         return stored, layer.numel
 
-    def check_source(self, layer, where):
-        with _compat.no_autocast():
-            value = FLOAT.kernel_variable(layer).value
-        host = _compat.host_view(value)
-        nf4.check_finite(value if host is None else host, repr(where))
+    def storage_variables_of(self, layer):
+        return layer.storage_variables()
 
     def convert(self, layer, double_quant=True):
         return NF4Linear.from_layer(layer, double_quant=double_quant)
@@ -176,6 +180,9 @@ class KerasQuantizedStorage(Storage):
     def read_kernel(self, layer):
         with _compat.no_autocast():
             return _compat.keras_dequantize(layer)
+
+    def storage_variables_of(self, layer):
+        return _compat.keras_quantized_storage(layer)
 
     def storage_params(self, layer):
         stored = sum(math.prod(v.shape) for v in _compat.keras_quantized_storage(layer))
@@ -267,8 +274,7 @@ def check_base(base, double_quant=True):
         raise ValueError(
             f"Unknown base={base!r}; frozen-base storages: {BASES} (None = as it is)."
         )
-    if double_quant not in (True, False):
-        raise ValueError(f"double_quant must be True or False; received {double_quant!r}.")
+    arguments.check("enable_adapter", "double_quant", double_quant, opt.boolean)
 
 
 def converter(base, double_quant=True):
@@ -329,10 +335,23 @@ def freeze_kernel(layer, trainable=False):
         var.trainable = trainable
 
 
-def check_convertible(layer, base, where):
-    """Raise a clear error if the float `layer` cannot move to `base` (a
-    non-finite kernel has no NF4 code)."""
-    STORAGES[base].check_source(layer, where)
+def check_finite_kernel(layer, where):
+    """Refuse a frozen kernel (or a quantized kernel's scales) that holds
+    NaN or inf: no adapter is put on a non-finite base, whatever the method
+    and the storage (a NaN kernel has no NF4 code, no SVD, and makes every
+    output NaN). Read without a copy of the kernel where the backend allows
+    (`_compat.host_view`)."""
+    storage = _storage(layer)
+    with _compat.no_autocast():
+        values = storage.float_values(layer)
+    for value in values:
+        host = _compat.host_view(value)
+        if not linalg.all_finite(value if host is None else host):
+            raise ValueError(
+                f"Layer {where!r}: its frozen kernel ({storage.kind}) holds NaN or inf "
+                "values; an adapter needs a finite base (nothing was changed). Fix or "
+                "reload the model's weights first."
+            )
 
 
 def kernel_bytes(layer):
@@ -396,6 +415,7 @@ def count_params(model, trainable_only=False):
         >>> bases.count_params(model)
         36
     """
+    arguments.check("count_params", "trainable_only", trainable_only, opt.boolean)
     variables = model.trainable_weights if trainable_only else model.weights
     total = int(sum(math.prod(v.shape) for v in variables))
     if not trainable_only:

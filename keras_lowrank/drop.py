@@ -1,4 +1,4 @@
-"""`lora_drop`: LoRA-drop's three stages (spec §12).
+"""`lora_drop`: LoRA-drop's three stages (arXiv 2402.07721).
 
 1. **Importance.** LoRA on every targeted layer, trained with `model.fit` for
    `steps` steps on `sample_data` (the paper's stratified sample of the
@@ -9,8 +9,9 @@
    importance reaches `threshold` keeps its own LoRA pair.
 3. **The model to fine-tune.** The stage-1 LoRA is taken out (the kernels
    were never changed), and LoRA-drop adapters go in, freshly initialized
-   (the spec's default): the retained layers with their own pair, every
-   other layer reading the one pair tied to its kernel shape.
+   (our choice where the paper leaves it open): the retained layers with
+   their own pair, every other layer reading the one pair tied to its
+   kernel shape.
 
 The result is an ordinary adapted model: `model.fit` trains it, `.keras` and
 adapter files keep the tying, `merge` folds each layer's share.
@@ -233,7 +234,7 @@ def _exact(paths):
 def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
               targets=None, exclude=None, optimizer=None, loss=None, batch_size=32,
               seed=None, plot=False, verbose=False, **options):
-    """LoRA-drop (spec §12): find the layers whose LoRA output matters, give
+    """LoRA-drop (arXiv 2402.07721): find the layers whose LoRA output matters, give
     them their own LoRA pair, and tie one pair per kernel shape across the
     others.
 
@@ -296,7 +297,7 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         )
     batches = _batches(sample_data, batch_size)
     shared_opts = {"rank": rank, "alpha": alpha, "seed": seed, **options}
-    flags = plan_lib._trainable_flags(model)
+    flags = plan_lib.trainable_flags(model)
     # Stage 1: LoRA on the sample
     stage1 = enable_adapter(model, method="lora", targets=targets, exclude=exclude, **shared_opts)
     paths = stage1.adapted_paths
@@ -311,7 +312,7 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         kept = select(scores, threshold)
     finally:
         lifecycle.remove_adapters(model, set(paths))
-        plan_lib._restore_trainable_flags(flags)
+        plan_lib.restore_trainable_flags(flags)
     # Stage 3: own pairs for the kept layers, tied pairs for the others
     tied = [p for p in paths if p not in kept]
     try:
@@ -322,7 +323,7 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         ours = {p for p, _ in plan_lib.adapters(model)} & set(paths)
         if ours:
             lifecycle.remove_adapters(model, ours)
-        plan_lib._restore_trainable_flags(flags)
+        plan_lib.restore_trainable_flags(flags)
         raise
     summary = summarize(model, "lora_drop")
     total = sum(scores.values())

@@ -4,9 +4,11 @@ import contextlib
 
 from keras import ops
 
+from keras_lowrank import arguments
 from keras_lowrank import bases
 from keras_lowrank import compiled
 from keras_lowrank import named
+from keras_lowrank import options as opt
 from keras_lowrank import plan as plan_lib
 from keras_lowrank import tree
 
@@ -32,12 +34,19 @@ def _all_or_nothing(entries, step):
         raise
 
 
+def _scope(adapter, path):
+    """The name scope of the merged layer: that of the float layer it
+    replaces, so its variables get the paths a plain build's have."""
+    base = adapter.layer if bases.base_kind(adapter.layer) == "float" else None
+    return tree.scope_of(base, path)
+
+
 def _build_plain(adapter, path, names=None):
     plain, kernel = adapter.to_plain_layer() if names is None else adapter.to_plain_layer(names)
     input_shape = bases.build_input_shape(adapter.layer)
     if input_shape is None:
         input_shape = (None, adapter.geometry.n_in)
-    with tree.path_scope(path):
+    with _scope(adapter, path):
         plain.build(input_shape)
     bases.assign_kernel(plain, kernel)
     bias = adapter.bias_value()
@@ -54,7 +63,7 @@ def _requantized(adapter, path, names=None):
     target = kind if kind != "float" else "nf4"
     plain = _build_plain(adapter, path, names)
     exact = bases.read_kernel(plain)
-    with tree.path_scope(path):
+    with _scope(adapter, path):
         q = bases.STORAGES[target].convert(
             plain, double_quant=getattr(adapter.layer, "double_quant", True)
         )
@@ -109,11 +118,8 @@ def merge(model, unload=True, requantize=False, adapter_names=None):
             "own kernel; named adapters share one kernel per layer. merge(model) folds "
             f"the active ones {names} into plain layers."
         )
-    if requantize not in (True, False) or unload not in (True, False):
-        raise ValueError(
-            f"merge: unload and requantize must be True or False; received "
-            f"unload={unload!r}, requantize={requantize!r}."
-        )
+    arguments.check("merge", "unload", unload, opt.boolean)
+    arguments.check("merge", "requantize", requantize, opt.boolean)
     if requantize and not unload:
         raise ValueError("merge(requantize=True) replaces the adapters; it needs unload=True.")
     if not unload:
@@ -188,8 +194,7 @@ def unmerge(model):
 def set_adapter_enabled(model, enabled):
     """Switch every adapter of `model` on or off (the base output)."""
     entries = _adapter_entries(model)
-    if enabled not in (True, False):
-        raise ValueError(f"enabled must be True or False; received {enabled!r}.")
+    arguments.check("set_adapter_enabled", "enabled", enabled, opt.boolean)
     if not enabled:
         merged = [e.path for e in entries if e.layer.merged]
         if merged:

@@ -1,7 +1,14 @@
 """Norms and QR of the matrix view, in float32, backend-neutral (the SVD
-is `keras_lowrank.svd`)."""
+is `keras_lowrank.svd`), and the finiteness test of large tensors."""
 
+import numpy as np
 from keras import ops
+
+
+class NonFiniteError(ValueError, FloatingPointError):
+    """A computation on a layer's kernel (a merge, an SVD, an init, a
+    combination) met or gave NaN or inf values. A `ValueError`, like every
+    refusal, and a `FloatingPointError` for what it is."""
 
 
 #: the smallest normal float32: the floor of a column norm
@@ -29,3 +36,36 @@ def qr(matrix):
     `k = min(m, n)`. The same LAPACK convention (signs of `R`'s diagonal)
     as `numpy.linalg.qr` and `torch.linalg.qr`."""
     return ops.qr(ops.cast(matrix, "float32"), mode="reduced")
+
+
+#: elements a NumPy finiteness test reads at a time (no kernel-sized temporary)
+FINITE_CHUNK = 1 << 20
+
+
+def all_finite(values):
+    """Whether every value of a tensor, variable value or NumPy array is
+    finite, without a temporary the size of `values`.
+
+    A NumPy array (or a host view of a CPU tensor, `_compat.host_view`) is
+    tested piece by piece. A device tensor is summed: the sum is NaN or inf
+    when some value is, and a sum makes no temporary (TensorFlow's allocator
+    would keep one the size of the kernel; `isfinite` on a bfloat16 tensor
+    costs a float32 copy on some backends). A sum of finite values can
+    still overflow: only then is `sum(x * 0)`, NaN exactly when some `x` is
+    NaN or inf, taken to tell the two apart.
+    """
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind in "iub":  # (bfloat16, an ml_dtypes type, has kind "V")
+            return True
+        flat = values.reshape(-1)
+        return all(
+            bool(np.isfinite(flat[i : i + FINITE_CHUNK]).all())
+            for i in range(0, flat.shape[0], FINITE_CHUNK)
+        )
+    if "float" not in str(getattr(values, "dtype", "float")):
+        return True
+
+    def finite(t):
+        return bool(np.isfinite(ops.convert_to_numpy(ops.cast(t, "float32"))))
+
+    return finite(ops.sum(values)) or finite(ops.sum(values * 0))

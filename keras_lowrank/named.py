@@ -30,8 +30,10 @@ import numpy as np
 from keras import ops
 
 from keras_lowrank import _compat
+from keras_lowrank import arguments
 from keras_lowrank import bases
 from keras_lowrank import compiled
+from keras_lowrank import options as opt
 from keras_lowrank import tree
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import adapter_policy_name
@@ -219,6 +221,27 @@ class AdapterSet(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    @property
+    def kernel(self):
+        """The kernel this layer computes with (as `call`: each member's
+        update weighted by its gate), in the frozen layer's kernel layout
+        and compute dtype: for a parent that reads `layer.kernel` instead
+        of calling the layer (see `Adapter.kernel`)."""
+        k = self.base_matrix()
+        w = k
+        for name, member in self.members.items():
+            kept = member.original_matrix(k) if rewrites(member) else k
+            w = w + (kept - k)
+            if self.adapter_enabled:
+                gate = ops.cast(self._gates[name].value, w.dtype)
+                w = w + gate * (member.merged_matrix(k) - kept)
+        return ops.cast(self.geometry.matrix_to_kernel(w), self.layer.compute_dtype)
+
+    @property
+    def bias(self):
+        """The frozen layer's bias variable (`None` without one)."""
+        return bases.bias_variable(self.layer)
 
     # ------------------------------------------------------------------
     def base_matrix(self):
@@ -408,8 +431,7 @@ def set_active(model, names, trainable=True):
         ['a', 'b']
     """
     names = _names_arg(model, names, "set_active")
-    if trainable not in (True, False):
-        raise ValueError(f"set_active: trainable must be True or False; received {trainable!r}.")
+    arguments.check("set_active", "trainable", trainable, opt.boolean)
     found = sets(model)
     before = _trainable_flags(found)
     for _, s in found:
@@ -483,7 +505,9 @@ COMBINE_METHODS = ("linear", "cat", "svd")
 
 
 def _lora_form(member, where):
-    """`(Aᵀ, B, scale)` of `member` as the plain LoRA of its contribution."""
+    """`(Aᵀ, B, scale)` of `member` as the plain LoRA of its contribution
+    (float64, so that a weighted combination cannot overflow before it is
+    checked)."""
     from keras_lowrank import registry
 
     if member.method != "lora" and "lora" not in registry.get(member.method).export_forms:
@@ -493,7 +517,8 @@ def _lora_form(member, where):
         )
     state, info = member.as_lora_state()
     scale = info["alpha"] / (info["rank"] ** 0.5 if info["rslora"] else info["rank"])
-    return _np(state["lora_a"]), _np(state["lora_b"]), float(scale)
+    return (_np(state["lora_a"]).astype("float64"), _np(state["lora_b"]).astype("float64"),
+            float(scale))
 
 
 def _np(x):
@@ -584,12 +609,13 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
                     "of options and parametrization='paper' (the multiplier z)."
                 )
             svf_options = options
-            z = sum(weights[n] * _np(m.read(m.svf_z)) for n, m in present)
-            plans[path] = ("svf", z)
+            z = sum(weights[n] * _np(m.read(m.svf_z)).astype("float64") for n, m in present)
+            plans[path] = ("svf", _combined(z, where, weights))
             continue
         if method == "svd":
             k = s.base_matrix()
-            delta = sum(weights[n] * _contribution(m, k) for n, m in present)
+            delta = _combined(sum(weights[n] * _contribution(m, k).astype("float64") for n, m in present),
+                              where, weights)
             ranks = [m.summary_rank() for _, m in present if m.summary_rank() is not None]
             r = rank if rank is not None else (max(ranks) if ranks else None)
             if r is None:
@@ -599,7 +625,7 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
                 )
             a_t, b = _svd_factors(delta, min(r, g.rank_limit), where)
         else:
-            forms = [(weights[n], *_lora_form(m, where)) for n, m in present]
+            forms = [(float(weights[n]), *_lora_form(m, where)) for n, m in present]
             if method == "cat":
                 a_t = np.concatenate([w * sc * a for w, a, _, sc in forms], axis=-2)
                 b = np.concatenate([bb for _, _, bb, _ in forms], axis=-2)
@@ -616,7 +642,7 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
                     )
                 a_t = sum(np.sqrt(w * sc) * a for w, a, _, sc in forms)
                 b = sum(np.sqrt(w * sc) * bb for w, _, bb, sc in forms)
-        plans[path] = ("lora", (a_t.astype("float32"), b.astype("float32")))
+        plans[path] = ("lora", (_combined(a_t, where, weights), _combined(b, where, weights)))
     kinds = {kind for kind, _ in plans.values()}
     if len(kinds) > 1:
         raise ValueError(
@@ -640,6 +666,18 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
             member = _member(model, path, adapter_name)
             member.lora_a.assign(a_t)
             member.lora_b.assign(b)
+
+
+def _combined(value, where, weights):
+    """A combined tensor as float32, or a `ValueError` when the weights make
+    it overflow (or NaN): checked before the new adapter is made."""
+    value = np.asarray(value, "float64")
+    if not np.all(np.abs(value) <= np.finfo(np.float32).max):
+        raise ValueError(
+            f"combine: layer {where!r}: the weights {weights} make the combined "
+            "adapter overflow float32 (NaN or inf); nothing was added."
+        )
+    return value.astype("float32")
 
 
 def _member(model, path, name):

@@ -29,16 +29,20 @@ import json
 import math
 import os
 import re
-import tempfile
 
 import numpy as np
 
+from keras_lowrank import arguments
 from keras_lowrank import bases
+from keras_lowrank import linalg
 from keras_lowrank import named
 from keras_lowrank import registry
+from keras_lowrank import saving
 from keras_lowrank import tree
 
 CONFIG_FILE = "adapter_config.json"
+#: what the messages about the options of a PEFT adapter config call it
+CONFIG_WHERE = "PEFT adapter config"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -145,11 +149,17 @@ def _hf_config(base_model, adapter_config=None):
             "was converted from (its config.json names KerasHub's converter), or "
             "that config as a dict."
         )
-    path = os.path.join(os.fspath(base_model), "config.json")
+    path = os.path.join(arguments.path("load_peft_adapter", "base_model", base_model), "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"base_model={base_model!r}: there is no config.json in it.")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object (a Hugging Face model config).")
+    return config
 
 
 def _converter(hf_config):
@@ -312,12 +322,23 @@ def module_map(model, base_model):
 # ----------------------------------------------------------------------
 # Reading a PEFT directory
 def _read_dir(path):
-    path = os.fspath(path)
+    """`(config, tensors)` of a PEFT adapter directory, checked as files: the
+    config is a JSON object, the weights a readable safetensors file of
+    finite float tensors."""
+    path = arguments.path("load_peft_adapter", "path", path)
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: no {CONFIG_FILE}.")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{cfg_path} must hold a JSON object (PEFT's adapter config); it holds "
+            f"{'null' if config is None else 'a JSON ' + type(config).__name__}."
+        )
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights):
         extra = " (adapter_model.bin is a torch pickle; re-save it with safetensors)" if \
@@ -325,12 +346,56 @@ def _read_dir(path):
         raise FileNotFoundError(f"{path!r}: no {WEIGHTS_FILE}{extra}.")
     from safetensors.numpy import load_file
 
-    return config, load_file(weights)
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # safetensors' own errors (truncated, not safetensors, bfloat16)
+        raise ValueError(
+            f"{weights} is not a readable safetensors file of float32/float16 tensors "
+            f"({type(e).__name__}: {e})."
+        ) from None
+    for name, value in tensors.items():
+        if value.dtype.kind != "f":
+            raise ValueError(f"{weights}: tensor {name!r} has dtype {value.dtype}; PEFT factors are floats.")
+        if not linalg.all_finite(value):
+            raise ValueError(f"{weights}: tensor {name!r} holds NaN or inf values (nothing was loaded).")
+    return config, tensors
+
+
+def _config_value(config, key, default, kind, low=None, high=None, low_open=False):
+    """`config[key]` (or `default`), checked: `kind` "int" (not a bool),
+    "number" (finite) or "bool"; within `[low, high]` (`(low, ...` when
+    `low_open`)."""
+    value = config.get(key, default)
+    if value is None:
+        value = default
+    if kind == "bool":
+        return arguments.flag(CONFIG_WHERE, key, value)
+    return arguments.number(CONFIG_WHERE, key, value, low, high, low_open=low_open,
+                            integer=kind == "int")
+
+
+def _pattern_config(config, key, kind):
+    """`config[key]` as `{regex: value}`: a JSON object whose keys are valid
+    regular expressions and whose values are ranks (`kind` "int") or
+    alphas (finite numbers)."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"PEFT adapter config: {key} must be a JSON object {{module regex: value}}; "
+            f"received {value!r}."
+        )
+    for regex, v in value.items():
+        try:
+            re.compile(regex)
+        except re.error as e:
+            raise ValueError(f"PEFT adapter config: {key} key {regex!r} is not a valid regular expression ({e}).") from None
+        _config_value({key: v}, key, None, kind, low=0, low_open=True)
+    return value
 
 
 def _check_config(config):
     peft_type = config.get("peft_type")
-    if peft_type not in FORMATS:
+    if not isinstance(peft_type, str) or peft_type not in FORMATS:
         raise ValueError(
             f"PEFT adapter: peft_type {peft_type!r} is not supported; keras-lowrank "
             f"reads {', '.join(sorted(FORMATS))}."
@@ -350,6 +415,10 @@ def _check_config(config):
             "changed at init, which its directory does not hold; convert it to "
             "plain LoRA in PEFT first (path_initial_model_for_weight_conversion)."
         )
+    _config_value(config, "r", 8, "int", low=0, low_open=True)
+    _config_value(config, "fan_in_fan_out", False, "bool")
+    _pattern_config(config, "rank_pattern", "int")
+    _pattern_config(config, "alpha_pattern", "number")
     FORMATS[peft_type].check(config)
 
 
@@ -377,7 +446,13 @@ class _Format:
     shared = ()  # tensor names of the whole model (`base_model.<name>`)
 
     def check(self, config):
-        pass
+        """Check the format's own options (types, ranges) before anything
+        is loaded."""
+        self.options(config)
+
+    def check_parts(self, parts, module):
+        """Check the tensors of one module against each other (ranks and
+        sizes), before they are indexed."""
 
     def method(self, config):
         raise NotImplementedError
@@ -390,7 +465,7 @@ class _Format:
         return int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
 
     def alpha(self, config, module):
-        return float(_pattern_value(config.get("alpha_pattern"), module, config.get("alpha", 8)))
+        return float(_pattern_value(config.get("alpha_pattern"), module, _alpha(config, "alpha")))
 
     def torch_shape(self, parts):
         """`(n_out, n_in)` of the module's weight."""
@@ -415,8 +490,17 @@ class _LoRA(_Format):
         return {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if config.get("use_dora") else set())
 
     def options(self, config):
-        return {"rslora": bool(config.get("use_rslora", False)),
-                "dropout": float(config.get("lora_dropout", 0.0) or 0.0)}
+        _config_value(config, "use_dora", False, "bool")
+        return {"rslora": _config_value(config, "use_rslora", False, "bool"),
+                "dropout": _dropout(config, "lora_dropout")}
+
+    def check_parts(self, parts, module):
+        a = _matrix(parts, "lora_A.weight", module)
+        b = _matrix(parts, "lora_B.weight", module)
+        _same(module, ("lora_A.weight rows", a.shape[0]), ("lora_B.weight columns", b.shape[1]))
+        m = parts.get("lora_magnitude_vector")
+        if m is not None:
+            _same(module, ("lora_magnitude_vector size", m.size), ("lora_B.weight rows", b.shape[0]))
 
     def rank(self, config, module, parts):
         r = int(parts["lora_A.weight"].shape[0])
@@ -427,7 +511,7 @@ class _LoRA(_Format):
         return r
 
     def alpha(self, config, module):
-        return float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+        return float(_pattern_value(config.get("alpha_pattern"), module, _alpha(config, "lora_alpha")))
 
     def torch_shape(self, parts):
         return parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1]
@@ -449,8 +533,16 @@ class _LoHa(_Format):
         return "loha"
 
     def options(self, config):
-        return {"rank_dropout": float(config.get("rank_dropout", 0.0) or 0.0),
-                "module_dropout": float(config.get("module_dropout", 0.0) or 0.0)}
+        return {"rank_dropout": _dropout(config, "rank_dropout"),
+                "module_dropout": _dropout(config, "module_dropout")}
+
+    def check_parts(self, parts, module):
+        w = {k: _matrix(parts, k, module) for k in self.parts}
+        for i in (1, 2):
+            _same(module, (f"hada_w{i}_a columns", w[f"hada_w{i}_a"].shape[1]),
+                  (f"hada_w{i}_b rows", w[f"hada_w{i}_b"].shape[0]))
+        _same(module, ("hada_w1_a rows", w["hada_w1_a"].shape[0]), ("hada_w2_a rows", w["hada_w2_a"].shape[0]))
+        _same(module, ("hada_w1_b columns", w["hada_w1_b"].shape[1]), ("hada_w2_b columns", w["hada_w2_b"].shape[1]))
 
     def torch_shape(self, parts):
         return parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]
@@ -471,11 +563,25 @@ class _LoKr(_Format):
         return set()
 
     def options(self, config):
-        return {"decompose_both": bool(config.get("decompose_both", False)),
-                "decompose_factor": int(config.get("decompose_factor", -1)),
-                "rank_dropout": float(config.get("rank_dropout", 0.0) or 0.0),
-                "module_dropout": float(config.get("module_dropout", 0.0) or 0.0),
-                "rank_dropout_scale": bool(config.get("rank_dropout_scale", False))}
+        return {"decompose_both": _config_value(config, "decompose_both", False, "bool"),
+                "decompose_factor": _config_value(config, "decompose_factor", -1, "int", low=-1),
+                "rank_dropout": _dropout(config, "rank_dropout"),
+                "module_dropout": _dropout(config, "module_dropout"),
+                "rank_dropout_scale": _config_value(config, "rank_dropout_scale", False, "bool")}
+
+    def check_parts(self, parts, module):
+        for i in (1, 2):
+            if f"lokr_w{i}" in parts:
+                _matrix(parts, f"lokr_w{i}", module)
+                if f"lokr_w{i}_a" in parts or f"lokr_w{i}_b" in parts:
+                    raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is given "
+                                     "both whole and as a product.")
+            elif f"lokr_w{i}_a" in parts and f"lokr_w{i}_b" in parts:
+                a, b = _matrix(parts, f"lokr_w{i}_a", module), _matrix(parts, f"lokr_w{i}_b", module)
+                _same(module, (f"lokr_w{i}_a columns", a.shape[1]), (f"lokr_w{i}_b rows", b.shape[0]))
+            else:
+                raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is missing "
+                                 f"(found {sorted(parts)}).")
 
     @staticmethod
     def _factor(parts, i, module):
@@ -516,21 +622,33 @@ class _AdaLoRA(_Format):
         if not config.get("total_step"):
             raise ValueError("PEFT AdaLoRA adapter: total_step is not set; keras-lowrank's "
                              "AdaLoRA needs its schedule length.")
+        super().check(config)
 
     def options(self, config):
-        return {"total_steps": int(config["total_step"]),
-                "target_rank": int(config.get("target_r", 8)),
-                "tinit": int(config.get("tinit", 0)), "tfinal": int(config.get("tfinal", 0)),
-                "delta_t": int(config.get("deltaT", 1)), "beta1": float(config.get("beta1", 0.85)),
-                "beta2": float(config.get("beta2", 0.85)),
-                "orth_reg_weight": float(config.get("orth_reg_weight", 0.5)),
-                "dropout": float(config.get("lora_dropout", 0.0) or 0.0)}
+        return {"total_steps": _config_value(config, "total_step", None, "int", low=1),
+                "target_rank": _config_value(config, "target_r", 8, "int", low=1),
+                "tinit": _config_value(config, "tinit", 0, "int", low=0),
+                "tfinal": _config_value(config, "tfinal", 0, "int", low=0),
+                "delta_t": _config_value(config, "deltaT", 1, "int", low=1),
+                "beta1": _config_value(config, "beta1", 0.85, "number", low=0, high=1),
+                "beta2": _config_value(config, "beta2", 0.85, "number", low=0, high=1),
+                "orth_reg_weight": _config_value(config, "orth_reg_weight", 0.5, "number", low=0),
+                "dropout": _dropout(config, "lora_dropout")}
+
+    def check_parts(self, parts, module):
+        a = _matrix(parts, "lora_A", module)
+        b = _matrix(parts, "lora_B", module)
+        e = parts["lora_E"]
+        if e.ndim not in (1, 2) or (e.ndim == 2 and e.shape[1] != 1):
+            raise ValueError(f"PEFT adapter module {module!r}: lora_E has shape {e.shape}; "
+                             "AdaLoRA's singular values are (r, 1).")
+        _same(module, ("lora_A rows", a.shape[0]), ("lora_E size", e.size), ("lora_B columns", b.shape[1]))
 
     def rank(self, config, module, parts):
         return int(parts["lora_A"].shape[0])
 
     def alpha(self, config, module):
-        a = float(config.get("lora_alpha", 8) or 0)
+        a = float(_alpha(config, "lora_alpha", low=None) or 0)
         return a if a > 0 else None
 
     def torch_shape(self, parts):
@@ -556,10 +674,17 @@ class _VeRA(_Format):
                 "come from torch's generator at projection_prng_key, which keras-lowrank "
                 "does not reproduce; re-save it with save_projection=True."
             )
+        super().check(config)
 
     def options(self, config):
-        return {"d_initial": float(config.get("d_initial", 0.1)),
-                "dropout": float(config.get("vera_dropout", 0.0) or 0.0)}
+        return {"d_initial": _config_value(config, "d_initial", 0.1, "number"),
+                "dropout": _dropout(config, "vera_dropout")}
+
+    def check_parts(self, parts, module):
+        for name in self.parts:
+            if parts[name].ndim != 1:
+                raise ValueError(f"PEFT adapter module {module!r}: {name} has shape "
+                                 f"{parts[name].shape}; VeRA's scaling vectors are 1-D.")
 
     def rank(self, config, module, parts):
         return int(parts["vera_lambda_d"].shape[0])
@@ -576,6 +701,34 @@ class _VeRA(_Format):
 
 
 FORMATS = {f.peft_type: f for f in (_LoRA(), _LoHa(), _LoKr(), _AdaLoRA(), _VeRA())}
+
+
+def _alpha(config, key, low=0):
+    """A scaling numerator: a finite number (`> 0` unless `low` is None)."""
+    return _config_value(config, key, 8, "number", low=low, low_open=low is not None)
+
+
+def _dropout(config, key):
+    return float(_config_value(config, key, 0.0, "number", low=0.0, high=1.0))
+
+
+def _matrix(parts, name, module):
+    """A module's 2-D tensor `name`, or a clear error."""
+    value = parts[name]
+    if value.ndim != 2:
+        raise ValueError(f"PEFT adapter module {module!r}: {name} has shape {value.shape}; "
+                         "a 2-D matrix was expected.")
+    return value
+
+
+def _same(module, *sizes):
+    """Raise unless every `(what, size)` has the same size."""
+    if len({int(n) for _, n in sizes}) > 1:
+        raise ValueError(
+            f"PEFT adapter module {module!r}: "
+            + ", ".join(f"{what} {int(n)}" for what, n in sizes)
+            + " should be equal (the adapter's rank or size)."
+        )
 
 
 def _group(tensors, fmt):
@@ -684,6 +837,7 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
                 f"PEFT adapter module {module!r}: expected {sorted(fmt.required(config))}, "
                 f"found {sorted(parts)}."
             )
+        fmt.check_parts(parts, module)
         r = fmt.rank(config, module, parts)
         alpha = fmt.alpha(config, module)
         for target in found:  # several layers: a fused projection, split
@@ -719,6 +873,17 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
         n_in_max = max(t.geometry.n_in for t in adapted)
         n_out_max = max(t.geometry.n_out for t in adapted)
         a_t, b_t = shared_tensors["vera_A"], shared_tensors["vera_B"]
+        for name, value in (("vera_A", a_t), ("vera_B", b_t)):
+            if value.ndim != 2:
+                raise ValueError(f"PEFT VeRA adapter: {name} has shape {value.shape}; "
+                                 "a 2-D projection was expected.")
+        ranks_ = sorted({r for r, _, _ in plan.values()})
+        if ranks_ != [a_t.shape[0]] or b_t.shape[1] != a_t.shape[0]:
+            raise ValueError(
+                f"PEFT VeRA adapter: the shared projections vera_A {a_t.shape} and vera_B "
+                f"{b_t.shape} have rank {a_t.shape[0]}/{b_t.shape[1]}, the modules' "
+                f"vera_lambda_d {ranks_}: every rank must be the same."
+            )
         if a_t.shape[1] != n_in_max or b_t.shape[0] != n_out_max:
             raise ValueError(
                 f"PEFT VeRA adapter: projections {a_t.shape} and {b_t.shape} do not fit "
@@ -758,8 +923,6 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
 # ----------------------------------------------------------------------
 # Writing a PEFT directory
 def _f32(x):
-    from keras_lowrank import saving
-
     return np.ascontiguousarray(saving._np(x).astype(np.float32))
 
 
@@ -937,7 +1100,14 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     if base_model_name_or_path is None and not isinstance(base_model, dict):
-        base_model_name_or_path = os.fspath(base_model)
+        base_model_name_or_path = base_model
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(
+            "save_peft_adapter: base_model_name_or_path must be a str or os.PathLike "
+            f"(PEFT records it as text); received {base_model_name_or_path!r}."
+        )
     common = {
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
@@ -976,16 +1146,16 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
             "modules_to_save": None,
             "init_lora_weights": True,
         }
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".klr-", suffix=".tmp", dir=path)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
+    # Everything is made before a file is touched (a config that is not
+    # JSON, e.g. a base_model_name_or_path that is no string, fails here),
+    # then both files replace the old ones together.
+    text = json.dumps(config, indent=2)
+    saving.write_files(arguments.path("save_peft_adapter", "path", path), {
+        WEIGHTS_FILE: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        CONFIG_FILE: lambda tmp: _write_text(tmp, text),
+    })
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)

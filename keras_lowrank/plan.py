@@ -83,8 +83,12 @@ class Plan:
     """Validated adapters for a model (see the module docstring)."""
 
     def __init__(self, model, layers, trainable_layers=None, entries=None,
-                 heads=(), head_rule=None, active=None):
+                 heads=(), head_rule=None, active=None, task_layers=()):
         self.model = model
+        #: paths of the task's own layers kept trainable (`train_task_layers`)
+        self.task_layers = list(task_layers)
+        #: `(variable, value)` of the layers an adapter file trains in full
+        self.full_tensors = []
         #: the model's active adapter names after `apply` (`None`: no
         #: named adapters)
         self.active = active
@@ -102,10 +106,14 @@ class Plan:
     @classmethod
     def for_model(cls, model, method, options, targets=None, exclude=None,
                   rank_pattern=None, alpha_pattern=None, trainable_layers=None,
-                  base=None, double_quant=True, adapter_name=None):
+                  base=None, double_quant=True, adapter_name=None, train_task_layers=True):
         """The plan of `enable_adapter(model, method, ...)`."""
         spec = registry.get(method)
         check_model(model)
+        if not isinstance(train_task_layers, bool):
+            raise ValueError(
+                f"enable_adapter: train_task_layers must be True or False; received {train_task_layers!r}."
+            )
         if adapter_name is not None or named.has_named(model):
             adapter_name = named.check_name(named.DEFAULT if adapter_name is None else adapter_name)
         bases.check_base(base, double_quant)
@@ -128,6 +136,22 @@ class Plan:
         entries = tree.walk(model)
         chosen, heads, rule = targeting.select(model, targets, exclude, entries)
         targeting.matching_entries(entries, keep, "trainable_layers")
+        task = task_entries(model, entries) if train_task_layers else []
+        if task:
+            inside = {id(layer): t for t in task for layer in t.layer._flatten_layers()}
+            if targets is None or targets == "all-linear":
+                # the task's own layers train in full, without adapters
+                chosen = [e for e in chosen if id(e.layer) not in inside]
+            else:  # a task layer the user targets gets adapters instead
+                adapted = {id(inside[id(e.layer)].layer) for e in chosen if id(e.layer) in inside}
+                task = [t for t in task if id(t.layer) not in adapted]
+            if not chosen:
+                raise ValueError(
+                    f"No layer left to adapt: the Dense/EinsumDense layers of {model.name!r} "
+                    f"outside its backbone ({[t.path for t in task]}) train in full "
+                    "(train_task_layers=False adapts them instead)."
+                )
+            keep = keep + [targeting.Pattern("re:" + re.escape(t.path), "trainable_layers") for t in task]
         layers = []
         for entry in chosen:
             if tree.is_adapter(entry.layer) and adapter_name is None:
@@ -146,7 +170,8 @@ class Plan:
             else:
                 layers.append(_new_member(entry, spec, layer_options, base, double_quant, adapter_name))
         plan = cls(model, layers, _pattern_sources(keep), entries, heads, rule,
-                   active=None if adapter_name is None else [adapter_name])
+                   active=None if adapter_name is None else [adapter_name],
+                   task_layers=[t.path for t in task])
         plan.plan_shared_states()
         plan.collect_warnings()
         return plan
@@ -169,6 +194,8 @@ class Plan:
             )
         entries = tree.walk(model)
         by_key = {(e.key if version >= 2 else e.path): e for e in entries}
+        if version >= 2:
+            config, tensors = _rerooted(model, entries, config, tensors, where)
         layers = []
         for name, raw in config["layers"].items():
             fields = _saved_fields(raw, name, version, where)
@@ -289,7 +316,11 @@ class Plan:
         by_layer = {}
         known = {lp.key: lp for lp in self.layers} | {lp.path: lp for lp in self.layers}
         state_tensors = {}
+        full = {n: v for n, v in tensors.items() if n.startswith(FULL_PREFIX)}
+        self.full_tensors = _full_tensors(self.entries, self.trainable_layers, full, where)
         for name in tensors:
+            if name in full:
+                continue
             layer_name, sep, var = name.partition(SEP)
             if sep and layer_name.startswith(shared.FILE_PREFIX):
                 method = layer_name[len(shared.FILE_PREFIX):]
@@ -355,14 +386,17 @@ class Plan:
         """Attach, initialize or `fill`, swap and freeze (all or nothing),
         then move the frozen bases into their storage (see `_convert_bases`)."""
         model = self.model
-        flags = _trainable_flags(model)
+        flags = trainable_flags(model)
         attached, swapped, snapshots, new_states, state_snaps = [], [], [], [], []
-        pending = []
+        pending, full_snaps = [], []
         gates = [(g, _compat.copy_value(g)) for _, st in named.sets(model) for g in st._gates.values()]
         n_svd = sum(1 for lp in self.layers if lp.adapter.uses_svd and not lp.existing)
         with svd.progress(n_svd if init or fill is not None else 0):
             try:
                 self._apply_layers(init, fill, attached, snapshots, new_states, state_snaps, pending)
+                for var, value in self.full_tensors:  # layers the file trains in full
+                    full_snaps.append((var, _compat.copy_value(var)))
+                    var.assign(value)
                 placed = {}
                 for lp in self.layers:
                     if lp.existing:
@@ -393,16 +427,18 @@ class Plan:
                 for state, values in state_snaps:
                     for name, var in state.file_state().items():
                         var.assign(values[name])
+                for var, value in full_snaps:
+                    var.assign(value)
                 for method in new_states:
                     shared.detach(model, method)
-                _restore_trainable_flags(flags)
+                restore_trainable_flags(flags)
                 mark_adapted(model)
                 compiled.after_change(model)
                 raise
             for a in attached:
                 a.commit()
             # what a rollback needed pins every float layer: let it go
-            flags = swapped = snapshots = state_snaps = attached = gates = None
+            flags = swapped = snapshots = state_snaps = attached = gates = full_snaps = None
             try:
                 self._convert_bases(pending, init)
             finally:
@@ -481,7 +517,6 @@ class Plan:
         convert = None
         if bases.base_kind(a.layer) != lp.base and lp.base != "float":
             convert = bases.converter(lp.base, lp.double_quant)
-            bases.check_convertible(a.layer, lp.base, lp.path)
         with tree.path_scope(lp.path):
             # a base to convert is initialized in `_convert_bases`, on its
             # full-precision kernel or its new storage as the method needs
@@ -504,7 +539,7 @@ class Plan:
 
         This runs after the adapters are in place and final: a float kernel
         cannot come back once freed. The inputs were checked before anything
-        changed (`bases.check_convertible`); if it is interrupted anyway, the
+        changed (`bases.check_finite_kernel`); if it is interrupted anyway, the
         layers before the one named hold their new storage and the rest keep
         their float bases, every adapter working."""
         self.entries = None  # the plan no longer needs the float layers
@@ -547,6 +582,64 @@ class Plan:
 
 
 SEP = "::"
+#: prefix of the tensors of layers trained in full, in adapter files
+#: (`+<layer key>::<variable name>`)
+FULL_PREFIX = "+"
+
+
+def _inside(entry, roots):
+    return any(entry.path == r.path or entry.path.startswith(r.path + "/") for r in roots)
+
+
+def full_variables(model):
+    """`{tensor name: variable}` of what `model` trains in full besides its
+    adapters: the layers its `trainable_layers` patterns name (the task's
+    own layers included), each non-adapter layer inside them with its own
+    trainable variables, named `+<layer key>::<variable name>`."""
+    pats = targeting.patterns(getattr(model, "_klr_trainable_layers", None), "trainable_layers")
+    if not pats:
+        return {}
+    entries = tree.walk(model)
+    roots = [e for p in pats for e in entries if p.matches(e)]
+    out = {}
+    for e in entries:
+        if tree.is_adapter(e.layer) or tree.is_adapter_set(e.layer) or not _inside(e, roots):
+            continue
+        for var in _compat.created_trainable(e.layer):
+            if var.trainable:
+                out[f"{FULL_PREFIX}{e.key}{SEP}{var.name}"] = var
+    return out
+
+
+def _full_tensors(entries, sources, tensors, where):
+    """`[(variable, value)]` for an adapter file's `+<key>::<name>` tensors:
+    each names a variable of a layer inside the file's `trainable_layers`,
+    with its shape, as a float tensor."""
+    if not tensors:
+        return []
+    pats = targeting.patterns(sources, "trainable_layers")
+    roots = [e for p in pats for e in entries if p.matches(e)]
+    by_key = {e.key: e for e in entries}
+    out = []
+    for name, value in tensors.items():
+        key, sep, var_name = name[len(FULL_PREFIX):].rpartition(SEP)
+        entry = by_key.get(key)
+        if not sep or entry is None or tree.is_adapter(entry.layer) or not _inside(entry, roots):
+            raise ValueError(
+                f"{where}: tensor {name!r} belongs to no layer the file trains in full "
+                f"(its trainable_layers: {sources})."
+            )
+        found = [v for v in _compat.created_trainable(entry.layer) if v.name == var_name]
+        if len(found) != 1:
+            raise ValueError(f"{where}: layer {entry.path!r} has no variable {var_name!r} (tensor {name!r}).")
+        if tuple(value.shape) != tuple(found[0].shape):
+            raise ValueError(
+                f"{where}: tensor {name!r} has shape {tuple(value.shape)}; layer "
+                f"{entry.path!r} needs {tuple(found[0].shape)}."
+            )
+        _check_kind(value, found[0].dtype, name, where)
+        out.append((found[0], value))
+    return out
 #: float kernel bytes converted between two garbage collections in
 #: `Plan._convert_bases` (the process holds at most this much more)
 GC_BYTES = 16 << 20
@@ -570,6 +663,70 @@ def _check_kind(value, dtype, name, where):
         )
 
 
+def _rerooted(model, entries, config, tensors, where):
+    """`(config, tensors)` with the layer keys of a file saved from a
+    KerasHub task model moved onto its backbone, or the reverse: a file
+    saved from `lm.backbone` loads onto `lm` and one saved from `lm` onto
+    `lm.backbone` (keys that all exist are kept as they are)."""
+    keys = {e.key for e in entries}
+    names = list(config["layers"])
+
+    def found(name):
+        return name in keys or ("@" in name and name.rpartition("@")[0] in keys)
+
+    if not names or all(found(n) for n in names):
+        return config, tensors
+    move = None
+    backbone = getattr(model, "backbone", None)
+    prefix = next((e.key for e in entries if e.layer is backbone), None) if backbone is not model else None
+    if prefix and all(found(f"{prefix}/{n}") for n in names):
+        def move(key):
+            return f"{prefix}/{key}"
+    else:
+        first = {n.split("/")[0] for n in names}
+        head = first.pop() if len(first) == 1 else None
+        if head and all("/" in n and found(n[len(head) + 1:]) for n in names):
+            full = sorted(n for n in (tensors or {}) if n.startswith(FULL_PREFIX)
+                          and not n[len(FULL_PREFIX):].startswith(head + "/"))
+            if full:
+                trained = sorted({n[len(FULL_PREFIX):].rpartition(SEP)[0] for n in full})
+                raise ValueError(
+                    f"{where} was saved from a task model around a backbone, and it trains "
+                    f"the task's own layers {trained} in full, "
+                    f"which {model.name!r} does not have: load it onto the task model, or "
+                    "save the backbone's adapters alone with save_adapter(task.backbone, path)."
+                )
+
+            def move(key):
+                return key[len(head) + 1:]
+    if move is None:
+        return config, tensors
+    config = dict(config, layers={move(k): v for k, v in config["layers"].items()})
+    if tensors is not None:
+        def rename(name):
+            if name.startswith(shared.FILE_PREFIX):
+                return name
+            if name.startswith(FULL_PREFIX):
+                return FULL_PREFIX + move(name[len(FULL_PREFIX):])
+            return move(name)
+
+        tensors = {rename(n): v for n, v in tensors.items()}
+    return config, tensors
+
+
+def task_entries(model, entries):
+    """The layers a KerasHub task adds around its backbone that hold
+    weights (a classifier's head), as top-level entries of `entries`; none
+    for any other model. A causal LM's head is its backbone's tied
+    embedding, so it has none."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, keras.layers.Layer) or backbone is model:
+        return []
+    inside = {id(layer) for layer in backbone._flatten_layers()}
+    return [e for e in entries if "/" not in e.path and id(e.layer) not in inside
+            and not isinstance(e.layer, keras.layers.InputLayer) and e.layer.weights]
+
+
 def check_model(model):
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"keras_lowrank needs a Keras model; received {type(model).__name__}.")
@@ -584,6 +741,7 @@ def _new_layer(entry, spec, options, base, double_quant, label, where=None, name
     layer = entry.layer
     path = entry.path
     bases.check_supported(layer, path)
+    bases.check_finite_kernel(layer, path)
     mode = bases.quantization_mode(layer)
     if mode is not None and spec.layer_class.rewrites_kernel:
         if where is None:
@@ -745,7 +903,7 @@ def _pattern_sources(pats):
 
 # ----------------------------------------------------------------------
 # Freezing
-def _trainable_flags(model):
+def trainable_flags(model):
     layers = tree.all_layers_with_root(model)
     return (
         [(layer, layer.trainable) for layer in layers],
@@ -753,7 +911,7 @@ def _trainable_flags(model):
     )
 
 
-def _restore_trainable_flags(flags):
+def restore_trainable_flags(flags):
     layer_flags, var_flags = flags
     for layer, value in layer_flags:
         layer.trainable = value

@@ -1,4 +1,6 @@
-"""Adapter-only files: every variable an adapter changed, in safetensors.
+"""Adapter-only files: every variable an adapter changed, and the layers the
+model trains in full (`trainable_layers`, a KerasHub task's own layers), in
+safetensors.
 
 The file's metadata holds the plan (method, options, base storage and kernel
 shape per layer), so loading can rebuild the adapters on a fresh copy of the
@@ -22,8 +24,10 @@ import tempfile
 import numpy as np
 from keras import ops
 
+from keras_lowrank import arguments
 from keras_lowrank import adapt
 from keras_lowrank import named
+from keras_lowrank import options as opt
 from keras_lowrank import plan as plan_lib
 from keras_lowrank import registry
 from keras_lowrank import shared
@@ -74,8 +78,7 @@ def save_adapter(model, path, as_lora=False, adapter_name=None):
     """
     from safetensors.numpy import save_file
 
-    if as_lora not in (True, False):
-        raise ValueError(f"as_lora must be True or False; received {as_lora!r}.")
+    arguments.check("save_adapter", "as_lora", as_lora, opt.boolean)
     found = {e.key: e.layer for e in plan_lib.tree.walk(model) if plan_lib.tree.is_adapter(e.layer)}
     if not found:
         raise ValueError(f"Model {model.name!r} has no adapters to save.")
@@ -115,6 +118,8 @@ def save_adapter(model, path, as_lora=False, adapter_name=None):
             }
         for name, value in state.items():
             tensors[f"{key}{SEP}{name}"] = _contiguous(value)
+    for name, var in plan_lib.full_variables(model).items():  # trained in full
+        tensors[name] = _contiguous(var)
     for method in converted:
         config["shared"].pop(method, None)
     for method, shared_state in shared.states(model).items():
@@ -127,17 +132,51 @@ def save_adapter(model, path, as_lora=False, adapter_name=None):
         "model": type(model).__name__,
         "plan": json.dumps(config),
     }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".klr-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    path = os.path.abspath(arguments.path("save_adapter", "path", path))
+    write_files(os.path.dirname(path), {
+        os.path.basename(path): lambda tmp: save_file(tensors, tmp, metadata=meta),
+    })
+
+
+def write_files(folder, writers):
+    """Write files into `folder` all or nothing.
+
+    `writers` maps each file name to `write(tmp_path)`, which writes the
+    whole file to a temporary path beside it. Only when every file is
+    written are they renamed into place; a failure on the way (a writer's
+    error, a full disk, an interrupt) removes the temporary files and puts
+    back the files the folder had, so it never holds a mix of old and new
+    files or a half-written one."""
+    os.makedirs(folder, exist_ok=True)
+    temps, moved = {}, []
     try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=".klr-", suffix=".tmp", dir=folder)
+            os.close(fd)
+            temps[name] = tmp
+            write(tmp)
+        for name, tmp in temps.items():
+            target = os.path.join(folder, name)
+            backup = None
+            if os.path.exists(target):
+                fd, backup = tempfile.mkstemp(prefix=".klr-", suffix=".old", dir=folder)
+                os.close(fd)
+                os.replace(target, backup)
+            moved.append((target, backup))
+            os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for target, backup in reversed(moved):
+            if backup is not None:
+                os.replace(backup, target)
+            elif os.path.exists(target):
+                os.remove(target)
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
+    for _, backup in moved:
+        if backup is not None:
+            os.remove(backup)
 
 
 def read_adapter_file(path, tensors=True):
@@ -149,7 +188,7 @@ def read_adapter_file(path, tensors=True):
     """
     from safetensors import safe_open
 
-    name = os.fspath(path)
+    name = arguments.path("read_adapter_file", "path", path)
     if not os.path.exists(name):
         raise FileNotFoundError(f"No such adapter file: {name}")
     if not os.path.isfile(name):
@@ -221,7 +260,7 @@ def load_adapter(model, path):
         >>> keras_lowrank.load_adapter(fresh, f).adapted_paths == [fresh.layers[0].name]
         True
     """
-    where = f"adapter file {os.fspath(path)}"
+    where = f"adapter file {arguments.path('load_adapter', 'path', path)}"
     _, config, tensors = read_adapter_file(path)
     plan = plan_lib.Plan.from_saved(model, config, where, tensors=tensors)
     plan.prepare()

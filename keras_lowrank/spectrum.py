@@ -10,7 +10,9 @@ the share of values inside a range.
 
 import numpy as np
 
+from keras_lowrank import arguments
 from keras_lowrank import bases
+from keras_lowrank import options as opt
 from keras_lowrank import svd
 from keras_lowrank import targeting
 from keras_lowrank import tree
@@ -68,6 +70,15 @@ def _matrix(layer):
     return geometry.kernel_to_matrix(bases.read_kernel(layer))
 
 
+def _band(where, low, high):
+    """`(low, high)`: finite floats >= 0, `low <= high`."""
+    low = arguments.check(where, "low", low, opt.nonneg_float)
+    high = arguments.check(where, "high", high, opt.nonneg_float)
+    if low > high:
+        raise ValueError(f"{where}: low must be <= high; received low={low!r}, high={high!r}.")
+    return low, high
+
+
 def spectrum_share(values, low=0.1, high=1.1):
     """The fraction of singular values `s` with `low <= s <= high`, over
     one array or all arrays of a `spectrum` dict.
@@ -79,6 +90,7 @@ def spectrum_share(values, low=0.1, high=1.1):
         >>> keras_lowrank.spectrum_share(np.array([0.05, 0.5, 1.0, 2.0]))
         0.5
     """
+    low, high = _band("spectrum_share", low, high)
     if isinstance(values, dict):
         values = np.concatenate([np.ravel(v) for v in values.values()]) if values else np.zeros(0)
     v = np.ravel(np.asarray(values))
@@ -120,9 +132,14 @@ def plot_spectrum(spectra, path=None, value_range=(0.1, 1.1), ax=None, max_layer
         raise ImportError(
             "plot_spectrum needs matplotlib: pip install 'keras-lowrank[plot]'."
         ) from None
+    if not isinstance(value_range, (tuple, list)) or len(value_range) != 2:
+        raise ValueError(f"plot_spectrum: value_range must be (low, high); received {value_range!r}.")
+    low, high = _band("plot_spectrum", *value_range)
+    max_layers = arguments.check("plot_spectrum", "max_layers", max_layers, opt.positive_int)
+    if path is not None:
+        path = arguments.path("plot_spectrum", "path", path)
     if not isinstance(spectra, dict):
         spectra = spectrum(spectra)
-    low, high = value_range
     share = spectrum_share(spectra, low, high)
     if ax is None:
         fig, ax = plt.subplots(figsize=(7, 4))

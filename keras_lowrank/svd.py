@@ -32,6 +32,13 @@ import sys
 
 import numpy as np
 
+from keras_lowrank import arguments
+from keras_lowrank import linalg
+from keras_lowrank import options as opt
+
+#: what users call (the rest serves the methods' inits)
+__all__ = ["decompose", "singular_values"]
+
 #: show a progress bar from this many kernels on
 PROGRESS_FROM = 6
 
@@ -185,6 +192,9 @@ def decompose(matrix, rank=None, part="top", niter=None, seed=None, where=None):
     """
     if part not in ("top", "bottom"):
         raise ValueError(f"part must be 'top' or 'bottom'; received {part!r}.")
+    rank = arguments.check("svd.decompose", "rank", rank, opt.positive_int_or_none)
+    niter = arguments.check("svd.decompose", "niter", niter, opt.nonneg_int_or_none)
+    seed = arguments.check("svd.decompose", "seed", seed, opt.seed)
     w = as_numpy(matrix)
     k = min(w.shape[-2:])
     r = k if rank is None else int(rank)
@@ -195,7 +205,7 @@ def decompose(matrix, rank=None, part="top", niter=None, seed=None, where=None):
             f"(1 <= rank <= {k})."
         )
     if not np.all(np.isfinite(w)):
-        raise FloatingPointError(f"SVD of {label}: the kernel has NaN or inf values.")
+        raise linalg.NonFiniteError(f"SVD of {label}: the kernel has NaN or inf values.")
     if niter is not None and part == "bottom":
         raise ValueError(
             f"SVD of {label}: a randomized SVD approximates the top singular "

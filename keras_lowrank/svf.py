@@ -20,12 +20,33 @@ import os
 
 import numpy as np
 
+from keras_lowrank import arguments
+from keras_lowrank import lifecycle
+from keras_lowrank import options as opt
 from keras_lowrank import plan as plan_lib
 from keras_lowrank import saving
 from keras_lowrank import tree
 from keras_lowrank.methods.spectral import SPECTRUM_RTOL
 
 SEP = plan_lib.SEP
+
+
+def _population(v):
+    v = opt.positive_int(v)
+    if v < 2:
+        raise ValueError
+    return v
+
+
+def _fraction(v):
+    v = opt.positive_float(v)
+    if v > 1:
+        raise ValueError
+    return v
+
+
+POPULATION = opt.Check("an int >= 2", _population)
+FRACTION = opt.Check("a float in (0, 1]", _fraction)
 
 
 def _np(x):
@@ -60,56 +81,112 @@ def z_set(model):
     return {path: _np(a.read(a.svf_z)) for path, a in layers}
 
 
-def _file_expert(path, layers):
-    """`{path: z}` from an adapter file, checked against the model's SVF
-    layers (method, parametrization, shapes, singular values)."""
+@dataclasses.dataclass
+class _Layer:
+    """An SVF layer a composition writes: its path and key in the model,
+    the shape of its `z` and its singular values."""
+
+    path: str
+    key: str
+    z_shape: tuple
+    s: np.ndarray
+
+
+def _model_layers(model):
+    return [_Layer(p, k, tuple(a.svf_z.shape), _np(a.read(a.svf_s)))
+            for (p, a), k in zip(svf_layers(model), _keys(model))]
+
+
+def _file_layers(model, path):
+    """The SVF layers that loading the adapter file `path` would give
+    `model` (a model without SVF adapters), read from the file alone."""
     where = f"adapter file {os.fspath(path)}"
     _, config, tensors = saving.read_adapter_file(path)
-    by_key = {a_key: (p, a) for p, a, a_key in layers}
-    out = {}
+    by_key = {e.key: e.path for e in tree.walk(model)}
+    out = []
     for key, cfg in config.get("layers", {}).items():
-        if cfg.get("method") != "svf":
-            raise ValueError(f"{where}: layer {cfg.get('path', key)!r} is a {cfg.get('method')!r} adapter, not SVF.")
-        if cfg.get("options", {}).get("parametrization", "paper") != "paper":
-            raise ValueError(
-                f"{where}: layer {cfg.get('path', key)!r} uses parametrization="
-                f"{cfg['options']['parametrization']!r}; composition mixes the multiplier z "
-                "(the paper's form): train experts with parametrization='paper'."
-            )
-        hit = by_key.get(key) or next(((p, a) for p, a, _ in layers if p == cfg.get("path")), None)
-        if hit is None:
-            raise ValueError(f"{where}: layer {cfg.get('path', key)!r} has no SVF adapter in the model.")
-        p, a = hit
-        z = np.asarray(tensors[f"{key}{SEP}svf_z"], "float32")
-        s = np.asarray(tensors[f"{key}{SEP}svf_s"], "float32")
-        mine = _np(a.read(a.svf_s))
-        if z.shape != tuple(a.svf_z.shape):
-            raise ValueError(f"{where}: layer {p!r}: z has shape {z.shape}, the adapter {tuple(a.svf_z.shape)}.")
-        err = float(np.abs(s - mine).max()) / max(float(np.abs(mine).max()), 1e-30)
-        if err > SPECTRUM_RTOL:
-            raise ValueError(
-                f"{where}: layer {p!r}: the expert was trained on another base (its "
-                f"singular values differ by {err:.2g})."
-            )
-        out[p] = z
+        _check_svf_entry(cfg, key, where)
+        if key not in by_key:
+            raise ValueError(f"{where}: layer {cfg.get('path', key)!r} is not in model {model.name!r}.")
+        z, s = (tensors.get(f"{key}{SEP}{n}") for n in ("svf_z", "svf_s"))
+        if z is None or s is None:
+            raise ValueError(f"{where}: layer {cfg.get('path', key)!r} has no svf_z/svf_s tensors.")
+        out.append(_Layer(by_key[key], key, tuple(z.shape), np.asarray(s, "float32")))
+    if not out:
+        raise ValueError(f"{where} holds no SVF adapters.")
     return out
 
 
-def _experts(model, sources):
-    layers = [(p, a, k) for (p, a), k in zip(svf_layers(model), _keys(model))]
+def _check_svf_entry(cfg, key, where):
+    if not isinstance(cfg, dict) or cfg.get("method") != "svf":
+        method = cfg.get("method") if isinstance(cfg, dict) else None
+        raise ValueError(f"{where}: layer {key!r} is a {method!r} adapter, not SVF.")
+    if cfg.get("options", {}).get("parametrization", "paper") != "paper":
+        raise ValueError(
+            f"{where}: layer {cfg.get('path', key)!r} uses parametrization="
+            f"{cfg['options']['parametrization']!r}; composition mixes the multiplier z "
+            "(the paper's form): train experts with parametrization='paper'."
+        )
+
+
+def _z(value, layer, what):
+    """An expert's `z` for `layer`: float32 of the layer's exact shape (no
+    broadcasting), finite."""
+    try:
+        z = np.asarray(value, "float32")
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: z for layer {layer.path!r} is not an array of numbers; received {value!r}.") from None
+    if z.shape != layer.z_shape:
+        raise ValueError(
+            f"{what}: z for layer {layer.path!r} has shape {z.shape}; the layer's z has "
+            f"shape {layer.z_shape} (one multiplier per singular value)."
+        )
+    if not np.all(np.isfinite(z)):
+        raise ValueError(f"{what}: z for layer {layer.path!r} holds NaN or inf values.")
+    return z
+
+
+def _file_expert(path, layers):
+    """`{path: z}` from an adapter file, checked against the SVF layers
+    (method, parametrization, shapes, singular values)."""
+    where = f"adapter file {os.fspath(path)}"
+    _, config, tensors = saving.read_adapter_file(path)
+    by_key = {layer.key: layer for layer in layers}
+    by_path = {layer.path: layer for layer in layers}
+    out = {}
+    for key, cfg in config.get("layers", {}).items():
+        _check_svf_entry(cfg, key, where)
+        layer = by_key.get(key) or by_path.get(cfg.get("path"))
+        if layer is None:
+            raise ValueError(f"{where}: layer {cfg.get('path', key)!r} has no SVF adapter in the model.")
+        z = _z(tensors[f"{key}{SEP}svf_z"], layer, where)
+        s = np.asarray(tensors[f"{key}{SEP}svf_s"], "float32")
+        err = float(np.abs(s - layer.s).max()) / max(float(np.abs(layer.s).max()), 1e-30) \
+            if s.shape == layer.s.shape else np.inf
+        if not err <= SPECTRUM_RTOL:
+            raise ValueError(
+                f"{where}: layer {layer.path!r}: the expert was trained on another base (its "
+                f"singular values differ by {err:.2g})."
+            )
+        out[layer.path] = z
+    return out
+
+
+def _experts(layers, sources):
+    """Every expert as `{path: z}`, each checked against `layers`."""
     experts = []
+    known = {layer.path: layer for layer in layers}
     for i, src in enumerate(sources):
         if isinstance(src, dict):
-            known = {p for p, _, _ in layers}
-            unknown = sorted(set(src) - known)
+            unknown = sorted(set(src) - set(known), key=str)
             if unknown:
                 raise ValueError(f"Expert {i}: layers {unknown} have no SVF adapter; the model has {sorted(known)}.")
-            experts.append({p: np.asarray(z, "float32") for p, z in src.items()})
+            experts.append({p: _z(z, known[p], f"Expert {i}") for p, z in src.items()})
         elif isinstance(src, (str, os.PathLike)):
             experts.append(_file_expert(src, layers))
         else:
             raise ValueError(f"Expert {i} must be an adapter file path or a {{layer path: z}} dict; received {type(src).__name__}.")
-    return layers, experts
+    return experts
 
 
 def _keys(model):
@@ -120,14 +197,25 @@ def _weights(weights, n_experts, paths):
     """A `(n_experts, n_layers)` array from the user's `weights`."""
     if weights is None:
         return np.full((n_experts, len(paths)), 1.0 / n_experts)
-    if isinstance(weights, dict):
-        missing = [p for p in paths if p not in weights]
-        extra = sorted(set(weights) - set(paths))
-        if missing or extra:
-            raise ValueError(f"Per-layer weights: missing layers {missing}, unknown layers {extra}.")
-        w = np.stack([np.asarray(weights[p], "float64").reshape(n_experts) for p in paths], axis=1)
-    else:
-        w = np.asarray(weights, "float64")
+    try:
+        if isinstance(weights, dict):
+            missing = [p for p in paths if p not in weights]
+            extra = sorted(set(weights) - set(paths), key=str)
+            if missing or extra:
+                raise ValueError(f"Per-layer weights: missing layers {missing}, unknown layers {extra}.")
+            rows = [np.asarray(weights[p], "float64") for p in paths]
+            bad = [p for p, r in zip(paths, rows) if r.shape not in ((n_experts,), (n_experts, 1))]
+            if bad:
+                raise ValueError(f"Per-layer weights: layer {bad[0]!r} needs {n_experts} weights (one per expert); "
+                                 f"received {weights[bad[0]]!r}.")
+            w = np.stack([r.reshape(n_experts) for r in rows], axis=1)
+        else:
+            w = np.asarray(weights, "float64")
+    except (TypeError, ValueError) as e:
+        if "weights" in str(e):
+            raise
+        raise ValueError(f"weights must be numbers; received {weights!r}.") from None
+    if not isinstance(weights, dict):
         if w.shape == (n_experts,):
             w = np.repeat(w[:, None], len(paths), axis=1)
         elif w.shape != (n_experts, len(paths)):
@@ -138,6 +226,50 @@ def _weights(weights, n_experts, paths):
     if not np.all(np.isfinite(w)):
         raise ValueError(f"weights must be finite; received {weights!r}.")
     return w
+
+
+def _mix(layers, sets, w):
+    """`{path: Σ_k w_k z_k}` (an expert without a layer gives it `z = 1`)."""
+    out = {}
+    for j, layer in enumerate(layers):
+        ones = np.ones(layer.z_shape, "float32")
+        z = sum(w[i, j] * sets[i].get(layer.path, ones).astype("float64") for i in range(len(sets)))
+        if not np.all(np.abs(z) <= np.finfo(np.float32).max):  # NaN and float32 overflow
+            raise ValueError(f"The composition overflows at layer {layer.path!r} (weights too large).")
+        out[layer.path] = np.asarray(z, "float32")
+    return out
+
+
+def _check_paper(model):
+    for path, a in svf_layers(model):
+        if a.parametrization != "paper":
+            raise ValueError(
+                f"Layer {path!r} uses parametrization={a.parametrization!r}; composition "
+                "mixes the multiplier z (the paper's form)."
+            )
+
+
+def _prepared(model, experts):
+    """`(layers, expert sets)` for `compose`/`cem_search`, every expert
+    checked, before the model changes (a model without SVF adapters is
+    checked against the first expert file, which loading would give it)."""
+    experts = list(experts)
+    if not experts:
+        raise ValueError("compose needs at least one expert.")
+    if svf_layers(model):
+        _check_paper(model)
+        layers = _model_layers(model)
+    else:
+        first = experts[0]
+        if not isinstance(first, (str, os.PathLike)):
+            raise ValueError(f"Model {model.name!r} has no SVF adapters; pass an adapter file first or enable_adapter(method='svf').")
+        layers = _file_layers(model, first)
+    return experts, layers, _experts(layers, experts)
+
+
+def _assign(model, mix):
+    for path, a in svf_layers(model):
+        a.svf_z.assign(mix[path])
 
 
 def compose(model, experts, weights=None):
@@ -168,31 +300,13 @@ def compose(model, experts, weights=None):
         >>> keras_lowrank.svf.compose(model, [a, b], [0.25, 0.5])["hidden"][:2]
         array([0.5, 0.5], dtype=float32)
     """
-    experts = list(experts)
-    if not experts:
-        raise ValueError("compose needs at least one expert.")
+    experts, layers, sets = _prepared(model, experts)
+    w = _weights(weights, len(sets), [layer.path for layer in layers])
+    mix = _mix(layers, sets, w)
     if not svf_layers(model):
-        first = experts[0]
-        if not isinstance(first, (str, os.PathLike)):
-            raise ValueError(f"Model {model.name!r} has no SVF adapters; pass an adapter file first or enable_adapter(method='svf').")
-        saving.load_adapter(model, first)
-    for path, a in svf_layers(model):
-        if a.parametrization != "paper":
-            raise ValueError(
-                f"Layer {path!r} uses parametrization={a.parametrization!r}; composition "
-                "mixes the multiplier z (the paper's form)."
-            )
-    layers, sets = _experts(model, experts)
-    paths = [p for p, _, _ in layers]
-    w = _weights(weights, len(sets), paths)
-    out = {}
-    for j, (p, a, _) in enumerate(layers):
-        ones = np.ones(tuple(a.svf_z.shape), "float32")
-        z = sum(w[i, j] * sets[i].get(p, ones) for i in range(len(sets)))
-        out[p] = np.asarray(z, "float32")
-    for p, a, _ in layers:
-        a.svf_z.assign(out[p])
-    return out
+        saving.load_adapter(model, experts[0])
+    _assign(model, mix)
+    return mix
 
 
 @dataclasses.dataclass
@@ -231,30 +345,64 @@ def cem_search(model, experts, scorer, per_layer=False, population=32, elite_fra
     Returns:
         A `SearchResult`.
     """
-    experts = list(experts)
-    if not experts:
-        raise ValueError("cem_search needs at least one expert.")
+    where = "cem_search"
     if not callable(scorer):
-        raise ValueError(f"scorer must be callable(model) -> float; received {scorer!r}.")
-    if not (isinstance(population, int) and population >= 2):
-        raise ValueError(f"population must be an int >= 2; received {population!r}.")
-    if not 0.0 < elite_fraction <= 1.0:
-        raise ValueError(f"elite_fraction must be in (0, 1]; received {elite_fraction!r}.")
-    compose(model, experts, None)  # checks the experts, creates the adapters if needed
-    paths = [p for p, _ in svf_layers(model)]
+        raise ValueError(f"{where}: scorer must be callable(model) -> float; received {scorer!r}.")
+    arguments.check(where, "per_layer", per_layer, opt.boolean)
+    population = arguments.check(where, "population", population, POPULATION)
+    elite_fraction = arguments.check(where, "elite_fraction", elite_fraction, FRACTION)
+    generations = arguments.check(where, "generations", generations, opt.positive_int)
+    init_std = arguments.check(where, "init_std", init_std, opt.positive_float)
+    seed = arguments.check(where, "seed", seed, opt.seed)
+    arguments.check(where, "verbose", verbose, opt.boolean)
+    experts, layers, sets = _prepared(model, experts)
+    paths = [layer.path for layer in layers]
     shape = (len(experts), len(paths)) if per_layer else (len(experts),)
+    # What a refused search puts back: the z values, or (a model the first
+    # expert file gives its SVF adapters) the model without them.
+    loaded = not svf_layers(model)
+    before = plan_lib.trainable_flags(model) if loaded else {p: _np(a.svf_z) for p, a in svf_layers(model)}
+    try:
+        result = _search(model, layers, sets, scorer, shape, population, elite_fraction,
+                         generations, init_std, seed, verbose, experts[0] if loaded else None)
+    except BaseException:
+        if loaded:
+            if svf_layers(model):
+                lifecycle.remove_adapters(model)
+            plan_lib.restore_trainable_flags(before)
+        else:
+            _assign(model, before)
+        raise
+    return result
+
+
+def _search(model, layers, sets, scorer, shape, population, elite_fraction, generations,
+            init_std, seed, verbose, first_file):
     rng = np.random.default_rng(seed)
-    mean = np.full(shape, 1.0 / len(experts))
+    mean = np.full(shape, 1.0 / len(sets))
     std = np.full(shape, float(init_std))
     n_elite = max(1, int(np.ceil(population * elite_fraction)))
+    if first_file is not None:
+        saving.load_adapter(model, first_file)
+
+    def score(w):
+        _assign(model, _mix(layers, sets, _weights(w, len(sets), [layer.path for layer in layers])))
+        value = scorer(model)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"cem_search: scorer must return a number; it returned {value!r}.") from None
+        if not np.isfinite(value):
+            raise ValueError(
+                f"cem_search: scorer returned {value} for weights {np.round(w, 4).tolist()}; "
+                "a score must be a finite number (higher is better). The model was put back."
+            )
+        return value
+
     best_w, best_score, history = None, -np.inf, []
-    for gen in range(int(generations)):
+    for gen in range(generations):
         samples = np.clip(rng.normal(mean, std, (population,) + shape), 0.0, 1.0)
-        scores = []
-        for w in samples:
-            compose(model, experts, w)
-            scores.append(float(scorer(model)))
-        scores = np.asarray(scores)
+        scores = np.asarray([score(w) for w in samples])
         order = np.argsort(-scores, kind="stable")
         elite = samples[order[:n_elite]]
         mean, std = elite.mean(axis=0), elite.std(axis=0) + 1e-3
@@ -263,5 +411,5 @@ def cem_search(model, experts, scorer, per_layer=False, population=32, elite_fra
         history.append((float(scores[order[0]]), float(scores.mean())))
         if verbose:
             print(f"CEM generation {gen + 1}: best {history[-1][0]:.4f}, mean {history[-1][1]:.4f}")
-    compose(model, experts, best_w)
+    _assign(model, _mix(layers, sets, _weights(best_w, len(sets), [layer.path for layer in layers])))
     return SearchResult(best_w, best_score, history)

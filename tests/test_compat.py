@@ -4,11 +4,14 @@ fails here, by name."""
 
 import doctest
 import importlib
+import importlib.util
+import os
 
 import keras
 import numpy as np
 import pytest
 
+import keras_lowrank
 from keras_lowrank import _compat
 
 
@@ -41,19 +44,25 @@ def test_tracker_and_functional_internals_exist():
     assert make_node_key(op, 0) in model._nodes
 
 
-@pytest.mark.parametrize(
-    "module",
-    ["keras_lowrank", "keras_lowrank.adapt", "keras_lowrank.lifecycle", "keras_lowrank.saving",
-     "keras_lowrank.methods.lora", "keras_lowrank.methods.dora",
-     "keras_lowrank.registry", "keras_lowrank.geometry", "keras_lowrank.options",
-     "keras_lowrank.targeting", "keras_lowrank.quant.layers", "keras_lowrank.bases",
-     "keras_lowrank.training", "keras_lowrank.methods.dylora", "keras_lowrank.methods.vera",
-     "keras_lowrank.methods.residual", "keras_lowrank.methods.spectral", "keras_lowrank.svd",
-     "keras_lowrank.svf", "keras_lowrank.spectrum", "keras_lowrank.methods.lycoris",
-     "keras_lowrank.methods.lora_drop", "keras_lowrank.drop", "keras_lowrank.methods.lora_dynamics",
-     "keras_lowrank.methods.adalora", "keras_lowrank.federated", "keras_lowrank.federated.accounting",
-     "keras_lowrank.peft_format", "keras_lowrank.named"],
-)
+def _modules_with_examples():
+    """Every module of the package whose docstrings hold examples (`>>>`)."""
+    import pkgutil
+
+    root = os.path.dirname(keras_lowrank.__file__)
+    names = ["keras_lowrank"] + [
+        m.name for m in pkgutil.walk_packages([root], "keras_lowrank.")
+        if not m.name.startswith("keras_lowrank.examples")
+    ]
+    found = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        with open(spec.origin) as f:
+            if ">>>" in f.read():
+                found.append(name)
+    return found
+
+
+@pytest.mark.parametrize("module", _modules_with_examples())
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

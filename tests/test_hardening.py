@@ -281,6 +281,69 @@ def test_non_finite_file_is_refused_before_anything_is_written(method, base, tmp
         _refused(same, f, "NaN or inf")
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("base", ["float", "nf4", "int8", "int4", "keras_int8"])
+def test_non_finite_frozen_kernels_are_refused_by_every_method(base, bad):
+    """One rule on every base: no adapter goes on a kernel holding NaN or
+    inf (a quantized kernel: on its scales); refused before anything
+    changes, for every method (the SVD inits and QLoRA included)."""
+    model = _small()
+    if base == "keras_int8":  # a model Keras quantized itself: its scales
+        model.quantize("int8", filters=lambda layer: layer.name == "ffn")
+        scale = model.get_layer("ffn").kernel_scale
+        value = to_np(scale).copy()
+        value.flat[0] = bad
+        scale.assign(value)
+        base = None
+    else:
+        kernel = model.get_layer("ffn").kernel
+        value = to_np(kernel).copy()
+        value.flat[3] = bad
+        kernel.assign(value)
+    before = snapshot(model)
+    for method in METHODS:
+        spec = registry.get(method)
+        if (base or "float") not in spec.bases or (base is None and spec.layer_class.rewrites_kernel):
+            continue
+        with pytest.raises(ValueError, match="Layer 'ffn': its frozen kernel .* holds NaN or inf"):
+            kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"], base=base)
+        assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("base", ["float", "nf4"])
+@pytest.mark.parametrize("method", ["pissa", "milora", "olora"])
+def test_a_file_cannot_rewrite_the_base_into_something_else(method, base, tmp_path):
+    """The residual methods subtract the file's initial factors from the
+    kernel: factors that are not the init's decomposition of that kernel
+    (huge finite ones that cancel it in float32, or ones made for another
+    kernel) are refused before the base is touched."""
+    keras.utils.set_random_seed(7)
+    src = _small()
+    weights = [to_np(w).copy() for w in src.weights]
+
+    def fresh():
+        m = _small()
+        for v, w in zip(m.weights, weights):
+            v.assign(w)
+        return m
+
+    kl.enable_adapter(src, method=method, rank=2, alpha=4, base=base)
+    for _, a in kl.adapters(src):
+        perturb(a)
+    y = to_np(src(X5))
+    f = _save(src, tmp_path / "ok.safetensors")
+    ok = fresh()
+    kl.load_adapter(ok, f)  # a genuine file loads and computes what it did
+    np.testing.assert_allclose(to_np(ok(X5)), y, rtol=1e-4, atol=1e-4)
+    _, plan, tensors = _read(f)
+    huge = dict(tensors)
+    huge["ffn::lora_a0"] = tensors["ffn::lora_a0"] * 1e8
+    _write_file(tmp_path / "huge.safetensors", huge, plan)
+    _refused(fresh(), tmp_path / "huge.safetensors", f"'ffn': the initial factors .* not {method}'s")
+    other = _small()  # another kernel: the factors are not its decomposition
+    _refused(other, f, f"not {method}'s decomposition")
+
+
 @pytest.mark.parametrize("dtype", ["int32", "bool"])
 def test_non_float_tensors_are_refused(dtype, tmp_path):
     def change(tensors, plan):
@@ -727,3 +790,115 @@ def test_merging_disabled_adapters_gives_the_base(method):
     kl.merge(model)
     assert not kl.adapters(model)
     np.testing.assert_allclose(to_np(model(X5)), y_base, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------
+# 7. A KerasHub task's own layers train; backbone and task files mix
+def _bert_classifier(seed=0):
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=10, num_layers=1, num_heads=2, hidden_dim=4,
+                                             intermediate_dim=8, max_sequence_length=8)
+    return keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=3, preprocessor=None)
+
+
+def _gemma_lm(seed=0):
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    return keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
+
+
+def test_a_classifier_head_trains_and_travels_in_adapter_files(tmp_path):
+    model = _bert_classifier()
+    summary = kl.enable_adapter(model, rank=2)
+    head = model.get_layer("logits")
+    assert summary.heads == ["logits"] and "logits" not in summary.adapted_paths
+    assert summary.task_layers == ["logits"]
+    assert "trained in full" in str(summary) and "logits" in str(summary)
+    assert all(v.trainable for v in head.weights)
+    x = token_inputs(10, batch=4, segment=True)
+    y = np.array([0, 1, 2, 1])
+    before = to_np(head.kernel).copy()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0)
+    assert np.abs(to_np(head.kernel) - before).max() > 1e-4  # it trained
+    out = to_np(model.predict(x, verbose=0))
+    f = tmp_path / "cls.safetensors"
+    kl.save_adapter(model, f)
+    fresh = _bert_classifier(seed=0)
+    kl.load_adapter(fresh, f)  # the head comes back with the adapters
+    np.testing.assert_allclose(to_np(fresh.predict(x, verbose=0)), out, atol=1e-5)
+    assert all(v.trainable for v in fresh.get_layer("logits").weights)
+    other = _bert_classifier(seed=0)
+    summary = kl.enable_adapter(other, rank=2, train_task_layers=False)
+    assert summary.task_layers == [] and not any(v.trainable for v in other.get_layer("logits").weights)
+    with pytest.raises(ValueError, match="train_task_layers must be True or False"):
+        kl.enable_adapter(_bert_classifier(), train_task_layers="yes")
+
+
+def test_a_causal_lm_tied_head_stays_frozen():
+    lm = _gemma_lm()
+    summary = kl.enable_adapter(lm, rank=2)
+    assert summary.task_layers == []
+    assert not lm.backbone.token_embedding.embeddings.trainable
+
+
+def test_backbone_and_task_adapter_files_load_onto_each_other(tmp_path):
+    x = token_inputs(20)
+    src = _gemma_lm()
+    kl.enable_adapter(src.backbone, rank=2)
+    for _, a in kl.adapters(src):
+        perturb(a)
+    y = to_np(src(x))
+    kl.save_adapter(src.backbone, tmp_path / "backbone.safetensors")
+    kl.save_adapter(src, tmp_path / "task.safetensors")
+    lm = _gemma_lm()
+    kl.load_adapter(lm, tmp_path / "backbone.safetensors")
+    np.testing.assert_allclose(to_np(lm(x)), y, atol=1e-5)
+    lm = _gemma_lm()
+    kl.load_adapter(lm.backbone, tmp_path / "task.safetensors")
+    np.testing.assert_allclose(to_np(lm(x)), y, atol=1e-5)
+    # a classifier's file trains its head in full: not onto the backbone alone
+    cls = _bert_classifier()
+    kl.enable_adapter(cls, rank=2)
+    kl.save_adapter(cls, tmp_path / "cls.safetensors")
+    target = _bert_classifier().backbone
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=r"trains the task's own layers \['logits'\].*load it onto the task model"):
+        kl.load_adapter(target, tmp_path / "cls.safetensors")
+    assert_unchanged(target, before)
+
+
+# ----------------------------------------------------------------------
+# Every numeric or flag argument of a public function is checked by name
+def _lora_model():
+    model = _small()
+    kl.enable_adapter(model, rank=2)
+    return model
+
+
+ARGUMENTS = [
+    ("spectrum_share", lambda: kl.spectrum_share(np.ones(3), low=float("nan")), "spectrum_share: low must be"),
+    ("spectrum_share", lambda: kl.spectrum_share(np.ones(3), high=-1), "spectrum_share: high must be"),
+    ("spectrum_share", lambda: kl.spectrum_share(np.ones(3), low=2.0, high=1.0), "low must be <= high"),
+    ("plot_spectrum", lambda: kl.plot_spectrum({"a": np.ones(3)}, value_range=("0", 1)), "plot_spectrum: low must be"),
+    ("plot_spectrum", lambda: kl.plot_spectrum({"a": np.ones(3)}, max_layers=0), "max_layers must be a positive int"),
+    ("merge", lambda: kl.merge(_lora_model(), requantize=1), "merge: requantize must be True or False"),
+    ("set_adapter_enabled", lambda: kl.set_adapter_enabled(_lora_model(), 1), "enabled must be True or False"),
+    ("save_adapter", lambda: kl.save_adapter(_lora_model(), "x.safetensors", as_lora=1), "as_lora must be"),
+    ("count_params", lambda: kl.count_params(_small(), trainable_only="x"), "trainable_only must be"),
+    ("svd.decompose", lambda: kl.svd.decompose(np.ones((4, 3)), rank=2.5), "rank must be None or a positive int"),
+    ("svd.decompose", lambda: kl.svd.decompose(np.ones((4, 3)), niter=-1), "niter must be None or an int >= 0"),
+    ("svd.decompose", lambda: kl.svd.decompose(np.ones((4, 3)), seed="x"), "seed must be None or an int"),
+    ("enable_adapter", lambda: kl.enable_adapter(_small(), base="nf4", double_quant=1), "double_quant must be"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(ARGUMENTS)), ids=[f"{a[0]}-{i}" for i, a in enumerate(ARGUMENTS)])
+def test_public_arguments_are_checked_by_name(case):
+    _, call, message = ARGUMENTS[case]
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -184,6 +184,18 @@ def test_combine_cat_svd_linear():
         kl.combine(model, {"a": 1.0}, "x", method="ties")
 
 
+@pytest.mark.parametrize("method", ["svd", "cat", "linear"])
+def test_combine_refuses_weights_that_overflow(method):
+    model, y0, outs = three_adapters()
+    before = [to_np(w).copy() for w in model.weights]
+    names = kl.adapter_names(model)
+    with pytest.raises(ValueError, match="layer 'out': the weights .* overflow float32"):
+        weights = {"a": 1e308} if method == "linear" else {"a": 1e308, "b": 1e308}  # linear: one rank
+        kl.combine(model, weights, "big", method=method)
+    assert kl.adapter_names(model) == names
+    assert all(np.array_equal(a, to_np(b)) for a, b in zip(before, model.weights))
+
+
 def test_combine_linear_composes_svf_experts():
     model = model_fn()
     zs = []

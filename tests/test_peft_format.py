@@ -323,3 +323,144 @@ def test_named_adapters_both_ways(llama_dir, tmp_path):
     keras_lowrank.save_peft_adapter(backbone, str(tmp_path / "b2"), llama_dir, adapter_name="b")
     pm = peft.PeftModel.from_pretrained(_hf(llama_dir), str(tmp_path / "b2")).eval()
     _close(_keras_logits(backbone), _torch_logits(pm))
+
+
+# ----------------------------------------------------------------------
+# Tampered directories: every fault is a ValueError naming it, found before
+# the model changes (a retry with a good directory then works)
+@pytest.fixture(scope="module")
+def peft_dirs(llama_dir, tmp_path_factory):
+    out = {}
+    for kind, config in (
+        ("lora", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])),
+        ("dora", dict(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"])),
+    ):
+        out[kind] = str(tmp_path_factory.mktemp(kind))
+        _peft_dir(llama_dir, out[kind], **config)
+    pm = peft.get_peft_model(_hf(llama_dir), peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    out["vera"] = str(tmp_path_factory.mktemp("vera"))
+    pm.save_pretrained(out["vera"])
+    return out
+
+
+def _edit_weights(folder, edit):
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    tensors = load_file(path)
+    for name in list(tensors):
+        edit(name, tensors)
+    save_file(tensors, path)
+
+
+def _poison(suffix, value=np.nan):
+    def edit(name, tensors):
+        if name.endswith(suffix):
+            t = tensors[name].copy()
+            t.reshape(-1)[0] = value
+            tensors[name] = t
+    return edit
+
+
+def _resize(suffix, fn):
+    def edit(name, tensors):
+        if name.endswith(suffix):
+            tensors[name] = fn(tensors[name])
+    return edit
+
+
+def _edit_config(**changes):
+    def edit(folder):
+        path = os.path.join(folder, "adapter_config.json")
+        config = json.load(open(path))
+        config.update(changes)
+        json.dump(config, open(path, "w"))
+    return edit
+
+
+def _replace_config(text):
+    def edit(folder):
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            f.write(text)
+    return edit
+
+
+def _lower_vera_rank(name, tensors):
+    """The shared projections at rank 2, the modules' lambdas at 4."""
+    if name.endswith("vera_A"):
+        tensors[name] = np.ascontiguousarray(tensors[name][:2])
+    elif name.endswith("vera_B"):
+        tensors[name] = np.ascontiguousarray(tensors[name][:, :2])
+
+
+def _truncate(folder):
+    path = os.path.join(folder, "adapter_model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+TAMPERS = {
+    "nan_lora_A": ("lora", lambda d: _edit_weights(d, _poison("lora_A.weight")), "lora_A.weight.*NaN or inf"),
+    "inf_lora_B": ("lora", lambda d: _edit_weights(d, _poison("lora_B.weight", np.inf)), "lora_B.weight.*NaN or inf"),
+    "nan_magnitude": ("dora", lambda d: _edit_weights(d, _poison("lora_magnitude_vector")), "magnitude.*NaN or inf"),
+    "nan_vera_A": ("vera", lambda d: _edit_weights(d, _poison("vera_A")), "vera_A.*NaN or inf"),
+    "config_list": ("lora", _replace_config("[1, 2]"), "must hold a JSON object.*list"),
+    "config_null": ("lora", _replace_config("null"), "must hold a JSON object.*null"),
+    "config_not_json": ("lora", _replace_config("{r: 2"), "not valid JSON"),
+    "bad_regex": ("lora", _edit_config(rank_pattern={"q_proj(": 2}), "rank_pattern key 'q_proj\\(' is not a valid"),
+    "pattern_list": ("lora", _edit_config(rank_pattern=["q_proj"]), "rank_pattern must be a JSON object"),
+    "pattern_value": ("lora", _edit_config(alpha_pattern={"q_proj": "x"}), "alpha_pattern must be a finite number > 0; received alpha_pattern='x'"),
+    "rank_string": ("lora", _edit_config(r="2"), "r must be an int > 0; received r='2'"),
+    "alpha_nan": ("lora", _edit_config(lora_alpha=float("nan")), "lora_alpha must be a finite number > 0; received lora_alpha=nan"),
+    "dropout_range": ("lora", _edit_config(lora_dropout=2.0), "lora_dropout must be a finite number in \\[0, 1\\]; received lora_dropout=2.0"),
+    "truncated": ("lora", _truncate, "not a readable safetensors file"),
+    "magnitude_short": ("dora", lambda d: _edit_weights(d, _resize("lora_magnitude_vector", lambda t: t[:-1])),
+                        "lora_magnitude_vector size 15, lora_B.weight rows 16"),
+    "lora_A_1d": ("lora", lambda d: _edit_weights(d, _resize("lora_A.weight", lambda t: t[0])),
+                  "lora_A.weight has shape \\(16,\\); a 2-D matrix"),
+    "vera_A_1d": ("vera", lambda d: _edit_weights(d, _resize("vera_A", lambda t: t[0])), "vera_A has shape"),
+    "vera_rank": ("vera", lambda d: _edit_weights(d, _lower_vera_rank), "have rank 2/2, the modules' vera_lambda_d \\[4\\]"),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_tampered_peft_directories_are_refused_before_anything_changes(peft_dirs, llama_dir, tmp_path, tamper):
+    import shutil
+
+    kind, edit, message = TAMPERS[tamper]
+    bad = str(tmp_path / "bad")
+    shutil.copytree(peft_dirs[kind], bad)
+    edit(bad)
+    backbone = _backbone(llama_dir)
+    before = _weights(backbone)
+    flags = [v.trainable for v in backbone.weights]
+    with pytest.raises((ValueError, TypeError), match=message):
+        keras_lowrank.load_peft_adapter(backbone, bad, llama_dir)
+    _unchanged(backbone, before)
+    assert [v.trainable for v in backbone.weights] == flags
+    # nothing half-loaded: the good directory loads onto the same model
+    keras_lowrank.load_peft_adapter(backbone, peft_dirs[kind], llama_dir)
+    assert {a.method for _, a in keras_lowrank.adapters(backbone)} == {"dora" if kind == "dora" else kind}
+
+
+def test_save_peft_adapter_writes_both_files_or_neither(llama_dir, tmp_path):
+    import pathlib
+
+    backbone = _backbone(llama_dir)
+    keras_lowrank.enable_adapter(backbone, method="lora", rank=2, targets=["query"])
+    _perturb(backbone)
+    out = tmp_path / "out"
+    # os.PathLike everywhere a path goes, the recorded base path included
+    keras_lowrank.save_peft_adapter(backbone, out, pathlib.Path(llama_dir),
+                                    base_model_name_or_path=pathlib.Path(llama_dir))
+    config = json.load(open(out / "adapter_config.json"))
+    assert config["base_model_name_or_path"] == llama_dir
+    files = {n: open(out / n, "rb").read() for n in sorted(os.listdir(out))}
+    assert list(files) == ["adapter_config.json", "adapter_model.safetensors"]
+    _perturb(backbone)  # a new adapter that fails to save must not replace the old one
+    with pytest.raises(TypeError, match="base_model_name_or_path must be a str or os.PathLike"):
+        keras_lowrank.save_peft_adapter(backbone, out, llama_dir, base_model_name_or_path=object())
+    assert {n: open(out / n, "rb").read() for n in sorted(os.listdir(out))} == files
+    fresh = _backbone(llama_dir)
+    keras_lowrank.load_peft_adapter(fresh, out)
+    assert len(keras_lowrank.adapters(fresh)) == len(keras_lowrank.adapters(backbone))

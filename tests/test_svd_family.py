@@ -461,6 +461,95 @@ def test_cem_search_finds_the_mix():
     assert scorer(model) == pytest.approx(result.score)
 
 
+def _z_values(model):
+    return {p: to_np(a.svf_z).copy() for p, a in kl.svf.svf_layers(model)}
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("late_shape", r"z for layer 'h2' has shape \(3,\); the layer's z has shape \(5,\)"),
+    ("length_one", r"z for layer 'h1' has shape \(1,\)"),
+    ("nan", "z for layer 'h2' holds NaN"),
+    ("weights_nan", "weights must be finite"),
+    ("overflow", "overflows at layer"),
+])
+def test_compose_checks_every_expert_before_writing(fault, message):
+    model = _svf_model()
+    kl.enable_adapter(model, method="svf")
+    rng = np.random.default_rng(0)
+    good = {p: rng.uniform(0.5, 1.5, tuple(a.svf_z.shape)).astype("float32")
+            for p, a in kl.svf.svf_layers(model)}
+    kl.svf.compose(model, [good])
+    before = _z_values(model)
+    bad, weights = dict(good), None
+    if fault == "late_shape":
+        bad["h2"] = np.ones(3)
+    elif fault == "length_one":
+        bad["h1"] = np.ones(1)  # once broadcast over every singular value
+    elif fault == "nan":
+        bad["h2"] = np.full(5, np.nan)
+    elif fault == "weights_nan":
+        weights = [0.5, float("nan")]
+    else:
+        bad = {p: np.full_like(z, 3e38) for p, z in good.items()}
+        weights = [1.0, 2.0]
+    with pytest.raises(ValueError, match=message):
+        kl.svf.compose(model, [good, bad], weights)
+    for p, z in _z_values(model).items():
+        np.testing.assert_array_equal(z, before[p])
+
+
+def test_compose_onto_a_plain_model_checks_before_loading(tmp_path):
+    base = _svf_model()
+    weights = [to_np(w) for w in base.weights]
+
+    def copy():
+        m = _svf_model()
+        for v, value in zip(m.weights, weights):
+            v.assign(value)
+        return m
+
+    src = copy()
+    kl.enable_adapter(src, method="svf")
+    f = tmp_path / "expert.safetensors"
+    kl.save_adapter(src, f)
+    plain = copy()
+    flags = [v.trainable for v in plain.weights]
+    with pytest.raises(ValueError, match="z for layer 'h2' has shape"):
+        kl.svf.compose(plain, [f, {"h1": np.ones(6), "h2": np.ones(4)}])
+    assert kl.adapters(plain) == [] and [v.trainable for v in plain.weights] == flags
+    with pytest.raises(ValueError, match="generations must be a positive int"):
+        kl.svf.cem_search(plain, [f], lambda m: 0.0, generations=0)
+    with pytest.raises(ValueError, match="scorer returned nan"):  # after the file was loaded
+        kl.svf.cem_search(plain, [f], lambda m: float("nan"), generations=1, population=2)
+    assert kl.adapters(plain) == [] and [v.trainable for v in plain.weights] == flags
+    out = kl.svf.compose(plain, [f, {"h1": np.ones(6)}])
+    assert sorted(out) == ["h1", "h2"] and len(kl.adapters(plain)) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"generations": -1}, "generations must be a positive int; received generations=-1"),
+    ({"generations": 2.5}, "generations must be a positive int"),
+    ({"init_std": float("nan")}, "init_std must be a finite float > 0"),
+    ({"init_std": -0.1}, "init_std must be a finite float > 0"),
+    ({"population": 1}, "population must be an int >= 2"),
+    ({"elite_fraction": float("nan")}, r"elite_fraction must be a float in \(0, 1\]"),
+    ({"seed": "0"}, "seed must be None or an int"),
+    ({"scorer": lambda m: float("nan")}, "scorer returned nan"),
+    ({"scorer": lambda m: "good"}, "scorer must return a number"),
+])
+def test_cem_search_refuses_bad_arguments_and_scores_changing_nothing(kwargs, message):
+    model = _svf_model()
+    kl.enable_adapter(model, method="svf")
+    experts = [{p: np.full(tuple(a.svf_z.shape), v, "float32") for p, a in kl.svf.svf_layers(model)}
+               for v in (0.5, 1.5)]
+    before = _z_values(model)
+    args = {"scorer": lambda m: 0.0, "generations": 2, "population": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        kl.svf.cem_search(model, experts, **args)
+    for p, z in _z_values(model).items():
+        np.testing.assert_array_equal(z, before[p])
+
+
 # ----------------------------------------------------------------------
 # Spectrum
 def test_spectrum_matches_numpy_for_dense_einsum_and_adapters(tmp_path):

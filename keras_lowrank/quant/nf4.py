@@ -19,6 +19,7 @@ import numpy as np
 from keras import ops
 
 from keras_lowrank import _compat
+from keras_lowrank import linalg
 from keras_lowrank.quant._dynamic_map import DYNAMIC_MAP
 
 #: the bitsandbytes NF4 table (index 0..15)
@@ -105,19 +106,7 @@ def _host_float32(values):
 
 
 def check_finite(values, where="kernel"):
-    if isinstance(values, np.ndarray):
-        flat = values.reshape(-1)  # piece by piece: no kernel-sized temporary
-        ok = all(bool(np.isfinite(flat[i : i + CHUNK]).all()) for i in range(0, flat.shape[0], CHUNK))
-    else:
-        # A sum of the values is NaN or inf when some value is, and no
-        # temporary is made (TensorFlow's allocator would keep one the size
-        # of the kernel; `isfinite` on a bfloat16 tensor costs a float32
-        # copy on some backends). A sum of finite values can still overflow:
-        # only then is `sum(x * 0)`, NaN exactly when some x is NaN or inf,
-        # taken to tell the two apart.
-        finite = lambda t: bool(np.isfinite(ops.convert_to_numpy(ops.cast(t, "float32"))))  # noqa: E731
-        ok = finite(ops.sum(values)) or finite(ops.sum(values * 0))
-    if not ok:
+    if not linalg.all_finite(values):
         raise ValueError(
             f"NF4 quantization of {where}: the values contain NaN or inf, "
             "which have no 4-bit code."
