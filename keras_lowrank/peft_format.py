@@ -152,14 +152,23 @@ def _hf_config(base_model, adapter_config=None):
     path = os.path.join(arguments.path("load_peft_adapter", "base_model", base_model), "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"base_model={base_model!r}: there is no config.json in it.")
+    return _json_object(path, "a Hugging Face model config")
+
+
+def _json_object(path, what):
+    """The JSON object in the file `path`, or a `ValueError` naming the
+    file: not JSON, or JSON that is not an object (`what` it should be)."""
     try:
         with open(path) as f:
-            config = json.load(f)
+            value = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}).") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object (a Hugging Face model config).")
-    return config
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object ({what}); it holds "
+            f"{'null' if value is None else 'a JSON ' + type(value).__name__}."
+        )
+    return value
 
 
 def _converter(hf_config):
@@ -329,16 +338,7 @@ def _read_dir(path):
     cfg_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path!r} is not a PEFT adapter directory: no {CONFIG_FILE}.")
-    try:
-        with open(cfg_path) as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e}).") from None
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"{cfg_path} must hold a JSON object (PEFT's adapter config); it holds "
-            f"{'null' if config is None else 'a JSON ' + type(config).__name__}."
-        )
+    config = _json_object(cfg_path, "PEFT's adapter config")
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights):
         extra = " (adapter_model.bin is a torch pickle; re-save it with safetensors)" if \

@@ -22,31 +22,12 @@ import numpy as np
 
 from keras_lowrank import arguments
 from keras_lowrank import lifecycle
-from keras_lowrank import options as opt
 from keras_lowrank import plan as plan_lib
 from keras_lowrank import saving
 from keras_lowrank import tree
 from keras_lowrank.methods.spectral import SPECTRUM_RTOL
 
 SEP = plan_lib.SEP
-
-
-def _population(v):
-    v = opt.positive_int(v)
-    if v < 2:
-        raise ValueError
-    return v
-
-
-def _fraction(v):
-    v = opt.positive_float(v)
-    if v > 1:
-        raise ValueError
-    return v
-
-
-POPULATION = opt.Check("an int >= 2", _population)
-FRACTION = opt.Check("a float in (0, 1]", _fraction)
 
 
 def _np(x):
@@ -348,13 +329,13 @@ def cem_search(model, experts, scorer, per_layer=False, population=32, elite_fra
     where = "cem_search"
     if not callable(scorer):
         raise ValueError(f"{where}: scorer must be callable(model) -> float; received {scorer!r}.")
-    arguments.check(where, "per_layer", per_layer, opt.boolean)
-    population = arguments.check(where, "population", population, POPULATION)
-    elite_fraction = arguments.check(where, "elite_fraction", elite_fraction, FRACTION)
-    generations = arguments.check(where, "generations", generations, opt.positive_int)
-    init_std = arguments.check(where, "init_std", init_std, opt.positive_float)
-    seed = arguments.check(where, "seed", seed, opt.seed)
-    arguments.check(where, "verbose", verbose, opt.boolean)
+    arguments.flag(where, "per_layer", per_layer)
+    population = arguments.number(where, "population", population, 2, None, integer=True)
+    elite_fraction = arguments.number(where, "elite_fraction", elite_fraction, 0, 1, low_open=True)
+    generations = arguments.number(where, "generations", generations, 1, None, integer=True)
+    init_std = arguments.number(where, "init_std", init_std, 0, None, low_open=True)
+    seed = arguments.number(where, "seed", seed, 0, None, integer=True, none=True)
+    arguments.flag(where, "verbose", verbose)
     experts, layers, sets = _prepared(model, experts)
     paths = [layer.path for layer in layers]
     shape = (len(experts), len(paths)) if per_layer else (len(experts),)
