@@ -1,16 +1,18 @@
 """The `keras-lowrank` command: its arguments, and what it can answer without Keras.
 
-`keras-lowrank --help`, `keras-lowrank methods [NAME]` and `keras-lowrank
-inspect FILE` import neither Keras nor a backend, so they answer in well
-under a second: `inspect` reads an adapter file (`.safetensors`) or a
-`.keras` model from its metadata alone, and `methods` reads the registry's
-description of every method from `keras_lowrank/_catalog.py` (a file the
-registry writes and a test keeps up to date). Every other command needs
-Keras and runs in `keras_lowrank.cli`.
+`keras-lowrank --help` and `keras-lowrank inspect FILE` import neither
+Keras nor a backend, so they answer in well under a second: `inspect`
+reads an adapter file (`.safetensors`) or a `.keras` model from its
+metadata alone. `methods` reads the registry, which is declared on the
+methods' layer classes and so imports Keras; every other command runs in
+`keras_lowrank.cli`.
 
 This module sits beside the `keras_lowrank` package, not in it: importing
 the package imports Keras and a backend (except while `python -m
-keras_lowrank` starts, see `keras_lowrank/__init__.py`).
+keras_lowrank` starts, see `keras_lowrank/__init__.py`). It imports
+`keras_lowrank.cli` when a command needs it; what both use (the exit-code
+exceptions, tables) is in `keras_lowrank_cli_common`, which imports
+neither, so the dependency goes one way.
 
 Exit codes: 0 on success, 1 when a check fails or an operation cannot be
 carried out, 2 on bad input (bad arguments, a missing, unreadable or
@@ -20,28 +22,19 @@ command stops quietly with exit code 2.
 """
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import sys
 import zipfile
 
+from keras_lowrank_cli_common import CheckFailed
+from keras_lowrank_cli_common import FileError
+from keras_lowrank_cli_common import PROG
+from keras_lowrank_cli_common import UsageError
+from keras_lowrank_cli_common import format_method
+from keras_lowrank_cli_common import table
+
 ADAPTER_FORMAT = "keras_lowrank.adapter"
-PROG = "keras-lowrank"
-BACKENDS = ("jax", "tensorflow", "torch")
-
-
-class FileError(Exception):
-    """A file that does not exist or cannot be read (exit code 2)."""
-
-
-class UsageError(Exception):
-    """Bad input from the user (exit code 2)."""
-
-
-class CheckFailed(Exception):
-    """An operation or a check failed on valid input (exit code 1)."""
 
 
 def _rows_from_plan(plan):
@@ -165,16 +158,6 @@ def describe(path):
     return describe_adapter_file(path)
 
 
-def table(head, rows):
-    """`rows` (tuples of strings) under `head` as aligned columns."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def _fmt(value, spec=""):
     if value is None:
         return "-"
@@ -222,54 +205,23 @@ def inspect(path, out=None):
 
 # ----------------------------------------------------------------------
 # keras-lowrank methods [NAME]
-def load_catalog():
-    """Every method's description (`keras_lowrank.method_info(name).to_dict()`),
-    read from `keras_lowrank/_catalog.py` without importing the package."""
-    spec = importlib.util.find_spec("keras_lowrank")  # finds it; runs nothing
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError("the keras_lowrank package is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "_catalog.py")
-    try:
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-    except (OSError, SyntaxError) as e:
-        raise UsageError(f"cannot read the method catalog {path}: {e}") from None
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["METHODS"]:
-            return ast.literal_eval(node.value)
-    raise UsageError(f"the method catalog {path} has no METHODS")
-
-
-def format_method(info):
-    """One method's description (a `MethodInfo.to_dict()`) as text."""
-    lines = [f"{info['name']} - {info['description']}", ""]
-    rows = [(o["name"], o["default"], o["allowed"], o["meaning"]) for o in info["options"]]
-    lines.append(table(("option", "default", "allowed", "meaning"), rows))
-    notes = []
-    if info.get("lr_scale", 1.0) != 1.0:
-        notes.append(f"Learning rate: about {info['lr_scale']:g}x LoRA's.")
-    if info.get("as_lora"):
-        notes.append("Saving: save_adapter(..., as_lora=True) writes it as a plain LoRA.")
-    if notes:
-        lines += [""] + notes
-    lines += ["", f"Use: enable_adapter(model, method={info['name']!r}, <option>=<value>, ...)"]
-    return "\n".join(lines)
-
-
 def methods(name=None, out=None):
     """Print every method with its one-line description, or one method's
-    options (`name`)."""
+    options (`name`), from the registry (this imports Keras: the methods
+    are declared on their layer classes)."""
     out = sys.stdout if out is None else out
-    catalog = load_catalog()
+    import keras_lowrank
+
+    names = keras_lowrank.methods()
     if name is None:
-        print(table(("method", "description"), [(m["name"], m["description"]) for m in catalog]), file=out)
-        print(f"\n{len(catalog)} methods; `{PROG} methods NAME` lists a method's options.", file=out)
+        rows = [(n, keras_lowrank.method_info(n).description) for n in names]
+        print(table(("method", "description"), rows), file=out)
+        print(f"\n{len(names)} methods; `{PROG} methods NAME` lists a method's options.", file=out)
         return 0
-    for info in catalog:
-        if info["name"] == name:
-            print(format_method(info), file=out)
-            return 0
-    raise UsageError(f"unknown method {name!r}; available methods: {', '.join(m['name'] for m in catalog)}")
+    if name not in names:
+        raise UsageError(f"unknown method {name!r}; available methods: {', '.join(names)}")
+    print(format_method(keras_lowrank.method_info(name).to_dict()), file=out)
+    return 0
 
 
 # ----------------------------------------------------------------------
@@ -286,7 +238,7 @@ COMMANDS = {
     "demo": ("[OPTIONS]", "the main job: adapt a tiny Gemma to a new synthetic task, save, reload, "
              f"merge ({PROG} demo --help lists its options)"),
     "methods": ("[NAME]", "list the adapter methods, or one method's options with their "
-                "defaults (no Keras needed)"),
+                "defaults"),
     "inspect": ("FILE", "list the adapters of a .keras model or an adapter file (no Keras needed)"),
     "merge": ("IN.keras OUT.keras", "fold the adapters of a .keras model into its kernels and save it"),
     "spectrum": ("FILE.keras [--plot OUT.png] [--range LOW HIGH] [--targets PATTERN ...]",
@@ -401,7 +353,8 @@ def run(command, fn, *args):
 def main(argv=None):
     """Run `keras-lowrank` with the arguments `argv` (default: `sys.argv[1:]`).
 
-    `--help`, `methods` and `inspect` run here, without Keras; the other
+    `--help` and `inspect` run here, without Keras; `methods` reads the
+    registry (Keras); the other
     commands run in `keras_lowrank.cli`, which imports it. Returns the exit
     code (0 success, 1 failed check, 2 bad input) instead of exiting.
     """

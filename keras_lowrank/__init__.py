@@ -45,15 +45,15 @@ else:
 
     from keras_lowrank import layers
     from keras_lowrank import svd
-    from keras_lowrank import svf
+    from keras_lowrank.methods import svf
     from keras_lowrank import training
     from keras_lowrank.methods import adalora
     from keras_lowrank.methods import dylora
     from keras_lowrank.methods import vera
     from keras_lowrank.adapt import AdapterSummary
     from keras_lowrank.bases import count_params
-    from keras_lowrank.drop import LoRADropReport
-    from keras_lowrank.drop import lora_drop
+    from keras_lowrank.methods.lora_drop.stages import LoRADropReport
+    from keras_lowrank.methods.lora_drop.stages import lora_drop
     from keras_lowrank.adapt import enable_adapter
     from keras_lowrank.adapter import Adapter
     from keras_lowrank.geometry import KernelGeometry
@@ -61,7 +61,7 @@ else:
     from keras_lowrank.lifecycle import merge
     from keras_lowrank.lifecycle import set_adapter_enabled
     from keras_lowrank.lifecycle import unmerge
-    from keras_lowrank.named import AdapterSet
+    from keras_lowrank.adapter_set import AdapterSet
     from keras_lowrank.named import active_adapters
     from keras_lowrank.named import adapter_names
     from keras_lowrank.named import combine
@@ -69,7 +69,8 @@ else:
     from keras_lowrank.named import set_active
     from keras_lowrank.peft_format import load_peft_adapter
     from keras_lowrank.peft_format import save_peft_adapter
-    from keras_lowrank.plan import adapters
+    from keras_lowrank.adapted_model import adapters
+    from keras_lowrank import registry
     from keras_lowrank.registry import method_info
     from keras_lowrank.registry import methods
     from keras_lowrank.saving import load_adapter
@@ -79,7 +80,7 @@ else:
     from keras_lowrank.spectrum import spectrum_share
     from keras_lowrank.targeting import resolve_targets
 
-    def _model_enable_adapter(self, method="lora", rank=None, **kwargs):
+    def _model_enable_adapter(self, method=registry.DEFAULT_METHOD, rank=None, **kwargs):
         return enable_adapter(self, method=method, rank=rank, **kwargs)
 
     _model_enable_adapter.__doc__ = enable_adapter.__doc__

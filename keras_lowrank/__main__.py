@@ -6,7 +6,7 @@
 
 import sys
 
-from keras_lowrank.cli import main
+from keras_lowrank_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,8 +9,8 @@ from keras_lowrank import registry
 from keras_lowrank import shared
 from keras_lowrank import targeting
 from keras_lowrank import tree
+from keras_lowrank.adapted_model import adapters
 from keras_lowrank.plan import Plan
-from keras_lowrank.plan import adapters
 
 __all__ = ["AdapterSummary", "adapters", "enable_adapter", "summarize"]
 
@@ -164,7 +164,7 @@ def summarize(model, method=None, heads=(), head_rule=None, task_layers=(), left
 # ----------------------------------------------------------------------
 def enable_adapter(
     model,
-    method="lora",
+    method=registry.DEFAULT_METHOD,
     rank=None,
     alpha=None,
     targets=None,
@@ -260,7 +260,8 @@ def enable_adapter(
     # Layers whose parent reads their weights instead of calling them: an
     # adapter serves their kernel where the method can, else they stay out.
     serves = registry.get(method).layer_class.serves_kernel_with(options)
-    spots = tree.spots(tree.walk(model))
+    entries = tree.walk(model)
+    spots = tree.spots(entries)
     reads = targeting.direct_reads(spots)
     unread, kernel_reads = _direct_reads(spots, reads, serves)
     del spots
@@ -272,7 +273,7 @@ def enable_adapter(
             model, method, options, targets=targets, exclude=excluded,
             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
             trainable_layers=trainable_layers, base=base, double_quant=double_quant,
-            adapter_name=adapter_name, train_task_layers=train_task_layers,
+            adapter_name=adapter_name, train_task_layers=train_task_layers, entries=entries,
         )
     except ValueError as e:
         if unread and str(e).startswith("No layer left to adapt after"):
@@ -284,6 +285,7 @@ def enable_adapter(
                 "'dora') or target other layers."
             ) from None
         raise
+    del entries  # the plan holds them, until the float layers go (`Plan._convert_bases`)
     counts, paths = _left_out(plan, unread)
     chosen = {(lp.spot or lp.entry).path for lp in plan.layers}
     kernel_reads = [p for p in kernel_reads if p in chosen]

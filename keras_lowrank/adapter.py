@@ -100,6 +100,10 @@ class Adapter(keras.layers.Wrapper):
     #: `.keras` files hold them, adapter files do not (`derive` rebuilds
     #: them when an adapter file is loaded)
     derived = ()
+    #: variables whose rank components are ordered and stay a working
+    #: adapter when cut to a rank (DyLoRA's factors); such a method also has
+    #: `layer_rank(ℓ)` and `nested_rank_limit()` (the federated exchange)
+    nested_factors = ()
     #: marks adapter layers for `keras_lowrank.tree` (no import cycle)
     _klr_is_adapter = True
 
@@ -148,6 +152,54 @@ class Adapter(keras.layers.Wrapper):
         """Cross-option checks of a method (after each option's own check)."""
 
     # ------------------------------------------------------------------
+    # Who puts the adapter in place (these methods are the only writers)
+    def managed_by_plan(self):
+        """A plan attaches this adapter, initializes it and binds its
+        model-level state (the layer does none of it itself)."""
+        self._managed = True
+
+    def filled_from_file(self):
+        """The adapter's variables, and its model-level state, come from a
+        file: it neither initializes from the base nor makes its own state."""
+        self._init_from_base = False
+        self._standalone = False
+
+    def join_set(self, holder, name):
+        """This adapter is the named adapter `name` of `holder` (an
+        `AdapterSet`, referred to without tracking it), and these of its
+        variables train while it is active."""
+        object.__setattr__(self, "_holder_ref", _Ref(holder))
+        object.__setattr__(self, "adapter_name", name)
+        if self.built:
+            self.record_trainable()
+
+    def leave_set(self):
+        """This adapter no longer belongs to an `AdapterSet`."""
+        object.__setattr__(self, "_holder_ref", None)
+
+    def holder(self):
+        """The `AdapterSet` holding this adapter, or `None`."""
+        ref = getattr(self, "_holder_ref", None)
+        return None if ref is None else ref.target
+
+    def record_trainable(self):
+        """Remember which variables train, for a set that freezes and
+        unfreezes its inactive adapters."""
+        object.__setattr__(self, "_trainable_names",
+                           tuple(n for n, v in self._adapter_vars.items() if v.trainable))
+
+    def trainable_names(self):
+        """The variables that train while this adapter is active (as
+        recorded by `record_trainable`)."""
+        return getattr(self, "_trainable_names", ())
+
+    def set_probe(self, probe):
+        """Call `probe(adapter, inputs)` on each eager forward through the
+        adapter (a measurement such as LoRA-drop's importance), or stop
+        (`None`)."""
+        object.__setattr__(self, "_probe", probe)
+
+    # ------------------------------------------------------------------
     # Model-level state (`keras_lowrank.shared`)
     def bind_shared(self, state):
         """Use the model-level `state` of this adapter's method. The adapter
@@ -160,7 +212,7 @@ class Adapter(keras.layers.Wrapper):
         A method, not a property: Keras's `.keras` saving walks an object's
         properties and would store the state again under every layer."""
         ref = getattr(self, "_shared_ref", None)
-        return None if ref is None else ref.state
+        return None if ref is None else ref.target
 
     def linked_variables(self):
         """Variables of the model-level state this layer reads and trains
@@ -175,6 +227,15 @@ class Adapter(keras.layers.Wrapper):
     def options(self):
         """The method options of this adapter, as declared in `OPTIONS`."""
         return {name: getattr(self, name) for name in self.option_names()}
+
+    @classmethod
+    def linear_combination(cls, weighted, where):
+        """`combine(..., method="linear")` of adapters of this method on one
+        layer, when the method has a linear combination of its own:
+        `(options, {variable name: float64 array})` of the combined adapter,
+        given `weighted`, `[(weight, adapter), ...]`. `None` (the default):
+        the method has none, and combines through its plain-LoRA form."""
+        return None
 
     # ------------------------------------------------------------------
     # Variables
@@ -328,17 +389,17 @@ class Adapter(keras.layers.Wrapper):
         new = convert(old)
         tree.replace_child(self, old, new)
         self.geometry = bases.geometry_of(new)
-        holder = getattr(self, "_klr_holder", None)
+        holder = self.holder()
         if holder is not None:  # named adapters share the base: all move
-            holder.target.replace_base(old, new)
+            holder.replace_base(old, new)
         self.freeze_base()
         if init and not self.init_on_full_precision:
             self.initialize_from_base()
 
     def freeze_base(self):
-        holder = getattr(self, "_klr_holder", None)
+        holder = self.holder()
         if holder is not None:  # a named adapter: its set decides for all
-            holder.target.apply_trainable()
+            holder.apply_trainable()
             return
         bases.freeze_kernel(self.layer)
         bias = bases.bias_variable(self.layer)
@@ -359,7 +420,7 @@ class Adapter(keras.layers.Wrapper):
         y = self.layer(inputs)
         if not self.merged:
             if self.adapter_enabled:
-                probe = getattr(self, "_klr_probe", None)
+                probe = getattr(self, "_probe", None)
                 if probe is not None:  # an eager measurement (lora_drop's importance)
                     probe(self, inputs)
                 y = self.adapter_output(inputs, y, training)
@@ -624,8 +685,7 @@ class Adapter(keras.layers.Wrapper):
             config.pop("layer"), custom_objects=custom_objects
         )
         obj = cls(layer, **config)
-        obj._init_from_base = False  # the variables come from the file
-        obj._standalone = False  # the plan binds its model-level state
+        obj.filled_from_file()  # the plan binds its model-level state
         return obj
 
     def save_own_variables(self, store):
@@ -653,10 +713,10 @@ class Adapter(keras.layers.Wrapper):
 class _Ref:
     """A reference Keras neither tracks nor saves."""
 
-    __slots__ = ("state",)
+    __slots__ = ("target",)
 
-    def __init__(self, state):
-        self.state = state
+    def __init__(self, target):
+        self.target = target
 
 
 def check_finite(matrix, name, what):

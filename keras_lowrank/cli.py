@@ -1,7 +1,10 @@
 """The `keras-lowrank` command line: the commands that need Keras.
 
-Subcommands (the arguments and `--help` are in `keras_lowrank_cli`, which
-answers `--help`, `methods` and `inspect` without importing Keras):
+The entry point, the arguments and `--help` are in `keras_lowrank_cli`,
+which answers `--help`, `methods` and `inspect` without importing Keras and
+imports this module for the other commands (`cmd_<command>`); what both
+use (the exit-code exceptions, tables) is in `keras_lowrank_cli_common`,
+so nothing here imports `keras_lowrank_cli`. The subcommands:
 
 - `keras-lowrank demo [ARGS]`: the main job, `examples/finetune_gemma.py`
   (installed as `keras_lowrank.examples.finetune_gemma`): train a tiny
@@ -37,20 +40,10 @@ import os
 import subprocess
 import sys
 
-import keras_lowrank_cli
-from keras_lowrank_cli import BACKENDS
-from keras_lowrank_cli import CheckFailed
-from keras_lowrank_cli import UsageError
-from keras_lowrank_cli import build_parser  # noqa: F401  (the parser of every command)
-
-
-def main(argv=None):
-    """Run `keras-lowrank` with the arguments `argv` (default: `sys.argv[1:]`).
-
-    Returns the exit code (0 success, 1 failed check, 2 bad input) instead
-    of exiting, so the function can be called in-process.
-    """
-    return keras_lowrank_cli.main(argv)
+from keras_lowrank_cli_common import BACKENDS
+from keras_lowrank_cli_common import CheckFailed
+from keras_lowrank_cli_common import UsageError
+from keras_lowrank_cli_common import table
 
 
 def _library():
@@ -85,10 +78,6 @@ def _use_backend(backend, argv):
 
 # ----------------------------------------------------------------------
 # Helpers
-def _table(head, rows):
-    return keras_lowrank_cli.table(head, rows)
-
-
 def _count(variables):
     total = 0
     for v in variables:
@@ -192,7 +181,7 @@ def cmd_merge(args):
     if left:
         raise CheckFailed(f"{len(left)} adapters were left after merging")
     _save_atomically(model, args.output)
-    print(_table(("merged layer", "method", "rank", "matrix"), rows))
+    print(table(("merged layer", "method", "rank", "matrix"), rows))
     print(f"merged {len(rows)} adapters into their kernels; saved {args.output} "
           f"({_count(model.weights):,} params, plain Dense/EinsumDense layers)")
     return 0
@@ -226,7 +215,7 @@ def cmd_spectrum(args):
         v = np.ravel(values)
         rows.append((path, "x".join(str(d) for d in values.shape), f"{v.max():.4g}", f"{v.min():.4g}",
                      f"{100 * keras_lowrank.spectrum_share(values, low, high):.1f}%"))
-    print(_table(("layer", "values", "largest", "smallest", f"in [{low:g}, {high:g}]"), rows))
+    print(table(("layer", "values", "largest", "smallest", f"in [{low:g}, {high:g}]"), rows))
     share = keras_lowrank.spectrum_share(spectra, low, high)
     total = sum(int(np.size(v)) for v in spectra.values())
     print(f"{len(spectra)} kernels, {total:,} singular values, {100 * share:.1f}% in [{low:g}, {high:g}]")
@@ -299,7 +288,3 @@ def cmd_peft_export(args):
     keras_lowrank.save_peft_adapter(model, args.output, args.model_dir)
     print(f"wrote {len(keras_lowrank.adapters(model))} adapters as a PEFT adapter directory: {args.output}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,17 +4,21 @@ import contextlib
 
 from keras import ops
 
+from keras_lowrank import adapted_model
+from keras_lowrank import adapter_set
 from keras_lowrank import arguments
 from keras_lowrank import bases
 from keras_lowrank import compiled
 from keras_lowrank import named
 from keras_lowrank import options as opt
-from keras_lowrank import plan as plan_lib
 from keras_lowrank import tree
 
 
-def _adapter_entries(model):
-    entries = [e for e in tree.walk(model) if tree.is_adapter(e.layer)]
+def _adapter_entries(model, walked=None):
+    """The entries of the adapters of `model` (`walked`: a `tree.walk(model)`
+    already made); a model without adapters is refused."""
+    walked = tree.walk(model) if walked is None else walked
+    entries = [e for e in walked if tree.is_adapter(e.layer)]
     if not entries:
         raise ValueError(f"Model {model.name!r} has no adapters.")
     return entries
@@ -109,9 +113,10 @@ def merge(model, unload=True, requantize=False, adapter_names=None):
         >>> [type(l).__name__ for l in model.layers]
         ['Dense', 'Dense']
     """
-    entries = _adapter_entries(model)
-    holders = _holders(model, entries)
-    names = _merge_names(model, holders, adapter_names)
+    walked = tree.walk(model)
+    entries = _adapter_entries(model, walked)
+    holders = _holders(walked, entries)
+    names = _merge_names(model, walked, holders, adapter_names)
     if holders and not unload:
         raise ValueError(
             "merge(unload=False) keeps each adapter with its update folded into its "
@@ -150,19 +155,20 @@ def merge(model, unload=True, requantize=False, adapter_names=None):
         adapter.layer.activation = adapter.activation
         adapter.layer.activity_regularizer = adapter.activity_regularizer
         tree.replace_layer(model, e, plain)
-    plan_lib.mark_adapted(model)
+    adapted_model.mark_adapted(model)
     compiled.after_change(model)
     return report if requantize else None
 
 
-def _holders(model, entries):
-    """`{id(set): its entry}` of the sets holding named adapters."""
+def _holders(walked, entries):
+    """`{id(set): its entry}` of the sets holding named adapters (`walked`:
+    the model's `tree.walk`, `entries` its adapters)."""
     if not any(e.holder is not None for e in entries):
         return {}
-    return {id(e.layer): e for e in tree.walk(model) if tree.is_adapter_set(e.layer)}
+    return {id(e.layer): e for e in walked if tree.is_adapter_set(e.layer)}
 
 
-def _merge_names(model, holders, adapter_names):
+def _merge_names(model, walked, holders, adapter_names):
     if not holders:
         if adapter_names is not None:
             raise ValueError(
@@ -170,10 +176,10 @@ def _merge_names(model, holders, adapter_names):
                 f"{model.name!r} has no named adapters."
             )
         return None
-    active = named.active_adapters(model)
+    active = adapter_set.names_in(adapter_set.sets(model, walked), active=True)
     if adapter_names is None:
         return active
-    names = named._names_arg(model, adapter_names, "merge")
+    names = named.names_arg(model, adapter_names, "merge")
     inactive = [n for n in names if n not in active]
     if inactive:
         raise ValueError(
@@ -256,6 +262,6 @@ def remove_adapters(model, paths=None):
         adapter.layer.activation = adapter.activation
         adapter.layer.activity_regularizer = adapter.activity_regularizer
         tree.replace_layer(model, e, adapter.layer)
-    plan_lib.mark_adapted(model)
+    adapted_model.mark_adapted(model)
     compiled.after_change(model)
 

@@ -1,10 +1,12 @@
-"""Several named adapters in one model (PEFT's `adapter_name`).
+"""Several named adapters in one model (PEFT's `adapter_name`): the
+operations on them.
 
 `enable_adapter(model, ..., adapter_name="a")` puts a named adapter on each
 targeted layer, beside the adapters already there (any methods, the same or
-other targets). A layer with named adapters is held by an `AdapterSet`: the
-frozen base once, each named adapter on that base, and one non-trainable
-0/1 gate per name. The layer computes PEFT's sum over the active adapters,
+other targets). A layer with named adapters is held by an `AdapterSet`
+(`keras_lowrank.adapter_set`): the frozen base once, each named adapter on
+that base, and one non-trainable 0/1 gate per name. The layer computes
+PEFT's sum over the active adapters,
 
     y = y0 + Σ_active (adapter_i(x) - y0)
 
@@ -23,345 +25,26 @@ Once a model has named adapters, every adapter in it is a named one: an
 unnamed adapter already there becomes the adapter `"default"`.
 """
 
-import re
-
-import keras
 import numpy as np
 from keras import ops
 
-from keras_lowrank import _compat
+from keras_lowrank import adapt
+from keras_lowrank import adapted_model
+from keras_lowrank import adapter_set
 from keras_lowrank import arguments
 from keras_lowrank import bases
 from keras_lowrank import compiled
 from keras_lowrank import options as opt
+from keras_lowrank import registry
+from keras_lowrank import svd
 from keras_lowrank import tree
-from keras_lowrank.adapter import Adapter
-from keras_lowrank.adapter import adapter_policy_name
 from keras_lowrank.adapter import check_finite
-
-#: the name of an adapter added without `adapter_name` (PEFT's default)
-DEFAULT = "default"
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
-
-
-def check_name(name, where="adapter_name"):
-    """`name` if it can name an adapter (it becomes part of layer keys and
-    variable paths), else a `ValueError`."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"{where} must be a non-empty string of letters, digits, '_' and '-' "
-            f"(not starting with '-'); received {name!r}."
-        )
-    return name
-
-
-def rewrites(member):
-    """Whether `member`'s base output differs from the frozen layer's (it
-    rewrote the kernel and gives its part back while inactive)."""
-    return type(member).base_output is not Adapter.base_output
-
-
-class _Ref:
-    """A reference Keras neither tracks nor saves."""
-
-    __slots__ = ("target",)
-
-    def __init__(self, target):
-        self.target = target
-
-
-def holder_of(adapter):
-    """The `AdapterSet` holding `adapter`, or `None`."""
-    ref = getattr(adapter, "_klr_holder", None)
-    return None if ref is None else ref.target
-
-
-@keras.saving.register_keras_serializable(package="keras_lowrank")
-class AdapterSet(keras.layers.Layer):
-    """Named adapters on one frozen `Dense`/`EinsumDense` layer.
-
-    Made by `enable_adapter(..., adapter_name=...)`; not built by hand. The
-    output is `activation(y0 + Σ_active (adapter_i(x) - y0))` (see
-    `keras_lowrank.named`).
-
-    Args:
-        layer: the frozen layer (its activation lives here).
-        members: `{name: adapter}`, adapters built on `layer`.
-        active: the names whose gate starts at 1.
-        activation: the layer's activation.
-        enabled: `False` computes the original layer (`disable_adapter`).
-
-    Examples:
-
-        >>> import keras, numpy as np
-        >>> import keras_lowrank
-        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="out")])
-        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
-        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=1, adapter_name="b")
-        >>> type(model.layers[0]).__name__, list(model.layers[0].members)
-        ('AdapterSet', ['a', 'b'])
-        >>> keras_lowrank.active_adapters(model)
-        ['b']
-    """
-
-    _klr_is_adapter_set = True
-
-    def __init__(self, layer, members=None, active=None, activation=None, enabled=True, **kwargs):
-        kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", adapter_policy_name(layer))
-        super().__init__(**kwargs)
-        self.layer = layer
-        self.members = {}
-        self.activation = keras.activations.get(activation)
-        self.adapter_enabled = bool(enabled)
-        self.supports_masking = True
-        self._gates = {}
-        active = set(members or {}) if active is None else set(active)
-        for name, member in (members or {}).items():
-            self.add_member(name, member, name in active)
-
-    def klr_layer_kind(self):
-        """The class of the layer this set stands for (stable keys)."""
-        return tree.layer_kind(self.layer)
-
-    # ------------------------------------------------------------------
-    def add_member(self, name, member, active):
-        """Hold `member` (built on this set's layer) under `name`."""
-        check_name(name)
-        if name in self.members:
-            raise ValueError(f"Layer {self.name!r} already has an adapter named {name!r}.")
-        with _compat.unlocked(self):
-            self.members[name] = member
-            gate = self.add_weight(
-                name=f"gate_{name}", shape=(), trainable=False, dtype="float32",
-                initializer=keras.initializers.Constant(1.0 if active else 0.0),
-            )
-        self._gates[name] = gate
-        object.__setattr__(member, "_klr_holder", _Ref(self))
-        object.__setattr__(member, "adapter_name", name)
-        if member.built:
-            record_trainable(member)
-
-    def remove_member(self, name):
-        """Let go of the adapter `name` (and its gate)."""
-        member = self.members.pop(name)
-        gate = self._gates.pop(name)
-        self._untrack_variable(gate)
-        object.__setattr__(member, "_klr_holder", None)
-        return member
-
-    def replace_base(self, old, new):
-        """Put `new` in place of the frozen layer `old`, here and in every
-        member (a base moved into another storage)."""
-        tree.replace_child(self, old, new)
-        for member in self.members.values():
-            if member.layer is old:
-                tree.replace_child(member, old, new)
-                member.geometry = bases.geometry_of(new)
-        self.apply_trainable()
-
-    def gate(self, name):
-        return self._gates[name]
-
-    def is_active(self, name):
-        return bool(np.asarray(ops.convert_to_numpy(self._gates[name].value)) > 0.5)
-
-    def active_names(self):
-        return [n for n in self.members if self.is_active(n)]
-
-    def set_gates(self, names):
-        for name, gate in self._gates.items():
-            gate.assign(1.0 if name in names else 0.0)
-
-    def apply_trainable(self):
-        """The active adapters train, the others are frozen; the base bias
-        trains if an active adapter has `train_bias`."""
-        bias_trains = False
-        for name, member in self.members.items():
-            on = self.is_active(name)
-            for var_name in getattr(member, "_klr_trainable_names", ()):
-                member._adapter_vars[var_name].trainable = on
-            bias_trains = bias_trains or (on and member.train_bias)
-        bases.freeze_kernel(self.layer)
-        bias = bases.bias_variable(self.layer)
-        if bias is not None:
-            bias.trainable = bias_trains
-
-    def freeze_base(self):
-        self.apply_trainable()
-
-    # ------------------------------------------------------------------
-    def build(self, input_shape=None):
-        if not self.layer.built:
-            self.layer.build(input_shape)
-        for member in self.members.values():
-            if not member.built:
-                member.build(input_shape)
-                record_trainable(member)
-        self.built = True
-
-    @property
-    def geometry(self):
-        return bases.geometry_of(self.layer)
-
-    def call(self, inputs, training=None):
-        y0 = self.layer(inputs)
-        y = y0
-        for name, member in self.members.items():
-            kept = member.base_output(inputs, y0) if rewrites(member) else None
-            if kept is not None:
-                y = y + (kept - y0)
-            if self.adapter_enabled:
-                gate = ops.cast(self._gates[name].value, y0.dtype)
-                out = member.adapter_output(inputs, y0, training)
-                y = y + gate * (out - (y0 if kept is None else kept))
-        if self.activation is not None:
-            y = self.activation(y)
-        return y
-
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
-
-    @property
-    def kernel(self):
-        """The kernel this layer computes with (as `call`: each member's
-        update weighted by its gate), in the frozen layer's kernel layout
-        and compute dtype: for a parent that reads `layer.kernel` instead
-        of calling the layer (see `Adapter.kernel`)."""
-        k = self.base_matrix()
-        w = k
-        for name, member in self.members.items():
-            kept = member.original_matrix(k) if rewrites(member) else k
-            w = w + (kept - k)
-            if self.adapter_enabled:
-                gate = ops.cast(self._gates[name].value, w.dtype)
-                w = w + gate * (member.merged_matrix(k) - kept)
-        return ops.cast(self.geometry.matrix_to_kernel(w), self.layer.compute_dtype)
-
-    @property
-    def bias(self):
-        """The frozen layer's bias variable (`None` without one)."""
-        return bases.bias_variable(self.layer)
-
-    # ------------------------------------------------------------------
-    def base_matrix(self):
-        return self.geometry.kernel_to_matrix(bases.read_kernel(self.layer))
-
-    def effective_matrix(self, names=None):
-        """The kernel matrix the layer computes with `names` active (default:
-        the active set), in float32."""
-        names = self.active_names() if names is None else names
-        k = self.base_matrix()
-        w = k
-        for name, member in self.members.items():
-            if self.adapter_enabled and name in names:
-                w = w + (member.merged_matrix(k) - k)
-            elif rewrites(member):
-                w = w + (member.original_matrix(k) - k)
-        return w
-
-    def bias_value(self):
-        bias = bases.bias_variable(self.layer)
-        if bias is None:
-            return None
-        with _compat.no_autocast():
-            return ops.cast(_compat.as_tensor(bias.value), "float32")
-
-    def to_plain_layer(self, names=None):
-        """A plain (unbuilt) Dense/EinsumDense and the kernel that folds
-        `names` (default: the active set) into the base."""
-        w = self.effective_matrix(names)
-        check_finite(w, self.name, "merge")
-        kernel = self.geometry.matrix_to_kernel(w)
-        plain = bases.plain_layer(self.layer, self.activation, self.name, self.activity_regularizer)
-        return plain, kernel
-
-    # ------------------------------------------------------------------
-    def get_config(self):
-        config = super().get_config()
-        config.update({
-            "layer": keras.saving.serialize_keras_object(self.layer),
-            "members": [
-                {"adapter_name": name,
-                 "adapter": _member_config(member)}
-                for name, member in self.members.items()
-            ],
-            "active": self.active_names(),
-            "activation": keras.activations.serialize(self.activation),
-            "enabled": self.adapter_enabled,
-        })
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
-        members = {}
-        for item in config.pop("members"):
-            adapter_cls = keras.saving.get_registered_object(
-                item["adapter"]["registered_name"], custom_objects=custom_objects
-            )
-            if adapter_cls is None:
-                raise ValueError(
-                    f"Layer {config.get('name')!r}: adapter {item['adapter_name']!r} is a "
-                    f"{item['adapter']['registered_name']!r}, which is not registered."
-                )
-            member = adapter_cls(layer, **item["adapter"]["config"])
-            member._init_from_base = False  # the variables come from the file
-            member._standalone = False  # the plan binds model-level state
-            members[item["adapter_name"]] = member
-        return cls(layer, members=members, **config)
-
-    def save_own_variables(self, store):
-        for name, gate in self._gates.items():
-            store[f"gate:{name}"] = gate
-
-    def load_own_variables(self, store):
-        want = {f"gate:{name}" for name in self._gates}
-        if set(store.keys()) != want:
-            raise ValueError(
-                f"Layer {self.name!r} holds the adapters {list(self._gates)}; the file "
-                f"holds gates {sorted(store.keys())}."
-            )
-        for name, gate in self._gates.items():
-            gate.assign(store[f"gate:{name}"])
-        self.apply_trainable()
-
-
-def _member_config(member):
-    serialized = keras.saving.serialize_keras_object(member)
-    config = dict(serialized["config"])
-    config.pop("layer", None)
-    return {"registered_name": serialized.get("registered_name") or keras.saving.get_registered_name(type(member)),
-            "config": config}
-
-
-def record_trainable(member):
-    """Remember which of `member`'s variables train when it is active."""
-    object.__setattr__(member, "_klr_trainable_names",
-                       tuple(n for n, v in member._adapter_vars.items() if v.trainable))
-
-
-# ----------------------------------------------------------------------
-# Model-wide views and switches
-def sets(model):
-    """`[(path, AdapterSet)]` of `model`."""
-    return [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter_set(e.layer)]
-
-
-def has_named(model):
-    return bool(sets(model))
 
 
 def adapter_names(model):
     """Every adapter name in `model`: each layer's names in the order they
     were added there, the layers in model order."""
-    names = []
-    for _, s in sets(model):
-        for name in s.members:
-            if name not in names:
-                names.append(name)
-    return names
+    return adapter_set.names_in(adapter_set.sets(model))
 
 
 def active_adapters(model):
@@ -376,18 +59,13 @@ def active_adapters(model):
         >>> keras_lowrank.active_adapters(model)
         ['a']
     """
-    found = sets(model)
-    if not found:
-        return []
-    names = []
-    for _, s in found:
-        for name in s.active_names():
-            if name not in names:
-                names.append(name)
-    return names
+    return adapter_set.names_in(adapter_set.sets(model), active=True)
 
 
-def _names_arg(model, names, what):
+def names_arg(model, names, what):
+    """`names` (a name, a list of names, or `None` for none) as a list of
+    adapter names `model` has, else a `ValueError` naming the function
+    `what`; a model without named adapters is refused too."""
     known = adapter_names(model)
     if not known:
         raise ValueError(
@@ -430,9 +108,9 @@ def set_active(model, names, trainable=True):
         >>> keras_lowrank.active_adapters(model)
         ['a', 'b']
     """
-    names = _names_arg(model, names, "set_active")
+    names = names_arg(model, names, "set_active")
     arguments.check("set_active", "trainable", trainable, opt.boolean)
-    found = sets(model)
+    found = adapter_set.sets(model)
     before = _trainable_flags(found)
     for _, s in found:
         s.set_gates(names)
@@ -466,9 +144,7 @@ def delete_adapter(model, name):
         >>> keras_lowrank.adapter_names(model)
         ['b']
     """
-    from keras_lowrank import plan as plan_lib
-
-    _names_arg(model, [name], "delete_adapter")
+    names_arg(model, [name], "delete_adapter")
     entries = [e for e in tree.walk(model) if tree.is_adapter_set(e.layer) and name in e.layer.members]
     for e in entries:
         member = e.layer.members[name]
@@ -477,7 +153,7 @@ def delete_adapter(model, name):
     for e in entries:
         s = e.layer
         member = s.members[name]
-        if rewrites(member):
+        if adapter_set.rewrites(member):
             original = member.original_matrix(s.base_matrix())
             check_finite(original, e.path, "delete_adapter")
             bases.assign_kernel(s.layer, s.geometry.matrix_to_kernel(original))
@@ -488,15 +164,8 @@ def delete_adapter(model, name):
             tree.replace_layer(model, e, s.layer)
         else:
             s.apply_trainable()
-    plan_lib.mark_adapted(model)
+    adapted_model.mark_adapted(model)
     compiled.after_change(model)
-
-
-def activate(model, names):
-    """Set every set's gates to `names` and let exactly those train."""
-    for _, s in sets(model):
-        s.set_gates(names)
-        s.apply_trainable()
 
 
 # ----------------------------------------------------------------------
@@ -508,9 +177,7 @@ def _lora_form(member, where):
     """`(Aᵀ, B, scale)` of `member` as the plain LoRA of its contribution
     (float64, so that a weighted combination cannot overflow before it is
     checked)."""
-    from keras_lowrank import registry
-
-    if member.method != "lora" and "lora" not in registry.get(member.method).export_forms:
+    if member.method != registry.LORA_FORM and registry.LORA_FORM not in registry.get(member.method).export_forms:
         raise ValueError(
             f"combine: layer {where!r} has a {member.method!r} adapter, which has no "
             "plain-LoRA form; combine it with method='svd'."
@@ -532,8 +199,6 @@ def _contribution(member, k):
 
 def _svd_factors(delta, rank, where):
     """`(Aᵀ, B)` of the best rank-`rank` LoRA of `delta` (scale 1)."""
-    from keras_lowrank import svd
-
     u, s, v = svd.decompose(delta, rank, where=where)
     root = np.sqrt(s)[..., None, :]
     return np.swapaxes(u * root, -1, -2), np.swapaxes(v * root, -1, -2)
@@ -575,43 +240,34 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
         >>> model.layers[0].members["ab"].rank
         4
     """
-    from keras_lowrank import adapt
-
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"combine: weights must be a non-empty {{name: weight}} dict; received {weights!r}.")
-    names = _names_arg(model, list(weights), "combine")
+    names = names_arg(model, list(weights), "combine")
     for name in names:
         w = weights[name]
         if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)) or not np.isfinite(w):
             raise ValueError(f"combine: the weight of {name!r} must be a finite number; received {w!r}.")
-    check_name(adapter_name)
+    adapter_set.check_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(f"combine: the model already has an adapter named {adapter_name!r}.")
     if method not in COMBINE_METHODS:
         raise ValueError(f"combine: method must be one of {COMBINE_METHODS}; received {method!r}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"combine: rank must be a positive int; received {rank!r}.")
-    plans = {}  # path -> new variables
-    svf_options = None
-    for path, s in sets(model):
+    plans = {}  # path -> (method, options, rank, {variable: value})
+    for path, s in adapter_set.sets(model):
         present = [(n, s.members[n]) for n in names if n in s.members]
         if not present:
             continue
         where = path
         g = s.geometry
-        if method == "linear" and all(m.method == "svf" for _, m in present):
-            options = {k: v for k, v in present[0][1].options().items() if k != "seed"}
-            if options.get("parametrization") != "paper" or any(
-                {k: v for k, v in m.options().items() if k != "seed"} != options for _, m in present
-            ):
-                raise ValueError(
-                    f"combine: layer {where!r}: SVF adapters combine linearly with one set "
-                    "of options and parametrization='paper' (the multiplier z)."
-                )
-            svf_options = options
-            z = sum(weights[n] * _np(m.read(m.svf_z)).astype("float64") for n, m in present)
-            plans[path] = ("svf", _combined(z, where, weights))
-            continue
+        if method == "linear" and len({type(m) for _, m in present}) == 1:
+            own = type(present[0][1]).linear_combination([(float(weights[n]), m) for n, m in present], where)
+            if own is not None:
+                options, values = own
+                plans[path] = (present[0][1].method, options, None,
+                               {k: _combined(v, where, weights) for k, v in values.items()})
+                continue
         if method == "svd":
             k = s.base_matrix()
             delta = _combined(sum(weights[n] * _contribution(m, k).astype("float64") for n, m in present),
@@ -642,30 +298,26 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
                     )
                 a_t = sum(np.sqrt(w * sc) * a for w, a, _, sc in forms)
                 b = sum(np.sqrt(w * sc) * bb for w, _, bb, sc in forms)
-        plans[path] = ("lora", (_combined(a_t, where, weights), _combined(b, where, weights)))
-    kinds = {kind for kind, _ in plans.values()}
+        a_t, b = _combined(a_t, where, weights), _combined(b, where, weights)
+        plans[path] = (registry.LORA_FORM, {}, int(a_t.shape[-2]), {"lora_a": a_t, "lora_b": b})
+    kinds = sorted({(m, repr(sorted(o.items()))) for m, o, _, _ in plans.values()})
     if len(kinds) > 1:
         raise ValueError(
-            "combine: method='linear' found SVF adapters on some layers and others on "
-            "other layers; combine them with 'cat' or 'svd'."
+            f"combine: method='linear' would make adapters of different kinds on different "
+            f"layers ({', '.join(sorted({k for k, _ in kinds}))}, or one method with different "
+            "options); combine them with 'cat' or 'svd'."
         )
     paths = list(plans)
-    if kinds == {"svf"}:
-        adapt.enable_adapter(model, method="svf", targets=paths, adapter_name=adapter_name, **svf_options)
-        for path, (_, z) in plans.items():
-            member = _member(model, path, adapter_name)
-            member.svf_z.assign(z)
-    else:
-        ranks = {p: int(v[1][0].shape[-2]) for p, v in plans.items()}
-        adapt.enable_adapter(
-            model, method="lora", targets=paths, rank=max(ranks.values()),
-            rank_pattern=ranks, alpha_pattern={p: float(r) for p, r in ranks.items()},
-            adapter_name=adapter_name,
-        )
-        for path, (_, (a_t, b)) in plans.items():
-            member = _member(model, path, adapter_name)
-            member.lora_a.assign(a_t)
-            member.lora_b.assign(b)
+    made, options, _, _ = next(iter(plans.values()))
+    ranks = {p: r for p, (_, _, r, _) in plans.items() if r is not None}
+    if ranks:  # rank and scale 1 per layer: the factors hold the weights
+        options = dict(options, rank=max(ranks.values()), rank_pattern=ranks,
+                       alpha_pattern={p: float(r) for p, r in ranks.items()})
+    adapt.enable_adapter(model, method=made, targets=paths, adapter_name=adapter_name, **options)
+    for path, (_, _, _, values) in plans.items():
+        member = _member(model, path, adapter_name)
+        for name, value in values.items():
+            getattr(member, name).assign(value)
 
 
 def _combined(value, where, weights):

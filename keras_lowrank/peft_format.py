@@ -18,31 +18,32 @@ of the matrix view, the torch input and output unit it holds. Head-split
 `EinsumDense` kernels (`(heads, d_model, head_dim)`) come out as index
 permutations; a hook that scales or mixes values is refused.
 
-Formats: PEFT's LoRA (`r`, `lora_alpha`, `use_rslora`, `use_dora`,
-`rank_pattern`, `alpha_pattern`, `lora_dropout`). Saving writes every method
-that has an exact plain-LoRA form (PiSSA, OLoRA, MiLoRA and the rank-2r
-conversion; VeRA, LoHa, AdaLoRA, DyLoRA, ... as their LoRA equivalents) as
-a PEFT LoRA; DoRA stays DoRA.
+Formats: each method that PEFT also has declares its PEFT adapter type
+beside its code (`keras_lowrank.peft_codec.Format`, registered with the
+method): LoRA and DoRA (PEFT's `LORA`), LoHa, LoKr, AdaLoRA and VeRA. This
+module does what every format shares: the module mapping and the layouts,
+reading and checking the directory, planning the adapters before the model
+changes, and writing a directory (every method with a plain-LoRA form as
+PEFT's LoRA when its own type is not written).
 """
 
 import json
-import math
 import os
 import re
 
 import numpy as np
 
+from keras_lowrank import adapter_set
 from keras_lowrank import arguments
 from keras_lowrank import bases
 from keras_lowrank import linalg
 from keras_lowrank import named
+from keras_lowrank import peft_codec
 from keras_lowrank import registry
 from keras_lowrank import saving
 from keras_lowrank import tree
 
 CONFIG_FILE = "adapter_config.json"
-#: what the messages about the options of a PEFT adapter config call it
-CONFIG_WHERE = "PEFT adapter config"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
@@ -361,19 +362,6 @@ def _read_dir(path):
     return config, tensors
 
 
-def _config_value(config, key, default, kind, low=None, high=None, low_open=False):
-    """`config[key]` (or `default`), checked: `kind` "int" (not a bool),
-    "number" (finite) or "bool"; within `[low, high]` (`(low, ...` when
-    `low_open`)."""
-    value = config.get(key, default)
-    if value is None:
-        value = default
-    if kind == "bool":
-        return arguments.flag(CONFIG_WHERE, key, value)
-    return arguments.number(CONFIG_WHERE, key, value, low, high, low_open=low_open,
-                            integer=kind == "int")
-
-
 def _pattern_config(config, key, kind):
     """`config[key]` as `{regex: value}`: a JSON object whose keys are valid
     regular expressions and whose values are ranks (`kind` "int") or
@@ -389,16 +377,17 @@ def _pattern_config(config, key, kind):
             re.compile(regex)
         except re.error as e:
             raise ValueError(f"PEFT adapter config: {key} key {regex!r} is not a valid regular expression ({e}).") from None
-        _config_value({key: v}, key, None, kind, low=0, low_open=True)
+        peft_codec.config_value({key: v}, key, None, kind, low=0, low_open=True)
     return value
 
 
 def _check_config(config):
+    formats = registry.peft_formats()
     peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in FORMATS:
+    if not isinstance(peft_type, str) or peft_type not in formats:
         raise ValueError(
             f"PEFT adapter: peft_type {peft_type!r} is not supported; keras-lowrank "
-            f"reads {', '.join(sorted(FORMATS))}."
+            f"reads {', '.join(sorted(formats))}."
         )
     for name, default in _DEFAULTS.items():
         value = config.get(name, default)
@@ -407,328 +396,12 @@ def _check_config(config):
                 f"PEFT adapter option {name}={value!r} is not supported (only "
                 f"{default!r}): keras-lowrank cannot load it faithfully."
             )
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva", "loftq")):
-        # These change the base weights, which the adapter file does not carry.
-        raise ValueError(
-            f"PEFT adapter init_lora_weights={init!r}: the adapter expects a base "
-            "changed at init, which its directory does not hold; convert it to "
-            "plain LoRA in PEFT first (path_initial_model_for_weight_conversion)."
-        )
-    _config_value(config, "r", 8, "int", low=0, low_open=True)
-    _config_value(config, "fan_in_fan_out", False, "bool")
+    peft_codec.config_value(config, "r", 8, "int", low=0, low_open=True)
+    peft_codec.config_value(config, "fan_in_fan_out", False, "bool")
     _pattern_config(config, "rank_pattern", "int")
     _pattern_config(config, "alpha_pattern", "number")
-    FORMATS[peft_type].check(config)
-
-
-def _pattern_value(patterns, module, default):
-    r"""PEFT's rule: the first key `k` with `re.match(rf"(.*\.)?({k})$", module)`."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _identity(p_in, p_out, module, what):
-    if not (np.array_equal(p_in, np.arange(len(p_in))) and np.array_equal(p_out, np.arange(len(p_out)))):
-        raise ValueError(
-            f"PEFT adapter module {module!r}: KerasHub's converter reorders this "
-            f"weight, and {what} cannot be reordered."
-        )
-
-
-class _Format:
-    """How one PEFT adapter type maps onto a keras-lowrank method."""
-
-    peft_type = None
-    parts = ()  # tensor name suffixes of one module
-    shared = ()  # tensor names of the whole model (`base_model.<name>`)
-
-    def check(self, config):
-        """Check the format's own options (types, ranges) before anything
-        is loaded."""
-        self.options(config)
-
-    def check_parts(self, parts, module):
-        """Check the tensors of one module against each other (ranks and
-        sizes), before they are indexed."""
-
-    def method(self, config):
-        raise NotImplementedError
-
-    def options(self, config):
-        """`enable_adapter` options for every module."""
-        return {}
-
-    def rank(self, config, module, parts):
-        return int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
-
-    def alpha(self, config, module):
-        return float(_pattern_value(config.get("alpha_pattern"), module, _alpha(config, "alpha")))
-
-    def torch_shape(self, parts):
-        """`(n_out, n_in)` of the module's weight."""
-        raise NotImplementedError
-
-    def state(self, parts, p_in, p_out, module):
-        """`{variable name: array}` of our adapter."""
-        raise NotImplementedError
-
-    def required(self, config):
-        return set(self.parts)
-
-
-class _LoRA(_Format):
-    peft_type = "LORA"
-    parts = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
-
-    def method(self, config):
-        return "dora" if config.get("use_dora") else "lora"
-
-    def required(self, config):
-        return {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if config.get("use_dora") else set())
-
-    def options(self, config):
-        _config_value(config, "use_dora", False, "bool")
-        return {"rslora": _config_value(config, "use_rslora", False, "bool"),
-                "dropout": _dropout(config, "lora_dropout")}
-
-    def check_parts(self, parts, module):
-        a = _matrix(parts, "lora_A.weight", module)
-        b = _matrix(parts, "lora_B.weight", module)
-        _same(module, ("lora_A.weight rows", a.shape[0]), ("lora_B.weight columns", b.shape[1]))
-        m = parts.get("lora_magnitude_vector")
-        if m is not None:
-            _same(module, ("lora_magnitude_vector size", m.size), ("lora_B.weight rows", b.shape[0]))
-
-    def rank(self, config, module, parts):
-        r = int(parts["lora_A.weight"].shape[0])
-        expected = super().rank(config, module, parts)
-        if expected != r:
-            raise ValueError(f"PEFT adapter module {module!r}: rank {r} in the weights, "
-                             f"{expected} in the config.")
-        return r
-
-    def alpha(self, config, module):
-        return float(_pattern_value(config.get("alpha_pattern"), module, _alpha(config, "lora_alpha")))
-
-    def torch_shape(self, parts):
-        return parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1]
-
-    def state(self, parts, p_in, p_out, module):
-        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
-        out = {"lora_a": a[:, p_in], "lora_b": b.T[:, p_out]}
-        m = parts.get("lora_magnitude_vector")
-        if m is not None:
-            out["magnitude"] = m.reshape(-1)[p_out]
-        return out
-
-
-class _LoHa(_Format):
-    peft_type = "LOHA"
-    parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-
-    def method(self, config):
-        return "loha"
-
-    def options(self, config):
-        return {"rank_dropout": _dropout(config, "rank_dropout"),
-                "module_dropout": _dropout(config, "module_dropout")}
-
-    def check_parts(self, parts, module):
-        w = {k: _matrix(parts, k, module) for k in self.parts}
-        for i in (1, 2):
-            _same(module, (f"hada_w{i}_a columns", w[f"hada_w{i}_a"].shape[1]),
-                  (f"hada_w{i}_b rows", w[f"hada_w{i}_b"].shape[0]))
-        _same(module, ("hada_w1_a rows", w["hada_w1_a"].shape[0]), ("hada_w2_a rows", w["hada_w2_a"].shape[0]))
-        _same(module, ("hada_w1_b columns", w["hada_w1_b"].shape[1]), ("hada_w2_b columns", w["hada_w2_b"].shape[1]))
-
-    def torch_shape(self, parts):
-        return parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]
-
-    def state(self, parts, p_in, p_out, module):
-        return {"loha_a1": parts["hada_w1_b"][:, p_in], "loha_b1": parts["hada_w1_a"].T[:, p_out],
-                "loha_a2": parts["hada_w2_b"][:, p_in], "loha_b2": parts["hada_w2_a"].T[:, p_out]}
-
-
-class _LoKr(_Format):
-    peft_type = "LOKR"
-    parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-
-    def method(self, config):
-        return "lokr"
-
-    def required(self, config):
-        return set()
-
-    def options(self, config):
-        return {"decompose_both": _config_value(config, "decompose_both", False, "bool"),
-                "decompose_factor": _config_value(config, "decompose_factor", -1, "int", low=-1),
-                "rank_dropout": _dropout(config, "rank_dropout"),
-                "module_dropout": _dropout(config, "module_dropout"),
-                "rank_dropout_scale": _config_value(config, "rank_dropout_scale", False, "bool")}
-
-    def check_parts(self, parts, module):
-        for i in (1, 2):
-            if f"lokr_w{i}" in parts:
-                _matrix(parts, f"lokr_w{i}", module)
-                if f"lokr_w{i}_a" in parts or f"lokr_w{i}_b" in parts:
-                    raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is given "
-                                     "both whole and as a product.")
-            elif f"lokr_w{i}_a" in parts and f"lokr_w{i}_b" in parts:
-                a, b = _matrix(parts, f"lokr_w{i}_a", module), _matrix(parts, f"lokr_w{i}_b", module)
-                _same(module, (f"lokr_w{i}_a columns", a.shape[1]), (f"lokr_w{i}_b rows", b.shape[0]))
-            else:
-                raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is missing "
-                                 f"(found {sorted(parts)}).")
-
-    @staticmethod
-    def _factor(parts, i, module):
-        full = parts.get(f"lokr_w{i}")
-        if full is not None:
-            return full
-        a, b = parts.get(f"lokr_w{i}_a"), parts.get(f"lokr_w{i}_b")
-        if a is None or b is None:
-            raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is missing "
-                             f"(found {sorted(parts)}).")
-        return a @ b
-
-    def torch_shape(self, parts):
-        w1 = self._factor(parts, 1, "?")
-        w2 = self._factor(parts, 2, "?")
-        return w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]
-
-    def state(self, parts, p_in, p_out, module):
-        _identity(p_in, p_out, module, "a Kronecker product")
-        out = {}
-        for i in (1, 2):
-            if f"lokr_w{i}" in parts:
-                out[f"lokr_f{i}"] = parts[f"lokr_w{i}"].T
-            else:
-                out[f"lokr_a{i}"] = parts[f"lokr_w{i}_b"]
-                out[f"lokr_b{i}"] = parts[f"lokr_w{i}_a"].T
-        return out
-
-
-class _AdaLoRA(_Format):
-    peft_type = "ADALORA"
-    parts = ("lora_A", "lora_B", "lora_E")
-
-    def method(self, config):
-        return "adalora"
-
-    def check(self, config):
-        if not config.get("total_step"):
-            raise ValueError("PEFT AdaLoRA adapter: total_step is not set; keras-lowrank's "
-                             "AdaLoRA needs its schedule length.")
-        super().check(config)
-
-    def options(self, config):
-        return {"total_steps": _config_value(config, "total_step", None, "int", low=1),
-                "target_rank": _config_value(config, "target_r", 8, "int", low=1),
-                "tinit": _config_value(config, "tinit", 0, "int", low=0),
-                "tfinal": _config_value(config, "tfinal", 0, "int", low=0),
-                "delta_t": _config_value(config, "deltaT", 1, "int", low=1),
-                "beta1": _config_value(config, "beta1", 0.85, "number", low=0, high=1),
-                "beta2": _config_value(config, "beta2", 0.85, "number", low=0, high=1),
-                "orth_reg_weight": _config_value(config, "orth_reg_weight", 0.5, "number", low=0),
-                "dropout": _dropout(config, "lora_dropout")}
-
-    def check_parts(self, parts, module):
-        a = _matrix(parts, "lora_A", module)
-        b = _matrix(parts, "lora_B", module)
-        e = parts["lora_E"]
-        if e.ndim not in (1, 2) or (e.ndim == 2 and e.shape[1] != 1):
-            raise ValueError(f"PEFT adapter module {module!r}: lora_E has shape {e.shape}; "
-                             "AdaLoRA's singular values are (r, 1).")
-        _same(module, ("lora_A rows", a.shape[0]), ("lora_E size", e.size), ("lora_B columns", b.shape[1]))
-
-    def rank(self, config, module, parts):
-        return int(parts["lora_A"].shape[0])
-
-    def alpha(self, config, module):
-        a = float(_alpha(config, "lora_alpha", low=None) or 0)
-        return a if a > 0 else None
-
-    def torch_shape(self, parts):
-        return parts["lora_B"].shape[0], parts["lora_A"].shape[1]
-
-    def state(self, parts, p_in, p_out, module):
-        return {"lora_a": parts["lora_A"][:, p_in], "lora_e": parts["lora_E"].reshape(-1),
-                "lora_b": parts["lora_B"].T[:, p_out]}
-
-
-class _VeRA(_Format):
-    peft_type = "VERA"
-    parts = ("vera_lambda_b", "vera_lambda_d")
-    shared = ("vera_A", "vera_B")
-
-    def method(self, config):
-        return "vera"
-
-    def check(self, config):
-        if not config.get("save_projection", True):
-            raise ValueError(
-                "PEFT VeRA adapter saved with save_projection=False: its projections "
-                "come from torch's generator at projection_prng_key, which keras-lowrank "
-                "does not reproduce; re-save it with save_projection=True."
-            )
-        super().check(config)
-
-    def options(self, config):
-        return {"d_initial": _config_value(config, "d_initial", 0.1, "number"),
-                "dropout": _dropout(config, "vera_dropout")}
-
-    def check_parts(self, parts, module):
-        for name in self.parts:
-            if parts[name].ndim != 1:
-                raise ValueError(f"PEFT adapter module {module!r}: {name} has shape "
-                                 f"{parts[name].shape}; VeRA's scaling vectors are 1-D.")
-
-    def rank(self, config, module, parts):
-        return int(parts["vera_lambda_d"].shape[0])
-
-    def alpha(self, config, module):
-        return None
-
-    def torch_shape(self, parts):
-        return parts["vera_lambda_b"].shape[0], None
-
-    def state(self, parts, p_in, p_out, module):
-        _identity(p_in, p_out, module, "VeRA's shared projections")
-        return {"vera_lambda_d": parts["vera_lambda_d"], "vera_lambda_b": parts["vera_lambda_b"]}
-
-
-FORMATS = {f.peft_type: f for f in (_LoRA(), _LoHa(), _LoKr(), _AdaLoRA(), _VeRA())}
-
-
-def _alpha(config, key, low=0):
-    """A scaling numerator: a finite number (`> 0` unless `low` is None)."""
-    return _config_value(config, key, 8, "number", low=low, low_open=low is not None)
-
-
-def _dropout(config, key):
-    return float(_config_value(config, key, 0.0, "number", low=0.0, high=1.0))
-
-
-def _matrix(parts, name, module):
-    """A module's 2-D tensor `name`, or a clear error."""
-    value = parts[name]
-    if value.ndim != 2:
-        raise ValueError(f"PEFT adapter module {module!r}: {name} has shape {value.shape}; "
-                         "a 2-D matrix was expected.")
-    return value
-
-
-def _same(module, *sizes):
-    """Raise unless every `(what, size)` has the same size."""
-    if len({int(n) for _, n in sizes}) > 1:
-        raise ValueError(
-            f"PEFT adapter module {module!r}: "
-            + ", ".join(f"{what} {int(n)}" for what, n in sizes)
-            + " should be equal (the adapter's rank or size)."
-        )
+    formats[peft_type].check(config)
+    return formats[peft_type]
 
 
 def _group(tensors, fmt):
@@ -742,8 +415,7 @@ def _group(tensors, fmt):
             continue
         for suffix in sorted(fmt.parts, key=len, reverse=True):
             if key.endswith("." + suffix):
-                part = "lora_magnitude_vector" if suffix == "lora_magnitude_vector.weight" else suffix
-                modules.setdefault(key[: -len(suffix) - 1], {})[part] = value
+                modules.setdefault(key[: -len(suffix) - 1], {})[fmt.part_name(suffix)] = value
                 break
         else:
             raise ValueError(
@@ -810,12 +482,10 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
 
     Example: see `save_peft_adapter` (a round trip through a directory).
     """
-    from keras_lowrank import shared
     from keras_lowrank.adapt import enable_adapter
 
     config, tensors = _read_dir(path)
-    _check_config(config)
-    fmt = FORMATS[config["peft_type"]]
+    fmt = _check_config(config)
     targets = module_map(model, _hf_config(base_model, config))
     modules, shared_tensors = _group(tensors, fmt)
     method = fmt.method(config)
@@ -831,26 +501,25 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
                 "(embeddings and the tied output head cannot hold an adapter here)."
             )
         missing = fmt.required(config) - set(parts)
-        extra = {"lora_magnitude_vector"} & set(parts) if method == "lora" else set()
-        if missing or extra:
+        if missing:
             raise ValueError(
                 f"PEFT adapter module {module!r}: expected {sorted(fmt.required(config))}, "
                 f"found {sorted(parts)}."
             )
-        fmt.check_parts(parts, module)
+        fmt.check_parts(parts, module, config)
         r = fmt.rank(config, module, parts)
         alpha = fmt.alpha(config, module)
         for target in found:  # several layers: a fused projection, split
-            if target.adapter is not None and adapter_name is None and not named.has_named(model):
+            if target.adapter is not None and adapter_name is None and not adapter_set.has_named(model):
                 raise ValueError(
                     f"PEFT adapter module {module!r}: Keras layer {target.path!r} already "
                     "holds an adapter."
                 )
             n_out, n_in = fmt.torch_shape(parts)
-            if n_in is None:  # VeRA: the input size is the layer's
+            if n_in is None:  # the input size is the layer's
                 n_in = target.geometry.n_in
             p_in, p_out = target.layout(int(n_out), int(n_in), transposed)
-            if method in ("lokr", "vera") and len(p_out) != n_out:
+            if not fmt.splittable and len(p_out) != n_out:
                 raise ValueError(
                     f"PEFT adapter module {module!r}: KerasHub splits this weight over "
                     f"several layers, and {method} cannot be split."
@@ -868,27 +537,9 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
             plan[target.path] = (r, alpha, state)
     if not plan:
         raise ValueError(f"PEFT adapter {os.fspath(path)!r} holds no adapter modules.")
-    if shared_tensors:
+    if fmt.shared:
         adapted = [t for ts in targets.values() for t in ts if t.path in plan]
-        n_in_max = max(t.geometry.n_in for t in adapted)
-        n_out_max = max(t.geometry.n_out for t in adapted)
-        a_t, b_t = shared_tensors["vera_A"], shared_tensors["vera_B"]
-        for name, value in (("vera_A", a_t), ("vera_B", b_t)):
-            if value.ndim != 2:
-                raise ValueError(f"PEFT VeRA adapter: {name} has shape {value.shape}; "
-                                 "a 2-D projection was expected.")
-        ranks_ = sorted({r for r, _, _ in plan.values()})
-        if ranks_ != [a_t.shape[0]] or b_t.shape[1] != a_t.shape[0]:
-            raise ValueError(
-                f"PEFT VeRA adapter: the shared projections vera_A {a_t.shape} and vera_B "
-                f"{b_t.shape} have rank {a_t.shape[0]}/{b_t.shape[1]}, the modules' "
-                f"vera_lambda_d {ranks_}: every rank must be the same."
-            )
-        if a_t.shape[1] != n_in_max or b_t.shape[0] != n_out_max:
-            raise ValueError(
-                f"PEFT VeRA adapter: projections {a_t.shape} and {b_t.shape} do not fit "
-                f"the adapted layers (largest input {n_in_max}, output {n_out_max})."
-            )
+        fmt.check_shared(shared_tensors, adapted, [r for r, _, _ in plan.values()])
     ranks = [r for r, _, _ in plan.values()]
     alphas = [a for _, a, _ in plan.values()]
     rank = max(set(ranks), key=ranks.count)
@@ -907,45 +558,35 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
         **options,
     )
     found = {e.path: e.layer for e in tree.walk(model) if tree.is_adapter(e.layer)}
-    member = adapter_name or (named.DEFAULT if named.has_named(model) else None)
+    member = adapter_name or (adapter_set.DEFAULT if adapter_set.has_named(model) else None)
     for path_, (_, _, state) in plan.items():
         adapter = found[path_ if member is None else path_ + tree.member_suffix(member)]
         for name, value in state.items():
             var = getattr(adapter, name)
             var.assign(np.asarray(value, dtype=np.float32).astype(var.dtype))
-    if shared_tensors:
-        projections = shared.states(model)["vera"]
-        projections.vera_a.assign(np.ascontiguousarray(shared_tensors["vera_A"].T))
-        projections.vera_b.assign(np.ascontiguousarray(shared_tensors["vera_B"].T))
+    if fmt.shared:
+        fmt.load_shared(model, shared_tensors)
     return summary
 
 
 # ----------------------------------------------------------------------
 # Writing a PEFT directory
-def _f32(x):
-    return np.ascontiguousarray(saving._np(x).astype(np.float32))
-
-
-def _lora_state(adapter, where):
-    """`(method, state, rank, alpha, rslora)` of an adapter in PEFT's terms."""
+def _export_format(adapter, where):
+    """The PEFT format that writes `adapter`: its method's own, if that
+    writes it as it is, else the one that writes every plain-LoRA form."""
     if adapter.merged:
         raise ValueError(f"save_peft_adapter: layer {where!r} is merged; unmerge it first.")
-    if adapter.method in ("lora", "dora"):
-        state = {"lora_a": adapter.read(adapter.lora_a), "lora_b": adapter.read(adapter.lora_b)}
-        if adapter.method == "dora":
-            state["magnitude"] = adapter.read(adapter.magnitude)
-        return adapter.method, state, adapter.rank, adapter.alpha, adapter.rslora
-    if adapter.method == "lokr":
-        state = {v.name: adapter.read(v) for v in adapter.trainable_variables
-                 if v.name.startswith("lokr_")}
-        return "lokr", state, adapter.rank, adapter.alpha, False
-    if "lora" not in registry.get(adapter.method).export_forms:
-        raise ValueError(
-            f"save_peft_adapter: layer {where!r} has a {adapter.method!r} adapter, which "
-            "has no PEFT form (neither a LoRA equivalent nor PEFT's LoKr)."
-        )
-    state, lora = adapter.as_lora_state()
-    return "lora", state, lora["rank"], lora["alpha"], lora["rslora"]
+    spec = registry.get(adapter.method)
+    if spec.peft is not None and adapter.method in spec.peft.writes:
+        return spec.peft
+    if registry.LORA_FORM in spec.export_forms:
+        for fmt in registry.peft_formats().values():
+            if fmt.writes_lora_forms:
+                return fmt
+    raise ValueError(
+        f"save_peft_adapter: layer {where!r} has a {adapter.method!r} adapter, which "
+        "has no PEFT form (neither a PEFT type of its own nor a LoRA equivalent)."
+    )
 
 
 def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, adapter_name=None):
@@ -992,7 +633,7 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
 
     targets = module_map(model, base_model)
     by_layer = {t.path: t for ts in targets.values() for t in ts if t.adapter is not None}
-    if named.has_named(model) or adapter_name is not None:
+    if adapter_set.has_named(model) or adapter_name is not None:
         names = named.adapter_names(model)
         if adapter_name is None and len(names) == 1:
             adapter_name = names[0]
@@ -1001,14 +642,14 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
                 f"save_peft_adapter: model {model.name!r} has the named adapters {names}; a "
                 "PEFT directory holds one: give adapter_name=..."
             )
-        named._names_arg(model, [adapter_name], "save_peft_adapter")
+        named.names_arg(model, [adapter_name], "save_peft_adapter")
         found = [(e.path[: -len(tree.member_suffix(adapter_name))], e.layer) for e in tree.walk(model)
                  if e.holder is not None and e.adapter_name == adapter_name]
     else:
         found = [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
     if not found:
         raise ValueError(f"save_peft_adapter: model {model.name!r} has no adapters.")
-    entries = []
+    entries, formats = [], set()
     for where, adapter in found:
         target = by_layer.get(where)
         if target is None:
@@ -1018,79 +659,34 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
             )
         if target.adapter is not adapter:  # a named adapter: the set's member
             target = _Target(target.module, target.path, target.layer, adapter, target.hook)
-        method, state, rank, alpha, rslora = _lora_state(adapter, where)
-        entries.append((target, method, state, int(rank), float(alpha), bool(rslora)))
-    methods = {m for _, m, *_ in entries}
-    if len(methods) > 1 or len({e[5] for e in entries}) > 1:
+        fmt = _export_format(adapter, where)
+        formats.add(fmt)
+        entries.append((target, fmt.export_entry(adapter, where)))
+    if len(formats) > 1:
         raise ValueError(
-            "save_peft_adapter: a PEFT directory has one adapter type, one use_dora and "
-            f"one use_rslora for every module; the model mixes {sorted(methods)} adapters"
-            f"{' with and without rslora' if len({e[5] for e in entries}) > 1 else ''}."
+            "save_peft_adapter: a PEFT directory has one adapter type; the model's adapters "
+            f"need {sorted(f.peft_type for f in formats)}."
         )
+    fmt = formats.pop()
+    fmt.check_entries(entries)
     groups = {}
     for e in entries:
         groups.setdefault(e[0].module, []).append(e)
     names = _module_names(groups, base_model)
     tensors, ranks, alphas, orientations = {}, {}, {}, set()
-    lokr = methods == {"lokr"}
     for module, group in groups.items():
         # every layer filled from this weight: their outputs make its rows
         n_out = sum(t.geometry.n_out for t in targets[module])
         n_in = group[0][0].geometry.n_in
         layouts = []
-        for target, *_ in group:
+        for target, _ in group:
             p_in, p_out, flipped = target.oriented_layout(n_out, n_in)
             layouts.append((p_in, p_out))
             orientations.add(flipped)
-        name = PREFIX + names[module]
         whole = len(group) == 1 and len(layouts[0][1]) == n_out
-        if lokr:
-            if not whole:
-                raise ValueError(f"save_peft_adapter: module {module!r} is split over several "
-                                 "Keras layers, and a LoKr update cannot be split.")
-            _identity(*layouts[0], module, "a Kronecker product")
-            state = group[0][2]
-            for i in (1, 2):
-                if f"lokr_f{i}" in state:
-                    tensors[f"{name}.lokr_w{i}"] = _f32(_f32(state[f"lokr_f{i}"]).T)
-                else:
-                    tensors[f"{name}.lokr_w{i}_a"] = _f32(_f32(state[f"lokr_b{i}"]).T)
-                    tensors[f"{name}.lokr_w{i}_b"] = _f32(state[f"lokr_a{i}"])
-            ranks[names[module]], alphas[names[module]] = group[0][3], group[0][4]
-            continue
-        if whole:
-            (target, method, state, rank, alpha, rslora), (p_in, p_out) = group[0], layouts[0]
-            lora_a = np.empty((rank, n_in), np.float32)
-            lora_a[:, p_in] = _f32(state["lora_a"]).reshape(rank, n_in)
-            lora_b = np.empty((n_out, rank), np.float32)
-            lora_b[p_out, :] = _f32(state["lora_b"]).reshape(rank, n_out).T
-            if method == "dora":
-                mag = np.empty((n_out,), np.float32)
-                mag[p_out] = _f32(state["magnitude"]).reshape(-1)
-                tensors[f"{name}.lora_magnitude_vector"] = mag
-            ranks[names[module]], alphas[names[module]] = rank, alpha
-        else:
-            # A fused weight (GPT-2's c_attn) split over several layers: one
-            # LoRA of the summed rank, block by block, each block's scale
-            # folded into its B (the module's scale is then 1).
-            if "dora" in methods:
-                raise ValueError(
-                    f"save_peft_adapter: module {module!r} is split over several Keras "
-                    "layers, and a DoRA update cannot be joined into one."
-                )
-            total = sum(e[3] for e in group)
-            lora_a = np.zeros((total, n_in), np.float32)
-            lora_b = np.zeros((n_out, total), np.float32)
-            k = 0
-            for (target, _, state, rank, alpha, rslora), (p_in, p_out) in zip(group, layouts):
-                scale = alpha / (math.sqrt(rank) if rslora else rank)
-                lora_a[k : k + rank, p_in] = _f32(state["lora_a"]).reshape(rank, n_in)
-                lora_b[p_out, k : k + rank] = scale * _f32(state["lora_b"]).reshape(rank, -1).T
-                k += rank
-            ranks[names[module]] = total
-            alphas[names[module]] = math.sqrt(total) if group[0][5] else float(total)
-        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a)
-        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        written, rank, alpha = fmt.write_module(PREFIX + names[module], group, layouts, n_in, n_out, whole)
+        tensors.update(written)
+        ranks[names[module]], alphas[names[module]] = int(rank), float(alpha)
     if len(orientations) > 1:
         raise ValueError(
             "save_peft_adapter: some adapted modules store their weight (n_out, n_in) and "
@@ -1118,34 +714,7 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
         "inference_mode": True,
     }
-    if lokr:
-        first = entries[0][0].adapter
-        for t, *_ in entries:
-            a = t.adapter
-            if (a.decompose_both, a.decompose_factor) != (first.decompose_both, first.decompose_factor):
-                raise ValueError(
-                    "save_peft_adapter: PEFT's LoKr has one decompose_both and one "
-                    f"decompose_factor for every module; layer {t.path!r} differs."
-                )
-        config = {
-            "peft_type": "LOKR", **common, "alpha": alpha,
-            "rank_dropout": first.rank_dropout,
-            "module_dropout": first.module_dropout,
-            "rank_dropout_scale": first.rank_dropout_scale,
-            "decompose_both": first.decompose_both,
-            "decompose_factor": first.decompose_factor,
-            "init_weights": True,
-        }
-    else:
-        config = {
-            "peft_type": "LORA", **common, "lora_alpha": alpha,
-            "use_rslora": entries[0][5],
-            "use_dora": entries[0][1] == "dora",
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "modules_to_save": None,
-            "init_lora_weights": True,
-        }
+    config = fmt.config(entries, common, rank, alpha)
     # Everything is made before a file is touched (a config that is not
     # JSON, e.g. a base_model_name_or_path that is no string, fails here),
     # then both files replace the old ones together.

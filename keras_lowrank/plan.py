@@ -9,18 +9,21 @@
 2. `plan.prepare()` constructs the adapters and allocates their own
    variables (still nothing in the model changes);
 3. `plan.apply(init, fill)` attaches them, initializes them (or fills them
-   from a file), moves frozen kernels to their storage, swaps the adapters
-   into the model and freezes the rest. If anything fails on the way, `apply`
-   puts back every layer, kernel, variable and trainable flag it touched.
+   from a file), swaps the adapters into the model and freezes the rest,
+   each step recording how to undo it in one `UndoLog`: if anything fails
+   on the way, `apply` puts back every layer, kernel, variable, gate and
+   trainable flag it touched. Then it moves the frozen kernels to their
+   storage, one at a time.
 
-The model carries its plan across `.keras` round trips: a model with
-adapters serializes as `keras_lowrank>AdaptedModel`, its original
-serialization under `"base"` and `plan_config(model)` under `"adapters"`.
-Layers are keyed by `tree` keys, which are the same for every build of the
-same architecture.
+What a saved plan holds is read in `keras_lowrank.saved_plan`, the class
+that carries the plan across `.keras` round trips is made in
+`keras_lowrank.adapted_model` (its deserializer, `AdaptedModel`, is here),
+and freezing is `keras_lowrank.freezing`. Layers are keyed by `tree` keys,
+which are the same for every build of the same architecture.
 """
 
 import dataclasses
+import functools
 import gc
 import re
 import warnings
@@ -28,25 +31,24 @@ import warnings
 import keras
 
 from keras_lowrank import _compat
+from keras_lowrank import adapter_set
 from keras_lowrank import bases
 from keras_lowrank import compiled
-from keras_lowrank import named
+from keras_lowrank import freezing
 from keras_lowrank import registry
+from keras_lowrank import saved_plan
 from keras_lowrank import shared
 from keras_lowrank import svd
 from keras_lowrank import targeting
-from keras_lowrank import training
 from keras_lowrank import tree
+from keras_lowrank.adapted_model import mark_adapted
 from keras_lowrank.geometry import EquationError
 from keras_lowrank.geometry import KernelGeometry
+from keras_lowrank.undo import UndoLog
 
-#: version of the saved plan (adapter files and `.keras` adapter plans);
-#: 1 keyed layers by path and kept the options beside the other fields
-FORMAT_VERSION = 2
-
-#: fields of a saved layer entry besides its options
-_LAYER_FIELDS = ("path", "method", "base", "double_quant", "merged", "enabled",
-                 "kernel_shape", "equation", "options", "matrix", "trainable", "adapter_name")
+#: float kernel bytes converted between two garbage collections in
+#: `Plan._convert_bases` (the process holds at most this much more)
+GC_BYTES = 16 << 20
 
 
 @dataclasses.dataclass
@@ -100,22 +102,30 @@ class Plan:
         self.warnings = []
         #: method -> (state, is_new) for methods with model-level state
         self.states = {}
+        #: method -> {variable name: array}, its state's tensors in an
+        #: adapter file
+        self.state_tensors = {}
 
     # ------------------------------------------------------------------
     # Build
     @classmethod
     def for_model(cls, model, method, options, targets=None, exclude=None,
                   rank_pattern=None, alpha_pattern=None, trainable_layers=None,
-                  base=None, double_quant=True, adapter_name=None, train_task_layers=True):
-        """The plan of `enable_adapter(model, method, ...)`."""
+                  base=None, double_quant=True, adapter_name=None, train_task_layers=True,
+                  entries=None):
+        """The plan of `enable_adapter(model, method, ...)` (`entries`: a
+        `tree.walk(model)` already made, to read instead of walking the
+        model again)."""
         spec = registry.get(method)
         check_model(model)
         if not isinstance(train_task_layers, bool):
             raise ValueError(
                 f"enable_adapter: train_task_layers must be True or False; received {train_task_layers!r}."
             )
-        if adapter_name is not None or named.has_named(model):
-            adapter_name = named.check_name(named.DEFAULT if adapter_name is None else adapter_name)
+        if adapter_name is None and entries is None:
+            entries = tree.walk(model)
+        if adapter_name is not None or adapter_set.has_named(model, entries):
+            adapter_name = adapter_set.check_name(adapter_set.DEFAULT if adapter_name is None else adapter_name)
         bases.check_base(base, double_quant)
         base = base or "float"
         if base not in spec.bases:
@@ -133,10 +143,10 @@ class Plan:
         rank_pairs = targeting.pattern_dict(rank_pattern, "rank_pattern")
         alpha_pairs = targeting.pattern_dict(alpha_pattern, "alpha_pattern")
         keep = targeting.patterns(trainable_layers, "trainable_layers")
-        entries = tree.walk(model)
+        entries = tree.walk(model) if entries is None else entries
         chosen, heads, rule = targeting.select(model, targets, exclude, entries)
         targeting.matching_entries(entries, keep, "trainable_layers")
-        task = task_entries(model, entries) if train_task_layers else []
+        task = freezing.task_entries(model, entries) if train_task_layers else []
         if task:
             inside = {id(layer): t for t in task for layer in t.layer._flatten_layers()}
             if targets is None or targets == "all-linear":
@@ -184,82 +194,21 @@ class Plan:
         method, the kernels have the saved shapes, and every tensor is the
         float tensor of a variable the adapter has, with its shape."""
         check_model(model)
-        if not isinstance(config, dict) or not isinstance(config.get("layers"), dict):
-            raise ValueError(f"{where}: the adapter plan is malformed (no 'layers' mapping).")
-        version = config.get("format_version", 1)
-        if version not in (1, FORMAT_VERSION):
-            raise ValueError(
-                f"{where} was written in adapter format {version!r}; this "
-                f"keras-lowrank reads formats 1 and {FORMAT_VERSION}. Upgrade keras-lowrank."
-            )
+        version = saved_plan.read_version(config, where)
         entries = tree.walk(model)
-        by_key = {(e.key if version >= 2 else e.path): e for e in entries}
+        by_key = saved_plan.keyed(entries, version)
         if version >= 2:
-            config, tensors = _rerooted(model, entries, config, tensors, where)
+            config, tensors = saved_plan.rerooted(model, entries, config, tensors, where)
         layers = []
         for name, raw in config["layers"].items():
-            fields = _saved_fields(raw, name, version, where)
-            adapter_name = fields["adapter_name"]
-            spot_key, at, suffix = name.rpartition("@") if "@" in name else (name, "", "")
-            if adapter_name is not None:
-                named.check_name(adapter_name, f"{where}: the adapter_name of layer {name!r}")
-            if at and adapter_name != suffix:
-                raise ValueError(f"{where}: layer {name!r} has adapter_name {adapter_name!r}.")
-            entry = by_key.get(name)
-            spot = by_key.get(spot_key)
-            if entry is None and (not at or spot is None):
-                raise ValueError(_missing_layer_message(where, spot_key, version, model, entries))
-            spec = registry.get(fields["method"]) if isinstance(fields["method"], str) else None
-            here = (entry or spot).path + ("" if entry is not None else "@" + suffix)
-            if spec is None:
-                raise ValueError(f"{where}: layer {here!r} has no valid 'method'.")
-            label = f"{here!r} in {where}"
-            options = spec.validate_options(fields["options"], label)
-            base, double_quant = fields["base"], fields["double_quant"]
-            try:
-                bases.check_base(base, double_quant)
-            except ValueError as e:
-                raise ValueError(f"{where}: layer {here!r}: {e}") from None
-            if base not in spec.bases:
-                raise ValueError(
-                    f"{where}: layer {here!r} holds a {spec.name!r} adapter "
-                    f"over a {base!r} base, which the method does not support."
-                )
-            for flag in ("merged", "enabled"):
-                if not isinstance(fields[flag], bool):
-                    raise ValueError(f"{where}: layer {here!r}: {flag!r} must be true or false.")
-            if entry is not None and tree.is_adapter(entry.layer):
-                lp = _existing_layer(entry, spec, options, where, tensors is not None)
-            else:
-                if tensors is not None and fields["merged"]:
-                    raise ValueError(f"{where}: layer {here!r} is saved as merged.")
-                if adapter_name is None and not tree.is_adapter_set(entry.layer):
-                    lp = _new_layer(entry, spec, options, base, double_quant, entry.path, where)
-                else:
-                    lp = _new_member(entry or spot, spec, options, base, double_quant,
-                                     adapter_name or named.DEFAULT, where)
-            lp.merged, lp.enabled = fields["merged"], fields["enabled"]
-            shape = fields.get("kernel_shape")
-            if shape is not None and tuple(lp.geometry.kernel_shape) != tuple(shape):
-                raise ValueError(
-                    f"Layer {here!r} has a kernel of shape "
-                    f"{tuple(lp.geometry.kernel_shape)}; {where} was made for shape "
-                    f"{tuple(shape)}."
-                )
+            saved = saved_plan.read_layer(name, raw, version, by_key, model, entries, where)
+            lp = _saved_layer(saved, where, tensors is not None)
+            saved_plan.check_kernel_shape(saved, lp.geometry, where)
             layers.append(lp)
-        keep = config.get("trainable_layers")
-        pats = targeting.patterns(keep, f"trainable_layers of {where}")
-        targeting.matching_entries(entries, pats, f"trainable_layers of {where}")
-        active = config.get("active")
-        if active is not None and (not isinstance(active, list) or not all(isinstance(n, str) for n in active)):
-            raise ValueError(f"{where}: the plan's 'active' entry is not a list of adapter names.")
-        if active is None and any(lp.adapter_name is not None for lp in layers):
-            active = sorted({lp.adapter_name for lp in layers if lp.adapter_name is not None})
+        pats = saved_plan.trainable_patterns(config, entries, where)
+        active = saved_plan.read_active(config, [lp.adapter_name for lp in layers], where)
         plan = cls(model, layers, _pattern_sources(pats), entries, active=active)
-        saved_states = config.get("shared") or {}
-        if not isinstance(saved_states, dict):
-            raise ValueError(f"{where}: the plan's 'shared' entry is not a mapping.")
-        plan.plan_shared_states(saved_states, where)
+        plan.plan_shared_states(saved_plan.shared_configs(config, where), where)
         if tensors is not None:
             plan.check_tensors(tensors, where)
         return plan
@@ -312,62 +261,11 @@ class Plan:
     def check_tensors(self, tensors, where):
         """Every tensor belongs to a planned layer, and every layer gets
         exactly the tensors its adapter has, as finite floats of the right
-        shape."""
-        by_layer = {}
-        known = {lp.key: lp for lp in self.layers} | {lp.path: lp for lp in self.layers}
-        state_tensors = {}
-        full = {n: v for n, v in tensors.items() if n.startswith(FULL_PREFIX)}
-        self.full_tensors = _full_tensors(self.entries, self.trainable_layers, full, where)
-        for name in tensors:
-            if name in full:
-                continue
-            layer_name, sep, var = name.partition(SEP)
-            if sep and layer_name.startswith(shared.FILE_PREFIX):
-                method = layer_name[len(shared.FILE_PREFIX):]
-                if method not in self.states:
-                    raise ValueError(
-                        f"{where}: tensor {name!r} belongs to no shared state of the file's plan."
-                    )
-                state_tensors.setdefault(method, {})[var] = tensors[name]
-                continue
-            if not sep or layer_name not in known:
-                raise ValueError(
-                    f"{where}: tensor {name!r} belongs to no layer of the file's plan."
-                )
-            by_layer.setdefault(known[layer_name].key, {})[var] = tensors[name]
+        shape (`saved_plan.read_tensors`)."""
+        per_layer, self.state_tensors, self.full_tensors = saved_plan.read_tensors(
+            self.layers, self.states, self.entries, self.trainable_layers, tensors, where)
         for lp in self.layers:
-            want = lp.adapter.file_shapes(lp.geometry)
-            have = by_layer.get(lp.key, {})
-            if set(have) != set(want):
-                raise ValueError(
-                    f"{where}: layer {lp.path!r} ({lp.spec.name}) needs "
-                    f"{sorted(want)}, the file holds {sorted(have)}."
-                )
-            for var, value in have.items():
-                if not _shape_fits(tuple(value.shape), tuple(want[var])):
-                    raise ValueError(
-                        f"{where}: {lp.path}{SEP}{var} has shape {tuple(value.shape)}, "
-                        f"the layer needs {tuple(want[var])}."
-                    )
-                _check_kind(value, "float32", f"{lp.path}{SEP}{var}", where)
-            lp.tensors = have
-        for method, (state, _) in self.states.items():
-            want = {k: tuple(v.shape) for k, v in state.file_state().items()}
-            have = state_tensors.get(method, {})
-            if set(have) != set(want):
-                raise ValueError(
-                    f"{where}: the {method} shared state needs {sorted(want)}, the "
-                    f"file holds {sorted(have)}."
-                )
-            variables = state.file_state()
-            for var, value in have.items():
-                if tuple(value.shape) != want[var]:
-                    raise ValueError(
-                        f"{where}: {shared.FILE_PREFIX}{method}{SEP}{var} has shape "
-                        f"{tuple(value.shape)}, the state needs {want[var]}."
-                    )
-                _check_kind(value, variables[var].dtype, f"{shared.FILE_PREFIX}{method}{SEP}{var}", where)
-        self.state_tensors = state_tensors
+            lp.tensors = per_layer[lp.key]
 
     # ------------------------------------------------------------------
     # Apply
@@ -384,68 +282,65 @@ class Plan:
 
     def apply(self, init, fill=None):
         """Attach, initialize or `fill`, swap and freeze (all or nothing),
-        then move the frozen bases into their storage (see `_convert_bases`)."""
+        then move the frozen bases into their storage (see `_convert_bases`).
+
+        Each step that changes the model records how to undo it in one
+        `UndoLog`; if a step fails, the log puts everything back, the last
+        step first, and the error is raised again."""
         model = self.model
-        flags = trainable_flags(model)
-        attached, swapped, snapshots, new_states, state_snaps = [], [], [], [], []
-        pending, full_snaps = [], []
-        gates = [(g, _compat.copy_value(g)) for _, st in named.sets(model) for g in st._gates.values()]
+        log = UndoLog()
         n_svd = sum(1 for lp in self.layers if lp.adapter.uses_svd and not lp.existing)
         with svd.progress(n_svd if init or fill is not None else 0):
             try:
-                self._apply_layers(init, fill, attached, snapshots, new_states, state_snaps, pending)
-                for var, value in self.full_tensors:  # layers the file trains in full
-                    full_snaps.append((var, _compat.copy_value(var)))
-                    var.assign(value)
-                placed = {}
-                for lp in self.layers:
-                    if lp.existing:
-                        continue
-                    if lp.adapter_name is None:
-                        tree.replace_layer(model, lp.entry, lp.adapter)
-                        back = tree.Entry(lp.path, lp.adapter, lp.entry.parents, lp.key)
-                        swapped.append(lambda back=back, lp=lp: tree.replace_layer(model, back, lp.entry.layer))
-                    else:
-                        self._place_member(lp, placed, swapped)
-                if self.active is not None:
-                    for e in tree.walk(model):
-                        if tree.is_adapter(e.layer) and e.holder is None:
-                            self._new_set(e, None, swapped)  # unnamed: "default"
-                freeze(model, self.trainable_layers)
-                if self.active is not None:
-                    named.activate(model, self.active)
-                mark_adapted(model, self.trainable_layers)
+                pending = self._apply_steps(init, fill, log)
             except BaseException:
-                for undo in reversed(swapped):
-                    undo()
-                for g, value in gates:
-                    g.assign(value)
-                for a in reversed(attached):
-                    a.detach()
-                for a, snap in snapshots:
-                    a.restore(snap)
-                for state, values in state_snaps:
-                    for name, var in state.file_state().items():
-                        var.assign(values[name])
-                for var, value in full_snaps:
-                    var.assign(value)
-                for method in new_states:
-                    shared.detach(model, method)
-                restore_trainable_flags(flags)
+                log.rollback()
                 mark_adapted(model)
                 compiled.after_change(model)
                 raise
-            for a in attached:
-                a.commit()
-            # what a rollback needed pins every float layer: let it go
-            flags = swapped = snapshots = state_snaps = attached = gates = full_snaps = None
+            # the adapters forget what an undo needed, which pins every float layer
+            log.commit()
             try:
                 self._convert_bases(pending, init)
             finally:
                 compiled.after_change(model)
         return [lp.adapter for lp in self.layers]
 
-    def _new_set(self, spot, lp, undo):
+    def _apply_steps(self, init, fill, log):
+        """Every step of `apply` before the bases move, each recorded in
+        `log`; returns the `(layer plan, converter)` of the bases to move."""
+        model = self.model
+        log.record(functools.partial(freezing.restore_trainable_flags, freezing.trainable_flags(model)))
+        for _, s in adapter_set.sets(model, self.entries):
+            log.record(functools.partial(s.restore_gates, s.gate_values()))
+        pending = self._apply_layers(init, fill, log)
+        for var, value in self.full_tensors:  # layers the file trains in full
+            log.record(functools.partial(var.assign, _compat.copy_value(var)))
+            var.assign(value)
+        placed = {}
+        for lp in self.layers:
+            if lp.existing:
+                continue
+            if lp.adapter_name is None:
+                tree.replace_layer(model, lp.entry, lp.adapter)
+                back = tree.Entry(lp.path, lp.adapter, lp.entry.parents, lp.key)
+                log.record(functools.partial(tree.replace_layer, model, back, lp.entry.layer))
+            else:
+                self._place_member(lp, placed, log)
+        entries = tree.walk(model)
+        if self.active is not None:
+            unnamed = [e for e in entries if tree.is_adapter(e.layer) and e.holder is None]
+            for e in unnamed:
+                self._new_set(e, None, log)  # unnamed: "default"
+            if unnamed:
+                entries = tree.walk(model)
+        freezing.freeze(model, self.trainable_layers, entries)
+        if self.active is not None:
+            adapter_set.activate(adapter_set.sets(model, entries), self.active)
+        mark_adapted(model, self.trainable_layers, entries)
+        return pending
+
+    def _new_set(self, spot, lp, log):
         """An `AdapterSet` in place of `spot`'s layer: an unnamed adapter
         (it becomes the adapter "default") or the frozen layer `lp`'s new
         adapter was just attached to (its activation moved onto it)."""
@@ -453,10 +348,10 @@ class Plan:
         owner = current if tree.is_adapter(current) else lp.adapter
         frozen = current.layer if tree.is_adapter(current) else current
         activation, regularizer = owner.activation, owner.activity_regularizer
-        members = {named.DEFAULT: current} if tree.is_adapter(current) else {}
+        members = {adapter_set.DEFAULT: current} if tree.is_adapter(current) else {}
         with tree.path_scope(spot.path):
-            new = named.AdapterSet(frozen, members=members, active=[], activation=activation,
-                                   activity_regularizer=regularizer)
+            new = adapter_set.AdapterSet(frozen, members=members, active=[], activation=activation,
+                                         activity_regularizer=regularizer)
             new.build(None)
         shapes = _compat.build_shapes(frozen)
         if shapes:
@@ -470,63 +365,74 @@ class Plan:
                 new.remove_member(name)
             owner.activation, owner.activity_regularizer = activation, regularizer
 
-        undo.append(back)
+        log.record(back)
         return new
 
-    def _place_member(self, lp, placed, undo):
+    def _place_member(self, lp, placed, log):
         """Put the named adapter of `lp` into the set at its layer (made on
         the first named adapter there)."""
         holder = placed.get(lp.spot.key)
         if holder is None:
             current = lp.spot.layer
-            holder = current if tree.is_adapter_set(current) else self._new_set(lp.spot, lp, undo)
+            holder = current if tree.is_adapter_set(current) else self._new_set(lp.spot, lp, log)
             placed[lp.spot.key] = holder
         lp.adapter.activation, lp.adapter.activity_regularizer = keras.activations.linear, None
         with tree.path_scope(lp.spot.path):
             holder.add_member(lp.adapter_name, lp.adapter, active=False)
+        log.record(functools.partial(holder.remove_member, lp.adapter_name))
+        log.record(functools.partial(setattr, holder, "adapter_enabled", holder.adapter_enabled))
         holder.adapter_enabled = lp.enabled
-        undo.append(lambda: holder.remove_member(lp.adapter_name) and None)
 
-    def _apply_layers(self, init, fill, attached, snapshots, new_states, state_snaps, pending):
-        """Model-level states, then each layer: attach, init or fill."""
+    def _apply_layers(self, init, fill, log):
+        """Model-level states, then each layer: attach, init or fill (each
+        recorded in `log`). Returns the `(layer plan, converter)` of the
+        bases to move into another storage."""
         model = self.model
         for method, (state, is_new) in self.states.items():
-            tensors = getattr(self, "state_tensors", {}).get(method)
+            tensors = self.state_tensors.get(method)
             if is_new:
                 if init or tensors is None:
                     state.initialize()
                 shared.attach(model, state)
-                new_states.append(method)
+                log.record(functools.partial(shared.detach, model, method))
             elif tensors is not None:
-                state_snaps.append((state, {k: _compat.copy_value(v) for k, v in state.file_state().items()}))
+                log.record(functools.partial(_restore_state, state, {
+                    k: _compat.copy_value(v) for k, v in state.file_state().items()}))
             if tensors is not None:
                 for name, var in state.file_state().items():
                     var.assign(tensors[name])
+        pending = []
         for lp in self.layers:
             with svd.layer_label(lp.path):
-                self._apply_layer(lp, init, fill, attached, snapshots, pending)
+                convert = self._apply_layer(lp, init, fill, log)
+            if convert is not None:
+                pending.append((lp, convert))
+        return pending
 
     @staticmethod
-    def _apply_layer(lp, init, fill, attached, snapshots, pending):
+    def _apply_layer(lp, init, fill, log):
+        """Attach (or, for an adapter already in the model, snapshot) and
+        init or fill one adapter; returns the converter of its base, if it
+        moves into another storage."""
         a = lp.adapter
         if lp.existing:
-            snapshots.append((a, a.snapshot()))
+            log.record(functools.partial(a.restore, a.snapshot()))
             if fill is not None:
                 fill(lp)
-            return
+            return None
         convert = None
         if bases.base_kind(a.layer) != lp.base and lp.base != "float":
             convert = bases.converter(lp.base, lp.double_quant)
+        # `detach` puts back whatever part of `attach` ran
+        log.record(a.detach, commit=a.commit)
         with tree.path_scope(lp.path):
             # a base to convert is initialized in `_convert_bases`, on its
             # full-precision kernel or its new storage as the method needs
             a.attach(init=init and convert is None)
-        attached.append(a)
         if fill is not None:
             fill(lp)
-        if convert is not None:
-            pending.append((lp, convert))
         a.merged, a.adapter_enabled = lp.merged, lp.enabled
+        return convert
 
     def _convert_bases(self, pending, init):
         """Move each frozen base into its storage (NF4, Keras int8/int4), one
@@ -557,7 +463,7 @@ class Plan:
         for i, (lp, convert) in enumerate(pending):
             a = lp.adapter
             if bases.base_kind(a.layer) == lp.base:
-                svd._tick(lp.path, kind="quantize")
+                svd.tick(lp.path, kind="quantize")
                 continue  # moved with another named adapter on the same layer
             unfreed += bases.kernel_bytes(a.layer)
             old_variables = list(a.layer.variables)
@@ -578,153 +484,7 @@ class Plan:
             if unfreed >= GC_BYTES:  # a collection costs time: not for small kernels
                 gc.collect()
                 unfreed = 0
-            svd._tick(lp.path, kind="quantize")
-
-
-SEP = "::"
-#: prefix of the tensors of layers trained in full, in adapter files
-#: (`+<layer key>::<variable name>`)
-FULL_PREFIX = "+"
-
-
-def _inside(entry, roots):
-    return any(entry.path == r.path or entry.path.startswith(r.path + "/") for r in roots)
-
-
-def full_variables(model):
-    """`{tensor name: variable}` of what `model` trains in full besides its
-    adapters: the layers its `trainable_layers` patterns name (the task's
-    own layers included), each non-adapter layer inside them with its own
-    trainable variables, named `+<layer key>::<variable name>`."""
-    pats = targeting.patterns(getattr(model, "_klr_trainable_layers", None), "trainable_layers")
-    if not pats:
-        return {}
-    entries = tree.walk(model)
-    roots = [e for p in pats for e in entries if p.matches(e)]
-    out = {}
-    for e in entries:
-        if tree.is_adapter(e.layer) or tree.is_adapter_set(e.layer) or not _inside(e, roots):
-            continue
-        for var in _compat.created_trainable(e.layer):
-            if var.trainable:
-                out[f"{FULL_PREFIX}{e.key}{SEP}{var.name}"] = var
-    return out
-
-
-def _full_tensors(entries, sources, tensors, where):
-    """`[(variable, value)]` for an adapter file's `+<key>::<name>` tensors:
-    each names a variable of a layer inside the file's `trainable_layers`,
-    with its shape, as a float tensor."""
-    if not tensors:
-        return []
-    pats = targeting.patterns(sources, "trainable_layers")
-    roots = [e for p in pats for e in entries if p.matches(e)]
-    by_key = {e.key: e for e in entries}
-    out = []
-    for name, value in tensors.items():
-        key, sep, var_name = name[len(FULL_PREFIX):].rpartition(SEP)
-        entry = by_key.get(key)
-        if not sep or entry is None or tree.is_adapter(entry.layer) or not _inside(entry, roots):
-            raise ValueError(
-                f"{where}: tensor {name!r} belongs to no layer the file trains in full "
-                f"(its trainable_layers: {sources})."
-            )
-        found = [v for v in _compat.created_trainable(entry.layer) if v.name == var_name]
-        if len(found) != 1:
-            raise ValueError(f"{where}: layer {entry.path!r} has no variable {var_name!r} (tensor {name!r}).")
-        if tuple(value.shape) != tuple(found[0].shape):
-            raise ValueError(
-                f"{where}: tensor {name!r} has shape {tuple(value.shape)}; layer "
-                f"{entry.path!r} needs {tuple(found[0].shape)}."
-            )
-        _check_kind(value, found[0].dtype, name, where)
-        out.append((found[0], value))
-    return out
-#: float kernel bytes converted between two garbage collections in
-#: `Plan._convert_bases` (the process holds at most this much more)
-GC_BYTES = 16 << 20
-
-
-def _shape_fits(shape, want):
-    """Whether a file tensor's `shape` is the `want`ed one (`None`: any size)."""
-    return len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want))
-
-
-def _check_kind(value, dtype, name, where):
-    """A file tensor goes into a variable of the same kind (float or int),
-    never cast across: an int or bool tensor for a float variable is an
-    error, not a silent conversion."""
-    want = "f" if "float" in str(dtype) else "i"
-    have = {"f": "f", "i": "i", "u": "i"}.get(value.dtype.kind, value.dtype.kind)
-    if have != want:
-        raise ValueError(
-            f"{where}: tensor {name!r} has dtype {value.dtype}; the variable it "
-            f"loads into is {dtype} (nothing was loaded)."
-        )
-
-
-def _rerooted(model, entries, config, tensors, where):
-    """`(config, tensors)` with the layer keys of a file saved from a
-    KerasHub task model moved onto its backbone, or the reverse: a file
-    saved from `lm.backbone` loads onto `lm` and one saved from `lm` onto
-    `lm.backbone` (keys that all exist are kept as they are)."""
-    keys = {e.key for e in entries}
-    names = list(config["layers"])
-
-    def found(name):
-        return name in keys or ("@" in name and name.rpartition("@")[0] in keys)
-
-    if not names or all(found(n) for n in names):
-        return config, tensors
-    move = None
-    backbone = getattr(model, "backbone", None)
-    prefix = next((e.key for e in entries if e.layer is backbone), None) if backbone is not model else None
-    if prefix and all(found(f"{prefix}/{n}") for n in names):
-        def move(key):
-            return f"{prefix}/{key}"
-    else:
-        first = {n.split("/")[0] for n in names}
-        head = first.pop() if len(first) == 1 else None
-        if head and all("/" in n and found(n[len(head) + 1:]) for n in names):
-            full = sorted(n for n in (tensors or {}) if n.startswith(FULL_PREFIX)
-                          and not n[len(FULL_PREFIX):].startswith(head + "/"))
-            if full:
-                trained = sorted({n[len(FULL_PREFIX):].rpartition(SEP)[0] for n in full})
-                raise ValueError(
-                    f"{where} was saved from a task model around a backbone, and it trains "
-                    f"the task's own layers {trained} in full, "
-                    f"which {model.name!r} does not have: load it onto the task model, or "
-                    "save the backbone's adapters alone with save_adapter(task.backbone, path)."
-                )
-
-            def move(key):
-                return key[len(head) + 1:]
-    if move is None:
-        return config, tensors
-    config = dict(config, layers={move(k): v for k, v in config["layers"].items()})
-    if tensors is not None:
-        def rename(name):
-            if name.startswith(shared.FILE_PREFIX):
-                return name
-            if name.startswith(FULL_PREFIX):
-                return FULL_PREFIX + move(name[len(FULL_PREFIX):])
-            return move(name)
-
-        tensors = {rename(n): v for n, v in tensors.items()}
-    return config, tensors
-
-
-def task_entries(model, entries):
-    """The layers a KerasHub task adds around its backbone that hold
-    weights (a classifier's head), as top-level entries of `entries`; none
-    for any other model. A causal LM's head is its backbone's tied
-    embedding, so it has none."""
-    backbone = getattr(model, "backbone", None)
-    if not isinstance(backbone, keras.layers.Layer) or backbone is model:
-        return []
-    inside = {id(layer) for layer in backbone._flatten_layers()}
-    return [e for e in entries if "/" not in e.path and id(e.layer) not in inside
-            and not isinstance(e.layer, keras.layers.InputLayer) and e.layer.weights]
+            svd.tick(lp.path, kind="quantize")
 
 
 def check_model(model):
@@ -768,7 +528,7 @@ def _new_layer(entry, spec, options, base, double_quant, label, where=None, name
         raise ValueError(f"Layer {path!r}: {e}") from None
     options = spec.validate_options(options, label)
     adapter = spec.layer_class(layer, **options) if name is None else spec.layer_class(layer, name=name, **options)
-    adapter._managed = True
+    adapter.managed_by_plan()
     adapter.check_geometry(geometry, path)
     return LayerPlan(entry, spec, options, base, double_quant, adapter=adapter, geometry=geometry)
 
@@ -780,7 +540,7 @@ def _new_member(spot, spec, options, base, double_quant, name, where=None):
     if tree.is_adapter_set(layer):
         frozen, present = layer.layer, dict(layer.members)
     elif tree.is_adapter(layer):
-        frozen, present = layer.layer, {named.DEFAULT: layer}
+        frozen, present = layer.layer, {adapter_set.DEFAULT: layer}
     else:
         frozen, present = layer, {}
     if name in present:
@@ -845,55 +605,6 @@ def _existing_layer(entry, spec, options, where, loading):
                      adapter_name=entry.adapter_name)
 
 
-def _saved_fields(raw, name, version, where):
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: the entry of layer {name!r} is not a mapping.")
-    raw = dict(raw)
-    if version >= 2:
-        unknown = sorted(set(raw) - set(_LAYER_FIELDS))
-        if unknown:
-            raise ValueError(f"{where}: layer {name!r} has unknown fields {unknown}.")
-        options = raw.get("options", {})
-        if not isinstance(options, dict):
-            raise ValueError(f"{where}: the options of layer {name!r} are not a mapping.")
-    else:  # format 1: the options beside the other fields
-        options = {k: v for k, v in raw.items() if k not in _LAYER_FIELDS}
-    shape = raw.get("kernel_shape")
-    if shape is not None and (
-        not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)
-    ):
-        raise ValueError(f"{where}: layer {name!r} has a malformed kernel_shape {shape!r}.")
-    return {
-        "method": raw.get("method"),
-        "base": raw.get("base", "float"),
-        "double_quant": raw.get("double_quant", True),
-        "merged": raw.get("merged", False),
-        "enabled": raw.get("enabled", True),
-        "adapter_name": raw.get("adapter_name"),
-        "kernel_shape": shape,
-        "options": options,
-    }
-
-
-def _missing_layer_message(where, name, version, model, entries):
-    if version >= 2:
-        return (
-            f"{where} was saved for a different model: it names layer {name!r} "
-            f"(a layer key: names given by you or the library, positions where "
-            f"Keras made the name up), which {model.name!r} does not have. "
-            f"Layer keys that exist: {sorted(e.key for e in entries)}."
-        )
-    return (
-        f"{where} was saved for a different model: it names layer {name!r}, which "
-        f"{model.name!r} does not have. Layer paths that exist: "
-        f"{sorted(e.path for e in entries)}. (This file is in format 1, which keyed "
-        "layers by their names, including names Keras made up and numbers per "
-        "process: load it onto a model whose layers have those names, e.g. built "
-        "first in a fresh process, then save it again with this version, whose "
-        "keys do not depend on such names.)"
-    )
-
-
 def _pattern_sources(pats):
     if not pats:
         return None
@@ -901,100 +612,35 @@ def _pattern_sources(pats):
             for p in pats]
 
 
-# ----------------------------------------------------------------------
-# Freezing
-def trainable_flags(model):
-    layers = tree.all_layers_with_root(model)
-    return (
-        [(layer, layer.trainable) for layer in layers],
-        [(v, v.trainable) for layer in layers for v in _compat.created_trainable(layer)],
-    )
+def _saved_layer(saved, where, loading):
+    """The layer plan of a `saved_plan.SavedLayer` (`loading`: an adapter
+    file, with its tensors)."""
+    entry, spot, spec, options, fields = saved.entry, saved.spot, saved.spec, saved.options, saved.fields
+    if entry is not None and tree.is_adapter(entry.layer):
+        lp = _existing_layer(entry, spec, options, where, loading)
+    else:
+        if loading and fields["merged"]:
+            raise ValueError(f"{where}: layer {saved.here!r} is saved as merged.")
+        if saved.adapter_name is None and not tree.is_adapter_set(entry.layer):
+            lp = _new_layer(entry, spec, options, fields["base"], fields["double_quant"], entry.path, where)
+        else:
+            lp = _new_member(entry or spot, spec, options, fields["base"], fields["double_quant"],
+                             saved.adapter_name or adapter_set.DEFAULT, where)
+    lp.merged, lp.enabled = fields["merged"], fields["enabled"]
+    return lp
 
 
-def restore_trainable_flags(flags):
-    layer_flags, var_flags = flags
-    for layer, value in layer_flags:
-        layer.trainable = value
-    for v, value in var_flags:
-        v.trainable = value
-
-
-def freeze(model, trainable_layers=None):
-    """Freeze everything but the adapters (and the layers the user names)."""
-    entries = tree.walk(model)
-    keep = targeting.matching_entries(
-        entries, targeting.patterns(trainable_layers, "trainable_layers"), "trainable_layers"
-    )
-    model.trainable = True
-    for layer in [model] + [e.layer for e in entries]:
-        if tree.is_adapter(layer):
-            continue
-        for v in _compat.created_trainable(layer):
-            v.trainable = False
-    for entry in keep:
-        entry.layer.trainable = True
-        for sub in [entry.layer] + [e.layer for e in tree.walk(entry.layer, into_adapters=True)]:
-            for v in _compat.created_trainable(sub):
-                v.trainable = True
-    for entry in entries:
-        if tree.is_adapter(entry.layer):
-            entry.layer.trainable = True
-            entry.layer.freeze_base()
-    for entry in entries:
-        if tree.is_adapter_set(entry.layer):
-            entry.layer.apply_trainable()
+def _restore_state(state, values):
+    for name, var in state.file_state().items():
+        var.assign(values[name])
 
 
 # ----------------------------------------------------------------------
-# The model remembers its plan across `.keras` round trips
-def adapters(model):
-    """`(path, adapter layer)` for every adapter in `model`."""
-    return [(e.path, e.layer) for e in tree.walk(model) if tree.is_adapter(e.layer)]
-
-
-def plan_config(model):
-    """The saved form of the model's adapters, keyed by layer key. The
-    matrix, trainable and parameter counts are for readers of the file
-    (`keras-lowrank inspect`); loading ignores them."""
-    layers = {}
-    for e in tree.walk(model):
-        a = e.layer
-        if not tree.is_adapter(a):
-            continue
-        cfg = {
-            "path": e.path,
-            "method": a.method,
-            "base": bases.base_kind(a.layer),
-            "double_quant": getattr(a.layer, "double_quant", True),
-            "merged": a.merged,
-            "enabled": a.adapter_enabled,
-            "options": a.options(),
-            "kernel_shape": list(a.geometry.kernel_shape),
-            "equation": a.geometry.equation,
-            "matrix": a.geometry.matrix_text(),
-            "trainable": int(a.trainable_count()),
-        }
-        if e.holder is not None:
-            cfg["adapter_name"] = e.adapter_name
-            cfg["enabled"] = e.holder.adapter_enabled
-        layers[e.key] = cfg
-    return {
-        "format_version": FORMAT_VERSION,
-        "layers": layers,
-        "shared": {m: dict(st.state_config) for m, st in shared.states(model).items()},
-        "active": named.active_adapters(model) if named.has_named(model) else None,
-        "trainable_layers": getattr(model, "_klr_trainable_layers", None),
-        "total_params": bases.count_params(model),
-        "trainable_params": bases.count_params(model, trainable_only=True),
-    }
-
-
-_ADAPTED_CLASSES = {}
-
-
+# Reading a `.keras` file
 @keras.saving.register_keras_serializable(package="keras_lowrank", name="AdaptedModel")
 class AdaptedModel:
-    """Deserializer of models that carry adapters.
+    """Deserializer of models that carry adapters (what the name they
+    serialize as, `adapted_model.REGISTERED_NAME`, resolves to).
 
     Loading rebuilds the original model, then re-applies the adapters
     (structure only; the variables come from the file).
@@ -1015,98 +661,3 @@ class AdaptedModel:
 
     def get_config(self):
         return {}
-
-
-def _adapted_class(base_cls):
-    if getattr(base_cls, "_klr_base_class", None) is not None:
-        return base_cls
-    cls = _ADAPTED_CLASSES.get(base_cls)
-    if cls is not None:
-        return cls
-
-    def get_config(self):
-        adapted = type(self)
-        self.__class__ = adapted._klr_base_class
-        try:
-            base = keras.saving.serialize_keras_object(self)
-        finally:
-            self.__class__ = adapted
-        base.pop("compile_config", None)
-        return {"base": base, "adapters": plan_config(self)}
-
-    def from_config(klass, config, custom_objects=None):
-        return AdaptedModel.from_config(config, custom_objects)
-
-    def compile(self, *args, **kwargs):
-        base_cls.compile(self, *args, **kwargs)
-        training.after_compile(self)
-
-    def compile_from_config(self, config):
-        # Keras skips this for a class that overrides compile(); ours only
-        # adds the adapters' optimizer parts, so do what Keras would do for
-        # the base class.
-        if base_cls.compile is not keras.Model.compile:
-            return base_cls.compile_from_config(self, config)
-        self.compile(**keras.saving.deserialize_keras_object(config))
-        if self.built and getattr(self, "optimizer", None) is not None:
-            self.optimizer.build(self.trainable_variables)
-
-    def weights(self):
-        return shared.with_state_variables(self, base_cls.weights.fget(self), "weights")
-
-    def variables(self):
-        return shared.with_state_variables(self, base_cls.variables.fget(self), "variables")
-
-    def call(self, *args, **kwargs):
-        training_flag = kwargs.get("training")
-        if training_flag is None:
-            training_flag = _compat.call_context_training()
-        shared.begin_call(self, bool(training_flag))
-        return base_cls.call(self, *args, **kwargs)
-
-    cls = type(
-        base_cls.__name__,
-        (base_cls,),
-        {
-            "get_config": get_config,
-            "from_config": classmethod(from_config),
-            "compile": compile,
-            "compile_from_config": compile_from_config,
-            "call": call,
-            "weights": property(weights, doc=base_cls.weights.__doc__),
-            "variables": property(variables, doc=base_cls.variables.__doc__),
-            "_klr_base_class": base_cls,
-            # Not the base class's module: Keras imports a keras/keras_hub
-            # module named in a file and would find the plain class there,
-            # which cannot read this config. Named here, a file loaded
-            # without `import keras_lowrank` fails with Keras's "make sure
-            # custom classes are imported" and this module's name.
-            "__module__": __name__,
-            "__qualname__": base_cls.__qualname__,
-            "__doc__": base_cls.__doc__,
-        },
-    )
-    keras.saving.register_keras_serializable("keras_lowrank", "AdaptedModel")(cls)
-    # Keep the name resolving to the generic deserializer.
-    keras.saving.register_keras_serializable("keras_lowrank", "AdaptedModel")(AdaptedModel)
-    _ADAPTED_CLASSES[base_cls] = cls
-    return cls
-
-
-def mark_adapted(model, trainable_layers=dataclasses.MISSING):
-    """Give `model` the class that serializes its adapters (or take it back
-    when none is left)."""
-    if trainable_layers is not dataclasses.MISSING:
-        object.__setattr__(model, "_klr_trainable_layers", trainable_layers)
-    found = adapters(model)
-    has = bool(found)
-    in_use = {a.method for _, a in found}
-    for method in list(shared.states(model)):
-        if method not in in_use:
-            shared.detach(model, method)
-    base_cls = getattr(type(model), "_klr_base_class", None)
-    if has and base_cls is None:
-        model.__class__ = _adapted_class(type(model))
-    elif not has and base_cls is not None:
-        model.__class__ = base_cls
-

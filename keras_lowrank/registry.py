@@ -1,8 +1,8 @@
 """The method registry: one `Method` object per adapter method.
 
-A method is declared once, beside its code (each module of
-`keras_lowrank.methods` ends with `register(Method(...))`), and everything
-else reads that declaration:
+A method is declared once, on its layer class (`@registry.method(summary,
+...)` in its module of `keras_lowrank.methods`), and everything else reads
+that declaration:
 
 - its typed options are its layer class's `OPTIONS` (`keras_lowrank.options`):
   validation, `get_config`, the summary and the docs' option tables all come
@@ -21,12 +21,10 @@ else reads that declaration:
 """
 
 import dataclasses
-import os
-import pprint
 from typing import Any
 from typing import Callable
 
-import keras_lowrank_cli
+import keras_lowrank_cli_common
 from keras_lowrank import options as opt
 
 #: frozen-base storages a method composes with unless it says otherwise
@@ -58,8 +56,16 @@ class Method:
     #: `total_steps`): what a minimal example passes; the contract suite
     #: uses them
     example_options: dict = dataclasses.field(default_factory=dict)
-    #: section of the method spec it implements
-    spec: str = ""
+    #: the NumPy statement of its formula the adapter-contract suite checks
+    #: the layer against: `reference(adapter, w)` is the merged matrix view
+    #: (float64) for the base matrix `w`, from the layer's own variables
+    #: (`keras_lowrank.methods.reference`)
+    reference: Callable = None
+    #: its PEFT adapter type (a `keras_lowrank.peft_codec.Format`), if PEFT
+    #: has it: how PEFT directories load into it and it is written to them
+    peft: Any = None
+    #: where the method comes from (a paper's address)
+    paper: str = ""
     status: str = "stable"
 
     @property
@@ -102,6 +108,86 @@ def register(method):
         )
     _REGISTRY[method.name] = method
     return method
+
+
+def method(summary, trainable_count=None, **declaration):
+    """Class decorator: register the decorated adapter layer class as the
+    method its `method` attribute names, with `summary` (one line: what it
+    trains), its trainable-parameter formula (default: LoRA's
+    `r (n_in + n_out)`) and the other `Method` fields.
+
+    Examples:
+
+        >>> import keras
+        >>> from keras_lowrank import registry
+        >>> from keras_lowrank.methods.lora import LoRA
+        >>> @registry.method("LoRA at twice the scale (an example)")
+        ... @keras.saving.register_keras_serializable(package="klr_docs")
+        ... class DoubleLoRA(LoRA):
+        ...     method = "double_lora_example"
+        >>> registry.get("double_lora_example").layer_class is DoubleLoRA
+        True
+        >>> registry.unregister("double_lora_example")
+    """
+
+    def decorate(cls):
+        register(Method(
+            name=cls.method, layer_class=cls, summary=summary,
+            trainable_count=lowrank_count if trainable_count is None else trainable_count,
+            **declaration,
+        ))
+        return cls
+
+    return decorate
+
+
+def unregister(name):
+    """Take method `name` out of the registry (for methods made in tests or
+    examples)."""
+    _REGISTRY.pop(name, None)
+
+
+def peft_formats():
+    """`{PEFT adapter type: Format}` of every registered method that has one."""
+    out = {}
+    for m in _REGISTRY.values():
+        if m.peft is not None:
+            out.setdefault(m.peft.peft_type, m.peft)
+    return out
+
+
+#: the plain-LoRA form (`save_adapter(..., as_lora=True)`, PEFT's LoRA,
+#: `combine`): a method that can be written as a LoRA lists it in its
+#: `export_forms`
+LORA_FORM = "lora"
+
+#: the method `enable_adapter` uses when none is named
+DEFAULT_METHOD = LORA_FORM
+
+_FORMS = {}
+
+
+def export_form(name):
+    """Decorator: register `fn(adapter) -> (method, state, options)` as the
+    export form `name`: the method an adapter is written as, its file
+    state and its options (declared by the method the form writes)."""
+
+    def decorate(fn):
+        _FORMS[name] = fn
+        return fn
+
+    return decorate
+
+
+def convert(adapter, form, where):
+    """`(method, state, options)`: `adapter` in the export form `form`, or a
+    `ValueError` naming `where` when its method has no such form."""
+    if form not in get(adapter.method).export_forms:
+        raise ValueError(
+            f"{where} has a {adapter.method!r} adapter, which has no {form} form; "
+            "save it as it is."
+        )
+    return _FORMS[form](adapter)
 
 
 def get(name):
@@ -189,7 +275,7 @@ class MethodInfo:
         }
 
     def __str__(self):
-        return keras_lowrank_cli.format_method(self.to_dict())
+        return keras_lowrank_cli_common.format_method(self.to_dict())
 
 
 def method_info(name):
@@ -223,31 +309,5 @@ def method_info(name):
         description=m.summary,
         options=tuple(OptionInfo(o.name, o.default, repr(o.check_fn), o.doc) for o in m.options),
         lr_scale=float(m.lr_scale),
-        as_lora="lora" in m.export_forms,
+        as_lora=LORA_FORM in m.export_forms,
     )
-
-
-#: the file the command line reads `keras-lowrank methods` from
-CATALOG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_catalog.py")
-
-
-def catalog_text():
-    """The source of `keras_lowrank/_catalog.py`: every method's
-    `method_info(...).to_dict()`, which the command line reads without
-    importing Keras."""
-    entries = [method_info(name).to_dict() for name in methods()]
-    return (
-        '"""Every adapter method\'s description and options, for `keras-lowrank\n'
-        "methods`, which reads this file without importing Keras or keras_lowrank.\n\n"
-        "Written by `keras_lowrank.registry.write_catalog()` from the registry; a\n"
-        'test checks it is up to date. Do not edit by hand.\n"""\n\n'
-        f"METHODS = {pprint.pformat(entries, width=100, sort_dicts=False)}\n"
-    )
-
-
-def write_catalog(path=CATALOG_PATH):
-    """Rewrite `keras_lowrank/_catalog.py` from the registry (after a
-    method or an option changed)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(catalog_text())
-    return path

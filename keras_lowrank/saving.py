@@ -24,19 +24,22 @@ import tempfile
 import numpy as np
 from keras import ops
 
-from keras_lowrank import arguments
 from keras_lowrank import adapt
+from keras_lowrank import adapted_model
+from keras_lowrank import arguments
 from keras_lowrank import named
 from keras_lowrank import options as opt
 from keras_lowrank import plan as plan_lib
 from keras_lowrank import registry
+from keras_lowrank import saved_plan
 from keras_lowrank import shared
-from keras_lowrank.plan import SEP
+from keras_lowrank import tree
+from keras_lowrank.saved_plan import SEP
 
 FORMAT = "keras_lowrank.adapter"
 #: "1": layers keyed by path, options beside the other fields;
 #: "2": layers keyed by stable key, options nested
-VERSION = str(plan_lib.FORMAT_VERSION)
+VERSION = str(saved_plan.FORMAT_VERSION)
 
 
 def _np(x):
@@ -79,12 +82,12 @@ def save_adapter(model, path, as_lora=False, adapter_name=None):
     from safetensors.numpy import save_file
 
     arguments.check("save_adapter", "as_lora", as_lora, opt.boolean)
-    found = {e.key: e.layer for e in plan_lib.tree.walk(model) if plan_lib.tree.is_adapter(e.layer)}
+    found = {e.key: e.layer for e in tree.walk(model) if tree.is_adapter(e.layer)}
     if not found:
         raise ValueError(f"Model {model.name!r} has no adapters to save.")
-    config = plan_lib.plan_config(model)
+    config = adapted_model.plan_config(model)
     if adapter_name is not None:
-        named._names_arg(model, [adapter_name], "save_adapter")
+        named.names_arg(model, [adapter_name], "save_adapter")
         config["layers"] = {k: c for k, c in config["layers"].items()
                             if c.get("adapter_name") == adapter_name}
         config["active"] = [adapter_name]
@@ -95,30 +98,16 @@ def save_adapter(model, path, as_lora=False, adapter_name=None):
     for key, cfg in config["layers"].items():
         a = found[key]
         state = a.file_tensors()
-        if as_lora and a.method != "lora":
-            if "lora" not in registry.get(a.method).export_forms:
-                raise ValueError(
-                    f"as_lora=True: layer {cfg['path']!r} has a {a.method!r} adapter, "
-                    "which has no plain-LoRA form; save it as it is."
-                )
-            lora_state, lora = a.as_lora_state()
+        if as_lora:
+            method, lora_state, options = registry.convert(a, registry.LORA_FORM, f"as_lora=True: layer {cfg['path']!r}")
             extra = {k: v for k, v in state.items() if k == "base_bias"}
             state = {**lora_state, **extra}
             converted.add(a.method)
-            cfg["method"] = "lora"
+            cfg["method"], cfg["options"] = method, options
             cfg["trainable"] = int(sum(np.prod(tuple(v.shape)) for v in lora_state.values()))
-            cfg["options"] = {
-                "rank": lora["rank"],
-                "alpha": lora["alpha"],
-                "rslora": lora["rslora"],
-                "init": "kaiming",
-                "dropout": getattr(a, "dropout", 0.0),
-                "train_bias": a.train_bias,
-                "seed": a.seed,
-            }
         for name, value in state.items():
             tensors[f"{key}{SEP}{name}"] = _contiguous(value)
-    for name, var in plan_lib.full_variables(model).items():  # trained in full
+    for name, var in saved_plan.full_variables(model).items():  # trained in full
         tensors[name] = _contiguous(var)
     for method in converted:
         config["shared"].pop(method, None)
@@ -225,7 +214,7 @@ def read_adapter_file(path, tensors=True):
         raise ValueError(f"{name}: the adapter plan is malformed (no 'layers' mapping).")
     if version == "1":
         plan = dict(plan, format_version=1)
-    elif plan.get("format_version") != plan_lib.FORMAT_VERSION:
+    elif plan.get("format_version") != saved_plan.FORMAT_VERSION:
         raise ValueError(f"{name}: the plan's format_version does not match the file's version.")
     if values is not None:
         for key, value in values.items():

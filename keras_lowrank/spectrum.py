@@ -54,7 +54,7 @@ def spectrum(model, targets=None, exclude=None):
     with svd.progress(len(chosen), "Singular values"):
         for e in chosen:
             out[e.path] = svd.singular_values(_matrix(e.layer))
-            svd._tick(e.path)
+            svd.tick(e.path)
     return out
 
 

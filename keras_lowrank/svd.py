@@ -60,7 +60,7 @@ def layer_label(label):
 @contextlib.contextmanager
 def progress(count, title="SVD", kind="svd"):
     """Report each `decompose(..., where=...)` call inside the block (each
-    `_tick(where, kind)` of this `kind`), with the layer's name, when
+    `tick(where, kind)` of this `kind`), with the layer's name, when
     `count` is at least `PROGRESS_FROM`: one line rewritten in place on a
     terminal or in a notebook, about ten lines in a log. Reports of other
     kinds nest (quantizing a model whose inits decompose its kernels)."""
@@ -82,7 +82,9 @@ def _interactive():
     return tty or "ipykernel" in sys.modules
 
 
-def _tick(where, kind="svd"):
+def tick(where, kind="svd"):
+    """One more kernel `where` done, in the innermost `progress` report of
+    this `kind` (none: nothing)."""
     states = [s for s in _progress if s["kind"] == kind]
     if not states:
         return
@@ -228,7 +230,7 @@ def decompose(matrix, rank=None, part="top", niter=None, seed=None, where=None):
         us.append(u.astype(np.float32))
         ss.append(s.astype(np.float32))
         vs.append(v.astype(np.float32))
-    _tick(where)
+    tick(where)
 
     def stack(parts, tail):
         return np.stack(parts).reshape(batch + tail)

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny models of every kind, and a NumPy restatement of
-each method's formula for the adapter contract."""
+"""Shared fixtures: tiny models of every kind, and the NumPy matrix view
+the adapter contract restates each method's formula in."""
 
 import os
 
@@ -82,7 +82,8 @@ def perturb(adapter, scale=0.3, seed=0):
 
 
 # ----------------------------------------------------------------------
-# Independent NumPy statement of the matrix view and of every method.
+# Independent NumPy statement of the matrix view (each method's own formula
+# is its registered `reference`).
 def np_matricize(equation, kernel):
     inp, rest = equation.split(",")
     ker, out = rest.split("->")
@@ -100,142 +101,15 @@ def np_matricize(equation, kernel):
     return w, back
 
 
-def _v(adapter, name):
-    return to_np(adapter._adapter_vars[name]).astype("float64")
+def _references():
+    """`{method: reference}`: each method's NumPy statement of its formula,
+    which it registers beside its code (`keras_lowrank.methods.reference`)."""
+    from keras_lowrank import registry
+
+    return {name: registry.get(name).reference for name in keras_lowrank.methods()}
 
 
-def factor_a(adapter, name="lora_a"):
-    """`A` in Keras layout (n_in, r); the variable stores `Aᵀ` (r, n_in)."""
-    return np.swapaxes(_v(adapter, name), -1, -2)
-
-
-def _col_norm(m):
-    return np.sqrt((m**2).sum(axis=0))
-
-
-def ref_lora(adapter, w):
-    return w + adapter.scaling * factor_a(adapter) @ _v(adapter, "lora_b")
-
-
-def ref_dora(adapter, w):
-    v = w + adapter.scaling * factor_a(adapter) @ _v(adapter, "lora_b")
-    return _v(adapter, "magnitude")[None, :] * v / _col_norm(v)[None, :]
-
-
-def ref_dylora(adapter, w):
-    """spec §4: K + (alpha/ℓ) A[:, :ℓ] B[:ℓ] at the inference rank ℓ."""
-    ell = adapter.eval_rank()
-    a = factor_a(adapter)[:, :ell]
-    return w + (adapter.alpha / ell) * a @ _v(adapter, "lora_b")[:ell]
-
-
-def ref_vera(adapter, w):
-    """spec §9: K + A diag(d) B diag(b), A and B sliced from the shared pair."""
-    n_in, n_out = w.shape
-    a = to_np(adapter.shared_state().vera_a).astype("float64")[:n_in]
-    b = to_np(adapter.shared_state().vera_b).astype("float64")[:, :n_out]
-    d = _v(adapter, "vera_lambda_d")
-    bv = _v(adapter, "vera_lambda_b")
-    return w + (a * d[None, :]) @ b * bv[None, :]
-
-
-def ref_lora_fa(adapter, w):
-    """spec §3: K + s A B (A frozen; the layer is LoRA's)."""
-    return ref_lora(adapter, w)
-
-
-def ref_delta_lora(adapter, w):
-    """spec §7: K_t + s A B with K_t = K + λ s (A B − A_start B_start) once
-    the step count is past start_step."""
-    ab = factor_a(adapter) @ _v(adapter, "lora_b")
-    out = w + adapter.scaling * ab
-    steps = int(to_np(adapter.shared_state().steps))
-    if steps > adapter.start_step:
-        ab0 = factor_a(adapter, "delta_a0") @ _v(adapter, "delta_b0")
-        out = out + adapter.update_ratio * adapter.scaling * (ab - ab0)
-    return out
-
-
-def ref_adalora(adapter, w):
-    """spec §6: K + c A diag(λ) B, c = alpha / (r + 1e-5)."""
-    c = adapter.alpha / (adapter.rank + 1e-5)
-    return w + c * (factor_a(adapter) * _v(adapter, "lora_e")[..., None, :]) @ _v(adapter, "lora_b")
-
-
-def ref_lora_drop(adapter, w):
-    """spec §12: K + s A B with the layer's own pair or its shape's tied pair."""
-    a_t, b = (to_np(v).astype("float64") for v in adapter.pair())
-    return w + adapter.scaling * np.swapaxes(a_t, -1, -2) @ b
-
-
-def ref_loha(adapter, w):
-    """spec §10: K + s (P1 Q1) ⊙ (P2 Q2), P = Aᵀ."""
-    p1, p2 = factor_a(adapter, "loha_a1"), factor_a(adapter, "loha_a2")
-    q1, q2 = _v(adapter, "loha_b1"), _v(adapter, "loha_b2")
-    return w + adapter.scaling * (p1 @ q1) * (p2 @ q2)
-
-
-def ref_lokr(adapter, w):
-    """spec §11: K + s kron(F1, F2), each factor full or Aᵀ B."""
-    names = adapter._adapter_vars
-
-    def factor(i):
-        if f"lokr_f{i}" in names:
-            return _v(adapter, f"lokr_f{i}")
-        return factor_a(adapter, f"lokr_a{i}") @ _v(adapter, f"lokr_b{i}")
-
-    return w + adapter.scaling * np.kron(factor(1), factor(2))
-
-
-def ref_svf(adapter, w):
-    """spec §14 (paper form): K + U diag(σ ⊙ (z - 1)) Vᵀ."""
-    u, s, v, z = (_v(adapter, n) for n in ("svf_u", "svf_s", "svf_v", "svf_z"))
-    return w + (u * (s * (z - 1.0))[None, :]) @ v.T
-
-
-def ref_svft(adapter, w):
-    """spec §15: K + sigmoid(g) U M_Ω Vᵀ, repeated positions adding up."""
-    u, v, m = _v(adapter, "svft_u"), _v(adapter, "svft_v"), _v(adapter, "svft_m")
-    rows, cols = to_np(adapter._adapter_vars["svft_index"])
-    dense = np.zeros((u.shape[1], u.shape[1]))
-    np.add.at(dense, (rows, cols), m)
-    gate = 1.0 / (1.0 + np.exp(-_v(adapter, "svft_gate")[0]))
-    return w + gate * u @ dense @ v.T
-
-
-def ref_lora_xs(adapter, w):
-    """spec §18: K + s A_f R B_f."""
-    return w + adapter.scaling * _v(adapter, "xs_a") @ _v(adapter, "xs_r") @ _v(adapter, "xs_b")
-
-
-def ref_svd_training(adapter, w):
-    """spec §19: K_res + U_q diag(σ) V_qᵀ (K_res is the layer's frozen kernel)."""
-    u, s, v = _v(adapter, "st_u"), _v(adapter, "st_s"), _v(adapter, "st_v")
-    return w + (u * s[None, :]) @ v.T
-
-
-# Each registered method must have an entry here: the contract fails for a
-# method without its NumPy statement.
-REFERENCE_MERGED = {
-    "lora": ref_lora,
-    "loraplus": ref_lora,  # LoRA's layer; LoRA+ changes the optimizer only
-    "dora": ref_dora,
-    "dylora": ref_dylora,
-    "pissa": ref_lora,  # K_res + s A B; K_res is the layer's own frozen kernel
-    "olora": ref_lora,  # the same, from a QR init
-    "vera": ref_vera,
-    "milora": ref_lora,  # K_p + s A B from the minor triplets
-    "svf": ref_svf,
-    "svft": ref_svft,
-    "lora_xs": ref_lora_xs,
-    "svd_training": ref_svd_training,
-    "lora_drop": ref_lora_drop,
-    "lora_fa": ref_lora_fa,
-    "delta_lora": ref_delta_lora,
-    "adalora": ref_adalora,
-    "loha": ref_loha,
-    "lokr": ref_lokr,
-}
+REFERENCE_MERGED = _references()
 
 
 #: the SVD-family methods: each fine-tunes a pretrained KerasHub Gemma in

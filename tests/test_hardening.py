@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 import keras_lowrank as kl
+from keras_lowrank import _compat
 from keras_lowrank import bases
 from keras_lowrank import registry
+from keras_lowrank import tree
 
 from conftest import BACKEND
 from conftest import families
@@ -138,10 +140,10 @@ def _base_weights(model):
     """The weights of the model as it was before adapters (kernels, biases,
     embeddings, norms), in model order."""
     out = []
-    for layer in [model] + [e.layer for e in kl.plan.tree.walk(model, into_adapters=True)]:
-        if kl.plan.tree.is_adapter(layer):
+    for layer in [model] + [e.layer for e in tree.walk(model, into_adapters=True)]:
+        if tree.is_adapter(layer):
             continue
-        out.extend(kl.plan._compat.created_trainable(layer))
+        out.extend(_compat.created_trainable(layer))
     return out
 
 
@@ -599,6 +601,45 @@ def test_refused_enable_adapter_changes_nothing(method):
         assert_unchanged(model, before)
     # and the same call with valid arguments still works afterwards
     kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
+
+
+@pytest.mark.parametrize("step", ["init", "freeze", "switch"])
+def test_a_step_that_fails_while_applying_puts_everything_back(step, monkeypatch):
+    """Whatever step of `Plan.apply` fails, its undo log puts the model
+    back: an adapter's initialization (the layer it took over gets its
+    activation back, which it did not before the log), freezing, or
+    switching to the new named adapter."""
+    from keras_lowrank import adapter_set
+    from keras_lowrank import freezing
+
+    model = _small()
+    kl.enable_adapter(model, rank=2, targets=["proj"], adapter_name="a")
+    before = snapshot(model)
+    activations = [getattr(layer, "activation", None) for layer in model._flatten_layers()]
+    y = to_np(model(X5))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    if step == "init":
+        cls = registry.get("pissa").layer_class
+        init, calls = cls.initialize_from_base, []
+
+        def initialize(self):
+            calls.append(self)
+            if len(calls) == 1:
+                fail()
+            return init(self)
+
+        monkeypatch.setattr(cls, "initialize_from_base", initialize)
+    else:
+        monkeypatch.setattr(*((freezing, "freeze") if step == "freeze" else (adapter_set, "activate")), fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        kl.enable_adapter(model, method="pissa", rank=2, targets=["ffn", "proj"], adapter_name="b")
+    assert_unchanged(model, before)
+    assert [getattr(layer, "activation", None) for layer in model._flatten_layers()] == activations
+    assert kl.adapter_names(model) == ["a"] and kl.active_adapters(model) == ["a"]
+    np.testing.assert_array_equal(to_np(model(X5)), y)
 
 
 def test_errors_name_the_option_and_layer():

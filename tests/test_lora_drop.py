@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_lowrank as kl
-from keras_lowrank import drop
+from keras_lowrank.methods.lora_drop import stages as drop
 from keras_lowrank import saving
 
 from conftest import gemma_backbone

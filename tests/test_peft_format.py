@@ -232,7 +232,7 @@ def test_unmapped_module_and_wrong_family(tmp_path):
 
 
 def test_cli_peft_import_and_export(tmp_path):
-    from keras_lowrank import cli
+    import keras_lowrank_cli as cli
 
     hf = _hf_model("gemma", str(tmp_path / "gemma"))
     ad = str(tmp_path / "ad")

@@ -302,7 +302,7 @@ def _reference_on_own_base(adapter, x, method):
     b = to_np(adapter.layer.bias).astype("float64")
     w = to_np(bases.read_kernel(adapter.layer)).astype("float64")
     if method == "dora":
-        from conftest import factor_a
+        from keras_lowrank.methods.reference import factor_a
 
         low = adapter.scaling * (x.astype("float64") @ factor_a(adapter)) @ to_np(adapter.lora_b).astype("float64")
         v = w + adapter.scaling * factor_a(adapter) @ to_np(adapter.lora_b).astype("float64")

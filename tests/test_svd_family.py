@@ -574,7 +574,7 @@ def test_spectrum_matches_numpy_for_dense_einsum_and_adapters(tmp_path):
 
 
 def test_spectrum_cli(tmp_path, capsys):
-    from keras_lowrank import cli
+    import keras_lowrank_cli as cli
 
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="h"), keras.layers.Dense(3, name="out")])
     path = tmp_path / "m.keras"

@@ -777,9 +777,8 @@ def run_server(grid, model_fn, settings, evaluate_fn=None, timeout=3600, model=N
                                    settings.delta, settings.accountant)
     layer_ranks = {}
     for e in exchange._adapter_entries(model):
-        if e.layer.method == "dylora":
-            for name in exchange.DYLORA_FACTORS:
-                layer_ranks[f"{e.key}{exchange.SEP}{name}"] = int(e.layer.rank)
+        for name in e.layer.nested_factors:
+            layer_ranks[f"{e.key}{exchange.SEP}{name}"] = int(e.layer.rank)
     strategy = RankBroadcast(inner, full, big, layer_ranks, fingerprint, ledger,
                              settings.max_epsilon, seed=None if settings.seed is None else settings.seed + 1)
     evaluations = {}

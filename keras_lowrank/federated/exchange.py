@@ -18,12 +18,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lowrank import shared
 from keras_lowrank import tree
 
 #: separator between a layer key and a variable name
 SEP = "/"
-DYLORA_FACTORS = ("lora_a", "lora_b")
 
 
 def _adapter_entries(model, where="keras_lowrank.federated"):
@@ -44,13 +42,16 @@ def _adapter_entries(model, where="keras_lowrank.federated"):
 
 
 def max_rank(model):
-    """The model's largest DyLoRA rank `R`, or `None` without DyLoRA."""
-    state = shared.get(model, "dylora")
-    return None if state is None else state.max_rank
+    """The model's largest nested rank `R` (DyLoRA's: its adapters stay
+    working adapters when cut to any rank), or `None` without such
+    adapters."""
+    limits = [e.layer.nested_rank_limit() for e in tree.walk(model)
+              if tree.is_adapter(e.layer) and e.layer.nested_factors]
+    return max(limits) if limits else None
 
 
 def _layer_rank(adapter, rank):
-    if rank is None or adapter.method != "dylora":
+    if rank is None or not adapter.nested_factors:
         return None
     return int(ops.convert_to_numpy(adapter.layer_rank(ops.convert_to_tensor(rank, "int32"))))
 
@@ -85,7 +86,7 @@ def adapter_arrays(model, rank=None):
         for v in e.layer.trainable_weights:
             name = v.name.split("/")[-1]
             value = np.asarray(ops.convert_to_numpy(v))
-            if cut is not None and name in DYLORA_FACTORS:
+            if cut is not None and name in e.layer.nested_factors:
                 value = value[..., :cut, :]
             out[f"{e.key}{SEP}{name}"] = np.ascontiguousarray(value, dtype=np.float32)
     return out
@@ -109,11 +110,11 @@ def set_adapter_arrays(model, arrays, rank=None):
         for v in e.layer.trainable_weights:
             name = v.name.split("/")[-1]
             shape = tuple(v.shape)
-            if cut is not None and name in DYLORA_FACTORS:
+            if cut is not None and name in e.layer.nested_factors:
                 shape = shape[:-2] + (cut, shape[-1])
             key = f"{e.key}{SEP}{name}"
             expected[key] = shape
-            targets[key] = (v, cut if name in DYLORA_FACTORS else None)
+            targets[key] = (v, cut if name in e.layer.nested_factors else None)
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:

@@ -47,10 +47,13 @@ from keras_lowrank import registry
 from keras_lowrank import shared
 from keras_lowrank import training
 from keras_lowrank import tree
+from keras_lowrank import peft_codec
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import ALPHA
+from keras_lowrank.methods.lora import check_init as check_lora_init
 from keras_lowrank.methods.lora import DROPOUT
+from keras_lowrank.methods import reference
 
 #: what users call (the rest is the method's machinery)
 __all__ = ["RankReport", "rank_report"]
@@ -93,6 +96,13 @@ def change_points(init_budget, target_budget, tinit, tfinal, total_steps):
                 lo = mid + 1
         points.append(lo)
     return tuple(points)
+
+
+def reference_merged(adapter, w):
+    """AdaLoRA: `W + c A diag(λ) B`, `c = alpha / (r + 1e-5)`."""
+    c = adapter.alpha / (adapter.rank + 1e-5)
+    a = reference.factor_a(adapter) * reference.value(adapter, "lora_e")[..., None, :]
+    return w + c * a @ reference.value(adapter, "lora_b")
 
 
 class Schedule:
@@ -336,6 +346,74 @@ class AdaLoRAState(shared.SharedState):
         return int(self.state_config["matrices"])
 
 
+# ----------------------------------------------------------------------
+# PEFT's format
+class AdaLoRAFormat(peft_codec.Format):
+    """PEFT's `ADALORA` adapter type (`lora_A`, `lora_E`, `lora_B` at each
+    module's kept rank; the schedule's options), read into `adalora`
+    (written as its LoRA form)."""
+
+    peft_type = "ADALORA"
+    parts = ("lora_A", "lora_B", "lora_E")
+
+    def method(self, config):
+        return "adalora"
+
+    def check(self, config):
+        check_lora_init(config)
+        if not config.get("total_step"):
+            raise ValueError("PEFT AdaLoRA adapter: total_step is not set; keras-lowrank's "
+                             "AdaLoRA needs its schedule length.")
+        super().check(config)
+
+    def options(self, config):
+        return {"total_steps": peft_codec.config_value(config, "total_step", None, "int", low=1),
+                "target_rank": peft_codec.config_value(config, "target_r", 8, "int", low=1),
+                "tinit": peft_codec.config_value(config, "tinit", 0, "int", low=0),
+                "tfinal": peft_codec.config_value(config, "tfinal", 0, "int", low=0),
+                "delta_t": peft_codec.config_value(config, "deltaT", 1, "int", low=1),
+                "beta1": peft_codec.config_value(config, "beta1", 0.85, "number", low=0, high=1),
+                "beta2": peft_codec.config_value(config, "beta2", 0.85, "number", low=0, high=1),
+                "orth_reg_weight": peft_codec.config_value(config, "orth_reg_weight", 0.5, "number", low=0),
+                "dropout": peft_codec.dropout_value(config, "lora_dropout")}
+
+    def check_parts(self, parts, module, config):
+        a = peft_codec.matrix(parts, "lora_A", module)
+        b = peft_codec.matrix(parts, "lora_B", module)
+        e = parts["lora_E"]
+        if e.ndim not in (1, 2) or (e.ndim == 2 and e.shape[1] != 1):
+            raise ValueError(f"PEFT adapter module {module!r}: lora_E has shape {e.shape}; "
+                             "AdaLoRA's singular values are (r, 1).")
+        peft_codec.same(module, ("lora_A rows", a.shape[0]), ("lora_E size", e.size), ("lora_B columns", b.shape[1]))
+
+    def rank(self, config, module, parts):
+        return int(parts["lora_A"].shape[0])
+
+    def alpha(self, config, module):
+        a = float(peft_codec.alpha_value(config, "lora_alpha", low=None) or 0)
+        return a if a > 0 else None
+
+    def torch_shape(self, parts):
+        return parts["lora_B"].shape[0], parts["lora_A"].shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        return {"lora_a": parts["lora_A"][:, p_in], "lora_e": parts["lora_E"].reshape(-1),
+                "lora_b": parts["lora_B"].T[:, p_out]}
+
+
+@registry.method(
+    "AdaLoRA: K + c A diag(λ) B with a global rank budget moved by importance",
+    trainable_count=lambda g, o: g.n_shared * o["rank"] * (g.n_in + g.n_out + 1),
+    shared_state=AdaLoRAState,
+    training=(
+            training.TrainingPart("forward", "orthogonality regularizer γ·mean‖AᵀA−I‖, ‖BBᵀ−I‖ added to the loss"),
+            Allocation(),
+        ),
+    export_forms=("lora",),
+    example_options={"total_steps": 100},
+    reference=reference_merged,
+    peft=AdaLoRAFormat(),
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class AdaLoRA(Adapter):
     """AdaLoRA: `y = xK + b + c ((x A) ⊙ λ) B`, with a rank budget that
@@ -601,21 +679,3 @@ def rank_report(model):
         step = int(ops.convert_to_numpy(model.optimizer.iterations))
         budget_now = hook.schedule.budget(max(step - 1, 0)) if step else hook.schedule.init_budget
     return RankReport(rows, budget_now, step)
-
-
-registry.register(
-    registry.Method(
-        name="adalora",
-        layer_class=AdaLoRA,
-        summary="AdaLoRA: K + c A diag(λ) B with a global rank budget moved by importance",
-        trainable_count=lambda g, o: g.n_shared * o["rank"] * (g.n_in + g.n_out + 1),
-        shared_state=AdaLoRAState,
-        training=(
-            training.TrainingPart("forward", "orthogonality regularizer γ·mean‖AᵀA−I‖, ‖BBᵀ−I‖ added to the loss"),
-            Allocation(),
-        ),
-        export_forms=("lora",),
-        example_options={"total_steps": 100},
-        spec="§6",
-    )
-)

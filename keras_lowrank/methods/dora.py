@@ -8,14 +8,29 @@ zero column or a kernel of values near 1e-30 or 1e20 gives no NaN.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import linalg
 from keras_lowrank import registry
 from keras_lowrank.adapter import VariableSpec
+from keras_lowrank.methods.lora import LORA_FORMAT
 from keras_lowrank.methods.lora import LoRA
+from keras_lowrank.methods import reference
 
 
+def reference_merged(adapter, w):
+    """DoRA: `m ⊙ (W + s A B) / ‖W + s A B‖` column by column."""
+    v = w + adapter.scaling * reference.factor_a(adapter) @ reference.value(adapter, "lora_b")
+    return reference.value(adapter, "magnitude")[None, :] * v / reference.column_norm(v)[None, :]
+
+
+@registry.method(
+    "DoRA: magnitude m times the normalized direction K + sAB",
+    trainable_count=lambda g, o: g.n_shared * (o["rank"] * (g.n_in + g.n_out) + g.n_out),
+    reference=reference_merged,
+    peft=LORA_FORMAT,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class DoRA(LoRA):
     """Weight-decomposed low-rank adaptation.
@@ -90,14 +105,3 @@ class DoRA(LoRA):
         norm = self.read(self.merge_norm)
         v = matrix * ops.expand_dims(norm / m, -2)
         return v - self.delta_matrix()
-
-
-registry.register(
-    registry.Method(
-        name="dora",
-        layer_class=DoRA,
-        summary="DoRA: magnitude m times the normalized direction K + sAB",
-        trainable_count=lambda g, o: g.n_shared * (o["rank"] * (g.n_in + g.n_out) + g.n_out),
-        spec="§8",
-    )
-)

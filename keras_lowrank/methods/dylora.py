@@ -26,6 +26,7 @@ A layer whose `rank` differs from the model's largest `R` uses
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import options as opt
@@ -39,9 +40,17 @@ from keras_lowrank.methods.lora import DROPOUT
 from keras_lowrank.methods.lora import INITS
 from keras_lowrank.methods.lora import RANK
 from keras_lowrank.methods.lora import LoRA
+from keras_lowrank.methods import reference
 
 #: what users call (the rest is the method's machinery)
 __all__ = ["evaluate_ranks", "fix_train_rank", "get_rank", "set_rank"]
+
+
+def reference_merged(adapter, w):
+    """DyLoRA at its inference rank ℓ: `W + (alpha/ℓ) A[:, :ℓ] B[:ℓ]`."""
+    ell = adapter.eval_rank()
+    a = reference.factor_a(adapter)[:, :ell]
+    return w + (adapter.alpha / ell) * a @ reference.value(adapter, "lora_b")[:ell]
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -121,6 +130,21 @@ class DyLoRAState(shared.SharedState):
         self.seed_generator.state.assign(store["seed_generator_state"])
 
 
+@registry.method(
+    "DyLoRA: LoRA trained at a random rank per step, usable at any rank",
+    shared_state=DyLoRAState,
+    training=(
+            training.TrainingPart(
+                "model_call", "one rank ℓ ~ U{1..r} per train step for the whole model"
+            ),
+            training.TrainingPart(
+                "forward",
+                "components above ℓ masked; with frozen=True only the ℓ-th gets gradients",
+            ),
+        ),
+    export_forms=("lora",),
+    reference=reference_merged,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class DyLoRA(LoRA):
     """Dynamic, search-free LoRA: trained at a random rank every step, used
@@ -158,8 +182,18 @@ class DyLoRA(LoRA):
     ) + Adapter.OPTIONS
     rslora = False
 
+    #: the factors whose rank components are ordered, so that cut to any
+    #: rank ℓ they remain a working adapter (the federated exchange sends a
+    #: client only the first `layer_rank(ℓ)` components)
+    nested_factors = ("lora_a", "lora_b")
+
     def standalone_state(self, geometry):
         return DyLoRAState({"max_rank": self.rank, "seed": self.seed})
+
+    def nested_rank_limit(self):
+        """The largest model-level rank `ℓ` (`layer_rank` maps it to this
+        layer's rank)."""
+        return self.shared_state().max_rank if self.shared_state() is not None else self.rank
 
     def layer_rank(self, ell):
         """This layer's rank for the model-level rank `ell`."""
@@ -290,25 +324,3 @@ def evaluate_ranks(model, x=None, y=None, ranks=None, **evaluate_kwargs):
     finally:
         state.eval_rank.assign(before)
     return out
-
-
-registry.register(
-    registry.Method(
-        name="dylora",
-        layer_class=DyLoRA,
-        summary="DyLoRA: LoRA trained at a random rank per step, usable at any rank",
-        trainable_count=registry.lowrank_count,
-        shared_state=DyLoRAState,
-        training=(
-            training.TrainingPart(
-                "model_call", "one rank ℓ ~ U{1..r} per train step for the whole model"
-            ),
-            training.TrainingPart(
-                "forward",
-                "components above ℓ masked; with frozen=True only the ℓ-th gets gradients",
-            ),
-        ),
-        export_forms=("lora",),
-        spec="§4",
-    )
-)

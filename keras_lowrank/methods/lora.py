@@ -3,13 +3,16 @@
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import options as opt
+from keras_lowrank import peft_codec
 from keras_lowrank import registry
 from keras_lowrank import training
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
+from keras_lowrank.methods import reference
 
 INITS = ("kaiming", "gaussian")
 
@@ -31,6 +34,189 @@ def lora_a_initializer(init, n_in, rank, seed=None):
     return keras.initializers.RandomNormal(stddev=1.0 / rank, seed=seed)
 
 
+# ----------------------------------------------------------------------
+#: PEFT's `init_lora_weights` values that change the base weights at init
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
+
+
+def check_init(config):
+    """Refuse a PEFT LoRA-family config whose `init_lora_weights` changed
+    the base weights, which its directory does not carry."""
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise ValueError(
+            f"PEFT adapter init_lora_weights={init!r}: the adapter expects a base "
+            "changed at init, which its directory does not hold; convert it to "
+            "plain LoRA in PEFT first (path_initial_model_for_weight_conversion)."
+        )
+
+
+# PEFT's LoRA (and DoRA: `use_dora`)
+class LoRAFormat(peft_codec.Format):
+    """PEFT's `LORA` adapter type: `lora_A (r, n_in)`, `lora_B (n_out, r)`
+    and, with `use_dora`, DoRA's `lora_magnitude_vector (n_out,)`. Read into
+    `lora` or `dora`; written for LoRA and DoRA as they are and for every
+    method with a plain-LoRA form (`as_lora_state`) as that LoRA."""
+
+    peft_type = "LORA"
+    parts = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+    writes = ("lora", "dora")
+    writes_lora_forms = True
+
+    def method(self, config):
+        return "dora" if config.get("use_dora") else "lora"
+
+    def check(self, config):
+        check_init(config)
+        super().check(config)
+
+    def part_name(self, suffix):
+        return "lora_magnitude_vector" if suffix == "lora_magnitude_vector.weight" else suffix
+
+    def required(self, config):
+        return {"lora_A.weight", "lora_B.weight"} | ({"lora_magnitude_vector"} if config.get("use_dora") else set())
+
+    def options(self, config):
+        peft_codec.config_value(config, "use_dora", False, "bool")
+        return {"rslora": peft_codec.config_value(config, "use_rslora", False, "bool"),
+                "dropout": peft_codec.dropout_value(config, "lora_dropout")}
+
+    def check_parts(self, parts, module, config):
+        if set(parts) != self.required(config):
+            raise ValueError(
+                f"PEFT adapter module {module!r}: expected {sorted(self.required(config))}, "
+                f"found {sorted(parts)}."
+            )
+        a = peft_codec.matrix(parts, "lora_A.weight", module)
+        b = peft_codec.matrix(parts, "lora_B.weight", module)
+        peft_codec.same(module, ("lora_A.weight rows", a.shape[0]), ("lora_B.weight columns", b.shape[1]))
+        m = parts.get("lora_magnitude_vector")
+        if m is not None:
+            peft_codec.same(module, ("lora_magnitude_vector size", m.size), ("lora_B.weight rows", b.shape[0]))
+
+    def rank(self, config, module, parts):
+        r = int(parts["lora_A.weight"].shape[0])
+        expected = super().rank(config, module, parts)
+        if expected != r:
+            raise ValueError(f"PEFT adapter module {module!r}: rank {r} in the weights, "
+                             f"{expected} in the config.")
+        return r
+
+    def alpha(self, config, module):
+        return float(peft_codec.pattern_value(config.get("alpha_pattern"), module,
+                                              peft_codec.alpha_value(config, "lora_alpha")))
+
+    def torch_shape(self, parts):
+        return parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        out = {"lora_a": a[:, p_in], "lora_b": b.T[:, p_out]}
+        m = parts.get("lora_magnitude_vector")
+        if m is not None:
+            out["magnitude"] = m.reshape(-1)[p_out]
+        return out
+
+    # -- writing ------------------------------------------------------
+    def export_entry(self, adapter, where):
+        if adapter.method in self.writes:
+            state = {"lora_a": adapter.read(adapter.lora_a), "lora_b": adapter.read(adapter.lora_b)}
+            if adapter.method == "dora":
+                state["magnitude"] = adapter.read(adapter.magnitude)
+            return {"kind": adapter.method, "state": state, "rank": adapter.rank,
+                    "alpha": adapter.alpha, "rslora": adapter.rslora}
+        state, lora = adapter.as_lora_state()
+        return {"kind": "lora", "state": state, "rank": lora["rank"], "alpha": lora["alpha"],
+                "rslora": lora["rslora"]}
+
+    def check_entries(self, entries):
+        kinds = {e["kind"] for _, e in entries}
+        rslora = {e["rslora"] for _, e in entries}
+        if len(kinds) > 1 or len(rslora) > 1:
+            raise ValueError(
+                "save_peft_adapter: a PEFT directory has one adapter type, one use_dora and "
+                f"one use_rslora for every module; the model mixes {sorted(kinds)} adapters"
+                f"{' with and without rslora' if len(rslora) > 1 else ''}."
+            )
+
+    def write_module(self, name, group, layouts, n_in, n_out, whole):
+        tensors = {}
+        if whole:
+            (_, entry), (p_in, p_out) = group[0], layouts[0]
+            rank = int(entry["rank"])
+            lora_a = np.empty((rank, n_in), np.float32)
+            lora_a[:, p_in] = peft_codec.f32(entry["state"]["lora_a"]).reshape(rank, n_in)
+            lora_b = np.empty((n_out, rank), np.float32)
+            lora_b[p_out, :] = peft_codec.f32(entry["state"]["lora_b"]).reshape(rank, n_out).T
+            if entry["kind"] == "dora":
+                mag = np.empty((n_out,), np.float32)
+                mag[p_out] = peft_codec.f32(entry["state"]["magnitude"]).reshape(-1)
+                tensors[f"{name}.lora_magnitude_vector"] = mag
+            alpha = float(entry["alpha"])
+        else:
+            # A fused weight (GPT-2's c_attn) split over several layers: one
+            # LoRA of the summed rank, block by block, each block's scale
+            # folded into its B (the module's scale is then 1).
+            if any(e["kind"] == "dora" for _, e in group):
+                raise ValueError(
+                    f"save_peft_adapter: module {name!r} is split over several Keras "
+                    "layers, and a DoRA update cannot be joined into one."
+                )
+            rank = sum(int(e["rank"]) for _, e in group)
+            lora_a = np.zeros((rank, n_in), np.float32)
+            lora_b = np.zeros((n_out, rank), np.float32)
+            k = 0
+            for (_, e), (p_in, p_out) in zip(group, layouts):
+                r = int(e["rank"])
+                scale = e["alpha"] / (math.sqrt(r) if e["rslora"] else r)
+                lora_a[k : k + r, p_in] = peft_codec.f32(e["state"]["lora_a"]).reshape(r, n_in)
+                lora_b[p_out, k : k + r] = scale * peft_codec.f32(e["state"]["lora_b"]).reshape(r, -1).T
+                k += r
+            alpha = math.sqrt(rank) if group[0][1]["rslora"] else float(rank)
+        tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+        tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        return tensors, rank, alpha
+
+    def config(self, entries, common, rank, alpha):
+        first = entries[0][1]
+        return {
+            "peft_type": self.peft_type, **common, "lora_alpha": alpha,
+            "use_rslora": bool(first["rslora"]),
+            "use_dora": first["kind"] == "dora",
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "modules_to_save": None,
+            "init_lora_weights": True,
+        }
+
+
+#: PEFT's LoRA type, for LoRA and DoRA
+LORA_FORMAT = LoRAFormat()
+
+
+@registry.export_form(registry.LORA_FORM)
+def as_plain_lora(adapter):
+    """`("lora", state, options)`: an adapter with a plain-LoRA form
+    (`as_lora_state`) as the LoRA layer that computes the same update."""
+    state, lora = adapter.as_lora_state()
+    options = {
+        "rank": lora["rank"],
+        "alpha": lora["alpha"],
+        "rslora": lora["rslora"],
+        "init": getattr(adapter, "init", "kaiming") if adapter.method == "lora" else "kaiming",
+        "dropout": getattr(adapter, "dropout", 0.0),
+        "train_bias": adapter.train_bias,
+        "seed": adapter.seed,
+    }
+    return "lora", state, options
+
+
+@registry.method(
+    "LoRA: y = xK + b + s(xA)B, s = alpha/r (rslora: alpha/sqrt(r))",
+    export_forms=("lora",),
+    reference=reference.lora,
+    peft=LORA_FORMAT,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRA(Adapter):
     """Low-rank adaptation of a `Dense` or `EinsumDense` layer.
@@ -119,6 +305,12 @@ class LoRA(Adapter):
         }
 
 
+@registry.method(
+    "LoRA+: LoRA with B learning lr_ratio times faster (any optimizer)",
+    training=(training.LearningRateRatio("loraplus"),),
+    export_forms=("lora",),
+    reference=reference.lora,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRAPlus(LoRA):
     """LoRA+ (arXiv 2402.12354): LoRA whose `B` (and every trainable 1-D variable of
@@ -153,27 +345,3 @@ class LoRAPlus(LoRA):
     OPTIONS = LoRA.OPTIONS + (
         opt.Option("lr_ratio", 16.0, opt.float_at_least(1.0), "learning rate of B (and 1-D variables) / that of A"),
     )
-
-
-registry.register(
-    registry.Method(
-        name="lora",
-        layer_class=LoRA,
-        summary="LoRA: y = xK + b + s(xA)B, s = alpha/r (rslora: alpha/sqrt(r))",
-        trainable_count=registry.lowrank_count,
-        export_forms=("lora",),
-        spec="§1",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="loraplus",
-        layer_class=LoRAPlus,
-        summary="LoRA+: LoRA with B learning lr_ratio times faster (any optimizer)",
-        trainable_count=registry.lowrank_count,
-        training=(training.LearningRateRatio("loraplus"),),
-        export_forms=("lora",),
-        spec="§2",
-    )
-)

@@ -21,6 +21,7 @@ parts: see `keras_lowrank.training`), with any Keras optimizer.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import options as opt
@@ -36,6 +37,7 @@ from keras_lowrank.methods.lora import RANK
 from keras_lowrank.methods.lora import RSLORA
 from keras_lowrank.methods.lora import LoRA
 from keras_lowrank.methods.lora import lora_a_initializer
+from keras_lowrank.methods import reference
 
 #: the ridge PEFT adds to AᵀA before the pseudo-inverse
 RIDGE = 1e-8
@@ -68,6 +70,29 @@ def corrected(b, a_t, scaling):
     return fixed + ops.matmul(ops.cast(p, b.dtype), b - fixed)
 
 
+def reference_delta_lora(adapter, w):
+    """Delta-LoRA: `K_t + s A B` with `K_t = K + λ s (A B − A_start B_start)`
+    once the step count is past `start_step`."""
+    ab = reference.factor_a(adapter) @ reference.value(adapter, "lora_b")
+    out = w + adapter.scaling * ab
+    steps = int(ops.convert_to_numpy(adapter.shared_state().steps))
+    if steps > adapter.start_step:
+        ab0 = reference.factor_a(adapter, "delta_a0") @ reference.value(adapter, "delta_b0")
+        out = out + adapter.update_ratio * adapter.scaling * (ab - ab0)
+    return out
+
+
+@registry.method(
+    "LoRA-FA: LoRA with A frozen (only B trains), optional v2 gradient correction",
+    trainable_count=lambda g, o: g.n_shared * o["rank"] * g.n_out,
+    training=(
+            training.TrainingPart(
+                "forward", "with correction=True, B's gradient becomes (1/s²) pinv(AᵀA + 1e-8 I) g_B"
+            ),
+        ),
+    export_forms=("lora",),
+    reference=reference.lora,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRAFA(LoRA):
     """LoRA-FA: LoRA with a frozen, random `A` (arXiv 2308.03303).
@@ -157,6 +182,20 @@ class DeltaLoRAState(shared.SharedState):
         return {"steps": self.steps}
 
 
+@registry.method(
+    "Delta-LoRA: LoRA whose frozen kernel also moves by λ s Δ(AB) per step",
+    shared_state=DeltaLoRAState,
+    training=(
+            training.TrainingPart("model_call", "the model's train-step counter advances once per step"),
+            training.TrainingPart(
+                "forward",
+                "snapshot of A, B at start_step; from then on the kernel in effect is "
+                "K + λ s (A B − A_start B_start)",
+            ),
+        ),
+    export_forms=("lora",),
+    reference=reference_delta_lora,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class DeltaLoRA(LoRA):
     """Delta-LoRA: LoRA whose frozen kernel also moves by `λ s Δ(A B)`
@@ -288,40 +327,3 @@ class DeltaLoRA(LoRA):
                 "save it as it is or merge it."
             )
         return super().as_lora_state()
-
-
-registry.register(
-    registry.Method(
-        name="lora_fa",
-        layer_class=LoRAFA,
-        summary="LoRA-FA: LoRA with A frozen (only B trains), optional v2 gradient correction",
-        trainable_count=lambda g, o: g.n_shared * o["rank"] * g.n_out,
-        training=(
-            training.TrainingPart(
-                "forward", "with correction=True, B's gradient becomes (1/s²) pinv(AᵀA + 1e-8 I) g_B"
-            ),
-        ),
-        export_forms=("lora",),
-        spec="§3",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="delta_lora",
-        layer_class=DeltaLoRA,
-        summary="Delta-LoRA: LoRA whose frozen kernel also moves by λ s Δ(AB) per step",
-        trainable_count=registry.lowrank_count,
-        shared_state=DeltaLoRAState,
-        training=(
-            training.TrainingPart("model_call", "the model's train-step counter advances once per step"),
-            training.TrainingPart(
-                "forward",
-                "snapshot of A, B at start_step; from then on the kernel in effect is "
-                "K + λ s (A B − A_start B_start)",
-            ),
-        ),
-        export_forms=("lora",),
-        spec="§7",
-    )
-)

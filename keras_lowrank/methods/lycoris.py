@@ -20,14 +20,17 @@ inside any compiled train step.
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import options as opt
 from keras_lowrank import registry
+from keras_lowrank import peft_codec
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import ALPHA
 from keras_lowrank.methods.lora import RANK
+from keras_lowrank.methods import reference
 
 FORMS = ("auto", "factorized", "materialized")
 
@@ -115,6 +118,24 @@ MODULE_DROPOUT = opt.Option(
 )
 
 
+def reference_loha(adapter, w):
+    """LoHa: `W + s (P1 Q1) ⊙ (P2 Q2)`, `P = Aᵀ`."""
+    p1, p2 = reference.factor_a(adapter, "loha_a1"), reference.factor_a(adapter, "loha_a2")
+    q1, q2 = reference.value(adapter, "loha_b1"), reference.value(adapter, "loha_b2")
+    return w + adapter.scaling * (p1 @ q1) * (p2 @ q2)
+
+
+def reference_lokr(adapter, w):
+    """LoKr: `W + s kron(F1, F2)`, each factor full or `Aᵀ B`."""
+
+    def factor(i):
+        if getattr(adapter, f"lokr_f{i}", None) is not None:
+            return reference.value(adapter, f"lokr_f{i}")
+        return reference.factor_a(adapter, f"lokr_a{i}") @ reference.value(adapter, f"lokr_b{i}")
+
+    return w + adapter.scaling * np.kron(factor(1), factor(2))
+
+
 class _LycorisAdapter(Adapter):
     """What LoHa and LoKr share: `alpha / r` scaling and the two dropouts."""
 
@@ -159,6 +180,161 @@ class _LycorisAdapter(Adapter):
         return self.update_output(x, y, self.delta_rows(rows), training)
 
 
+# ----------------------------------------------------------------------
+# PEFT's format
+class LoHaFormat(peft_codec.Format):
+    """PEFT's `LOHA` adapter type (`hada_w1_a`, `hada_w1_b`, `hada_w2_a`,
+    `hada_w2_b`), read into `loha` (written as its exact LoRA form)."""
+
+    peft_type = "LOHA"
+    parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+    def method(self, config):
+        return "loha"
+
+    def options(self, config):
+        return {"rank_dropout": peft_codec.dropout_value(config, "rank_dropout"),
+                "module_dropout": peft_codec.dropout_value(config, "module_dropout")}
+
+    def check_parts(self, parts, module, config):
+        w = {k: peft_codec.matrix(parts, k, module) for k in self.parts}
+        for i in (1, 2):
+            peft_codec.same(module, (f"hada_w{i}_a columns", w[f"hada_w{i}_a"].shape[1]),
+                  (f"hada_w{i}_b rows", w[f"hada_w{i}_b"].shape[0]))
+        peft_codec.same(module, ("hada_w1_a rows", w["hada_w1_a"].shape[0]), ("hada_w2_a rows", w["hada_w2_a"].shape[0]))
+        peft_codec.same(module, ("hada_w1_b columns", w["hada_w1_b"].shape[1]), ("hada_w2_b columns", w["hada_w2_b"].shape[1]))
+
+    def torch_shape(self, parts):
+        return parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        return {"loha_a1": parts["hada_w1_b"][:, p_in], "loha_b1": parts["hada_w1_a"].T[:, p_out],
+                "loha_a2": parts["hada_w2_b"][:, p_in], "loha_b2": parts["hada_w2_a"].T[:, p_out]}
+
+LOHA_FORMAT = LoHaFormat()
+
+
+class LoKrFormat(peft_codec.Format):
+    """PEFT's `LOKR` adapter type (full or decomposed `lokr_w1`, `lokr_w2`),
+    read into `lokr` and written from it."""
+
+    peft_type = "LOKR"
+    splittable = False
+    writes = ("lokr",)
+    parts = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+    def method(self, config):
+        return "lokr"
+
+    def required(self, config):
+        return set()
+
+    def options(self, config):
+        return {"decompose_both": peft_codec.config_value(config, "decompose_both", False, "bool"),
+                "decompose_factor": peft_codec.config_value(config, "decompose_factor", -1, "int", low=-1),
+                "rank_dropout": peft_codec.dropout_value(config, "rank_dropout"),
+                "module_dropout": peft_codec.dropout_value(config, "module_dropout"),
+                "rank_dropout_scale": peft_codec.config_value(config, "rank_dropout_scale", False, "bool")}
+
+    def check_parts(self, parts, module, config):
+        for i in (1, 2):
+            if f"lokr_w{i}" in parts:
+                peft_codec.matrix(parts, f"lokr_w{i}", module)
+                if f"lokr_w{i}_a" in parts or f"lokr_w{i}_b" in parts:
+                    raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is given "
+                                     "both whole and as a product.")
+            elif f"lokr_w{i}_a" in parts and f"lokr_w{i}_b" in parts:
+                a, b = peft_codec.matrix(parts, f"lokr_w{i}_a", module), peft_codec.matrix(parts, f"lokr_w{i}_b", module)
+                peft_codec.same(module, (f"lokr_w{i}_a columns", a.shape[1]), (f"lokr_w{i}_b rows", b.shape[0]))
+            else:
+                raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is missing "
+                                 f"(found {sorted(parts)}).")
+
+    @staticmethod
+    def _factor(parts, i, module):
+        full = parts.get(f"lokr_w{i}")
+        if full is not None:
+            return full
+        a, b = parts.get(f"lokr_w{i}_a"), parts.get(f"lokr_w{i}_b")
+        if a is None or b is None:
+            raise ValueError(f"PEFT adapter module {module!r}: LoKr factor {i} is missing "
+                             f"(found {sorted(parts)}).")
+        return a @ b
+
+    def torch_shape(self, parts):
+        w1 = self._factor(parts, 1, "?")
+        w2 = self._factor(parts, 2, "?")
+        return w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]
+
+    def state(self, parts, p_in, p_out, module):
+        peft_codec.identity(p_in, p_out, module, "a Kronecker product")
+        out = {}
+        for i in (1, 2):
+            if f"lokr_w{i}" in parts:
+                out[f"lokr_f{i}"] = parts[f"lokr_w{i}"].T
+            else:
+                out[f"lokr_a{i}"] = parts[f"lokr_w{i}_b"]
+                out[f"lokr_b{i}"] = parts[f"lokr_w{i}_a"].T
+        return out
+
+    # -- writing ------------------------------------------------------
+    def export_entry(self, adapter, where):
+        state = {v.name: adapter.read(v) for v in adapter.trainable_variables
+                 if v.name.startswith("lokr_")}
+        options = {k: getattr(adapter, k) for k in
+                   ("decompose_both", "decompose_factor", "rank_dropout", "module_dropout",
+                    "rank_dropout_scale")}
+        return {"kind": "lokr", "state": state, "rank": adapter.rank, "alpha": adapter.alpha,
+                "rslora": False, "options": options, "where": where}
+
+    def check_entries(self, entries):
+        first = entries[0][1]["options"]
+        for _, e in entries:
+            mine = e["options"]
+            if (mine["decompose_both"], mine["decompose_factor"]) != (first["decompose_both"], first["decompose_factor"]):
+                raise ValueError(
+                    "save_peft_adapter: PEFT's LoKr has one decompose_both and one "
+                    f"decompose_factor for every module; layer {e['where']!r} differs."
+                )
+
+    def write_module(self, name, group, layouts, n_in, n_out, whole):
+        if not whole:
+            raise ValueError(f"save_peft_adapter: module {name!r} is split over several "
+                             "Keras layers, and a LoKr update cannot be split.")
+        peft_codec.identity(*layouts[0], name, "a Kronecker product")
+        entry = group[0][1]
+        state, tensors = entry["state"], {}
+        for i in (1, 2):
+            if f"lokr_f{i}" in state:
+                tensors[f"{name}.lokr_w{i}"] = peft_codec.f32(peft_codec.f32(state[f"lokr_f{i}"]).T)
+            else:
+                tensors[f"{name}.lokr_w{i}_a"] = peft_codec.f32(peft_codec.f32(state[f"lokr_b{i}"]).T)
+                tensors[f"{name}.lokr_w{i}_b"] = peft_codec.f32(state[f"lokr_a{i}"])
+        return tensors, int(entry["rank"]), float(entry["alpha"])
+
+    def config(self, entries, common, rank, alpha):
+        first = entries[0][1]["options"]
+        return {
+            "peft_type": self.peft_type, **common, "alpha": alpha,
+            "rank_dropout": first["rank_dropout"],
+            "module_dropout": first["module_dropout"],
+            "rank_dropout_scale": first["rank_dropout_scale"],
+            "decompose_both": first["decompose_both"],
+            "decompose_factor": first["decompose_factor"],
+            "init_weights": True,
+        }
+
+
+LOKR_FORMAT = LoKrFormat()
+
+
+@registry.method(
+    "LoHa: ΔK = s (A1ᵀB1) ⊙ (A2ᵀB2), rank up to r² (FedPara / LyCORIS)",
+    trainable_count=lambda g, o: g.n_shared * 2 * o["rank"] * (g.n_in + g.n_out),
+    export_forms=("lora",),
+    reference=reference_loha,
+    peft=LOHA_FORMAT,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoHa(_LycorisAdapter):
     """Low-rank Hadamard product (arXiv 2108.06098, FedPara; PEFT's LoHa).
@@ -262,6 +438,12 @@ class LoHa(_LycorisAdapter):
         }
 
 
+@registry.method(
+    "LoKr: ΔK = s kron(F1, F2), F2 low-rank (LyCORIS)",
+    trainable_count=lokr_count,
+    reference=reference_lokr,
+    peft=LOKR_FORMAT,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoKr(_LycorisAdapter):
     """Kronecker-product adaptation (arXiv 2309.14859, LyCORIS; PEFT's LoKr).
@@ -395,25 +577,3 @@ class LoKr(_LycorisAdapter):
 def _offset(seed, k):
     """Distinct, reproducible seeds for a layer's several initializers."""
     return None if seed is None else seed + 7919 * k
-
-
-registry.register(
-    registry.Method(
-        name="loha",
-        layer_class=LoHa,
-        summary="LoHa: ΔK = s (A1ᵀB1) ⊙ (A2ᵀB2), rank up to r² (FedPara / LyCORIS)",
-        trainable_count=lambda g, o: g.n_shared * 2 * o["rank"] * (g.n_in + g.n_out),
-        export_forms=("lora",),
-        spec="§10",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="lokr",
-        layer_class=LoKr,
-        summary="LoKr: ΔK = s kron(F1, F2), F2 low-rank (LyCORIS)",
-        trainable_count=lokr_count,
-        spec="§11",
-    )
-)

@@ -43,6 +43,7 @@ from keras_lowrank.methods.lora import DROPOUT
 from keras_lowrank.methods.lora import RANK
 from keras_lowrank.methods.lora import RSLORA
 from keras_lowrank.methods.lora import LoRA
+from keras_lowrank.methods import reference
 
 
 def _check_finite(value, name, what):
@@ -140,6 +141,12 @@ class ResidualLoRA(LoRA):
         return {"lora_a": a, "lora_b": b}, {"rank": 2 * self.rank, "alpha": alpha, "rslora": self.rslora}
 
 
+@registry.method(
+    "PiSSA: LoRA from the top-r SVD triplets, residual frozen base",
+    noop_at_init="roundoff",
+    export_forms=("lora",),
+    reference=reference.lora,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class PiSSA(ResidualLoRA):
     """LoRA initialized from the top-`r` singular triplets of the kernel.
@@ -238,6 +245,12 @@ EXACT_SVD_ONLY = opt.Check(
 )
 
 
+@registry.method(
+    "MiLoRA: LoRA from the r smallest SVD triplets, principal part frozen",
+    noop_at_init="roundoff",
+    export_forms=("lora",),
+    reference=reference.lora,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class MiLoRA(PiSSA):
     """LoRA initialized from the `r` smallest singular triplets (MiLoRA).
@@ -276,6 +289,12 @@ class MiLoRA(PiSSA):
     )
 
 
+@registry.method(
+    "OLoRA: LoRA from the QR decomposition of the kernel, residual frozen base",
+    noop_at_init="roundoff",
+    export_forms=("lora",),
+    reference=reference.lora,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class OLoRA(ResidualLoRA):
     """LoRA initialized from the QR decomposition of the kernel (OLoRA).
@@ -318,40 +337,3 @@ class OLoRA(ResidualLoRA):
         b = ops.swapaxes(q[..., :, : self.rank], -1, -2)  # (r, n_out)
         a = ops.swapaxes(r[..., : self.rank, :], -1, -2)  # (n_in, r)
         return a, b
-
-
-registry.register(
-    registry.Method(
-        name="pissa",
-        layer_class=PiSSA,
-        summary="PiSSA: LoRA from the top-r SVD triplets, residual frozen base",
-        trainable_count=registry.lowrank_count,
-        noop_at_init="roundoff",
-        export_forms=("lora",),
-        spec="§16",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="milora",
-        layer_class=MiLoRA,
-        summary="MiLoRA: LoRA from the r smallest SVD triplets, principal part frozen",
-        trainable_count=registry.lowrank_count,
-        noop_at_init="roundoff",
-        export_forms=("lora",),
-        spec="§17",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="olora",
-        layer_class=OLoRA,
-        summary="OLoRA: LoRA from the QR decomposition of the kernel, residual frozen base",
-        trainable_count=registry.lowrank_count,
-        noop_at_init="roundoff",
-        export_forms=("lora",),
-        spec="§20",
-    )
-)

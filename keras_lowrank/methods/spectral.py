@@ -37,6 +37,7 @@ from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import ALPHA
 from keras_lowrank.methods.lora import DROPOUT
 from keras_lowrank.methods.lora import RANK
+from keras_lowrank.methods import reference
 
 #: how far (relative to the largest) a file's singular values may be from
 #: the base's before an adapter file is refused as made for another base
@@ -79,6 +80,34 @@ def _fraction(v):
     if not 0.0 < v <= 1.0:
         raise ValueError
     return v
+
+
+def reference_svf(adapter, w):
+    """SVF (paper form): `W + U diag(σ ⊙ (z − 1)) Vᵀ`."""
+    u, s, v, z = (reference.value(adapter, n) for n in ("svf_u", "svf_s", "svf_v", "svf_z"))
+    return w + (u * (s * (z - 1.0))[None, :]) @ v.T
+
+
+def reference_svft(adapter, w):
+    """SVFT: `W + sigmoid(g) U M_Ω Vᵀ`, repeated positions adding up."""
+    u, v, m = (reference.value(adapter, n) for n in ("svft_u", "svft_v", "svft_m"))
+    rows, cols = np.asarray(ops.convert_to_numpy(adapter.svft_index))
+    dense = np.zeros((u.shape[1], u.shape[1]))
+    np.add.at(dense, (rows, cols), m)
+    gate = 1.0 / (1.0 + np.exp(-reference.value(adapter, "svft_gate")[0]))
+    return w + gate * u @ dense @ v.T
+
+
+def reference_lora_xs(adapter, w):
+    """LoRA-XS: `W + s A_f R B_f`."""
+    a, r, b = (reference.value(adapter, n) for n in ("xs_a", "xs_r", "xs_b"))
+    return w + adapter.scaling * a @ r @ b
+
+
+def reference_svd_training(adapter, w):
+    """SVD-training: `K_res + U_q diag(σ) V_qᵀ` (`K_res` is the frozen kernel)."""
+    u, s, v = (reference.value(adapter, n) for n in ("st_u", "st_s", "st_v"))
+    return w + (u * s[None, :]) @ v.T
 
 
 class SpectralAdapter(Adapter):
@@ -169,6 +198,17 @@ def _sigmoid(x):
     return ops.sigmoid(x)
 
 
+# ----------------------------------------------------------------------
+def _count_svf(g, o):
+    return g.n_shared * (g.rank_limit if o["rank"] is None else o["rank"])
+
+
+@registry.method(
+    "SVF (Transformer²): a trained vector z scales the singular values, K' = U diag(σ⊙z) Vᵀ",
+    trainable_count=_count_svf,
+    lr_scale=10.0,
+    reference=reference_svf,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class SVF(SpectralAdapter):
     """Singular value fine-tuning (Transformer², arXiv 2501.06252).
@@ -250,6 +290,21 @@ class SVF(SpectralAdapter):
         rho = ops.sum(s, axis=-1, keepdims=True) / ops.sum(s * m, axis=-1, keepdims=True)
         return s * m * rho - s
 
+    @classmethod
+    def linear_combination(cls, weighted, where):
+        """Transformer²'s composition: `z = Σ w_i z_i`, for adapters of one
+        set of options in the `"paper"` parametrization."""
+        options = {k: v for k, v in weighted[0][1].options().items() if k != "seed"}
+        if options.get("parametrization") != "paper" or any(
+            {k: v for k, v in m.options().items() if k != "seed"} != options for _, m in weighted
+        ):
+            raise ValueError(
+                f"combine: layer {where!r}: SVF adapters combine linearly with one set "
+                "of options and parametrization='paper' (the multiplier z)."
+            )
+        z = sum(w * np.asarray(ops.convert_to_numpy(m.read(m.svf_z)), "float64") for w, m in weighted)
+        return options, {"svf_z": z}
+
     def multiplier(self):
         """The effective `z` (float32): `z` itself, or `sigmoid(p)`."""
         z = self.read(self.svf_z)
@@ -321,6 +376,17 @@ def svft_pattern(pattern, k, off_diag, seed=None, u=None, v=None):
     return cols.astype("int32"), rows.astype("int32")
 
 
+def _count_svft(g, o):
+    k = g.rank_limit if o["rank"] is None else o["rank"]
+    return g.n_shared * (svft_count(o["pattern"], k, o["off_diag"]) + 1)
+
+
+@registry.method(
+    "SVFT: sparse trained M between the singular vectors, K' = K + sigmoid(g) U M Vᵀ",
+    trainable_count=_count_svft,
+    lr_scale=10.0,
+    reference=reference_svft,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class SVFT(SpectralAdapter):
     """Singular-vector guided fine-tuning (arXiv 2405.19597).
@@ -462,6 +528,13 @@ class SVFT(SpectralAdapter):
 
 
 # ----------------------------------------------------------------------
+@registry.method(
+    "LoRA-XS: a trained r x r matrix between frozen SVD factors, r² parameters",
+    trainable_count=lambda g, o: g.n_shared * o["rank"] ** 2,
+    noop_at_init="no",
+    lr_scale=10.0,
+    reference=reference_lora_xs,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRAXS(SpectralAdapter):
     """LoRA-XS (arXiv 2405.17604): an `r x r` matrix between frozen SVD factors.
@@ -547,6 +620,20 @@ class LoRAXS(SpectralAdapter):
 
 
 # ----------------------------------------------------------------------
+def _count_svd_training(g, o):
+    if o.get("rank") is not None:
+        return g.n_shared * o["rank"]
+    fraction = 0.1 if o.get("rank_fraction") is None else o["rank_fraction"]
+    return g.n_shared * int(g.rank_limit * fraction)
+
+
+@registry.method(
+    "SVD-training: only the top singular values train (rank or rank_fraction), residual frozen",
+    trainable_count=_count_svd_training,
+    noop_at_init="roundoff",
+    lr_scale=100.0,
+    reference=reference_svd_training,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class SVDTraining(SpectralAdapter):
     """SVD-training: train only the top singular values.
@@ -663,65 +750,3 @@ class SVDTraining(SpectralAdapter):
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(original - self.initial_delta()))
 
 
-# ----------------------------------------------------------------------
-def _count_svf(g, o):
-    return g.n_shared * (g.rank_limit if o["rank"] is None else o["rank"])
-
-
-def _count_svft(g, o):
-    k = g.rank_limit if o["rank"] is None else o["rank"]
-    return g.n_shared * (svft_count(o["pattern"], k, o["off_diag"]) + 1)
-
-
-def _count_svd_training(g, o):
-    if o.get("rank") is not None:
-        return g.n_shared * o["rank"]
-    fraction = 0.1 if o.get("rank_fraction") is None else o["rank_fraction"]
-    return g.n_shared * int(g.rank_limit * fraction)
-
-
-registry.register(
-    registry.Method(
-        name="svf",
-        layer_class=SVF,
-        summary="SVF (Transformer²): a trained vector z scales the singular values, K' = U diag(σ⊙z) Vᵀ",
-        trainable_count=_count_svf,
-        lr_scale=10.0,
-        spec="§14",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="svft",
-        layer_class=SVFT,
-        summary="SVFT: sparse trained M between the singular vectors, K' = K + sigmoid(g) U M Vᵀ",
-        trainable_count=_count_svft,
-        lr_scale=10.0,
-        spec="§15",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="lora_xs",
-        layer_class=LoRAXS,
-        summary="LoRA-XS: a trained r x r matrix between frozen SVD factors, r² parameters",
-        trainable_count=lambda g, o: g.n_shared * o["rank"] ** 2,
-        noop_at_init="no",
-        lr_scale=10.0,
-        spec="§18",
-    )
-)
-
-registry.register(
-    registry.Method(
-        name="svd_training",
-        layer_class=SVDTraining,
-        summary="SVD-training: only the top singular values train (rank or rank_fraction), residual frozen",
-        trainable_count=_count_svd_training,
-        noop_at_init="roundoff",
-        lr_scale=100.0,
-        spec="§19",
-    )
-)

@@ -26,9 +26,11 @@ from keras import ops
 from keras_lowrank import options as opt
 from keras_lowrank import registry
 from keras_lowrank import shared
+from keras_lowrank import peft_codec
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods.lora import DROPOUT
+from keras_lowrank.methods import reference
 
 #: what users call (the rest is the method's machinery)
 __all__ = ["projections"]
@@ -43,6 +45,17 @@ def projections(rank, n_in, n_out, seed):
     a_t = rng.uniform(-bound_a, bound_a, size=(rank, n_in))  # PyTorch's vera_A
     b_t = rng.uniform(-bound_b, bound_b, size=(n_out, rank))  # PyTorch's vera_B
     return a_t.T.astype("float32"), b_t.T.astype("float32")
+
+
+def reference_merged(adapter, w):
+    """VeRA: `W + A diag(d) B diag(b)`, `A` and `B` sliced from the shared pair."""
+    n_in, n_out = w.shape
+    state = adapter.shared_state()
+    a = reference.value(state, "vera_a")[:n_in]
+    b = reference.value(state, "vera_b")[:, :n_out]
+    d = reference.value(adapter, "vera_lambda_d")
+    bv = reference.value(adapter, "vera_lambda_b")
+    return w + (a * d[None, :]) @ b * bv[None, :]
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -110,6 +123,88 @@ class VeRAProjections(shared.SharedState):
         return {"vera_a": self.vera_a, "vera_b": self.vera_b}
 
 
+# ----------------------------------------------------------------------
+# PEFT's format
+class VeRAFormat(peft_codec.Format):
+    """PEFT's `VERA` adapter type: each module's `vera_lambda_b`,
+    `vera_lambda_d`, and the model's shared `vera_A`, `vera_B` (saved with
+    `save_projection=True`), read into `vera` (written as its LoRA form)."""
+
+    peft_type = "VERA"
+    splittable = False
+    parts = ("vera_lambda_b", "vera_lambda_d")
+    shared = ("vera_A", "vera_B")
+
+    def method(self, config):
+        return "vera"
+
+    def check(self, config):
+        if not config.get("save_projection", True):
+            raise ValueError(
+                "PEFT VeRA adapter saved with save_projection=False: its projections "
+                "come from torch's generator at projection_prng_key, which keras-lowrank "
+                "does not reproduce; re-save it with save_projection=True."
+            )
+        super().check(config)
+
+    def options(self, config):
+        return {"d_initial": peft_codec.config_value(config, "d_initial", 0.1, "number"),
+                "dropout": peft_codec.dropout_value(config, "vera_dropout")}
+
+    def check_parts(self, parts, module, config):
+        for name in self.parts:
+            if parts[name].ndim != 1:
+                raise ValueError(f"PEFT adapter module {module!r}: {name} has shape "
+                                 f"{parts[name].shape}; VeRA's scaling vectors are 1-D.")
+
+    def rank(self, config, module, parts):
+        return int(parts["vera_lambda_d"].shape[0])
+
+    def alpha(self, config, module):
+        return None
+
+    def torch_shape(self, parts):
+        return parts["vera_lambda_b"].shape[0], None
+
+    def state(self, parts, p_in, p_out, module):
+        peft_codec.identity(p_in, p_out, module, "VeRA's shared projections")
+        return {"vera_lambda_d": parts["vera_lambda_d"], "vera_lambda_b": parts["vera_lambda_b"]}
+
+    def check_shared(self, tensors, targets, ranks):
+        n_in_max = max(t.geometry.n_in for t in targets)
+        n_out_max = max(t.geometry.n_out for t in targets)
+        a_t, b_t = tensors["vera_A"], tensors["vera_B"]
+        for name, value in (("vera_A", a_t), ("vera_B", b_t)):
+            if value.ndim != 2:
+                raise ValueError(f"PEFT VeRA adapter: {name} has shape {value.shape}; "
+                                 "a 2-D projection was expected.")
+        ranks = sorted(set(ranks))
+        if ranks != [a_t.shape[0]] or b_t.shape[1] != a_t.shape[0]:
+            raise ValueError(
+                f"PEFT VeRA adapter: the shared projections vera_A {a_t.shape} and vera_B "
+                f"{b_t.shape} have rank {a_t.shape[0]}/{b_t.shape[1]}, the modules' "
+                f"vera_lambda_d {ranks}: every rank must be the same."
+            )
+        if a_t.shape[1] != n_in_max or b_t.shape[0] != n_out_max:
+            raise ValueError(
+                f"PEFT VeRA adapter: projections {a_t.shape} and {b_t.shape} do not fit "
+                f"the adapted layers (largest input {n_in_max}, output {n_out_max})."
+            )
+
+    def load_shared(self, model, tensors):
+        projections = shared.get(model, "vera")
+        projections.vera_a.assign(np.ascontiguousarray(tensors["vera_A"].T))
+        projections.vera_b.assign(np.ascontiguousarray(tensors["vera_B"].T))
+
+
+@registry.method(
+    "VeRA: shared frozen random projections, trained scaling vectors d and b",
+    trainable_count=lambda g, o: g.n_shared * (o["rank"] + g.n_out),
+    shared_state=VeRAProjections,
+    export_forms=("lora",),
+    reference=reference_merged,
+    peft=VeRAFormat(),
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class VeRA(Adapter):
     """Vector-based random matrix adaptation (arXiv 2310.11454).
@@ -204,16 +299,3 @@ class VeRA(Adapter):
         return {"lora_a": lora_a, "lora_b": lora_b}, {
             "rank": self.rank, "alpha": float(self.rank), "rslora": False,
         }
-
-
-registry.register(
-    registry.Method(
-        name="vera",
-        layer_class=VeRA,
-        summary="VeRA: shared frozen random projections, trained scaling vectors d and b",
-        trainable_count=lambda g, o: g.n_shared * (o["rank"] + g.n_out),
-        shared_state=VeRAProjections,
-        export_forms=("lora",),
-        spec="§9",
-    )
-)

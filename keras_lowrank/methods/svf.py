@@ -1,4 +1,4 @@
-"""SVF experts and their composition (Transformer², spec §14).
+"""SVF experts and their composition (Transformer²).
 
 An SVF adapter trains one vector `z` per kernel (`W' = U diag(σ ⊙ z) Vᵀ`).
 Experts trained on different tasks compose by addition: the model uses
@@ -21,13 +21,14 @@ import os
 import numpy as np
 
 from keras_lowrank import arguments
+from keras_lowrank import freezing
 from keras_lowrank import lifecycle
-from keras_lowrank import plan as plan_lib
+from keras_lowrank import saved_plan
 from keras_lowrank import saving
 from keras_lowrank import tree
 from keras_lowrank.methods.spectral import SPECTRUM_RTOL
 
-SEP = plan_lib.SEP
+SEP = saved_plan.SEP
 
 
 def _np(x):
@@ -342,7 +343,7 @@ def cem_search(model, experts, scorer, per_layer=False, population=32, elite_fra
     # What a refused search puts back: the z values, or (a model the first
     # expert file gives its SVF adapters) the model without them.
     loaded = not svf_layers(model)
-    before = plan_lib.trainable_flags(model) if loaded else {p: _np(a.svf_z) for p, a in svf_layers(model)}
+    before = freezing.trainable_flags(model) if loaded else {p: _np(a.svf_z) for p, a in svf_layers(model)}
     try:
         result = _search(model, layers, sets, scorer, shape, population, elite_fraction,
                          generations, init_std, seed, verbose, experts[0] if loaded else None)
@@ -350,7 +351,7 @@ def cem_search(model, experts, scorer, per_layer=False, population=32, elite_fra
         if loaded:
             if svf_layers(model):
                 lifecycle.remove_adapters(model)
-            plan_lib.restore_trainable_flags(before)
+            freezing.restore_trainable_flags(before)
         else:
             _assign(model, before)
         raise

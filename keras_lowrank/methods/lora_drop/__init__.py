@@ -20,6 +20,7 @@ pair it reads into its kernel, exactly.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lowrank import options as opt
@@ -28,11 +29,18 @@ from keras_lowrank import shared
 from keras_lowrank.adapter import MAX_VARIABLE_ELEMENTS
 from keras_lowrank.methods.lora import LoRA
 from keras_lowrank.methods.lora import lora_a_initializer
+from keras_lowrank.methods import reference
 
 
 def group_key(geometry):
     """The name of the shared pair a layer of this geometry reads."""
     return geometry.matrix_text()
+
+
+def reference_merged(adapter, w):
+    """LoRA-drop: `W + s A B` with the layer's own pair or its shape's tied pair."""
+    a_t, b = (np.asarray(ops.convert_to_numpy(v)).astype("float64") for v in adapter.pair())
+    return w + adapter.scaling * np.swapaxes(a_t, -1, -2) @ b
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -132,6 +140,13 @@ class LoRADropPairs(shared.SharedState):
         return out
 
 
+@registry.method(
+    "LoRA-drop: LoRA on the important layers, one tied pair per kernel shape for the rest",
+    trainable_count=lambda g, o: 0 if o["tied"] else registry.lowrank_count(g, o),
+    shared_state=LoRADropPairs,
+    export_forms=("lora",),
+    reference=reference_merged,
+)
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class LoRADrop(LoRA):
     """LoRA-drop's adapter (arXiv 2402.07721): a LoRA layer that either has its own
@@ -216,16 +231,3 @@ class LoRADrop(LoRA):
         return {"lora_a": self.read(a_t), "lora_b": self.read(b)}, {
             "rank": self.rank, "alpha": self.alpha, "rslora": self.rslora,
         }
-
-
-registry.register(
-    registry.Method(
-        name="lora_drop",
-        layer_class=LoRADrop,
-        summary="LoRA-drop: LoRA on the important layers, one tied pair per kernel shape for the rest",
-        trainable_count=lambda g, o: 0 if o["tied"] else registry.lowrank_count(g, o),
-        shared_state=LoRADropPairs,
-        export_forms=("lora",),
-        spec="§12",
-    )
-)

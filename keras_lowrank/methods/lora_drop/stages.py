@@ -25,8 +25,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lowrank import adapted_model
+from keras_lowrank import freezing
 from keras_lowrank import lifecycle
-from keras_lowrank import plan as plan_lib
 from keras_lowrank import tree
 from keras_lowrank.adapt import enable_adapter
 from keras_lowrank.adapt import summarize
@@ -76,7 +77,7 @@ def importance(model, sample_data, batch_size=32, paths=None):
 
         >>> import keras, numpy as np
         >>> import keras_lowrank
-        >>> from keras_lowrank import drop
+        >>> from keras_lowrank.methods.lora_drop import stages as drop
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="a"),
         ...                           keras.layers.Dense(2, name="out")])
         >>> _ = keras_lowrank.enable_adapter(model, rank=2)
@@ -87,7 +88,7 @@ def importance(model, sample_data, batch_size=32, paths=None):
 
 
 def _measure(model, batches, paths=None):
-    layers = [(p, a) for p, a in plan_lib.adapters(model)
+    layers = [(p, a) for p, a in adapted_model.adapters(model)
               if hasattr(a, "update_rows") and (paths is None or p in paths)]
     if not layers:
         raise ValueError(f"Model {model.name!r} has no LoRA layers to measure.")
@@ -99,13 +100,13 @@ def _measure(model, batches, paths=None):
         totals[by_id[id(adapter)]] += float(_np(ops.sum(ops.square(ops.cast(rows, "float32")))))
 
     for _, a in layers:
-        object.__setattr__(a, "_klr_probe", probe)
+        a.set_probe(probe)
     try:
         for x, _, _ in batches:
             model(x, training=False)
     finally:
         for _, a in layers:
-            object.__setattr__(a, "_klr_probe", None)
+            a.set_probe(None)
     return totals
 
 
@@ -118,7 +119,7 @@ def select(scores, threshold):
 
     Examples:
 
-        >>> from keras_lowrank import drop
+        >>> from keras_lowrank.methods.lora_drop import stages as drop
         >>> drop.select({"a": 1.0, "b": 6.0, "c": 3.0}, 0.9)
         ['b', 'c']
     """
@@ -297,7 +298,7 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         )
     batches = _batches(sample_data, batch_size)
     shared_opts = {"rank": rank, "alpha": alpha, "seed": seed, **options}
-    flags = plan_lib.trainable_flags(model)
+    flags = freezing.trainable_flags(model)
     # Stage 1: LoRA on the sample
     stage1 = enable_adapter(model, method="lora", targets=targets, exclude=exclude, **shared_opts)
     paths = stage1.adapted_paths
@@ -312,7 +313,7 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         kept = select(scores, threshold)
     finally:
         lifecycle.remove_adapters(model, set(paths))
-        plan_lib.restore_trainable_flags(flags)
+        freezing.restore_trainable_flags(flags)
     # Stage 3: own pairs for the kept layers, tied pairs for the others
     tied = [p for p in paths if p not in kept]
     try:
@@ -320,10 +321,10 @@ def lora_drop(model, sample_data, threshold=0.9, rank=8, steps=100, alpha=None,
         if tied:
             enable_adapter(model, method="lora_drop", targets=_exact(tied), tied=True, **shared_opts)
     except BaseException:
-        ours = {p for p, _ in plan_lib.adapters(model)} & set(paths)
+        ours = {p for p, _ in adapted_model.adapters(model)} & set(paths)
         if ours:
             lifecycle.remove_adapters(model, ours)
-        plan_lib.restore_trainable_flags(flags)
+        freezing.restore_trainable_flags(flags)
         raise
     summary = summarize(model, "lora_drop")
     total = sum(scores.values())
