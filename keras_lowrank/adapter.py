@@ -8,6 +8,12 @@ then applies the activation. Subclasses declare their options (`OPTIONS`),
 their variables (`variable_specs`), their forward (`adapter_output`) and their
 merge rule (`delta_matrix` or `merged_matrix`).
 
+The class is three pieces: the math a method supplies (`AdapterMath`, in
+`keras_lowrank.adapter_math`: the merge rule in the matrix view), how it is
+written to files (`AdapterCodec`, in `keras_lowrank.adapter_codec`), and
+the Keras layer shell here (options, variables, attaching to the wrapped
+layer, the forward, merging in place).
+
 Building an adapter creates its own variables only. `attach` is the one step
 that changes the wrapped layer (moves the activation, freezes the kernel,
 runs a data-dependent init); `detach` gives the layer back as it was, which
@@ -21,11 +27,12 @@ import warnings
 import keras
 from keras import ops
 
-from keras_lowrank import _compat
 from keras_lowrank import bases
 from keras_lowrank.linalg import NonFiniteError
 from keras_lowrank import options as opt
 from keras_lowrank import tree
+from keras_lowrank.adapter_codec import AdapterCodec
+from keras_lowrank.adapter_math import AdapterMath
 
 #: the most elements one adapter variable may hold (the int32 index limit of
 #: several backends); a larger request is refused before anything is allocated
@@ -62,7 +69,7 @@ def adapter_policy_name(layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
-class Adapter(keras.layers.Wrapper):
+class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
     """Base class of adapter layers (not used directly).
 
     Args:
@@ -96,10 +103,6 @@ class Adapter(keras.layers.Wrapper):
     #: whether the init decomposes the kernel (`keras_lowrank.svd`; the
     #: plan shows a progress bar over many such layers)
     uses_svd = False
-    #: variables recomputed from the base kernel (frozen singular vectors):
-    #: `.keras` files hold them, adapter files do not (`derive` rebuilds
-    #: them when an adapter file is loaded)
-    derived = ()
     #: variables whose rank components are ordered and stay a working
     #: adapter when cut to a rank (DyLoRA's factors); such a method also has
     #: `layer_rank(ℓ)` and `nested_rank_limit()` (the federated exchange)
@@ -484,60 +487,8 @@ class Adapter(keras.layers.Wrapper):
         """The wrapped layer's bias variable (`None` without one)."""
         return bases.bias_variable(self.layer)
 
-    def lowrank_rows(self, x, a_t, b, scale):
-        """`scale * (x A) B` in rows of the matrix view, with `A` stored
-        transposed, `a_t: (r, n_in)` (PEFT's `lora_A` layout: XLA and torch
-        compute its gradient `dhᵀ x` much faster in that shape than `xᵀ dh`)."""
-        rows = self.geometry.inputs_to_rows(x)
-        a = ops.cast(_compat.as_tensor(a_t), rows.dtype)
-        h = ops.matmul(rows, ops.swapaxes(a, -1, -2))
-        # Scale the r-wide tensor, not the output; `scale` may be a Python
-        # number (skipped when 1) or a tensor (a value that changes per step).
-        if not (isinstance(scale, (int, float)) and scale == 1.0):
-            h = h * ops.cast(scale, h.dtype)
-        return ops.matmul(h, ops.cast(b, rows.dtype))
-
-    def add_lowrank(self, x, y, a_t, b, scale):
-        """`y + scale (x A) B`, in the layer's output layout.
-
-        Computed as `y - (x A)(-scale) B`, which is the same bits: on
-        TensorFlow with oneDNN (the default on recent Intel CPUs) the graph
-        rewriter fuses `MatMul + bias + Add + Relu` into one node it then
-        cannot run, and logs "No registered '' OpKernel" and "remapper
-        failed" on every traced step (the result is right). A subtraction
-        does not match that pattern."""
-        rows = self.lowrank_rows(x, a_t, b, -scale)
-        return y - ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
-
     # ------------------------------------------------------------------
-    # Values, in float32 and outside any autocast scope
-    def read(self, var):
-        with _compat.no_autocast():
-            return ops.cast(_compat.as_tensor(var.value), "float32")
-
-    def base_matrix(self):
-        return self.geometry.kernel_to_matrix(bases.read_kernel(self.layer))
-
-    def bias_value(self):
-        bias = bases.bias_variable(self.layer)
-        return None if bias is None else self.read(bias)
-
-    # ------------------------------------------------------------------
-    # Merge rules (float32, matrix view)
-    def delta_matrix(self):
-        """Additive update `W' - W` of the matrix view."""
-        raise NotImplementedError
-
-    def merged_matrix(self, matrix):
-        return matrix + self.delta_matrix()
-
-    def unmerged_matrix(self, matrix):
-        return matrix - self.delta_matrix()
-
-    def original_matrix(self, matrix):
-        """The matrix of the base the adapter was put on (PiSSA: K_res + s A0 B0)."""
-        return matrix
-
+    # Merging in place (the rules are `AdapterMath`'s)
     def refuse_in_place(self, what):
         kind = bases.base_kind(self.layer)
         if kind != "float":
@@ -604,110 +555,10 @@ class Adapter(keras.layers.Wrapper):
         return plain, kernel
 
     # ------------------------------------------------------------------
-    # Adapter-only state
-    def adapter_state(self):
-        """Name -> variable of everything this adapter changed."""
-        state = dict(self._adapter_vars)
-        if self.train_bias and bases.bias_variable(self.layer) is not None:
-            state["base_bias"] = bases.bias_variable(self.layer)
-        return state
-
-    def state_shapes(self, geometry):
-        """Name -> shape of `adapter_state()` for a kernel of this geometry,
-        known before the adapter is built."""
-        shapes = {s.name: tuple(s.shape) for s in self.variable_specs(geometry)}
-        bias = bases.bias_variable(self.layer)
-        if self.train_bias and bias is not None:
-            shapes["base_bias"] = tuple(bias.shape)
-        return shapes
-
-    def file_state(self):
-        """`adapter_state()` less the `derived` variables: what an adapter
-        file holds."""
-        return {k: v for k, v in self.adapter_state().items() if k not in self.derived}
-
-    def file_shapes(self, geometry):
-        """Name -> shape of `file_tensors()` (`None`: a size the file
-        chooses, e.g. AdaLoRA's kept rank)."""
-        return {k: v for k, v in self.state_shapes(geometry).items() if k not in self.derived}
-
-    def file_tensors(self):
-        """Name -> value of what an adapter file holds for this layer
-        (default: the `file_state()` variables as they are)."""
-        return dict(self.file_state())
-
-    def load_file_tensors(self, tensors):
-        """Set this layer's variables from an adapter file's `tensors`
-        (the inverse of `file_tensors`)."""
-        for name, var in self.file_state().items():
-            var.assign(tensors[name])
-
-    def derive(self, original, saved):
-        """Recompute the `derived` variables from `original`, the matrix of
-        the base the adapter was trained on, before an adapter file's
-        tensors (`saved`, name -> array) are loaded; raise if `saved` shows
-        the file was made for another base."""
-
-    def summary_rank(self):
-        """The rank the summary shows (`None`: not a rank method)."""
-        return getattr(self, "rank", None)
-
-    def rebase(self, original):
-        """Make the frozen kernel consistent with the adapter's (just loaded)
-        variables, given the matrix of the original base. Most methods leave
-        the base untouched; residual methods (PiSSA) subtract their initial
-        update."""
-
-    # ------------------------------------------------------------------
     # Counting
     def trainable_count(self):
         """Trainable parameters of the adapter itself (not a trained bias)."""
         return sum(math.prod(v.shape) for v in self._adapter_vars.values() if v.trainable)
-
-    # ------------------------------------------------------------------
-    # Serialization
-    def get_config(self):
-        config = super().get_config()
-        config.update(self.options())
-        config.update(
-            {
-                "activation": keras.activations.serialize(self.activation),
-                "merged": self.merged,
-                "enabled": self.adapter_enabled,
-            }
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        layer = keras.saving.deserialize_keras_object(
-            config.pop("layer"), custom_objects=custom_objects
-        )
-        obj = cls(layer, **config)
-        obj.filled_from_file()  # the plan binds its model-level state
-        return obj
-
-    def save_own_variables(self, store):
-        for name, var in self._adapter_vars.items():
-            store[name] = var
-
-    def load_own_variables(self, store):
-        keys = set(store.keys())
-        expected = set(self._adapter_vars)
-        if keys != expected:
-            raise ValueError(
-                f"Adapter layer {self.name!r} ({self.method}) expected the "
-                f"variables {sorted(expected)} but the file holds {sorted(keys)}."
-            )
-        for name, var in self._adapter_vars.items():
-            value = store[name]
-            if tuple(value.shape) != tuple(var.shape):
-                raise ValueError(
-                    f"Adapter layer {self.name!r}: variable {name!r} has shape "
-                    f"{tuple(var.shape)} but the file holds {tuple(value.shape)}."
-                )
-            var.assign(value)
 
 
 class _Ref:
