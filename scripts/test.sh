@@ -47,7 +47,7 @@ run_job() {
   local t0
   t0=$(date +%s)
   {
-    if KERAS_BACKEND="$backend" python -m pytest -p no:cacheprovider "$@" 2>&1; then
+    if KERAS_BACKEND="$backend" python -m pytest -p no:cacheprovider --durations=8 "$@" 2>&1; then
       echo 0 >"$STATUS/$backend.$tag"
     else
       echo 1 >"$STATUS/$backend.$tag"

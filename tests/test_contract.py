@@ -362,7 +362,6 @@ def _roundtrip_models():
             SMALL["dense"][1],
         ),
         "subclassed": (_subclassed_model, SMALL["dense"][1]),
-        "gemma_backbone": (gemma_backbone, token_inputs(20)),
     }
 
 
@@ -377,9 +376,10 @@ def _train_one_step_changes_adapters(model, x):
     assert any(not np.array_equal(a, b) for a, b in zip(after, before))
 
 
+# KerasHub's round trip, once per family: test_keras_roundtrip_task_model
 ROUNDTRIP_CASES = (
     [(m, "functional") for m in METHODS]
-    + [(m, k) for m in FAMILIES for k in ("sequential", "subclassed", "gemma_backbone")]
+    + [(m, k) for m in FAMILIES for k in ("sequential", "subclassed")]
 )
 
 
@@ -419,7 +419,10 @@ def test_keras_roundtrip_task_model(method, tmp_path):
     loaded = keras.saving.load_model(path)
     assert type(loaded).__name__ == "GemmaCausalLM"
     np.testing.assert_allclose(to_np(loaded(x)), y, rtol=1e-5, atol=1e-5)
-    assert len(kl.adapters(loaded)) == len(kl.adapters(lm))
+    assert [(p, a.method, a.rank) for p, a in kl.adapters(loaded)] == [
+        (p, a.method, a.rank) for p, a in kl.adapters(lm)
+    ]
+    assert sorted(v.path for v in loaded.trainable_weights) == sorted(v.path for v in lm.trainable_weights)
 
 
 # 10. Adapter-only file ---------------------------------------------------

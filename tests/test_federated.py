@@ -40,6 +40,7 @@ logging.getLogger("flwr").setLevel(logging.WARNING)
 # Accounting
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_privacy_budget_is_dp_accounting(accountant):
     sigma, q, rounds, delta = 1.1, 0.05, 30, 1e-5
@@ -58,6 +59,7 @@ def test_privacy_budget_is_dp_accounting(accountant):
         assert got <= federated.privacy_budget(sigma, q, rounds, delta, accountant="rdp")
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 def test_epsilon_falls_as_noise_grows():
     eps = [federated.privacy_budget(s, 0.1, 20, 1e-5) for s in (0.6, 0.8, 1.0, 1.5, 3.0)]
     assert all(a > b for a, b in zip(eps, eps[1:])), eps
@@ -67,6 +69,7 @@ def test_epsilon_falls_as_noise_grows():
     assert federated.privacy_budget(1.0, 0.1, 0, 1e-5) == 0.0
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 @pytest.mark.parametrize("accountant,target", [("rdp", 2.0), ("rdp", 8.0), ("pld", 2.0)])
 def test_noise_for_epsilon_round_trips(accountant, target):
     q, rounds, delta = 0.1, 10, 1e-5
@@ -90,6 +93,7 @@ BAD_NUMBERS = [  # (value, error) for an argument that needs a positive finite n
 ]
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 @pytest.mark.parametrize("name,value,error", [
     *[("noise_multiplier", v, e) for v, e in BAD_NUMBERS],
     ("noise_multiplier", 1e-300, ValueError),  # was a ZeroDivisionError in dp-accounting
@@ -108,6 +112,7 @@ def test_privacy_budget_refuses_bad_values(name, value, error):
         federated.privacy_budget(**args)
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_privacy_budget_at_extreme_values(accountant):
     """A huge σ gives ε = 0 (it overflowed); a σ too small to account, a PLD
@@ -134,6 +139,7 @@ def test_privacy_budget_at_extreme_values(accountant):
         federated.privacy_budget(1.0, 0.1, 10, 1e-100, "pld")
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 @pytest.mark.parametrize("name,value,error", [
     *[("target_epsilon", v, e) for v, e in BAD_NUMBERS],
     ("sampling_rate", 2, ValueError), ("rounds", 0, ValueError), ("rounds", 1.5, TypeError),
@@ -146,6 +152,7 @@ def test_noise_for_epsilon_refuses_bad_values(name, value, error):
         federated.noise_for_epsilon(**args)
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 def test_noise_for_epsilon_at_extreme_targets():
     # a tiny target: the smallest σ whose ε is 0 to the accountant
     sigma = federated.noise_for_epsilon(1e-300, 0.1, 10, 1e-5)
@@ -156,6 +163,7 @@ def test_noise_for_epsilon_at_extreme_targets():
         federated.noise_for_epsilon(0.01, 1.0, 10, 5e-324)
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 def test_noise_for_epsilon_refuses_a_budget_with_no_privacy():
     with pytest.raises(ValueError, match="next to no privacy"):
         federated.noise_for_epsilon(1e6, 0.1, 10, 1e-5)
@@ -338,6 +346,7 @@ DP = {"num_clients": 10, "clients_per_round": 2, "rounds": 2, "noise_multiplier"
       "clipping_norm": 1.0}
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 @pytest.mark.parametrize("name,value,error", [
     *[("max_epsilon", v, e) for v, e in BAD_NUMBERS if v is not None],  # None: no cap
     *[("clipping_norm", v, e) for v, e in BAD_NUMBERS if v is not None],
@@ -376,6 +385,7 @@ def test_a_nan_max_epsilon_from_the_run_config_is_refused_when_the_run_starts():
         settings.with_run_config({"max-epsilon": "5"})
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 def test_a_pld_run_too_large_to_account_is_refused_by_server_app():
     with pytest.raises(ValueError, match=r"^server_app: the PLD accountant cannot account "
                                          r"noise_multiplier=0.01"):
@@ -409,6 +419,7 @@ def test_train_client_checks_its_numbers():
         np.testing.assert_array_equal(v, before[k])
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 def test_run_simulation_checks_its_arguments_before_anything_runs():
     built = []
 
@@ -437,6 +448,7 @@ def test_run_simulation_checks_its_arguments_before_anything_runs():
     assert not built  # nothing was built, no engine started
 
 
+@pytest.mark.one_backend  # accounting and argument checks: no backend op
 def test_the_strategies_check_their_numbers():
     with refused(ValueError, "PoissonFedAvg", "sampling_rate", float("nan")):
         apps.PoissonFedAvg(float("nan"), 4, True)

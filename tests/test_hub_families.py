@@ -4,7 +4,10 @@ A tiny model of each task class the installed KerasHub exports (the
 subclasses of `CausalLM`, which include its seq2seq and audio-to-text tasks,
 of `TextClassifier` and of `ImageClassifier`) is adapted with
 `enable_adapter(model)`, then runs a forward pass, one `fit` step and a
-`.keras` round trip. A task class KerasHub adds fails
+`.keras` round trip. Each family runs once per suite: the families are dealt
+in turn to jax, tensorflow and torch (every backend builds, trains and
+reloads a third of them; `KLR_ALL_FAMILIES=1` runs all of them on the
+backend at hand). A task class KerasHub adds fails
 `test_every_family_is_covered` until it gets a tiny config here (or a line
 in `NOT_BUILT` saying why it cannot).
 
@@ -414,7 +417,25 @@ def test_every_family_is_covered():
     assert set(ROUND_TRIP_OUTPUTS_DIFFER) <= built
 
 
-@pytest.mark.parametrize("case", list(CASES))
+ALL_BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def dealt(cases, backend=BACKEND):
+    """The cases `backend` runs: every third, by position, or all of them
+    with `KLR_ALL_FAMILIES=1`."""
+    if os.environ.get("KLR_ALL_FAMILIES") == "1":
+        return list(cases)
+    return [c for i, c in enumerate(cases) if ALL_BACKENDS[i % len(ALL_BACKENDS)] == backend]
+
+
+def test_the_families_are_dealt_to_every_backend_once(monkeypatch):
+    monkeypatch.delenv("KLR_ALL_FAMILIES", raising=False)
+    shares = [dealt(CASES, b) for b in ALL_BACKENDS]
+    assert sorted(c for share in shares for c in share) == sorted(CASES)
+    assert all(len(share) >= len(CASES) // 3 for share in shares)
+
+
+@pytest.mark.parametrize("case", dealt(CASES))
 def test_family(case, tmp_path):
     model = CASES[case]()
     x = fake_inputs(model, np.random.default_rng(0))
