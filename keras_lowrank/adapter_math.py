@@ -42,8 +42,19 @@ class AdapterMath:
         cannot run, and logs "No registered '' OpKernel" and "remapper
         failed" on every traced step (the result is right). A subtraction
         does not match that pattern."""
-        rows = self.lowrank_rows(x, a_t, b, -scale)
-        return y - ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
+        return self.add_negated_rows(x, y, self.lowrank_rows(x, a_t, b, -scale))
+
+    def add_negated_rows(self, x, y, minus_rows):
+        """`y + Δ` in the layer's output layout, given `minus_rows = -Δ` in
+        rows of the matrix view, computed as a subtraction (see
+        `add_lowrank`). A forward folds the sign into its smallest tensor
+        (a scale, an r-wide product) and passes the result here."""
+        return y - ops.cast(self.geometry.rows_to_outputs(minus_rows, x), y.dtype)
+
+    def add_rows(self, x, y, rows):
+        """`y + rows` in the layer's output layout, `rows` in rows of the
+        matrix view (as a subtraction: see `add_lowrank`)."""
+        return self.add_negated_rows(x, y, -rows)
 
     def read(self, var):
         with _compat.no_autocast():

@@ -222,10 +222,9 @@ class DyLoRA(LoRA):
             b = ops.stop_gradient(b) * ops.expand_dims(before, -1) + b * ops.expand_dims(current, -1)
         else:
             h = h * ops.cast(idx < ell, h.dtype)
-        # y + (alpha/ℓ) h B, as a subtraction (see Adapter.add_lowrank)
+        # y + (alpha/ℓ) h B
         scale = -self.alpha / ops.cast(ell, h.dtype)
-        out = ops.matmul(h * ops.cast(scale, h.dtype), b)
-        return y - ops.cast(self.geometry.rows_to_outputs(out, x), y.dtype)
+        return self.add_negated_rows(x, y, ops.matmul(h * ops.cast(scale, h.dtype), b))
 
     def eval_rank(self):
         """This layer's inference rank, as a Python int."""

@@ -300,9 +300,8 @@ class DeltaLoRA(LoRA):
         u = ops.matmul(ops.matmul(rows, ops.swapaxes(ops.cast(a, dtype), -1, -2)), ops.cast(b, dtype))
         u0 = ops.matmul(ops.matmul(rows, ops.swapaxes(ops.cast(a0, dtype), -1, -2)), ops.cast(b0, dtype))
         ls = ops.cast(ls, dtype)
-        # y + s u + λ s (sg(u) − u0), as a subtraction (see Adapter.add_lowrank)
-        out = u * (-s) - ls * (ops.stop_gradient(u) - u0)
-        return y - ops.cast(self.geometry.rows_to_outputs(out, x), y.dtype)
+        # y + s u + λ s (sg(u) − u0)
+        return self.add_negated_rows(x, y, u * (-s) - ls * (ops.stop_gradient(u) - u0))
 
     def kernel_shift(self):
         """`λ s (A B − A_start B_start)` once the kernel moves (else 0):

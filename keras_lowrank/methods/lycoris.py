@@ -169,8 +169,7 @@ class _LycorisAdapter(Adapter):
             u = keras.random.uniform((), seed=self.seed_generator)
             on = ops.cast(u > self.module_dropout, delta_rows.dtype)
             delta_rows = delta_rows * on
-        # y + delta, as a subtraction (see Adapter.add_lowrank)
-        return y - ops.cast(self.geometry.rows_to_outputs(-delta_rows, x), y.dtype)
+        return self.add_rows(x, y, delta_rows)
 
     def rescale_rank_dropout(self):
         return True

@@ -177,11 +177,6 @@ class SpectralAdapter(Adapter):
     def value(self, var, dtype):
         return ops.cast(_compat.as_tensor(var), dtype)
 
-    def add_rows(self, x, y, out):
-        """`y + out` in the layer's output layout, `out` in rows (as a
-        subtraction: see `Adapter.add_lowrank`)."""
-        return y - ops.cast(self.geometry.rows_to_outputs(-out, x), y.dtype)
-
     def through_basis(self, rows, u, coef, v):
         """`((rows U) ⊙ coef) Vᵀ`, `coef` a `batch + (r,)` vector."""
         h = ops.matmul(rows, self.value(u, rows.dtype))
@@ -611,8 +606,7 @@ class LoRAXS(SpectralAdapter):
         rows = self.geometry.inputs_to_rows(self.adapter_input(x, training))
         h = ops.matmul(rows, self.value(self.xs_a, rows.dtype))
         h = ops.matmul(h, self.value(self.xs_r, rows.dtype) * ops.cast(-self.scaling, rows.dtype))
-        out = ops.matmul(h, self.value(self.xs_b, rows.dtype))
-        return y - ops.cast(self.geometry.rows_to_outputs(out, x), y.dtype)
+        return self.add_negated_rows(x, y, ops.matmul(h, self.value(self.xs_b, rows.dtype)))
 
     def delta_matrix(self):
         ar = ops.matmul(self.read(self.xs_a), self.read(self.xs_r))

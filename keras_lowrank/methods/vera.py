@@ -275,9 +275,7 @@ class VeRA(Adapter):
         a, b = self._projections(rows.dtype)
         d = ops.cast(ops.expand_dims(self.vera_lambda_d, -2), rows.dtype)
         bv = ops.cast(ops.expand_dims(self.vera_lambda_b, -2), rows.dtype)
-        out = ops.matmul(ops.matmul(rows, a) * d, b) * bv
-        # y + out, as a subtraction (see Adapter.add_lowrank)
-        return y - ops.cast(self.geometry.rows_to_outputs(-out, x), y.dtype)
+        return self.add_rows(x, y, ops.matmul(ops.matmul(rows, a) * d, b) * bv)
 
     def read_value(self, value):
         return ops.cast(value, "float32")
