@@ -8,6 +8,8 @@
   table, made from its declarations (`Method.options_table()`).
 - `{{ methods_table }}` on docs/methods.md becomes the table of every
   method: its name, its one-line description, and its page.
+- `{{ method_layers }}` on docs/api.md becomes the API reference of every
+  method's layer class, as `keras_lowrank.layers.<Class>`.
 """
 
 import os
@@ -16,6 +18,7 @@ import re
 METHODS_DIR = "methods"
 OPTIONS = "{{ method_options }}"
 TABLE = "{{ methods_table }}"
+LAYERS = "{{ method_layers }}"
 
 
 def _title(path):
@@ -46,11 +49,11 @@ def on_config(config):
 
 
 def on_page_markdown(markdown, page, config, files):
-    if OPTIONS not in markdown and TABLE not in markdown:
+    if OPTIONS not in markdown and TABLE not in markdown and LAYERS not in markdown:
         return markdown
     from keras_lowrank import registry
 
-    if OPTIONS in markdown:
+    if OPTIONS in markdown and os.path.dirname(page.file.src_path).replace(os.sep, "/") == METHODS_DIR:
         name = os.path.splitext(os.path.basename(page.file.src_path))[0]
         markdown = markdown.replace(OPTIONS, registry.get(name).options_table())
     if TABLE in markdown:
@@ -61,4 +64,9 @@ def on_page_markdown(markdown, page, config, files):
             summary = registry.get(name).summary.replace("|", "\\|")
             rows.append(f"| `{name}` | {summary} | [{title}]({METHODS_DIR}/{name}.md) |")
         markdown = markdown.replace(TABLE, "\n".join(rows))
+    if LAYERS in markdown:
+        classes = sorted({registry.get(name).layer_class for name in registry.methods()}, key=lambda c: c.__name__)
+        blocks = [f"::: {c.__module__}.{c.__qualname__}\n    options:\n      heading: \"keras_lowrank.layers.{c.__name__}\"\n"
+                  for c in classes]
+        markdown = markdown.replace(LAYERS, "\n".join(blocks))
     return markdown
