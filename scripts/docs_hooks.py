@@ -7,7 +7,9 @@
 - `{{ method_options }}` on a method page becomes the method's options
   table, made from its declarations (`Method.options_table()`).
 - `{{ methods_table }}` on docs/methods.md becomes the table of every
-  method: its name, its one-line description, and its page.
+  method: its name, its one-line description, whether it has a plain-LoRA
+  form (`save_adapter(..., as_lora=True)`), its PEFT adapter type, and its
+  page.
 - `{{ method_layers }}` on docs/api.md becomes the API reference of every
   method's layer class, as `keras_lowrank.layers.<Class>`.
 """
@@ -58,11 +60,14 @@ def on_page_markdown(markdown, page, config, files):
         markdown = markdown.replace(OPTIONS, registry.get(name).options_table())
     if TABLE in markdown:
         pages = _method_pages(config["docs_dir"])
-        rows = ["| method | what it trains | page |", "|---|---|---|"]
+        rows = ["| method | what it trains | as LoRA | PEFT | page |", "|---|---|---|---|---|"]
         for name in registry.methods():
+            m = registry.get(name)
             title = pages.get(name, name)
-            summary = registry.get(name).summary.replace("|", "\\|")
-            rows.append(f"| `{name}` | {summary} | [{title}]({METHODS_DIR}/{name}.md) |")
+            summary = m.summary.replace("|", "\\|")
+            as_lora = "yes" if registry.LORA_FORM in m.export_forms or name == registry.LORA_FORM else "no"
+            peft = f"`{m.peft.peft_type}`" if m.peft is not None else "no"
+            rows.append(f"| `{name}` | {summary} | {as_lora} | {peft} | [{title}]({METHODS_DIR}/{name}.md) |")
         markdown = markdown.replace(TABLE, "\n".join(rows))
     if LAYERS in markdown:
         classes = sorted({registry.get(name).layer_class for name in registry.methods()}, key=lambda c: c.__name__)
