@@ -26,13 +26,9 @@ pytestmark = pytest.mark.one_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "keras_lowrank"
 
-#: `(file, "module._name")`: the private names of another module still
-#: read, in `keras_lowrank.federated` (left to its own change: listed here,
-#: not fixed). Take an entry out when its read is gone; a new read fails.
-ALLOWED_PRIVATE_READS = {
-    ("keras_lowrank/federated/apps.py", "exchange._adapter_entries"),
-    ("keras_lowrank/federated/apps.py", "accounting._epsilon"),
-}
+#: `(file, "module._name")`: private names of another module a file may
+#: still read (none: a new read fails)
+ALLOWED_PRIVATE_READS = set()
 
 
 def _module_files():

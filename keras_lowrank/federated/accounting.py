@@ -187,7 +187,7 @@ def _pld_epsilon(where, given, sigma, q, rounds, delta):
     return pld.get_epsilon_for_delta(delta)
 
 
-def _epsilon(where, noise_multiplier, sampling_rate, rounds, delta, accountant):
+def compute_epsilon(where, noise_multiplier, sampling_rate, rounds, delta, accountant):
     given = (noise_multiplier, sampling_rate, rounds, delta)
     sigma = check_noise(where, noise_multiplier)
     q = check_sampling_rate(where, sampling_rate)
@@ -250,7 +250,7 @@ def _calibration_accountant():
         def get_epsilon(self, target_delta):
             if self.rounds is None:
                 return 0.0
-            return _epsilon(self.where, self.sigma, self.q, self.rounds, target_delta,
+            return compute_epsilon(self.where, self.sigma, self.q, self.rounds, target_delta,
                             self.accountant)
 
     return CalibrationAccountant
@@ -290,7 +290,7 @@ def privacy_budget(noise_multiplier, sampling_rate, rounds, delta, accountant="r
         >>> 0 < eps < federated.privacy_budget(0.8, 0.01, 100, 1e-5)
         True
     """
-    return _epsilon("privacy_budget", noise_multiplier, sampling_rate, rounds, delta, accountant)
+    return compute_epsilon("privacy_budget", noise_multiplier, sampling_rate, rounds, delta, accountant)
 
 
 def noise_for_epsilon(target_epsilon, sampling_rate, rounds, delta, accountant="rdp"):
@@ -318,13 +318,13 @@ def noise_for_epsilon(target_epsilon, sampling_rate, rounds, delta, accountant="
     check_accountant(where, accountant)
     dpa = _dp_accounting()
     low = SMALLEST_NOISE[accountant]
-    if _epsilon(where, low, q, rounds, delta, accountant) <= target:
+    if compute_epsilon(where, low, q, rounds, delta, accountant) <= target:
         raise ValueError(
             f"{where}: target_epsilon={target_epsilon!r} is reached with noise "
             f"multipliers below {low} (sampling_rate={sampling_rate!r}, rounds={rounds!r}, "
             f"delta={delta!r}); such a budget gives next to no privacy. Lower the target."
         )
-    if _epsilon(where, NOISE_CEILING, q, rounds, delta, accountant) > target:
+    if compute_epsilon(where, NOISE_CEILING, q, rounds, delta, accountant) > target:
         raise ValueError(
             f"{where}: target_epsilon={target_epsilon!r} is below the epsilon of any noise "
             f"multiplier up to {NOISE_CEILING:g} (sampling_rate={sampling_rate!r}, "
@@ -369,7 +369,7 @@ class Ledger:
 
     def epsilon_after(self, more=0):
         more = arguments.number("Ledger.epsilon_after", "more", more, 0, None, integer=True)
-        return _epsilon("Ledger", self.noise_multiplier, self.sampling_rate, self.rounds + more,
+        return compute_epsilon("Ledger", self.noise_multiplier, self.sampling_rate, self.rounds + more,
                         self.delta, self.accountant)
 
     @property

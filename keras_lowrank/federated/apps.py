@@ -617,7 +617,7 @@ class Settings:
                     self.target_epsilon, self.sampling_rate, self.rounds, self.delta, self.accountant
                 )
                 self.target_epsilon = None
-            accounting._epsilon(w, self.noise_multiplier, self.sampling_rate, self.rounds,
+            accounting.compute_epsilon(w, self.noise_multiplier, self.sampling_rate, self.rounds,
                                 self.delta, self.accountant)
         except (TypeError, ValueError) as e:
             if str(e).startswith(f"{w}:"):
@@ -776,7 +776,7 @@ def run_server(grid, model_fn, settings, evaluate_fn=None, timeout=3600, model=N
         ledger = accounting.Ledger(settings.noise_multiplier, settings.sampling_rate,
                                    settings.delta, settings.accountant)
     layer_ranks = {}
-    for e in exchange._adapter_entries(model):
+    for e in exchange.adapter_entries(model):
         for name in e.layer.nested_factors:
             layer_ranks[f"{e.key}{exchange.SEP}{name}"] = int(e.layer.rank)
     strategy = RankBroadcast(inner, full, big, layer_ranks, fingerprint, ledger,

@@ -24,7 +24,7 @@ from keras_lowrank import tree
 SEP = "/"
 
 
-def _adapter_entries(model, where="keras_lowrank.federated"):
+def adapter_entries(model, where="keras_lowrank.federated"):
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(f"{where}: model must be a Keras model with adapters; received "
                         f"model={model!r}.")
@@ -78,7 +78,7 @@ def adapter_arrays(model, rank=None):
     DyLoRA factors cut to rank `rank` (`None`, or an int in [1, R]: all
     of them for `None`)."""
     where = "adapter_arrays"
-    entries = _adapter_entries(model, where)
+    entries = adapter_entries(model, where)
     rank = _check_rank(model, rank, where)
     out = {}
     for e in entries:
@@ -98,7 +98,7 @@ def set_adapter_arrays(model, arrays, rank=None):
     is checked (keys, shapes, finite real values) before anything is
     written."""
     where = "set_adapter_arrays"
-    entries = _adapter_entries(model, where)
+    entries = adapter_entries(model, where)
     rank = _check_rank(model, rank, where)
     if not isinstance(arrays, Mapping):
         raise TypeError(f"{where}: arrays must be a dict of arrays (as adapter_arrays gives them); "
@@ -152,7 +152,7 @@ def base_fingerprint(model):
     (kernels, quantized codes and scales, biases): two models share a base
     exactly when their fingerprints agree."""
     h = hashlib.sha256()
-    for e in _adapter_entries(model, "base_fingerprint"):
+    for e in adapter_entries(model, "base_fingerprint"):
         for v in e.layer.layer.non_trainable_weights:
             value = np.ascontiguousarray(ops.convert_to_numpy(v))
             h.update(e.key.encode())
