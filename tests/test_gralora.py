@@ -25,17 +25,22 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 keras_hub = pytest.importorskip("keras_hub")
 
+from peft_models import ALL
+from peft_models import TOKENS
+from peft_models import close as _close
+from peft_models import hf_model
+from peft_models import keras_backbone as _backbone
+from peft_models import keras_logits as _keras_logits
+from peft_models import load_hf as _hf
+from peft_models import torch_logits as _torch_logits
+
 N_IN, N_OUT = 8, 12
 X = np.random.RandomState(0).normal(size=(5, N_IN)).astype("float32")
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOKENS = np.array([[3, 17, 5, 40, 22, 9, 31, 2], [1, 8, 60, 12, 7, 33, 19, 4]], "int64")
 #: (r, gralora_k, hybrid_r, alpha)
 CONFIGS = {"k2": (4, 2, 0, 6), "k4_hybrid": (8, 4, 2, 5)}
 
 
-def _close(got, want, tol=1e-5):
-    rel = np.abs(np.asarray(got, "float64") - want).max() / np.abs(want).max()
-    assert rel <= tol, rel
+
 
 
 def _dense(n_in=N_IN, n_out=N_OUT):
@@ -224,32 +229,7 @@ def test_refusals_change_nothing():
 # PEFT directories on a KerasHub model converted from Hugging Face
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("llama"))
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-        tie_word_embeddings=False)).save_pretrained(path)
-    return path
-
-
-def _hf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def _torch_logits(model):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(TOKENS), attention_mask=torch.ones_like(torch.tensor(TOKENS)))
-    return out.logits.float().numpy()
-
-
-def _backbone(path):
-    return keras_hub.models.Backbone.from_preset(path, dtype="float32")
-
-
-def _keras_logits(backbone):
-    x = {"token_ids": TOKENS.astype("int32"), "padding_mask": np.ones(TOKENS.shape, "int32")}
-    return to_np(backbone.token_embedding(backbone(x), reverse=True))
+    return hf_model("llama", str(tmp_path_factory.mktemp("llama")), layers=1)
 
 
 def test_peft_directory_loads_with_the_same_logits(llama_dir, tmp_path):

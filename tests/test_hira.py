@@ -23,15 +23,18 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 keras_hub = pytest.importorskip("keras_hub")
 
+from peft_models import ALL
+from peft_models import TOKENS
+from peft_models import close as _close
+from peft_models import hf_model
+from peft_models import keras_backbone as _backbone
+from peft_models import keras_logits as _keras_logits
+from peft_models import load_hf as _hf
+from peft_models import torch_logits as _torch_logits
+
 N_IN, N_OUT, R = 8, 12, 3
 X = np.random.RandomState(0).normal(size=(5, N_IN)).astype("float32")
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOKENS = np.array([[3, 17, 5, 40, 22, 9, 31, 2], [1, 8, 60, 12, 7, 33, 19, 4]], "int64")
 
-
-def _close(got, want, tol=1e-5):
-    rel = np.abs(np.asarray(got, "float64") - want).max() / np.abs(want).max()
-    assert rel <= tol, rel
 
 
 # ----------------------------------------------------------------------
@@ -185,42 +188,9 @@ def test_batched_einsum_kernel():
 
 # ----------------------------------------------------------------------
 # PEFT directories on a KerasHub model converted from Hugging Face
-def _hf_dir(path, family="llama"):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-            tie_word_embeddings=False))
-    model.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    return _hf_dir(str(tmp_path_factory.mktemp("llama")))
-
-
-def _hf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def _torch_logits(model):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(TOKENS), attention_mask=torch.ones_like(torch.tensor(TOKENS)))
-    return out.logits.float().numpy()
-
-
-def _backbone(path):
-    return keras_hub.models.Backbone.from_preset(path, dtype="float32")
-
-
-def _keras_logits(backbone):
-    x = {"token_ids": TOKENS.astype("int32"), "padding_mask": np.ones(TOKENS.shape, "int32")}
-    return to_np(backbone.token_embedding(backbone(x), reverse=True))
+    return hf_model("llama", str(tmp_path_factory.mktemp("llama")), layers=1)
 
 
 def test_peft_directory_loads_with_the_same_logits(llama_dir, tmp_path):
@@ -270,7 +240,7 @@ def test_gpt2_fused_qkv_joins_and_splits(tmp_path):
     """GPT-2's `c_attn` (Conv1D, stored (n_in, n_out)) is three Keras
     layers: their HiRAs join into one of the summed rank (exact: the
     Hadamard product with the base is linear in AB), and split back."""
-    hf = _hf_dir(str(tmp_path / "gpt2"), "gpt2")
+    hf = hf_model("gpt2", str(tmp_path / "gpt2"), layers=1)
     backbone = _backbone(hf)
     kl.enable_adapter(backbone, method="hira", rank=2, rank_pattern={"value": 1})
     for _, a in kl.adapters(backbone):

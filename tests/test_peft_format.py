@@ -18,25 +18,15 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 keras_hub = pytest.importorskip("keras_hub")
 
-TOKENS = np.array([[3, 17, 5, 40, 22, 9, 31, 2], [1, 8, 60, 12, 7, 33, 19, 4]], "int64")
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from peft_models import ALL
+from peft_models import TOKENS
+from peft_models import close
+from peft_models import hf_model as _hf_model
+from peft_models import keras_backbone as _backbone
+from peft_models import keras_logits as _keras_logits
+from peft_models import load_hf as _hf
+from peft_models import torch_logits as _torch_logits
 
-
-def _hf_model(family, path, width=16, inter=24):
-    torch.manual_seed(0)
-    common = dict(vocab_size=64, hidden_size=width, intermediate_size=inter,
-                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                  head_dim=width // 2, max_position_embeddings=64)
-    if family == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=64, n_positions=32, n_embd=width, n_layer=2, n_head=2))
-    elif family == "gemma":
-        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**common))
-    else:
-        model = transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(**common, tie_word_embeddings=False))
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=["gemma", "llama"])
@@ -50,28 +40,8 @@ def llama_dir(tmp_path_factory):
     return _hf_model("llama", str(tmp_path_factory.mktemp("llama1")))
 
 
-def _hf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def _torch_logits(model):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(TOKENS), attention_mask=torch.ones_like(torch.tensor(TOKENS)))
-    return out.logits.float().numpy()
-
-
-def _backbone(path):
-    return keras_hub.models.Backbone.from_preset(path, dtype="float32")
-
-
-def _keras_logits(backbone):
-    x = {"token_ids": TOKENS.astype("int32"), "padding_mask": np.ones(TOKENS.shape, "int32")}
-    return to_np(backbone.token_embedding(backbone(x), reverse=True))
-
-
 def _close(keras_out, torch_out):
-    rel = np.abs(keras_out - torch_out).max() / np.abs(torch_out).max()
-    assert rel <= 1e-4, rel
+    close(keras_out, torch_out, tol=1e-4)
 
 
 def _perturb(model):
