@@ -26,7 +26,6 @@ transformers = pytest.importorskip("transformers")
 keras_hub = pytest.importorskip("keras_hub")
 
 from peft_models import ALL
-from peft_models import TOKENS
 from peft_models import close as _close
 from peft_models import hf_model
 from peft_models import keras_backbone as _backbone

@@ -19,7 +19,6 @@ peft = pytest.importorskip("peft")
 keras_hub = pytest.importorskip("keras_hub")
 
 from peft_models import ALL
-from peft_models import TOKENS
 from peft_models import close
 from peft_models import hf_model as _hf_model
 from peft_models import keras_backbone as _backbone

@@ -8,7 +8,6 @@ zero column or a kernel of values near 1e-30 or 1e20 gives no NaN.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_lowrank import linalg

@@ -26,7 +26,6 @@ A layer whose `rank` differs from the model's largest `R` uses
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_lowrank import options as opt

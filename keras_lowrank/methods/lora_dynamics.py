@@ -21,7 +21,6 @@ parts: see `keras_lowrank.training`), with any Keras optimizer.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_lowrank import options as opt

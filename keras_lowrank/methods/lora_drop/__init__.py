@@ -29,7 +29,6 @@ from keras_lowrank import shared
 from keras_lowrank.adapter import MAX_VARIABLE_ELEMENTS
 from keras_lowrank.methods.lora import LoRA
 from keras_lowrank.methods.lora import lora_a_initializer
-from keras_lowrank.methods import reference
 
 
 def group_key(geometry):
