@@ -8,11 +8,25 @@ then applies the activation. Subclasses declare their options (`OPTIONS`),
 their variables (`variable_specs`), their forward (`adapter_output`) and their
 merge rule (`delta_matrix` or `merged_matrix`).
 
-The class is three pieces: the math a method supplies (`AdapterMath`, in
-`keras_lowrank.adapter_math`: the merge rule in the matrix view), how it is
-written to files (`AdapterCodec`, in `keras_lowrank.adapter_codec`), and
-the Keras layer shell here (options, variables, attaching to the wrapped
-layer, the forward, merging in place).
+The class is four pieces: the math a method supplies (`AdapterMath`, in
+`keras_lowrank.adapter_math`: the merge rule in the matrix view and the
+forward helpers), that rule applied to the wrapped layer's storage
+(`InPlaceMerge`, `keras_lowrank.adapter_merge`: merge and unmerge in place,
+snapshots, folding into a plain layer), how it is written to files
+(`AdapterCodec`, `keras_lowrank.adapter_codec`), and the Keras layer shell
+here (options, capabilities, variables, attaching to the wrapped layer,
+the forward). What an adapter refers to without owning it (its named set,
+its model-level state) is one `AdapterLinks`, written only by the
+adapter's own methods.
+
+A method's hooks take one of two forms, by when they run. Those a plan
+calls before anything is allocated take the kernel's `geometry` as an
+argument (`variable_specs`, `bounded_rank`, `check_geometry`,
+`standalone_state`); those that run on a built layer read `self.geometry`
+(`adapter_output`, `delta_matrix`, `merged_matrix`). Callers outside the
+method ask for the merge rule in one form only, matrix to matrix
+(`merged_matrix(W)`, `unmerged_matrix(W)`, `original_matrix(W)`); a method
+whose update is additive states `delta_matrix()` and inherits the three.
 
 Building an adapter creates its own variables only. `attach` is the one step
 that changes the wrapped layer (moves the activation, freezes the kernel,
@@ -28,11 +42,11 @@ import keras
 from keras import ops
 
 from keras_lowrank import bases
-from keras_lowrank.linalg import NonFiniteError
 from keras_lowrank import options as opt
 from keras_lowrank import tree
 from keras_lowrank.adapter_codec import AdapterCodec
 from keras_lowrank.adapter_math import AdapterMath
+from keras_lowrank.adapter_merge import InPlaceMerge
 
 #: the most elements one adapter variable may hold (the int32 index limit of
 #: several backends); a larger request is refused before anything is allocated
@@ -69,7 +83,7 @@ def adapter_policy_name(layer):
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
-class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
+class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
     """Base class of adapter layers (not used directly).
 
     Args:
@@ -91,6 +105,30 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
         opt.Option("train_bias", False, opt.boolean, "keep the wrapped layer's bias trainable"),
         opt.Option("seed", None, opt.seed, "seed of random initializers and dropout"),
     )
+    # ------------------------------------------------------------------
+    # Capabilities: what the method is, declared here once as class
+    # attributes (subclasses inherit and refine them); the registry's
+    # `Method` reads them under the same names (`registry.CAPABILITIES`).
+    #: whether the adapter is a no-op on its base at initialization:
+    #: "exact", "roundoff" (float32 round-off: the SVD inits), or "no"
+    noop_at_init = "exact"
+    #: whether the update folds into the kernel (`merge`) and back out
+    mergeable = True
+    unmergeable = True
+    #: the frozen-base storages the method composes with
+    base_kinds = ("float", "nf4", "int8", "int4")
+    #: its model-level state (a `keras_lowrank.shared.SharedState`
+    #: subclass, held once by the model), or `None`
+    model_state = None
+    #: its training-time parts (`keras_lowrank.training`): where each runs
+    #: inside the compiled train step
+    training_parts = ()
+    #: the forms `save_adapter` can convert it to (`"lora"`: a plain LoRA)
+    export_forms = ()
+    #: the learning rate the method wants, relative to LoRA's (the
+    #: singular-value methods train a few numbers on the scale of σ and
+    #: want a much larger one)
+    lr_scale = 1.0
     #: SVD inits decompose the full-precision kernel and quantize the
     #: residual (QPiSSA); others initialize from the quantized base, so that
     #: they start as a no-op on it.
@@ -107,6 +145,12 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
     #: adapter when cut to a rank (DyLoRA's factors); such a method also has
     #: `layer_rank(ℓ)` and `nested_rank_limit()` (the federated exchange)
     nested_factors = ()
+    #: whether `kernel` is exactly the map the adapter computes, in training
+    #: too (False for methods whose training step does more than multiply
+    #: by one kernel: a sampled rank, a regularizer, a corrected gradient, a
+    #: state update); `enable_adapter` leaves out a layer whose parent reads
+    #: its kernel when this is False (`serves_kernel_with`)
+    serves_kernel = True
     #: marks adapter layers for `keras_lowrank.tree` (no import cycle)
     _klr_is_adapter = True
 
@@ -147,6 +191,7 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
         self._standalone = True
         self._attached = False
         self._adapter_vars = {}
+        self._links = AdapterLinks()
         self._detach_state = None
         if getattr(self, "dropout", 0.0) > 0:
             self.seed_generator = keras.random.SeedGenerator(self.seed)
@@ -171,51 +216,49 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
         """This adapter is the named adapter `name` of `holder` (an
         `AdapterSet`, referred to without tracking it), and these of its
         variables train while it is active."""
-        object.__setattr__(self, "_holder_ref", _Ref(holder))
-        object.__setattr__(self, "adapter_name", name)
+        self._links.holder, self._links.name = holder, name
         if self.built:
             self.record_trainable()
 
     def leave_set(self):
         """This adapter no longer belongs to an `AdapterSet`."""
-        object.__setattr__(self, "_holder_ref", None)
+        self._links.holder = self._links.name = None
 
     def holder(self):
         """The `AdapterSet` holding this adapter, or `None`."""
-        ref = getattr(self, "_holder_ref", None)
-        return None if ref is None else ref.target
+        return self._links.holder
 
     def record_trainable(self):
         """Remember which variables train, for a set that freezes and
         unfreezes its inactive adapters."""
-        object.__setattr__(self, "_trainable_names",
-                           tuple(n for n, v in self._adapter_vars.items() if v.trainable))
+        self._links.trainable_names = tuple(
+            n for n, v in self._adapter_vars.items() if v.trainable
+        )
 
     def trainable_names(self):
         """The variables that train while this adapter is active (as
         recorded by `record_trainable`)."""
-        return getattr(self, "_trainable_names", ())
+        return self._links.trainable_names
 
     def set_probe(self, probe):
         """Call `probe(adapter, inputs)` on each eager forward through the
         adapter (a measurement such as LoRA-drop's importance), or stop
         (`None`)."""
-        object.__setattr__(self, "_probe", probe)
+        self._links.probe = probe
 
     # ------------------------------------------------------------------
     # Model-level state (`keras_lowrank.shared`)
     def bind_shared(self, state):
         """Use the model-level `state` of this adapter's method. The adapter
         refers to it without tracking it: the model holds it, once."""
-        object.__setattr__(self, "_shared_ref", _Ref(state))
+        self._links.state = state
 
     def shared_state(self):
         """The model-level state bound by `bind_shared` (or `None`).
 
         A method, not a property: Keras's `.keras` saving walks an object's
         properties and would store the state again under every layer."""
-        ref = getattr(self, "_shared_ref", None)
-        return None if ref is None else ref.target
+        return self._links.state
 
     def linked_variables(self):
         """Variables of the model-level state this layer reads and trains
@@ -313,6 +356,11 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
                 spec.name, spec.shape, spec.initializer, spec.trainable, spec.dtype
             )
             setattr(self, spec.name, var)
+
+    def adapter_variables(self):
+        """`{name: variable}`: the adapter's own variables, as
+        `variable_specs` declared them (not the wrapped layer's)."""
+        return dict(self._adapter_vars)
 
     def add_adapter_weight(self, name, shape, initializer, trainable=True, dtype=None):
         var = self.add_weight(
@@ -423,7 +471,7 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
         y = self.layer(inputs)
         if not self.merged:
             if self.adapter_enabled:
-                probe = getattr(self, "_probe", None)
+                probe = self._links.probe
                 if probe is not None:  # an eager measurement (lora_drop's importance)
                     probe(self, inputs)
                 y = self.adapter_output(inputs, y, training)
@@ -445,13 +493,6 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
 
     # ------------------------------------------------------------------
     # The weights a parent layer reads directly
-    #: whether `kernel` is exactly the map the adapter computes, in training
-    #: too (False for methods whose training step does more than multiply
-    #: by one kernel: a sampled rank, a regularizer, a corrected gradient, a
-    #: state update); `enable_adapter` leaves out a layer whose parent reads
-    #: its kernel when this is False
-    serves_kernel = True
-
     @classmethod
     def serves_kernel_with(cls, options):
         """`serves_kernel` for adapters made with these method `options`
@@ -488,92 +529,21 @@ class Adapter(AdapterMath, AdapterCodec, keras.layers.Wrapper):
         return bases.bias_variable(self.layer)
 
     # ------------------------------------------------------------------
-    # Merging in place (the rules are `AdapterMath`'s)
-    def refuse_in_place(self, what):
-        kind = bases.base_kind(self.layer)
-        if kind != "float":
-            raise ValueError(
-                f"Cannot {what} layer {self.name!r} in place: its kernel is "
-                f"stored as {kind}, and folding the update into it would "
-                "re-quantize (a silent loss). Use keras_lowrank.merge(model) "
-                "for a float kernel, or merge(model, requantize=True) to "
-                "re-quantize and see the error."
-            )
-
-    def merge_in_place(self):
-        """Fold the update into the wrapped kernel (keeps the adapter).
-
-        Callers that need all-or-nothing (`keras_lowrank.merge`) snapshot
-        the kernel and `adapter_state()` first (`snapshot`/`restore`)."""
-        if self.merged:
-            return
-        self.refuse_in_place("merge")
-        w = self.merged_matrix(self.base_matrix())
-        check_finite(w, self.name, "merge")
-        bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
-        self.merged = True
-
-    def unmerge_in_place(self):
-        if not self.merged:
-            return
-        w = self.unmerged_matrix(self.base_matrix())
-        check_finite(w, self.name, "unmerge")
-        bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(w))
-        self.merged = False
-
-    def snapshot(self):
-        """Copies of the float kernel and the adapter state, for `restore`."""
-        kernel = bases.kernel_variable(self.layer)
-        return {
-            "kernel": None if kernel is None else ops.copy(kernel.value),
-            "state": {k: ops.copy(v.value) for k, v in self.adapter_state().items()},
-            "merged": self.merged,
-            "enabled": self.adapter_enabled,
-        }
-
-    def restore(self, snap):
-        """Put back exactly what `snapshot` saw (bit for bit)."""
-        if snap["kernel"] is not None:
-            bases.kernel_variable(self.layer).assign(snap["kernel"])
-        state = self.adapter_state()
-        for k, value in snap["state"].items():
-            state[k].assign(value)
-        self.merged = snap["merged"]
-        self.adapter_enabled = snap["enabled"]
-
-    def to_plain_layer(self):
-        """A plain (unbuilt) Dense/EinsumDense and the merged float kernel."""
-        w = self.base_matrix()
-        if not self.merged:
-            # A disabled adapter folds to the base it computes.
-            w = self.merged_matrix(w) if self.adapter_enabled else self.original_matrix(w)
-        check_finite(w, self.name, "merge")
-        kernel = self.geometry.matrix_to_kernel(w)
-        plain = bases.plain_layer(
-            self.layer, self.activation, self.name, self.activity_regularizer
-        )
-        return plain, kernel
-
-    # ------------------------------------------------------------------
     # Counting
     def trainable_count(self):
         """Trainable parameters of the adapter itself (not a trained bias)."""
         return sum(math.prod(v.shape) for v in self._adapter_vars.values() if v.trainable)
 
 
-class _Ref:
-    """A reference Keras neither tracks nor saves."""
+class AdapterLinks:
+    """What an adapter refers to without owning it: the `AdapterSet` that
+    holds it and its name there, the variables that train while it is
+    active, the model-level state it reads, an eager probe. A plain object,
+    so Keras neither tracks nor saves what it refers to (the model holds
+    each of those once); only the adapter's own methods write it."""
 
-    __slots__ = ("target",)
+    __slots__ = ("holder", "name", "trainable_names", "state", "probe")
 
-    def __init__(self, target):
-        self.target = target
-
-
-def check_finite(matrix, name, what):
-    ok = bool(ops.convert_to_numpy(ops.all(ops.isfinite(matrix))))
-    if not ok:
-        raise NonFiniteError(
-            f"{what} of layer {name!r} produced NaN or inf values; the model "
-            "was left unchanged."
-        )
+    def __init__(self):
+        self.holder = self.name = self.state = self.probe = None
+        self.trainable_names = ()

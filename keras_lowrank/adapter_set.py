@@ -29,7 +29,7 @@ from keras_lowrank import bases
 from keras_lowrank import tree
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import adapter_policy_name
-from keras_lowrank.adapter import check_finite
+from keras_lowrank.adapter_merge import check_finite
 
 #: the name of an adapter added without `adapter_name` (PEFT's default)
 DEFAULT = "default"
@@ -163,7 +163,7 @@ class AdapterSet(keras.layers.Layer):
         for name, member in self.members.items():
             on = self.is_active(name)
             for var_name in member.trainable_names():
-                member._adapter_vars[var_name].trainable = on
+                member.adapter_variables()[var_name].trainable = on
             bias_trains = bias_trains or (on and member.train_bias)
         bases.freeze_kernel(self.layer)
         bias = bases.bias_variable(self.layer)

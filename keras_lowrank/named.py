@@ -38,7 +38,7 @@ from keras_lowrank import options as opt
 from keras_lowrank import registry
 from keras_lowrank import svd
 from keras_lowrank import tree
-from keras_lowrank.adapter import check_finite
+from keras_lowrank.adapter_merge import check_finite
 
 
 def adapter_names(model):
@@ -121,7 +121,7 @@ def set_active(model, names, trainable=True):
 
 
 def _trainable_flags(found):
-    return [v.trainable for _, s in found for m in s.members.values() for v in m._adapter_vars.values()] + [
+    return [v.trainable for _, s in found for m in s.members.values() for v in m.adapter_variables().values()] + [
         bases.bias_variable(s.layer).trainable for _, s in found if bases.bias_variable(s.layer) is not None
     ]
 

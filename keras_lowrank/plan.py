@@ -128,9 +128,9 @@ class Plan:
             adapter_name = adapter_set.check_name(adapter_set.DEFAULT if adapter_name is None else adapter_name)
         bases.check_base(base, double_quant)
         base = base or "float"
-        if base not in spec.bases:
+        if base not in spec.base_kinds:
             raise ValueError(
-                f"Method {method!r} cannot run over a {base!r} base; it supports {spec.bases}."
+                f"Method {method!r} cannot run over a {base!r} base; it supports {spec.base_kinds}."
             )
         names = {o.name for o in spec.options}
         for option, value in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
@@ -219,10 +219,10 @@ class Plan:
         attached to the model yet."""
         by_method = {}
         for lp in self.layers:
-            if lp.spec.shared_state is not None:
+            if lp.spec.model_state is not None:
                 by_method.setdefault(lp.spec.name, []).append(lp)
         for name, lps in by_method.items():
-            cls_ = lps[0].spec.shared_state
+            cls_ = lps[0].spec.model_state
             if saved is not None and name in saved:
                 config = saved[name]
                 if not isinstance(config, dict):
@@ -556,10 +556,10 @@ def _new_member(spot, spec, options, base, double_quant, name, where=None):
         )
     if present:
         kind = bases.base_kind(frozen)
-        if kind not in spec.bases:
+        if kind not in spec.base_kinds:
             raise ValueError(
                 f"Layer {spot.path!r} has a {kind} base, which method {spec.name!r} "
-                f"(adapter {name!r}) does not support; it supports {spec.bases}."
+                f"(adapter {name!r}) does not support; it supports {spec.base_kinds}."
             )
         if base not in ("float", kind):
             raise ValueError(

@@ -1,23 +1,25 @@
 """The method registry: one `Method` object per adapter method.
 
-A method is declared once, on its layer class (`@registry.method(summary,
-...)` in its module of `keras_lowrank.methods`), and everything else reads
-that declaration:
+A method is declared once, in its module of `keras_lowrank.methods`: its
+layer class (a subclass of `keras_lowrank.adapter.Adapter`) carries what the
+method *is* (its capabilities, as class attributes that subclasses inherit
+and refine), and the decorator `@registry.method(summary, ...)` on that
+class adds what is *said about* it (its one-line summary, its
+trainable-parameter formula, the NumPy reference the contract suite checks
+it against, its PEFT format, its paper). Everything else reads `Method`:
 
 - its typed options are its layer class's `OPTIONS` (`keras_lowrank.options`):
   validation, `get_config`, the summary and the docs' option tables all come
   from them;
 - `layer_class` is the adapter layer it puts on each Dense/EinsumDense;
-- `shared_state` (a `keras_lowrank.shared.SharedState` subclass, or `None`)
-  is its model-level state, created before its layers are injected and held
-  once by the model;
-- `training` lists its training-time parts (`keras_lowrank.training`):
-  where each runs inside the compiled train step;
-- `export_forms` lists what `save_adapter` can convert it to (`"lora"`);
-- the promises the adapter-contract suite checks: no-op at start, merge and
-  unmerge, the trainable-parameter formula, the base storages it composes
-  with. The suite is parametrized over this registry, so a method is tested
-  the day it is registered.
+- its capabilities (`CAPABILITIES`, each documented on `Adapter`) are read
+  from the layer class: e.g. `model_state` (a `keras_lowrank.shared.SharedState`
+  subclass, or `None`, held once by the model), `training_parts` (its
+  training-time parts, `keras_lowrank.training`), `export_forms` (what
+  `save_adapter` can convert it to), and the promises the adapter-contract
+  suite checks: no-op at start, merge and unmerge, the base storages it
+  composes with. The suite is parametrized over this registry, so a method
+  is tested the day it is registered.
 """
 
 import dataclasses
@@ -27,8 +29,16 @@ from typing import Callable
 import keras_lowrank_cli_common
 from keras_lowrank import options as opt
 
-#: frozen-base storages a method composes with unless it says otherwise
-ALL_BASES = ("float", "nf4", "int8", "int4")
+class _Capability:
+    """A `Method` attribute read from its layer class (not stored twice)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, method, owner=None):
+        if method is None:
+            return self
+        return getattr(method.layer_class, self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,18 +50,6 @@ class Method:
     summary: str
     #: trainable parameters of one layer: f(geometry, options)
     trainable_count: Callable
-    #: "exact", "roundoff" (float32 round-off), or "no"
-    noop_at_init: str = "exact"
-    mergeable: bool = True
-    unmergeable: bool = True
-    bases: tuple = ALL_BASES
-    shared_state: type = None
-    training: tuple = ()
-    export_forms: tuple = ()
-    #: the learning rate the method wants, relative to LoRA's (the
-    #: singular-value methods, SVF, SVFT and SVD-training, train a few
-    #: numbers on the scale of σ and want a much larger one)
-    lr_scale: float = 1.0
     #: values for the options that have no default (AdaLoRA's
     #: `total_steps`): what a minimal example passes; the contract suite
     #: uses them
@@ -68,6 +66,23 @@ class Method:
     paper: str = ""
     status: str = "stable"
 
+    # What the method is: read from its layer class, which declares each
+    # as a class attribute (`Adapter` documents them and sets the defaults).
+    noop_at_init = _Capability()
+    mergeable = _Capability()
+    unmergeable = _Capability()
+    base_kinds = _Capability()
+    model_state = _Capability()
+    training_parts = _Capability()
+    export_forms = _Capability()
+    lr_scale = _Capability()
+    rank_bounded = _Capability()
+    rewrites_kernel = _Capability()
+    init_on_full_precision = _Capability()
+    uses_svd = _Capability()
+    nested_factors = _Capability()
+    serves_kernel = _Capability()
+
     @property
     def options(self):
         """The method's `Option` declarations (its layer class's `OPTIONS`)."""
@@ -76,11 +91,6 @@ class Method:
     @property
     def defaults(self):
         return {o.name: o.default for o in self.options}
-
-    @property
-    def rank_bounded(self):
-        """Whether `rank` must be <= min(n_in, n_out)."""
-        return bool(getattr(self.layer_class, "rank_bounded", False))
 
     def validate_options(self, options, where="enable_adapter"):
         """Check and complete `options` (unknown names, types and values)."""
@@ -93,6 +103,10 @@ class Method:
             rows.append(f"| `{o.name}` | `{o.default!r}` | {o.check_fn!r} | {o.doc} |")
         return "\n".join(rows)
 
+
+#: the capabilities a method declares on its layer class (`Method` reads
+#: them from there under the same names)
+CAPABILITIES = tuple(n for n, v in vars(Method).items() if isinstance(v, _Capability))
 
 _REGISTRY = {}
 
@@ -114,7 +128,8 @@ def method(summary, trainable_count=None, **declaration):
     """Class decorator: register the decorated adapter layer class as the
     method its `method` attribute names, with `summary` (one line: what it
     trains), its trainable-parameter formula (default: LoRA's
-    `r (n_in + n_out)`) and the other `Method` fields.
+    `r (n_in + n_out)`) and the other `Method` fields. Its capabilities are
+    the class's own attributes (`CAPABILITIES`), not arguments here.
 
     Examples:
 

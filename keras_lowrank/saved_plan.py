@@ -105,7 +105,7 @@ def read_layer(name, raw, version, by_key, model, entries, where):
         bases.check_base(base, double_quant)
     except ValueError as e:
         raise ValueError(f"{where}: layer {here!r}: {e}") from None
-    if base not in spec.bases:
+    if base not in spec.base_kinds:
         raise ValueError(
             f"{where}: layer {here!r} holds a {spec.name!r} adapter "
             f"over a {base!r} base, which the method does not support."

@@ -2,7 +2,7 @@
 
 Methods that change what happens during training (schedules, rank
 sampling, masks, learning-rate ratios, base updates) declare *training
-parts* (`Method.training`). Each kind of part has one home, chosen so that
+parts* (`Adapter.training_parts`). Each kind of part has one home, chosen so that
 it runs inside the compiled train step of `model.fit` on JAX (under
 `jax.jit`, where the trainer holds its own copy of the state), TensorFlow
 (in a `tf.function`) and PyTorch alike:
@@ -138,7 +138,7 @@ def parts(model, kind=None):
     for e in tree.walk(model):
         if tree.is_adapter(e.layer) and e.layer.method not in seen:
             seen.add(e.layer.method)
-            out.extend(p for p in registry.get(e.layer.method).training
+            out.extend(p for p in registry.get(e.layer.method).training_parts
                        if kind is None or p.kind == kind)
     return out
 

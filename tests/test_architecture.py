@@ -195,18 +195,21 @@ def test_no_module_reads_another_modules_private_names():
     assert not stale, f"gone: take these out of ALLOWED_PRIVATE_READS: {stale}"
 
 
-def test_the_adapter_sets_state_is_read_through_its_methods():
-    """What `AdapterSet` keeps to itself (`self._gates`, ...) is read in
-    `keras_lowrank/adapter_set.py` only: the plan and the operations use its
-    public methods."""
-    own = os.path.join(ROOT, PACKAGE, "adapter_set.py")
+@pytest.mark.parametrize("module, marker", [("adapter_set.py", "_gates"), ("adapter.py", "_links")])
+def test_a_layers_own_state_is_read_through_its_methods(module, marker):
+    """What `AdapterSet` keeps to itself (`self._gates`, ...), and what an
+    `Adapter` does (`self._links`: its set, its model-level state, its
+    probe; `self._managed`, ...), is read and written in its own module
+    only: the plan and the operations use the layers' public methods, and
+    nothing is set on an adapter from outside."""
+    own = os.path.join(ROOT, PACKAGE, module)
     private = {
         node.attr for node in ast.walk(_parse(own))
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
         and node.value.id == "self" and node.attr.startswith("_") and not node.attr.startswith("__")
         and isinstance(node.ctx, ast.Store)
     }
-    assert "_gates" in private
+    assert marker in private
     reads = sorted(
         f"{os.path.relpath(path, ROOT)}:{node.lineno}: .{node.attr}"
         for path in MODULES.values() if path != own
@@ -215,6 +218,39 @@ def test_the_adapter_sets_state_is_read_through_its_methods():
         and not (isinstance(node.value, ast.Name) and node.value.id == "self")
     )
     assert not reads, reads
+    bolted = sorted(
+        f"{os.path.relpath(path, ROOT)}:{node.lineno}"
+        for path in MODULES.values()
+        for node in ast.walk(_parse(path))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "__setattr__" and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "object" and node.args
+        and isinstance(node.args[0], ast.Name) and node.args[0].id in ("adapter", "layer", "member", "a")
+    )
+    assert not bolted, f"attributes set on a layer from outside: {bolted}"
+
+
+def test_capabilities_are_declared_once_on_the_layer_class():
+    """A method's capabilities are class attributes of its layer class
+    (defaults on `Adapter`); `registry.Method` reads them from there and
+    does not store them again, and the decorator refuses them."""
+    import dataclasses
+
+    from keras_lowrank import registry
+    from keras_lowrank.adapter import Adapter
+
+    fields = {f.name for f in dataclasses.fields(registry.Method)}
+    assert not fields & set(registry.CAPABILITIES)
+    assert len(registry.CAPABILITIES) >= 10
+    for name in registry.CAPABILITIES:
+        assert name in vars(Adapter), f"Adapter declares no default for {name!r}"
+    for method in registry.methods():
+        spec = registry.get(method)
+        for name in registry.CAPABILITIES:
+            assert getattr(spec, name) == getattr(spec.layer_class, name)
+    with pytest.raises(TypeError):
+        registry.method("a capability passed to the decorator", export_forms=("lora",))(
+            type("X", (), {"method": "x"}))
 
 
 def _method_names():

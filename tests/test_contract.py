@@ -251,7 +251,7 @@ def test_gradient_mask(method, train_bias):
     # The model-level state of a method with training parts is its in-step
     # machinery (DyLoRA's rank of the step): it may change; nothing else may.
     machinery = {
-        id(v) for m, st in kl.shared.states(model).items() if registry.get(m).training
+        id(v) for m, st in kl.shared.states(model).items() if registry.get(m).training_parts
         for v in st.weights
     }
     for v in model.weights:

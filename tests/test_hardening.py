@@ -305,7 +305,7 @@ def test_non_finite_frozen_kernels_are_refused_by_every_method(base, bad):
     before = snapshot(model)
     for method in METHODS:
         spec = registry.get(method)
-        if (base or "float") not in spec.bases or (base is None and spec.layer_class.rewrites_kernel):
+        if (base or "float") not in spec.base_kinds or (base is None and spec.layer_class.rewrites_kernel):
             continue
         with pytest.raises(ValueError, match="Layer 'ffn': its frozen kernel .* holds NaN or inf"):
             kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"], base=base)

@@ -224,7 +224,7 @@ def test_training_parts_act_inside_fit(method):
     runs them in `model.fit`; a method without leaves the user's optimizer
     as it is and changes nothing but its trainable variables in a step."""
     spec = registry.get(method)
-    if spec.training:
+    if spec.training_parts:
         assert method in IN_STEP_CHECKS, f"add an in-step check for {method}"
         IN_STEP_CHECKS[method]()
         return

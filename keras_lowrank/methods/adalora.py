@@ -404,12 +404,6 @@ class AdaLoRAFormat(peft_codec.Format):
 @registry.method(
     "AdaLoRA: K + c A diag(λ) B with a global rank budget moved by importance",
     trainable_count=lambda g, o: g.n_shared * o["rank"] * (g.n_in + g.n_out + 1),
-    shared_state=AdaLoRAState,
-    training=(
-            training.TrainingPart("forward", "orthogonality regularizer γ·mean‖AᵀA−I‖, ‖BBᵀ−I‖ added to the loss"),
-            Allocation(),
-        ),
-    export_forms=("lora",),
     example_options={"total_steps": 100},
     reference=reference_merged,
     peft=AdaLoRAFormat(),
@@ -454,6 +448,12 @@ class AdaLoRA(Adapter):
     """
 
     method = "adalora"
+    model_state = AdaLoRAState
+    training_parts = (
+        training.TrainingPart("forward", "orthogonality regularizer γ·mean‖AᵀA−I‖, ‖BBᵀ−I‖ added to the loss"),
+        Allocation(),
+    )
+    export_forms = ("lora",)
     #: its orthogonality regularizer is added where the layer is called
     serves_kernel = False
     OPTIONS = (

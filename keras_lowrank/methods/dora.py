@@ -51,6 +51,7 @@ class DoRA(LoRA):
     """
 
     method = "dora"
+    export_forms = ()  # the magnitude has no plain-LoRA form
 
     def variable_specs(self, geometry):
         shape = geometry.batch_shape + (geometry.n_out,)

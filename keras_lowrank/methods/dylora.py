@@ -131,17 +131,6 @@ class DyLoRAState(shared.SharedState):
 
 @registry.method(
     "DyLoRA: LoRA trained at a random rank per step, usable at any rank",
-    shared_state=DyLoRAState,
-    training=(
-            training.TrainingPart(
-                "model_call", "one rank ℓ ~ U{1..r} per train step for the whole model"
-            ),
-            training.TrainingPart(
-                "forward",
-                "components above ℓ masked; with frozen=True only the ℓ-th gets gradients",
-            ),
-        ),
-    export_forms=("lora",),
     reference=reference_merged,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -170,6 +159,13 @@ class DyLoRA(LoRA):
     """
 
     method = "dylora"
+    model_state = DyLoRAState
+    training_parts = (
+        training.TrainingPart("model_call", "one rank ℓ ~ U{1..r} per train step for the whole model"),
+        training.TrainingPart(
+            "forward", "components above ℓ masked; with frozen=True only the ℓ-th gets gradients"
+        ),
+    )
     #: each training step samples the rank where the layer is called
     serves_kernel = False
     OPTIONS = (

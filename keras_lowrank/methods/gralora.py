@@ -172,7 +172,7 @@ class GraLoRAFormat(peft_codec.Format):
 
     # -- writing ------------------------------------------------------
     def export_entry(self, adapter, where):
-        state = {name: adapter.read(var) for name, var in adapter._adapter_vars.items()}
+        state = {name: adapter.read(var) for name, var in adapter.adapter_variables().items()}
         options = {k: getattr(adapter, k) for k in ("rank", "alpha", "gralora_k", "hybrid_rank", "dropout")}
         return {"kind": "gralora", "state": state, "rank": adapter.rank, "alpha": adapter.alpha,
                 "rslora": False, "options": options, "where": where}
@@ -234,7 +234,6 @@ def _offset(seed, k):
 @registry.method(
     "GraLoRA: k×k blocks of the kernel, each its own rank-r/k pair (+ hybrid LoRA)",
     trainable_count=lambda g, o: g.n_shared * (o["rank"] + o["hybrid_rank"]) * (g.n_in + g.n_out),
-    export_forms=("lora",),
     reference=reference_merged,
     peft=GRALORA_FORMAT,
     paper="https://arxiv.org/abs/2505.20355",
@@ -281,6 +280,7 @@ class GraLoRA(Adapter):
     """
 
     method = "gralora"
+    export_forms = ("lora",)
     OPTIONS = (
         opt.Option("rank", 32, opt.positive_int, "total rank r of the block pairs (PEFT's r); gralora_k divides it"),
         opt.Option("alpha", None, opt.positive_float_or_none,

@@ -213,7 +213,6 @@ def as_plain_lora(adapter):
 
 @registry.method(
     "LoRA: y = xK + b + s(xA)B, s = alpha/r (rslora: alpha/sqrt(r))",
-    export_forms=("lora",),
     reference=reference.lora,
     peft=LORA_FORMAT,
 )
@@ -252,6 +251,7 @@ class LoRA(Adapter):
     """
 
     method = "lora"
+    export_forms = ("lora",)
     OPTIONS = (
         RANK,
         ALPHA,
@@ -307,8 +307,6 @@ class LoRA(Adapter):
 
 @registry.method(
     "LoRA+: LoRA with B learning lr_ratio times faster (any optimizer)",
-    training=(training.LearningRateRatio("loraplus"),),
-    export_forms=("lora",),
     reference=reference.lora,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -342,6 +340,7 @@ class LoRAPlus(LoRA):
     """
 
     method = "loraplus"
+    training_parts = (training.LearningRateRatio("loraplus"),)
     OPTIONS = LoRA.OPTIONS + (
         opt.Option("lr_ratio", 16.0, opt.float_at_least(1.0), "learning rate of B (and 1-D variables) / that of A"),
     )

@@ -84,12 +84,6 @@ def reference_delta_lora(adapter, w):
 @registry.method(
     "LoRA-FA: LoRA with A frozen (only B trains), optional v2 gradient correction",
     trainable_count=lambda g, o: g.n_shared * o["rank"] * g.n_out,
-    training=(
-            training.TrainingPart(
-                "forward", "with correction=True, B's gradient becomes (1/s²) pinv(AᵀA + 1e-8 I) g_B"
-            ),
-        ),
-    export_forms=("lora",),
     reference=reference.lora,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -122,6 +116,11 @@ class LoRAFA(LoRA):
     """
 
     method = "lora_fa"
+    training_parts = (
+        training.TrainingPart(
+            "forward", "with correction=True, B's gradient becomes (1/s²) pinv(AᵀA + 1e-8 I) g_B"
+        ),
+    )
     OPTIONS = LoRA.OPTIONS + (
         opt.Option("correction", True, opt.boolean, "v2 gradient correction of B (PEFT's LoraFAOptimizer)"),
     )
@@ -183,16 +182,6 @@ class DeltaLoRAState(shared.SharedState):
 
 @registry.method(
     "Delta-LoRA: LoRA whose frozen kernel also moves by λ s Δ(AB) per step",
-    shared_state=DeltaLoRAState,
-    training=(
-            training.TrainingPart("model_call", "the model's train-step counter advances once per step"),
-            training.TrainingPart(
-                "forward",
-                "snapshot of A, B at start_step; from then on the kernel in effect is "
-                "K + λ s (A B − A_start B_start)",
-            ),
-        ),
-    export_forms=("lora",),
     reference=reference_delta_lora,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -243,6 +232,15 @@ class DeltaLoRA(LoRA):
     """
 
     method = "delta_lora"
+    model_state = DeltaLoRAState
+    training_parts = (
+        training.TrainingPart("model_call", "the model's train-step counter advances once per step"),
+        training.TrainingPart(
+            "forward",
+            "snapshot of A, B at start_step; from then on the kernel in effect is "
+            "K + λ s (A B − A_start B_start)",
+        ),
+    )
     #: each training step moves the kernel where the layer is called
     serves_kernel = False
     OPTIONS = (

@@ -330,7 +330,6 @@ LOKR_FORMAT = LoKrFormat()
 @registry.method(
     "LoHa: ΔK = s (A1ᵀB1) ⊙ (A2ᵀB2), rank up to r² (FedPara / LyCORIS)",
     trainable_count=lambda g, o: g.n_shared * 2 * o["rank"] * (g.n_in + g.n_out),
-    export_forms=("lora",),
     reference=reference_loha,
     peft=LOHA_FORMAT,
 )
@@ -372,6 +371,7 @@ class LoHa(_LycorisAdapter):
     """
 
     method = "loha"
+    export_forms = ("lora",)
     OPTIONS = (
         RANK,
         ALPHA,

@@ -63,6 +63,7 @@ class ResidualLoRA(LoRA):
     rank_bounded = True
     init_on_full_precision = True  # quantize the residual (QPiSSA)
     rewrites_kernel = True
+    noop_at_init = "roundoff"  # float32 round-off of the decomposition
 
     def initial_factors(self, w):
         """`(A (n_in, r), B (r, n_out))`, float32, from the matrix view `w`
@@ -143,8 +144,6 @@ class ResidualLoRA(LoRA):
 
 @registry.method(
     "PiSSA: LoRA from the top-r SVD triplets, residual frozen base",
-    noop_at_init="roundoff",
-    export_forms=("lora",),
     reference=reference.lora,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -247,8 +246,6 @@ EXACT_SVD_ONLY = opt.Check(
 
 @registry.method(
     "MiLoRA: LoRA from the r smallest SVD triplets, principal part frozen",
-    noop_at_init="roundoff",
-    export_forms=("lora",),
     reference=reference.lora,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -291,8 +288,6 @@ class MiLoRA(PiSSA):
 
 @registry.method(
     "OLoRA: LoRA from the QR decomposition of the kernel, residual frozen base",
-    noop_at_init="roundoff",
-    export_forms=("lora",),
     reference=reference.lora,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")

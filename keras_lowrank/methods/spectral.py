@@ -117,6 +117,7 @@ class SpectralAdapter(Adapter):
     rank_bounded = True
     init_on_full_precision = True
     uses_svd = True
+    lr_scale = 10.0
     #: which triplets: "top" (the default) or "bottom"
     part = "top"
     #: the variable holding the singular values the adapter was built on
@@ -201,7 +202,6 @@ def _count_svf(g, o):
 @registry.method(
     "SVF (Transformer²): a trained vector z scales the singular values, K' = U diag(σ⊙z) Vᵀ",
     trainable_count=_count_svf,
-    lr_scale=10.0,
     reference=reference_svf,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -379,7 +379,6 @@ def _count_svft(g, o):
 @registry.method(
     "SVFT: sparse trained M between the singular vectors, K' = K + sigmoid(g) U M Vᵀ",
     trainable_count=_count_svft,
-    lr_scale=10.0,
     reference=reference_svft,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -526,8 +525,6 @@ class SVFT(SpectralAdapter):
 @registry.method(
     "LoRA-XS: a trained r x r matrix between frozen SVD factors, r² parameters",
     trainable_count=lambda g, o: g.n_shared * o["rank"] ** 2,
-    noop_at_init="no",
-    lr_scale=10.0,
     reference=reference_lora_xs,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -564,6 +561,7 @@ class LoRAXS(SpectralAdapter):
     """
 
     method = "lora_xs"
+    noop_at_init = "no"  # starts from the top-r part of the kernel, not zero
     OPTIONS = (
         RANK,
         ALPHA,
@@ -624,8 +622,6 @@ def _count_svd_training(g, o):
 @registry.method(
     "SVD-training: only the top singular values train (rank or rank_fraction), residual frozen",
     trainable_count=_count_svd_training,
-    noop_at_init="roundoff",
-    lr_scale=100.0,
     reference=reference_svd_training,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -662,6 +658,8 @@ class SVDTraining(SpectralAdapter):
     """
 
     method = "svd_training"
+    noop_at_init = "roundoff"
+    lr_scale = 100.0
     OPTIONS = (
         opt.Option("rank", None, RANK_OR_FULL, "q: the number of top singular values that train"),
         opt.Option(

@@ -200,8 +200,6 @@ class VeRAFormat(peft_codec.Format):
 @registry.method(
     "VeRA: shared frozen random projections, trained scaling vectors d and b",
     trainable_count=lambda g, o: g.n_shared * (o["rank"] + g.n_out),
-    shared_state=VeRAProjections,
-    export_forms=("lora",),
     reference=reference_merged,
     peft=VeRAFormat(),
 )
@@ -231,6 +229,8 @@ class VeRA(Adapter):
     """
 
     method = "vera"
+    model_state = VeRAProjections
+    export_forms = ("lora",)
     OPTIONS = (
         opt.Option("rank", 256, opt.positive_int, "rank r of the shared projections"),
         DROPOUT,

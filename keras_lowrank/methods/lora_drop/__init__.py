@@ -142,8 +142,6 @@ class LoRADropPairs(shared.SharedState):
 @registry.method(
     "LoRA-drop: LoRA on the important layers, one tied pair per kernel shape for the rest",
     trainable_count=lambda g, o: 0 if o["tied"] else registry.lowrank_count(g, o),
-    shared_state=LoRADropPairs,
-    export_forms=("lora",),
     reference=reference_merged,
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -179,6 +177,7 @@ class LoRADrop(LoRA):
     """
 
     method = "lora_drop"
+    model_state = LoRADropPairs
     OPTIONS = LoRA.OPTIONS + (
         opt.Option("tied", True, opt.boolean, "read the pair tied across the model's layers of this kernel shape"),
     )
