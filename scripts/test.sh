@@ -16,6 +16,10 @@
 # examples, e.g. the Flower simulation) run in the torch shards only; the
 # logic they drive is tested in-process on every backend.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# The tests compile hundreds of tiny train steps and run each a few times:
+# there XLA's LLVM optimizations (JAX's jit) cost more time than they save.
+# Numerics are unchanged (no fast-math either way); a value of your own wins.
+export XLA_FLAGS="${XLA_FLAGS:---xla_backend_optimization_level=0}"
 BACKENDS="${KLR_BACKENDS:-jax tensorflow torch}"
 CORES="$(nproc 2>/dev/null || echo 1)"
 JOBS="${KLR_JOBS:-$(( CORES >= 2 ? 2 : 1 ))}"

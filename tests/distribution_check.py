@@ -15,7 +15,7 @@ import sys
 import tempfile
 import traceback
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ["KERAS_BACKEND"] = "jax"
 
 import jax  # noqa: E402

@@ -33,6 +33,9 @@ from keras_lowrank import bases
 from keras_lowrank import registry
 from keras_lowrank import tree
 
+from conftest import ALL_BACKENDS
+from conftest import dealt
+
 BACKEND = keras.backend.backend()
 M = keras_hub.models
 TASK_BASES = (M.CausalLM, M.TextClassifier, M.ImageClassifier)
@@ -415,17 +418,6 @@ def test_every_family_is_covered():
     assert not missing, f"KerasHub task classes with no tiny config here: {sorted(missing)}"
     assert not (built | set(NOT_BUILT)) - discovered, "a case names a class KerasHub lacks"
     assert set(ROUND_TRIP_OUTPUTS_DIFFER) <= built
-
-
-ALL_BACKENDS = ("jax", "tensorflow", "torch")
-
-
-def dealt(cases, backend=BACKEND):
-    """The cases `backend` runs: every third, by position, or all of them
-    with `KLR_ALL_FAMILIES=1`."""
-    if os.environ.get("KLR_ALL_FAMILIES") == "1":
-        return list(cases)
-    return [c for i, c in enumerate(cases) if ALL_BACKENDS[i % len(ALL_BACKENDS)] == backend]
 
 
 def test_the_families_are_dealt_to_every_backend_once(monkeypatch):

@@ -16,6 +16,7 @@ from keras_lowrank.methods import spectral
 
 from conftest import REFERENCE_MERGED
 from conftest import SVD_FAMILY
+from conftest import dealt
 from conftest import gemma_backbone
 from conftest import np_layer_output
 from conftest import np_matricize
@@ -605,7 +606,9 @@ def pretrained_gemma():
     return [to_np(w).copy() for w in lm.backbone.weights]
 
 
-@pytest.mark.parametrize("method", FAMILY)
+# once per method per suite, on a backend dealt in turn (every method
+# learns on every backend in the contract's test_learns)
+@pytest.mark.parametrize("method", dealt(FAMILY))
 def test_fine_tunes_a_pretrained_kerashub_model(method, pretrained_gemma):
     import keras_hub
 
