@@ -371,7 +371,10 @@ def _roundtrip_models():
 def _train_one_step_changes_adapters(model, x):
     y_ref = to_np(model(x))
     target = np.random.RandomState(3).normal(size=y_ref.shape).astype("float32")
-    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    # One eager step: what is checked is which variables the reloaded model
+    # trains (its tracking), the same traced or not; the compiled step after
+    # a reload is test_training.py's test_training_resumes_after_a_keras_reload.
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", run_eagerly=True)
     before = [to_np(v).copy() for v in model.trainable_weights]
     assert before, "no trainable adapter variable after reload"
     model.train_on_batch(x, target)
