@@ -800,11 +800,14 @@ print("fit ok")
 """
 
 
+@pytest.mark.one_backend
 def test_fit_logs_no_graph_rewriter_errors():
     """TensorFlow's oneDNN rewriter (on by default on recent Intel CPUs)
     fused MatMul + bias + Add + Relu into a node it cannot run and logged
-    errors on every traced step; the adapters' update avoids that pattern."""
-    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="1")
+    errors on every traced step; the adapters' update avoids that pattern.
+    A TensorFlow graph rewriter: the child is TensorFlow whatever the
+    parent's backend, once per suite."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="1")
     from conftest import families
 
     proc = subprocess.run([sys.executable, "-c", ONEDNN_FIT, json.dumps(families())], env=env,
