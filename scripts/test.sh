@@ -43,14 +43,14 @@ shard_args() {
     rest) echo "tests --ignore=tests/test_contract.py --ignore=tests/test_quantized.py --ignore=tests/test_distribution.py" ;;
   esac
 }
-# Longest first (measured on a 2-core machine, clean clone: torch/rest
-# 360 s (it holds the backend-neutral child processes and examples),
-# tensorflow/rest 358, jax/rest 335, tensorflow/contract 176,
-# tensorflow/quantized 148, jax/quantized 145, jax/contract 141,
-# jax/distribution 84, torch/quantized 44, torch/contract 41), so that the
+# Longest first (measured on a 2-core machine, clean clone: jax/rest 331 s,
+# torch/rest 303 (it holds the backend-neutral child processes and
+# examples), tensorflow/rest 300, tensorflow/contract 152,
+# jax/quantized 144, tensorflow/quantized 140, jax/contract 127,
+# jax/distribution 89, torch/contract 50, torch/quantized 40), so that the
 # two cores finish together.
-ORDER="torch:rest tensorflow:rest jax:rest tensorflow:contract tensorflow:quantized jax:quantized
-       jax:contract jax:distribution torch:quantized torch:contract"
+ORDER="jax:rest torch:rest tensorflow:rest tensorflow:contract jax:quantized tensorflow:quantized
+       jax:contract jax:distribution torch:contract torch:quantized"
 
 run_job() {
   local backend="$1" tag="$2"
