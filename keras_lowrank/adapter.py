@@ -212,17 +212,17 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
         self._init_from_base = False
         self._standalone = False
 
-    def join_set(self, holder, name):
-        """This adapter is the named adapter `name` of `holder` (an
+    def join_set(self, holder):
+        """This adapter is one of the named adapters of `holder` (an
         `AdapterSet`, referred to without tracking it), and these of its
         variables train while it is active."""
-        self._links.holder, self._links.name = holder, name
+        self._links.holder = holder
         if self.built:
             self.record_trainable()
 
     def leave_set(self):
         """This adapter no longer belongs to an `AdapterSet`."""
-        self._links.holder = self._links.name = None
+        self._links.holder = None
 
     def holder(self):
         """The `AdapterSet` holding this adapter, or `None`."""
@@ -537,13 +537,13 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
 
 class AdapterLinks:
     """What an adapter refers to without owning it: the `AdapterSet` that
-    holds it and its name there, the variables that train while it is
+    holds it, the variables that train while it is
     active, the model-level state it reads, an eager probe. A plain object,
     so Keras neither tracks nor saves what it refers to (the model holds
     each of those once); only the adapter's own methods write it."""
 
-    __slots__ = ("holder", "name", "trainable_names", "state", "probe")
+    __slots__ = ("holder", "trainable_names", "state", "probe")
 
     def __init__(self):
-        self.holder = self.name = self.state = self.probe = None
+        self.holder = self.state = self.probe = None
         self.trainable_names = ()

@@ -114,7 +114,7 @@ class AdapterSet(keras.layers.Layer):
                 initializer=keras.initializers.Constant(1.0 if active else 0.0),
             )
         self._gates[name] = gate
-        member.join_set(self, name)
+        member.join_set(self)
 
     def remove_member(self, name):
         """Let go of the adapter `name` (and its gate)."""

@@ -29,6 +29,7 @@ from typing import Callable
 import keras_lowrank_cli_common
 from keras_lowrank import options as opt
 
+
 class _Capability:
     """A `Method` attribute read from its layer class (not stored twice)."""
 
