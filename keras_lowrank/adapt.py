@@ -5,6 +5,7 @@ import math
 import re
 
 from keras_lowrank import bases
+from keras_lowrank import experts
 from keras_lowrank import registry
 from keras_lowrank import shared
 from keras_lowrank import targeting
@@ -260,6 +261,20 @@ def enable_adapter(
     # Layers whose parent reads their weights instead of calling them: an
     # adapter serves their kernel where the method can, else they stay out.
     serves = registry.get(method).layer_class.serves_kernel_with(options)
+    # Stacked expert weights become layers of their own (`keras_lowrank.experts`);
+    # those left without an adapter go back into their banks at the end.
+    exposed = experts.expose_model(model)
+    try:
+        return _enable(model, method, options, serves, exposed, targets, exclude, rank_pattern,
+                       alpha_pattern, trainable_layers, base, double_quant, adapter_name,
+                       train_task_layers, verbose)
+    finally:
+        experts.fold_back_model(model, only=exposed)
+
+
+def _enable(model, method, options, serves, exposed, targets, exclude, rank_pattern,
+            alpha_pattern, trainable_layers, base, double_quant, adapter_name,
+            train_task_layers, verbose):
     entries = tree.walk(model)
     spots = tree.spots(entries)
     reads = targeting.direct_reads(spots)

@@ -26,11 +26,15 @@ from keras_lowrank import tree
 from keras_lowrank.geometry import KernelGeometry
 from keras_lowrank import linalg
 from keras_lowrank import options as opt
+from keras_lowrank.experts import ExpertLinear
 from keras_lowrank.quant.layers import DENSE_EQUATION
 from keras_lowrank.quant.layers import NF4Linear
 
 #: frozen-base storages `enable_adapter(base=...)` accepts
 BASES = ("float", "nf4", "int8", "int4")
+#: the float layer classes an adapter wraps (a stacked expert weight, once
+#: exposed, is an `ExpertLinear`)
+LINEAR_CLASSES = (keras.layers.Dense, keras.layers.EinsumDense, ExpertLinear)
 #: Keras quantization modes an adapter can sit on
 KERAS_MODES = ("int8", "int4")
 
@@ -109,9 +113,7 @@ class FloatStorage(Storage):
     kind = "float"
 
     def equation(self, layer):
-        if isinstance(layer, keras.layers.EinsumDense):
-            return layer.equation
-        return DENSE_EQUATION
+        return getattr(layer, "equation", None) or DENSE_EQUATION
 
     def float_kernel_shape(self, layer):
         return tuple(self.kernel_variable(layer).shape)
@@ -234,7 +236,7 @@ def storage_of(layer):
     """The `Storage` of a linear layer, or `None` for any other layer."""
     if isinstance(layer, NF4Linear):
         return STORAGES["nf4"]
-    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+    if not isinstance(layer, LINEAR_CLASSES):
         return None
     mode = getattr(layer, "quantization_mode", None)
     if mode is None:
@@ -313,7 +315,9 @@ def check_supported(layer, path=None):
 def geometry_of(layer):
     """The `KernelGeometry` (matrix view) of a linear layer's kernel."""
     s = _storage(layer)
-    return KernelGeometry(s.equation(layer), s.float_kernel_shape(layer))
+    return KernelGeometry(
+        s.equation(layer), s.float_kernel_shape(layer), getattr(layer, "batch_labels", "")
+    )
 
 
 def layer_equation(layer):

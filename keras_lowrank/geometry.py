@@ -12,6 +12,12 @@ Kernel axes that appear in the input *and* in the output (per-axis, batched
 kernels such as `"abc,bcd->abd"`... where `b` is shared) become a leading batch
 dimension of the matrix view: `W` then has shape `(n_shared, n_in, n_out)` and
 every method acts independently on each slice.
+
+A stacked expert weight (`"th,ehm->etm"`: every expert `e` multiplies the
+same tokens) names its expert axis in `batch_labels`: that axis is a batch
+dimension of the matrix view too, `(n_experts, n_in, n_out)`, though the
+inputs do not have it; their rows then have a batch dimension of 1, which
+broadcasts against the per-expert factors, so no input is copied per expert.
 """
 
 import math
@@ -46,16 +52,22 @@ class KernelGeometry:
     Args:
         equation: the layer's einsum equation (`Dense` uses `"...a,ab->...b"`).
         kernel_shape: the shape of the (unpacked, float) kernel.
+        batch_labels: kernel labels that are batch axes of the matrix view
+            even where the input lacks them (the expert axis of a stacked
+            expert weight); each must appear in the output.
 
     Examples:
 
         >>> g = KernelGeometry("btd,ndh->btnh", (4, 16, 8))
         >>> (g.n_in, g.n_out, g.batch_shape)
         (16, 32, ())
+        >>> KernelGeometry("th,ehm->etm", (4, 16, 8), batch_labels="e").matrix_shape
+        (4, 16, 8)
     """
 
-    def __init__(self, equation, kernel_shape):
+    def __init__(self, equation, kernel_shape, batch_labels=""):
         self.equation = equation
+        self.batch_labels = "".join(batch_labels or "")
         self.kernel_shape = tuple(int(d) for d in kernel_shape)
         inp, ker, out = _split_equation(equation)
         if "..." in ker:
@@ -77,9 +89,22 @@ class KernelGeometry:
                 f"kernel shape {self.kernel_shape}."
             )
         in_set, out_set = set(_labels(inp)), set(_labels(out))
-        self.shared = [c for c in k_labels if c in in_set and c in out_set]
+        for c in self.batch_labels:
+            if c not in k_labels or c not in out_set:
+                raise EquationError(
+                    f"Batch label {c!r} must be a kernel and an output label of {equation!r}."
+                )
+        batch = set(self.batch_labels)
+        self.shared = [c for c in k_labels if (c in in_set or c in batch) and c in out_set]
+        #: batch labels the inputs lack (their rows broadcast over them)
+        self.broadcast = [c for c in self.shared if c not in in_set]
+        if self.broadcast and len(self.broadcast) != len(self.shared):
+            raise EquationError(
+                f"{equation!r}: batch labels the input lacks ({self.broadcast}) cannot "
+                f"mix with shared kernel axes the input has."
+            )
         self.reduced = [c for c in k_labels if c in in_set and c not in out_set]
-        self.produced = [c for c in k_labels if c in out_set and c not in in_set]
+        self.produced = [c for c in k_labels if c in out_set and c not in in_set and c not in batch]
         lost = [c for c in k_labels if c not in in_set and c not in out_set]
         if lost:
             raise EquationError(
@@ -156,7 +181,7 @@ class KernelGeometry:
             )
         kset = set(self._ker)
         lead = [c for c in inp if c not in kset]
-        x_order = self.shared + lead + self.reduced
+        x_order = [c for c in self.shared if c in inp] + lead + self.reduced
         x_perm = [inp.index(c) for c in x_order]
         rows_order = self.shared + lead + self.produced
         y_perm = [rows_order.index(c) for c in out]  # rows-shaped -> output
@@ -168,6 +193,7 @@ class KernelGeometry:
             "out_to_rows": None if ident(out_to_rows) else out_to_rows,
             "lead_axes": [inp.index(c) for c in lead],
             "shared_dims": [self._dim[c] for c in self.shared],
+            "x_batch": tuple(1 if c in self.broadcast else self._dim[c] for c in self.shared),
             "produced_dims": [self._dim[c] for c in self.produced],
         }
         self._plans[ndim] = plan
@@ -178,7 +204,8 @@ class KernelGeometry:
         plan = self._plan(len(x.shape))
         if plan["x_perm"] is not None:
             x = ops.transpose(x, plan["x_perm"])
-        return ops.reshape(x, self.batch_shape + (-1, self.n_in))
+        batch = (math.prod(plan["x_batch"]),) if self.batch_shape else ()
+        return ops.reshape(x, batch + (-1, self.n_in))
 
     def outputs_to_rows(self, y):
         """Layer output -> `batch_shape + (N, n_out)` rows."""
@@ -201,7 +228,7 @@ class KernelGeometry:
     def _plan_for_output(self, out_ndim):
         # The output rank determines the input rank: same lead axes.
         n_lead = out_ndim - len(self.shared) - len(self.produced)
-        in_ndim = n_lead + len(self.shared) + len(self.reduced)
+        in_ndim = n_lead + len(self.shared) - len(self.broadcast) + len(self.reduced)
         return self._plan(in_ndim)
 
     def output_shape(self, input_shape):
@@ -238,7 +265,8 @@ class KernelGeometry:
         return f"{prefix}{self.n_in}x{self.n_out}"
 
     def __repr__(self):
+        extra = f", batch_labels={self.batch_labels!r}" if self.batch_labels else ""
         return (
-            f"KernelGeometry({self.equation!r}, kernel={self.kernel_shape}, "
+            f"KernelGeometry({self.equation!r}, kernel={self.kernel_shape}{extra}, "
             f"matrix={self.matrix_shape})"
         )

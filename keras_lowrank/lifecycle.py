@@ -9,6 +9,7 @@ from keras_lowrank import adapter_set
 from keras_lowrank import arguments
 from keras_lowrank import bases
 from keras_lowrank import compiled
+from keras_lowrank import experts
 from keras_lowrank import named
 from keras_lowrank import options as opt
 from keras_lowrank import tree
@@ -155,6 +156,7 @@ def merge(model, unload=True, requantize=False, adapter_names=None):
         adapter.layer.activation = adapter.activation
         adapter.layer.activity_regularizer = adapter.activity_regularizer
         tree.replace_layer(model, e, plain)
+    experts.fold_back_model(model)  # expert weights back into their banks
     adapted_model.mark_adapted(model)
     compiled.after_change(model)
     return report if requantize else None
@@ -262,6 +264,7 @@ def remove_adapters(model, paths=None):
         adapter.layer.activation = adapter.activation
         adapter.layer.activity_regularizer = adapter.activity_regularizer
         tree.replace_layer(model, e, adapter.layer)
+    experts.fold_back_model(model)
     adapted_model.mark_adapted(model)
     compiled.after_change(model)
 

@@ -34,6 +34,7 @@ from keras_lowrank import _compat
 from keras_lowrank import adapter_set
 from keras_lowrank import bases
 from keras_lowrank import compiled
+from keras_lowrank import experts
 from keras_lowrank import freezing
 from keras_lowrank import registry
 from keras_lowrank import saved_plan
@@ -99,6 +100,9 @@ class Plan:
         self.entries = entries
         self.heads = list(heads)
         self.head_rule = head_rule
+        #: expert weights exposed for this plan (`keras_lowrank.experts`):
+        #: those left without an adapter go back into their banks after `apply`
+        self.exposed = []
         self.warnings = []
         #: method -> (state, is_new) for methods with model-level state
         self.states = {}
@@ -195,6 +199,18 @@ class Plan:
         float tensor of a variable the adapter has, with its shape."""
         check_model(model)
         version = saved_plan.read_version(config, where)
+        # the stacked expert weights a saved plan may name (`keras_lowrank.experts`)
+        exposed = experts.expose_model(model)
+        try:
+            plan = cls._from_saved(model, config, where, tensors, version)
+        except BaseException:
+            experts.fold_back_model(model, only=exposed)
+            raise
+        plan.exposed = exposed
+        return plan
+
+    @classmethod
+    def _from_saved(cls, model, config, where, tensors, version):
         entries = tree.walk(model)
         by_key = saved_plan.keyed(entries, version)
         if version >= 2:
@@ -295,6 +311,7 @@ class Plan:
                 pending = self._apply_steps(init, fill, log)
             except BaseException:
                 log.rollback()
+                experts.fold_back_model(model, only=self.exposed)
                 mark_adapted(model)
                 compiled.after_change(model)
                 raise
@@ -303,6 +320,7 @@ class Plan:
             try:
                 self._convert_bases(pending, init)
             finally:
+                experts.fold_back_model(model, only=self.exposed)
                 compiled.after_change(model)
         return [lp.adapter for lp in self.layers]
 

@@ -6,7 +6,17 @@ and `trainable_layers`):
 - `"query"`: a layer name, a full path, or a path suffix (`"attention/query"`);
 - `"*/attention/*"`: a glob on the path;
 - `"re:.*_(query|value)$"` or `re.compile(...)`: a regex (fullmatch) on the
-  path.
+  path;
+- a kind (`KINDS`): `"all-linear"` (every Dense, EinsumDense and stacked
+  expert weight but the output head), `"experts"` (the stacked expert
+  weights of mixture-of-experts layers, see `keras_lowrank.experts`),
+  `"router"` (the Dense/EinsumDense of an MoE block that scores the
+  experts: one output per expert), `"shared-experts"` (the Dense/EinsumDense
+  layers of an MoE block named `shared...`: its always-on shared expert and
+  that expert's gate, as KerasHub names them), `"linear"` (every other
+  Dense/EinsumDense: attention, dense feed-forward blocks).
+  A kind is a reserved word: to match a layer *named* `experts`, use
+  `"re:(.*/)?experts"`.
 
 A layer whose parent reads its weights instead of calling it (Gemma 4's
 feed-forward multiplies by `self.gating_ffw.kernel`) is found by reading the
@@ -33,10 +43,66 @@ import keras
 
 from keras_lowrank import _compat
 from keras_lowrank import bases
+from keras_lowrank import experts
 from keras_lowrank import tree
 
 #: names treated as an output head when the model cannot be traced
 HEAD_NAMES = ("logits", "lm_head", "classifier", "head", "output_head", "predictions")
+
+
+#: target kinds (see the module docstring); "all-linear" is every kind
+KINDS = ("all-linear", "linear", "experts", "router", "shared-experts")
+
+
+def kind_of(entry):
+    """The kind of a layer entry (`annotate_kinds` sets it), `None` for a
+    layer an adapter cannot wrap."""
+    return getattr(entry, "kind", None)
+
+
+def annotate_kinds(entries):
+    """Set `entry.kind` on every entry: `"experts"`, `"router"`,
+    `"shared-experts"` or `"linear"` for the layers an adapter can wrap,
+    `None` for the rest. An MoE block is the parent of a layer that holds
+    stacked expert weights; among its Dense/EinsumDense layers (outside the
+    bank), its router has one output per expert and its shared experts are
+    named `shared...`."""
+    from keras_lowrank.experts import ExpertLinear
+
+    experts = [e for e in entries if is_candidate(e.layer) and issubclass(tree.layer_kind(e.layer), ExpertLinear)]
+    blocks = {}
+    for e in experts:
+        bank = e.path.rsplit("/", 1)[0]
+        block = bank.rsplit("/", 1)[0] if "/" in bank else ""
+        blocks[block] = (bank, bases.geometry_of(_base(e.layer)).n_shared)
+    ids = {id(e.layer) for e in experts}
+    for e in entries:
+        if not is_candidate(e.layer):
+            e.kind = None
+        elif id(e.layer) in ids:
+            e.kind = "experts"
+        else:
+            e.kind = "linear"
+            for block, (bank, n_experts) in blocks.items():
+                inside = not block or e.path.startswith(block + "/")
+                if not inside or e.path.startswith(bank + "/"):
+                    continue
+                if bases.geometry_of(_base(e.layer)).n_out == n_experts:
+                    e.kind = "router"
+                elif "shared" in e.path[len(block):]:
+                    e.kind = "shared-experts"
+                if e.kind != "linear":
+                    break
+    return entries
+
+
+def _base(layer):
+    """The linear layer an adapter (or a set of named adapters) wraps."""
+    while not bases.is_linear_layer(layer):
+        layer = getattr(layer, "layer", None) or getattr(layer, "base", None)
+        if layer is None:
+            break
+    return layer
 
 
 class Pattern:
@@ -44,6 +110,9 @@ class Pattern:
 
     def __init__(self, pattern, option="targets"):
         self.source = pattern
+        if isinstance(pattern, str) and pattern in KINDS:
+            self.kind, self.regex = "kind", None
+            return
         if isinstance(pattern, re.Pattern):
             self.kind, self.regex = "regex", pattern
             return
@@ -66,6 +135,9 @@ class Pattern:
 
     def matches(self, entry):
         path = entry.path
+        if self.kind == "kind":
+            kind = kind_of(entry)
+            return kind is not None and (self.source == "all-linear" or kind == self.source)
         if self.kind == "regex":
             return self.regex.fullmatch(path) is not None
         if self.kind == "glob":
@@ -184,7 +256,7 @@ def resolve_targets(model, targets=None, exclude=None, entries=None):
 
 def select(model, targets=None, exclude=None, entries=None):
     """`(chosen entries, head entries, head rule)`."""
-    entries = tree.spots(tree.walk(model) if entries is None else entries)
+    entries = annotate_kinds(tree.spots(tree.walk(model) if entries is None else entries))
     candidates = [e for e in entries if is_candidate(e.layer)]
     available = [e.path for e in candidates]
     include_all = targets is None or (isinstance(targets, str) and targets == "all-linear")
@@ -393,8 +465,8 @@ def left_out(entries, chosen, heads=(), unread=(), kept=()):
         if any(entry.path == p or entry.path.startswith(p + "/") for p in kept):
             continue
         if not is_candidate(layer):
-            if not holds_matrix(layer):
-                continue
+            if not holds_matrix(layer) or experts.slots(layer):
+                continue  # a bank whose expert weights are layers of their own
             reason = "not adaptable"
         elif id(layer) in unread:
             reason = "read directly by their parent"

@@ -60,6 +60,7 @@ class NF4Linear(keras.layers.Layer):
         source=None,
         source_input_shape=None,
         activation=None,
+        batch_labels="",
         **kwargs,
     ):
         kwargs.setdefault("trainable", False)
@@ -72,7 +73,9 @@ class NF4Linear(keras.layers.Layer):
         self.source_input_shape = (
             None if source_input_shape is None else tuple(source_input_shape)
         )
-        self.geometry = KernelGeometry(equation, self.kernel_shape)
+        #: the expert axis of a stacked expert weight (`keras_lowrank.experts`)
+        self.batch_labels = batch_labels or ""
+        self.geometry = KernelGeometry(equation, self.kernel_shape, self.batch_labels)
         self.numel = math.prod(self.kernel_shape)
         self.bias = None
         # None under an adapter (the adapter holds the activation); set on a
@@ -84,8 +87,10 @@ class NF4Linear(keras.layers.Layer):
     def from_layer(cls, layer, double_quant=True, kernel=None, activation=None, name=None):
         """Quantize a built float `Dense`/`EinsumDense` (or `kernel`, if
         given, in the layer's kernel layout)."""
-        is_einsum = isinstance(layer, keras.layers.EinsumDense)
-        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)) or getattr(
+        from keras_lowrank.experts import ExpertLinear
+
+        linear = (keras.layers.Dense, keras.layers.EinsumDense, ExpertLinear)
+        if not isinstance(layer, linear) or getattr(
             layer, "quantization_mode", None
         ):
             raise TypeError(
@@ -101,8 +106,9 @@ class NF4Linear(keras.layers.Layer):
                 activation = None
         bias = getattr(layer, "bias", None)
         q = cls(
-            layer.equation if is_einsum else DENSE_EQUATION,
+            getattr(layer, "equation", None) or DENSE_EQUATION,
             tuple(float_kernel.shape),
+            batch_labels=getattr(layer, "batch_labels", ""),
             bias_shape=None if bias is None else tuple(bias.shape),
             double_quant=double_quant,
             source=keras.saving.serialize_keras_object(layer),
@@ -296,6 +302,10 @@ class NF4Linear(keras.layers.Layer):
     # ------------------------------------------------------------------
     def plain_layer_class(self):
         name = self.source["class_name"] if self.source else None
+        if name == "ExpertLinear":
+            from keras_lowrank.experts import ExpertLinear
+
+            return ExpertLinear
         return keras.layers.EinsumDense if name == "EinsumDense" else keras.layers.Dense
 
     def klr_layer_kind(self):
@@ -333,6 +343,7 @@ class NF4Linear(keras.layers.Layer):
         config.update(
             {
                 "equation": self.equation,
+                "batch_labels": self.batch_labels,
                 "kernel_shape": list(self.kernel_shape),
                 "bias_shape": None if self.bias_shape is None else list(self.bias_shape),
                 "double_quant": self.double_quant,
