@@ -41,8 +41,11 @@ class AdapterSummary:
 
     def __init__(self, method, rows, trainable_params, total_params, heads=(), head_rule=None,
                  shared_params=0, task_layers=(), left_out=None, left_out_paths=None,
-                 kernel_reads=()):
+                 kernel_reads=(), kinds=None):
         self.method = method
+        #: `{kind: (adapted, of)}` by target kind (`"linear"`, `"experts"`,
+        #: `"router"`, `"shared-experts"`; see `keras_lowrank.targeting`)
+        self.kinds = dict(kinds or {})
         #: `{reason: {layer class: count}}` of the layers not adapted
         self.left_out = {r: dict(k) for r, k in (left_out or {}).items()}
         #: `{reason: [path, ...]}`, the same layers by path
@@ -105,6 +108,12 @@ class AdapterSummary:
             f"{self.trainable_params:,} / {self.total_params:,} "
             f"({100 * self.trainable_fraction:.3f}%)"
         )
+        if self.kinds:
+            order = {k: i for i, k in enumerate(targeting.KINDS)}
+            out.append("by kind: " + ", ".join(
+                f"{kind} {a} of {n} adapted"
+                for kind, (a, n) in sorted(self.kinds.items(), key=lambda kv: order.get(kv[0], 99))
+            ))
         if self.left_out:
             out.append("left out: " + targeting.left_out_text(self.left_out))
         if self.kernel_reads:
@@ -139,7 +148,19 @@ class AdapterSummary:
 def summarize(model, method=None, heads=(), head_rule=None, task_layers=(), left_out=None,
               left_out_paths=None, kernel_reads=()):
     rows = []
-    for entry in tree.walk(model):
+    walked = targeting.annotate_kinds(tree.walk(model))
+    kinds = {}
+    for entry in tree.spots(walked):
+        if entry.kind is not None:
+            counts = kinds.setdefault(entry.kind, [0, 0])
+            counts[0] += bool(tree.is_adapter(entry.layer) or tree.is_adapter_set(entry.layer))
+            counts[1] += 1
+    # expert weights still inside their banks (not exposed: not adapted)
+    for layer in tree.all_layers_with_root(model):
+        n = len(experts.expert_weights(layer))
+        if n:
+            kinds.setdefault("experts", [0, 0])[1] += n
+    for entry in walked:
         if tree.is_adapter(entry.layer):
             a = entry.layer
             g = a.geometry
@@ -151,6 +172,7 @@ def summarize(model, method=None, heads=(), head_rule=None, task_layers=(), left
                     "matrix": g.matrix_text(),
                     "base": bases.base_kind(a.layer),
                     "trainable": a.trainable_count(),
+                    "kind": entry.kind or targeting.kind_of(entry),
                 }
             )
     shared_params = sum(
@@ -159,6 +181,7 @@ def summarize(model, method=None, heads=(), head_rule=None, task_layers=(), left
     return AdapterSummary(
         method, rows, bases.count_params(model, trainable_only=True), bases.count_params(model),
         heads, head_rule, shared_params, task_layers, left_out, left_out_paths, kernel_reads,
+        {k: tuple(v) for k, v in kinds.items()},
     )
 
 

@@ -44,6 +44,8 @@ _EINSUM = re.compile(
 )
 #: the attribute of the bank that holds the exposed layer of weight `name`
 LAYER_PREFIX = "klr_expert_"
+#: bank -> the ids of its variables in their order before any was exposed
+_ORDER = weakref.WeakKeyDictionary()
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")
@@ -236,36 +238,24 @@ def _route(module_name, alias):
 class Exposed:
     """One exposed weight: undo it with `fold_back`."""
 
-    def __init__(self, bank, name, layer, index, trainable):
+    def __init__(self, bank, name, layer):
         self.bank = bank
         self.name = name
         self.layer = layer
-        self.index = index
-        self.trainable = trainable
 
     @property
     def attribute(self):
         return LAYER_PREFIX + self.name.lstrip("_")
 
 
-def _variable_list(bank, variable):
-    lists = (bank._trainable_variables, bank._non_trainable_variables)
-    for store in lists:
-        for i, v in enumerate(store):
-            if v is variable:
-                return store, i
-    return None, None
-
-
 def expose(bank, name, equation, variable, module, alias):
     """Make `bank`'s weight `name` an `ExpertLinear` held by the bank."""
     _route(module, alias)
-    _, index = _variable_list(bank, variable)
     layer = ExpertLinear(
         equation, tuple(variable.shape), weight_name=name.lstrip("_"),
         name=name.lstrip("_"), dtype=bank.dtype_policy,
     )
-    exposed = Exposed(bank, name, layer, index, variable.trainable)
+    exposed = Exposed(bank, name, layer)
     locked = bank._tracker.locked
     bank._tracker.unlock()
     try:
@@ -313,10 +303,8 @@ def fold_back(bank, name):
         object.__setattr__(bank, name, variable)
         store_name = "trainable_variables" if variable.trainable else "non_trainable_variables"
         bank._tracker.add_to_store(store_name, variable)
-        store = bank._tracker.config[store_name][1]
-        index = getattr(layer, "klr_index", None)
-        if index is not None and index < len(store) - 1:
-            store.insert(index, store.pop())
+        order = {v: i for i, v in enumerate(_ORDER.get(bank, ()))}
+        bank._tracker.config[store_name][1].sort(key=lambda v: order.get(id(v), len(order)))
     finally:
         if locked:
             bank._tracker.lock()
@@ -330,10 +318,13 @@ def expose_model(model):
     if not isinstance(model, keras.layers.Layer):
         return done
     for layer in _all_layers(model):
-        for name, (equation, variable, module, alias) in expert_weights(layer).items():
-            exposed = expose(layer, name, equation, variable, module, alias)
-            exposed.layer.klr_index = exposed.index
-            done.append(exposed)
+        found = expert_weights(layer)
+        if found and layer not in _ORDER:
+            # the bank's variable order, which `fold_back` restores (its
+            # `.keras` file stores them by position)
+            _ORDER[layer] = [id(v) for v in layer.variables]
+        for name, (equation, variable, module, alias) in found.items():
+            done.append(expose(layer, name, equation, variable, module, alias))
     return done
 
 

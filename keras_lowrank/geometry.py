@@ -193,7 +193,6 @@ class KernelGeometry:
             "out_to_rows": None if ident(out_to_rows) else out_to_rows,
             "lead_axes": [inp.index(c) for c in lead],
             "shared_dims": [self._dim[c] for c in self.shared],
-            "x_batch": tuple(1 if c in self.broadcast else self._dim[c] for c in self.shared),
             "produced_dims": [self._dim[c] for c in self.produced],
         }
         self._plans[ndim] = plan
@@ -204,8 +203,12 @@ class KernelGeometry:
         plan = self._plan(len(x.shape))
         if plan["x_perm"] is not None:
             x = ops.transpose(x, plan["x_perm"])
-        batch = (math.prod(plan["x_batch"]),) if self.batch_shape else ()
-        return ops.reshape(x, batch + (-1, self.n_in))
+        if not self.broadcast:
+            return ops.reshape(x, self.batch_shape + (-1, self.n_in))
+        # one copy of the rows per expert (a view where the backend has
+        # them): every method's batched forward sees `batch_shape` rows
+        x = ops.reshape(x, (1, -1, self.n_in))
+        return ops.broadcast_to(x, (self.n_shared, ops.shape(x)[1], self.n_in))
 
     def outputs_to_rows(self, y):
         """Layer output -> `batch_shape + (N, n_out)` rows."""

@@ -11,7 +11,8 @@ and `trainable_layers`):
   expert weight but the output head), `"experts"` (the stacked expert
   weights of mixture-of-experts layers, see `keras_lowrank.experts`),
   `"router"` (the Dense/EinsumDense of an MoE block that scores the
-  experts: one output per expert), `"shared-experts"` (the Dense/EinsumDense
+  experts: one output per expert, named `...router...` or `...gate...`
+  as in every KerasHub family), `"shared-experts"` (the Dense/EinsumDense
   layers of an MoE block named `shared...`: its always-on shared expert and
   that expert's gate, as KerasHub names them), `"linear"` (every other
   Dense/EinsumDense: attention, dense feed-forward blocks).
@@ -65,8 +66,8 @@ def annotate_kinds(entries):
     `"shared-experts"` or `"linear"` for the layers an adapter can wrap,
     `None` for the rest. An MoE block is the parent of a layer that holds
     stacked expert weights; among its Dense/EinsumDense layers (outside the
-    bank), its router has one output per expert and its shared experts are
-    named `shared...`."""
+    bank), its router has one output per expert and a name with `router` or
+    `gate` in it, and its shared experts are named `shared...`."""
     from keras_lowrank.experts import ExpertLinear
 
     experts = [e for e in entries if is_candidate(e.layer) and issubclass(tree.layer_kind(e.layer), ExpertLinear)]
@@ -87,10 +88,13 @@ def annotate_kinds(entries):
                 inside = not block or e.path.startswith(block + "/")
                 if not inside or e.path.startswith(bank + "/"):
                     continue
-                if bases.geometry_of(_base(e.layer)).n_out == n_experts:
-                    e.kind = "router"
-                elif "shared" in e.path[len(block):]:
+                rel = e.path[len(block):]
+                if "shared" in rel:
                     e.kind = "shared-experts"
+                elif ("router" in rel or "gate" in rel) and (
+                    bases.geometry_of(_base(e.layer)).n_out == n_experts
+                ):
+                    e.kind = "router"
                 if e.kind != "linear":
                     break
     return entries

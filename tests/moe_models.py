@@ -39,7 +39,12 @@ def moe_backbone(family, seed=0):
 
     keras.utils.set_random_seed(seed)
     name, kwargs = MOE_FAMILIES[family]
-    return getattr(keras_hub.models, name)(**kwargs)
+    backbone = getattr(keras_hub.models, name)(**kwargs)
+    rng = np.random.RandomState(seed)
+    for v in backbone.weights:  # Gemma 4 starts its experts at zero
+        if len(v.shape) == 3 and not np.any(keras.ops.convert_to_numpy(v)):
+            v.assign(rng.normal(scale=0.2, size=tuple(v.shape)).astype(v.dtype))
+    return backbone
 
 
 def moe_inputs(family=None):

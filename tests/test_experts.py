@@ -1,0 +1,234 @@
+"""Stacked expert weights of mixture-of-experts layers (`keras_lowrank.experts`):
+every method per expert on a small bank of its own, every KerasHub MoE
+family end to end, targeting by kind, and the summary by kind."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_lowrank as kl
+from keras_lowrank import experts
+from keras_lowrank import registry
+from keras_lowrank.experts import ExpertLinear
+
+from conftest import dealt
+from conftest import needs
+from conftest import perturb
+from conftest import to_np
+from moe_models import MOE_FAMILIES
+from moe_models import moe_backbone
+from moe_models import moe_inputs
+
+METHODS = kl.methods()
+E, D, H = 3, 6, 5
+
+
+@keras.saving.register_keras_serializable(package="klr_tests")
+class TinyExperts(keras.layers.Layer):
+    """A bank of `E` two-layer experts kept as stacked raw weights, as
+    KerasHub keeps them: `(tokens, D) -> (experts, tokens, D)`."""
+
+    def build(self, input_shape):
+        self.w_in = self.add_weight(name="w_in", shape=(E, D, H), initializer="glorot_uniform")
+        self.w_out = self.add_weight(name="w_out", shape=(E, H, D), initializer="glorot_uniform")
+
+    def call(self, x):
+        h = ops.tanh(ops.einsum("td,edh->eth", x, self.w_in))
+        return ops.einsum("eth,ehd->etd", h, self.w_out)
+
+
+@keras.saving.register_keras_serializable(package="klr_tests")
+class TinyMoE(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bank = TinyExperts(name="bank")
+        self.head = keras.layers.Dense(2, name="head")
+
+    def call(self, x):
+        return self.head(ops.sum(self.bank(x), axis=0))
+
+
+X = np.random.RandomState(0).normal(size=(4, D)).astype("float32")
+
+
+def tiny_moe():
+    keras.utils.set_random_seed(0)
+    model = TinyMoE()
+    model(X)
+    return model
+
+
+def np_forward(model, w_in, w_out):
+    h = np.tanh(np.einsum("td,edh->eth", X.astype("float64"), w_in))
+    y = np.einsum("eth,ehd->etd", h, w_out).sum(0)
+    return y @ to_np(model.head.kernel) + to_np(model.head.bias)
+
+
+def merged_kernel(adapter):
+    w = adapter.merged_matrix(adapter.base_matrix())
+    return to_np(adapter.geometry.matrix_to_kernel(w)).astype("float64")
+
+
+def per_expert_variables(adapter):
+    own = list(adapter.adapter_variables().values()) + list(adapter.linked_variables())
+    return [v for v in own if v.trainable and len(v.shape) and v.shape[0] == E]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_works_per_expert(method):
+    """No-op at start, a forward equal to the method's own merged kernels,
+    each expert's update from its own slice of the factors, and a merge
+    that gives the bank its plain weights back with the same outputs."""
+    spec = registry.get(method)
+    model = tiny_moe()
+    y0 = to_np(model(X))
+    summary = kl.enable_adapter(model, method=method, rank=2, targets="experts", **needs(method))
+    assert summary.kinds["experts"] == (2, 2)
+    adapters = dict(kl.adapters(model))
+    assert sorted(adapters) == ["bank/w_in", "bank/w_out"]
+    for a in adapters.values():
+        assert a.geometry.matrix_shape[0] == E and isinstance(a.layer, ExpertLinear)
+    y = to_np(model(X))
+    tol = 1e-5 * max(1.0, np.abs(y0).max())
+    if spec.noop_at_init == "exact":
+        np.testing.assert_array_equal(y, y0)
+    elif spec.noop_at_init == "roundoff":
+        assert np.abs(y - y0).max() <= tol
+    for i, a in enumerate(adapters.values()):
+        perturb(a, seed=i)
+    y = to_np(model(X))
+    a_in, a_out = adapters["bank/w_in"], adapters["bank/w_out"]
+    ref = np_forward(model, merged_kernel(a_in), merged_kernel(a_out))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    assert np.abs(y - y0).max() > 1e-4  # the experts' adapters act
+    # expert 0's update reads only expert 0's slice of the per-expert factors
+    owned = per_expert_variables(a_in)
+    assert owned, f"{method}: no variable has one slice per expert"
+    before = merged_kernel(a_in)
+    for v in owned:
+        value = to_np(v).copy()
+        value[1:] += 0.5
+        v.assign(value)
+    after = merged_kernel(a_in)
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-6, atol=1e-6)
+    assert np.abs(after[1:] - before[1:]).max() > 1e-4
+    y = to_np(model(X))
+    kl.merge(model)
+    assert isinstance(model.bank.w_in, keras.Variable) and isinstance(model.bank.w_out, keras.Variable)
+    assert not experts.slots(model.bank)
+    assert [(v.name, tuple(v.shape)) for v in model.bank.weights] == [("w_in", (E, D, H)), ("w_out", (E, H, D))]
+    np.testing.assert_allclose(to_np(model(X)), y, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(y).max()))
+
+
+def test_lora_forward_never_builds_an_expert_update():
+    """The adapter's forward is the factored einsum over experts: it never
+    forms the `(experts, in, out)` update (`delta_matrix`)."""
+    model = tiny_moe()
+    kl.enable_adapter(model, rank=2, targets="experts")
+    for _, a in kl.adapters(model):
+        perturb(a)
+    want = to_np(model(X))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the forward built the expert update")
+
+    for _, a in kl.adapters(model):
+        a.delta_matrix = refuse
+        a.merged_matrix = refuse
+    np.testing.assert_allclose(to_np(model(X)), want, rtol=1e-6)
+
+
+def test_qlora_on_expert_weights_and_keras_reload(tmp_path):
+    """NF4 expert stacks under LoRA: the forward is the dequantized experts
+    plus the update, training moves only the adapters, and a `.keras` round
+    trip gives the same outputs."""
+    model = tiny_moe()
+    kl.enable_adapter(model, rank=2, targets="experts", base="nf4")
+    for _, a in kl.adapters(model):
+        assert a.layer.geometry.matrix_shape == a.geometry.matrix_shape
+        perturb(a)
+    a_in, a_out = (dict(kl.adapters(model))[k] for k in ("bank/w_in", "bank/w_out"))
+    y = to_np(model(X))
+    np.testing.assert_allclose(y, np_forward(model, merged_kernel(a_in), merged_kernel(a_out)),
+                               rtol=1e-4, atol=1e-5)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    names = sorted(v.path for v in model.trainable_variables)
+    assert all("lora" in n or n.startswith("head/") for n in names), names
+    model.fit(X, np.ones((4, 2), "float32"), epochs=2, verbose=0)
+    y = to_np(model(X))
+    model.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_np(back(X)), y, rtol=1e-6, atol=1e-6)
+
+
+def test_refused_call_leaves_the_bank_as_it_was():
+    model = tiny_moe()
+    before = [(v.path, to_np(v).copy()) for v in model.weights]
+    with pytest.raises(ValueError, match="rank"):
+        kl.enable_adapter(model, method="pissa", rank=50, targets="experts")
+    assert isinstance(model.bank.w_in, keras.Variable) and not experts.slots(model.bank)
+    after = [(v.path, to_np(v)) for v in model.weights]
+    assert [p for p, _ in after] == [p for p, _ in before]
+    for (_, a), (_, b) in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", dealt(sorted(MOE_FAMILIES)))
+def test_moe_family_end_to_end(family, tmp_path):
+    """Each KerasHub MoE family (each on one backend per suite run): the
+    default targets adapt its experts beside attention; a compiled fit
+    trains the expert adapters; `.keras` and adapter files round-trip; a
+    merge gives back a plain backbone with the same outputs."""
+    bb = moe_backbone(family)
+    x = moe_inputs(family)
+    y0 = to_np(bb(x))
+    n_weights = len(bb.weights)
+    summary = kl.enable_adapter(bb, rank=2)
+    assert summary.kinds["experts"][0] == summary.kinds["experts"][1] >= 2
+    assert summary.kinds["linear"][0] >= 2  # attention too
+    assert "router" in summary.kinds
+    np.testing.assert_array_equal(to_np(bb(x)), y0)
+    expert_a = [a for p, a in kl.adapters(bb) if isinstance(a.layer, ExpertLinear)]
+    before = [to_np(v).copy() for a in expert_a for v in a.trainable_variables]
+    bb.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    target = np.ones(y0.shape, "float32")
+    bb.fit(x, target, epochs=2, batch_size=2, verbose=0)
+    after = [to_np(v) for a in expert_a for v in a.trainable_variables]
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(after, before) if b.ndim and np.abs(b).max() == 0)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(after, before))
+    y = to_np(bb(x))
+    bb.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_np(back(x)), y, rtol=1e-5, atol=1e-5)
+    kl.save_adapter(bb, tmp_path / "a.safetensors")
+    fresh = moe_backbone(family)
+    kl.load_adapter(fresh, tmp_path / "a.safetensors")
+    np.testing.assert_allclose(to_np(fresh(x)), y, rtol=1e-5, atol=1e-5)
+    kl.merge(bb)
+    assert not kl.adapters(bb) and len(bb.weights) == n_weights
+    assert not any(isinstance(l, ExpertLinear) for l in bb._flatten_layers())
+    np.testing.assert_allclose(to_np(bb(x)), y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.one_backend
+def test_targets_by_kind_and_summary():
+    bb = moe_backbone("qwen_moe")
+    s = kl.enable_adapter(bb, rank=2, targets="experts")
+    assert s.kinds == {"linear": (0, 4), "router": (0, 1), "experts": (2, 2), "shared-experts": (0, 4)}
+    assert all(r["kind"] == "experts" for r in s.rows)
+    assert "by kind: linear 0 of 4 adapted, experts 2 of 2 adapted" in str(s)
+    bb = moe_backbone("qwen_moe")
+    s = kl.enable_adapter(bb, rank=2, targets=["router", "shared-experts"])
+    assert {r["kind"] for r in s.rows} == {"router", "shared-experts"}
+    assert s.kinds["experts"] == (0, 2)  # folded back, still counted
+    bb = moe_backbone("mixtral")
+    s = kl.enable_adapter(bb, rank=2, exclude="router", rank_pattern={"experts": 4})
+    assert s.kinds["router"] == (0, 1) and s.kinds["experts"] == (3, 3)
+    assert {r["rank"] for r in s.rows if r["kind"] == "experts"} == {4}
+    assert {r["rank"] for r in s.rows if r["kind"] == "linear"} == {2}
+    bb = moe_backbone("gemma4")
+    s = kl.enable_adapter(bb, rank=2, targets="all-linear")
+    assert s.kinds == {"linear": (7, 7), "router": (1, 1), "experts": (3, 3)}
