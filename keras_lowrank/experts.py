@@ -70,7 +70,7 @@ class ExpertLinear(keras.layers.Layer):
         >>> from keras_lowrank.experts import ExpertLinear
         >>> layer = ExpertLinear("th,ehm->etm", (4, 8, 6), "gate")
         >>> layer.build()
-        >>> layer(np.ones((3, 8), "float32")).shape
+        >>> tuple(layer(np.ones((3, 8), "float32")).shape)
         (4, 3, 6)
     """
 

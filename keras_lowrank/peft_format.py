@@ -36,9 +36,11 @@ import numpy as np
 from keras_lowrank import adapter_set
 from keras_lowrank import arguments
 from keras_lowrank import bases
+from keras_lowrank import experts
 from keras_lowrank import linalg
 from keras_lowrank import named
 from keras_lowrank import peft_codec
+from keras_lowrank import peft_experts
 from keras_lowrank import registry
 from keras_lowrank import saving
 from keras_lowrank import tree
@@ -55,7 +57,6 @@ _DEFAULTS = {
     "modules_to_save": None,
     "layer_replication": None,
     "trainable_token_indices": None,
-    "target_parameters": None,
     "use_qalora": False,
     "use_bdlora": None,
     "alora_invocation_tokens": None,
@@ -96,9 +97,26 @@ class _Proxy:
         raise _Unrecordable(f"the converter sets {name!r}")
 
 
+class _VariableRef:
+    """A variable as the converter sees it: readable, and `assign` does
+    nothing (the converter's writes of stacked expert weights are not
+    recorded: `keras_lowrank.peft_experts` maps those)."""
+
+    def __init__(self, variable):
+        self.variable = variable
+
+    def __getattr__(self, name):
+        return getattr(self.variable, name)
+
+    def assign(self, value):
+        pass
+
+
 def _wrap(value):
     import keras
 
+    if isinstance(value, (keras.Variable, experts.ExpertSlot)):
+        return _VariableRef(value)
     if isinstance(value, keras.layers.Layer):
         return _Proxy(value)
     if isinstance(value, (list, tuple)) and value and all(
@@ -117,14 +135,22 @@ class _Recorder:
     """Stands in for KerasHub's `SafetensorLoader`: records each
     `port_weight` instead of reading the checkpoint."""
 
-    def __init__(self):
+    def __init__(self, shapes=None):
         self.ports = {}
+        #: `{checkpoint key: shape}`, or `None` without a checkpoint
+        self.shapes = shapes
 
     def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
+        keras_variable = getattr(keras_variable, "variable", keras_variable)
         self.ports.setdefault(hf_weight_key, []).append((keras_variable, hook_fn))
 
     def get_tensor(self, hf_weight_key):
-        raise _Unrecordable(f"the converter reads {hf_weight_key!r} itself")
+        """A weight the converter reads itself (MoE expert stacks): zeros of
+        its shape, one byte each and all one value until stacked, so the
+        converter goes on to the next layers."""
+        if self.shapes is None or hf_weight_key not in self.shapes:
+            raise _Unrecordable(f"the converter reads {hf_weight_key!r} itself")
+        return np.broadcast_to(np.zeros((), np.uint8), self.shapes[hf_weight_key])
 
     def __getattr__(self, name):
         raise _Unrecordable(f"the converter uses loader.{name}")
@@ -252,6 +278,30 @@ class _Target:
             return (*self.layout(n_out, n_in, True), True)
 
 
+def _checkpoint_shapes(base_model):
+    """`{weight name: shape}` of the base model's safetensors checkpoint
+    (read from the file headers), or `None` when there is none to read."""
+    if isinstance(base_model, dict) or base_model is None:
+        return None
+    from safetensors import safe_open
+
+    folder = os.fspath(base_model)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        return None
+    shapes = {}
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="np") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
 def _checkpoint_keys(base_model):
     """The weight names in the base model's safetensors checkpoint (read from
     the file headers), or `None` when there is no checkpoint to read."""
@@ -287,12 +337,14 @@ def _module_names(targets, base_model):
     return names
 
 
-def module_map(model, base_model):
+def module_map(model, base_model, checkpoint=None):
     """`{module name: [_Target, ...]}`: the Dense/EinsumDense layers of
     `model` (a KerasHub backbone or task model) that KerasHub's converter
     for `base_model` (a Hugging Face model directory or its config dict)
     fills from each Hugging Face `<module>.weight` (several layers for a
-    fused projection the converter splits)."""
+    fused projection the converter splits). `checkpoint`: the model
+    directory whose weight shapes the converter may read, when `base_model`
+    is a config dict."""
     hf_config = _hf_config(base_model)
     converter = _converter(hf_config)
     backbone = _backbone(model)
@@ -302,7 +354,7 @@ def module_map(model, base_model):
             f"which KerasHub converts to {converter.backbone_cls.__name__}; the model's "
             f"backbone is a {type(backbone).__name__}."
         )
-    recorder = _Recorder()
+    recorder = _Recorder(_checkpoint_shapes(base_model if checkpoint is None else checkpoint))
     try:
         converter.convert_weights(_Proxy(backbone), recorder, hf_config)
     except _Unrecordable:
@@ -482,15 +534,27 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
 
     Example: see `save_peft_adapter` (a round trip through a directory).
     """
-    from keras_lowrank.adapt import enable_adapter
-
     config, tensors = _read_dir(path)
     fmt = _check_config(config)
-    targets = module_map(model, _hf_config(base_model, config))
+    # expert weights are layers while the file is placed (`keras_lowrank.experts`)
+    exposed = experts.expose_model(model)
+    try:
+        return _load(model, path, base_model, base, verbose, adapter_name, config, tensors, fmt)
+    finally:
+        experts.fold_back_model(model, only=exposed)
+
+
+def _load(model, path, base_model, base, verbose, adapter_name, config, tensors, fmt):
+    from keras_lowrank.adapt import enable_adapter
+
+    hf_config = _hf_config(base_model, config)
+    folder = base_model if base_model is not None else config.get("base_model_name_or_path")
+    targets = module_map(model, hf_config, checkpoint=folder if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder) else None)
+    # PEFT's target_parameters: stacked expert weights and routers
+    plan, tensors = peft_experts.read(model, hf_config, config, tensors)
     modules, shared_tensors = _group(tensors, fmt)
     method = fmt.method(config)
     options = fmt.options(config)
-    plan = {}
     transposed = bool(config.get("fan_in_fan_out", False))
     for module, parts in sorted(modules.items()):
         found = _find_target(targets, module)
@@ -633,6 +697,9 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
 
     targets = module_map(model, base_model)
     by_layer = {t.path: t for ts in targets.values() for t in ts if t.adapter is not None}
+    param_slots = peft_experts.slots(model, _hf_config(base_model))
+    by_param = {p for slot in param_slots for p, _ in slot.parts}
+    param_entries = {}
     if adapter_set.has_named(model) or adapter_name is not None:
         names = named.adapter_names(model)
         if adapter_name is None and len(names) == 1:
@@ -651,6 +718,15 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         raise ValueError(f"save_peft_adapter: model {model.name!r} has no adapters.")
     entries, formats = [], set()
     for where, adapter in found:
+        if where in by_param:  # an expert weight or a router: target_parameters
+            entry = registry.peft_formats()["LORA"].export_entry(adapter, where)
+            if entry["kind"] != "lora":
+                raise ValueError(
+                    f"save_peft_adapter: layer {where!r} is a stacked expert weight or a "
+                    f"router; PEFT's target_parameters hold plain LoRA, not {entry['kind']!r}."
+                )
+            param_entries[where] = entry
+            continue
         target = by_layer.get(where)
         if target is None:
             raise ValueError(
@@ -662,6 +738,9 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         fmt = _export_format(adapter, where)
         formats.add(fmt)
         entries.append((target, fmt.export_entry(adapter, where)))
+    if param_entries:
+        formats.add(registry.peft_formats()["LORA"])
+        entries += [(None, e) for e in param_entries.values()]
     if len(formats) > 1:
         raise ValueError(
             "save_peft_adapter: a PEFT directory has one adapter type; the model's adapters "
@@ -669,11 +748,15 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         )
     fmt = formats.pop()
     fmt.check_entries(entries)
+    entries = [(t, e) for t, e in entries if t is not None]
     groups = {}
     for e in entries:
         groups.setdefault(e[0].module, []).append(e)
     names = _module_names(groups, base_model)
     tensors, ranks, alphas, orientations = {}, {}, {}, set()
+    param_tensors, param_ranks, param_alphas, target_parameters = peft_experts.write(
+        param_slots, param_entries)
+    tensors.update(param_tensors)
     for module, group in groups.items():
         # every layer filled from this weight: their outputs make its rows
         n_out = sum(t.geometry.n_out for t in targets[module])
@@ -693,8 +776,10 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
             "others (n_in, n_out); PEFT has one fan_in_fan_out per directory."
         )
     fan_in_fan_out = orientations == {True}
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    all_ranks = list(ranks.values()) + list(param_ranks.values())
+    all_alphas = list(alphas.values()) + list(param_alphas.values())
+    rank = max(set(all_ranks), key=all_ranks.count)
+    alpha = max(set(all_alphas), key=all_alphas.count)
     if base_model_name_or_path is None and not isinstance(base_model, dict):
         base_model_name_or_path = base_model
     if isinstance(base_model_name_or_path, os.PathLike):
@@ -710,11 +795,13 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         "r": rank,
         "fan_in_fan_out": fan_in_fan_out,
         "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
-        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+        "rank_pattern": {re.escape(m): r for m, r in {**ranks, **param_ranks}.items() if r != rank},
+        "alpha_pattern": {re.escape(m): a for m, a in {**alphas, **param_alphas}.items() if a != alpha},
         "inference_mode": True,
     }
-    config = fmt.config(entries, common, rank, alpha)
+    if target_parameters:
+        common["target_parameters"] = target_parameters
+    config = fmt.config(entries or [(None, e) for e in param_entries.values()], common, rank, alpha)
     # Everything is made before a file is touched (a config that is not
     # JSON, e.g. a base_model_name_or_path that is no string, fails here),
     # then both files replace the old ones together.

@@ -56,3 +56,36 @@ def close(got, want, tol=1e-5):
     """`got` equals `want` to `tol`, relative to `want`'s largest magnitude."""
     rel = np.abs(np.asarray(got, "float64") - want).max() / np.abs(want).max()
     assert rel <= tol, rel
+
+
+def hf_moe_model(family, path):
+    """Save a tiny seeded Mixtral or Qwen3-MoE causal LM (4 experts, top-2)
+    to `path`, with every weight away from its initializer (Qwen3-MoE
+    starts its router at zero); returns `path`."""
+    import json
+    import os
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                  num_experts_per_tok=2, tie_word_embeddings=False)
+    if family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **common, intermediate_size=24, num_local_experts=4, sliding_window=None))
+    else:
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, intermediate_size=32, moe_intermediate_size=24, num_experts=4,
+            decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    if family == "qwen3_moe" and "num_experts" not in config:
+        # transformers 5 writes num_local_experts; KerasHub 0.32's converter reads num_experts
+        config["num_experts"] = config["num_local_experts"]
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+    return path
