@@ -177,21 +177,30 @@ class KerasQuantizedStorage(Storage):
         return FloatStorage().equation(layer)
 
     def float_kernel_shape(self, layer):
+        if isinstance(layer, ExpertLinear):
+            return layer.kernel_shape
         return _compat.keras_float_kernel_shape(layer)
 
     def read_kernel(self, layer):
         with _compat.no_autocast():
+            if isinstance(layer, ExpertLinear):
+                return layer.dequantized_kernel()
             return _compat.keras_dequantize(layer)
 
     def storage_variables_of(self, layer):
+        if isinstance(layer, ExpertLinear):
+            return layer.storage_variables()
         return _compat.keras_quantized_storage(layer)
 
     def storage_params(self, layer):
-        stored = sum(math.prod(v.shape) for v in _compat.keras_quantized_storage(layer))
+        stored = sum(math.prod(v.shape) for v in self.storage_variables_of(layer))
         return stored, math.prod(self.float_kernel_shape(layer))
 
     def convert(self, layer, double_quant=True):
-        """A copy of a float layer quantized by Keras's own `quantize`."""
+        """A copy of a float layer quantized by Keras's own `quantize` (an
+        expert stack by Keras's own quantizers: `ExpertLinear.quantized_copy`)."""
+        if isinstance(layer, ExpertLinear):
+            return layer.quantized_copy(self.kind)
         input_shape = FLOAT.build_input_shape(layer)
         if input_shape is None:
             raise ValueError(
@@ -238,7 +247,10 @@ def storage_of(layer):
         return STORAGES["nf4"]
     if not isinstance(layer, LINEAR_CLASSES):
         return None
-    mode = getattr(layer, "quantization_mode", None)
+    if isinstance(layer, ExpertLinear):  # Keras's `quantization_mode` means its own dispatch
+        mode = layer.quantization
+    else:
+        mode = getattr(layer, "quantization_mode", None)
     if mode is None:
         return FLOAT
     return STORAGES.get(mode) or UnsupportedStorage(mode)
@@ -267,7 +279,10 @@ def base_kind(layer):
 
 
 def quantization_mode(layer):
-    """Keras's quantization mode of the layer (`None` for float and NF4)."""
+    """Keras's quantization mode of the layer (`None` for float and NF4);
+    an expert stack's int8/int4 (made with Keras's quantizers)."""
+    if isinstance(layer, ExpertLinear):
+        return layer.quantization
     return getattr(layer, "quantization_mode", None)
 
 
@@ -394,7 +409,7 @@ def plain_layer(layer, activation, name, activity_regularizer=None):
         None if activity_regularizer is None else keras.regularizers.serialize(activity_regularizer)
     )
     config["name"] = name
-    for key in ("lora_rank", "lora_alpha", "quantization_config"):
+    for key in ("lora_rank", "lora_alpha", "quantization_config", "quantization"):
         config.pop(key, None)
     return cls.from_config(config)
 

@@ -74,8 +74,14 @@ class ExpertLinear(keras.layers.Layer):
         (4, 3, 6)
     """
 
-    def __init__(self, equation, kernel_shape, weight_name="kernel", activation=None, **kwargs):
+    def __init__(self, equation, kernel_shape, weight_name="kernel", activation=None,
+                 quantization=None, **kwargs):
         super().__init__(**kwargs)
+        if quantization not in (None, "int8", "int4"):
+            raise ValueError(f"ExpertLinear: quantization must be None, 'int8' or 'int4'; received {quantization!r}.")
+        #: `None` (a float kernel), `"int8"` or `"int4"`
+        self.quantization = quantization
+        self.kernel_scale = None
         self.activation = keras.activations.get(activation) if activation is not None else None
         self.equation = equation
         self.kernel_shape = tuple(int(d) for d in kernel_shape)
@@ -84,16 +90,67 @@ class ExpertLinear(keras.layers.Layer):
         #: the expert axis: a batch axis of the matrix view
         self.batch_labels = kernel_spec[0]
         self.geometry = KernelGeometry(equation, self.kernel_shape, self.batch_labels)
+        #: the kernel axis the experts contract (per-column scales run along it)
+        self.reduced_axis = kernel_spec.index(self.geometry.reduced[0])
         self.bias = None
         self._kernel = None
 
+    def _code_shapes(self):
+        axis, shape = self.reduced_axis, list(self.kernel_shape)
+        scale = shape[:axis] + [1] + shape[axis + 1:]
+        if self.quantization == "int4":
+            shape[axis] = (shape[axis] + 1) // 2
+        return tuple(shape), tuple(scale)
+
     def build(self, input_shape=None):
-        if self._kernel is None:
+        if self._kernel is None and self.quantization is None:
             self._kernel = self.add_weight(
                 name=self.weight_name, shape=self.kernel_shape,
                 initializer="glorot_uniform", trainable=True,
             )
+        elif self._kernel is None:
+            codes, scale = self._code_shapes()
+            self._kernel = self.add_weight(
+                name=self.weight_name, shape=codes, dtype="int8", initializer="zeros", trainable=False)
+            self.kernel_scale = self.add_weight(
+                name="kernel_scale", shape=scale, initializer="ones", trainable=False)
         self.built = True
+
+    def quantized_copy(self, mode):
+        """A copy of this float layer with its kernel quantized by Keras's
+        own quantizers (`abs_max_quantize`, `pack_int4`): symmetric, one
+        scale per expert and output column, as Keras's int8/int4 EinsumDense."""
+        copy = ExpertLinear(
+            self.equation, self.kernel_shape, self.weight_name, quantization=mode,
+            name=self.name, dtype=self.dtype_policy,
+        )
+        copy.build()
+        value_range = (-127, 127) if mode == "int8" else (-8, 7)
+        kernel = ops.cast(self._kernel, "float32")
+        codes, scale = keras.quantizers.abs_max_quantize(
+            kernel, axis=self.reduced_axis, value_range=value_range, dtype="int8")
+        if mode == "int4":
+            codes = keras.quantizers.pack_int4(codes, axis=self.reduced_axis)
+            if isinstance(codes, tuple):  # (packed, packed shape, original length)
+                codes = codes[0]
+        copy._kernel.assign(codes)
+        copy.kernel_scale.assign(ops.reshape(ops.cast(scale, "float32"), copy.kernel_scale.shape))
+        return copy
+
+    def dequantized_kernel(self, dtype="float32"):
+        """The kernel as floats (`codes / scale`, Keras's convention)."""
+        codes = self._kernel.value if hasattr(self._kernel, "value") else self._kernel
+        if self.quantization is None:
+            return ops.cast(codes, dtype)
+        if self.quantization == "int4":
+            codes = keras.quantizers.unpack_int4(
+                codes, self.kernel_shape[self.reduced_axis], axis=self.reduced_axis)
+        kernel = ops.divide(ops.cast(codes, "float32"), ops.cast(self.kernel_scale, "float32"))
+        return ops.cast(kernel, dtype)
+
+    def storage_variables(self):
+        """The variables holding a quantized kernel (codes and scales)."""
+        return [self._kernel] if self.quantization is None else [self._kernel, self.kernel_scale]
 
     def adopt(self, variable):
         """Hold `variable` (a bank's weight) as this layer's kernel."""
@@ -105,17 +162,23 @@ class ExpertLinear(keras.layers.Layer):
         return self._kernel
 
     def call(self, inputs):
-        y = ops.einsum(self.equation, inputs, ops.cast(self._kernel, self.compute_dtype))
+        if self.quantization is None:
+            kernel = ops.cast(self._kernel, self.compute_dtype)
+        else:
+            kernel = self.dequantized_kernel(self.compute_dtype)
+        y = ops.einsum(self.equation, inputs, kernel)
         return y if self.activation is None else self.activation(y)
 
     def compute_output_shape(self, input_shape):
         return self.geometry.output_shape(input_shape)
 
     def save_own_variables(self, store):
-        store["0"] = self._kernel
+        for i, var in enumerate(self.storage_variables()):
+            store[str(i)] = var
 
     def load_own_variables(self, store):
-        self._kernel.assign(store["0"])
+        for i, var in enumerate(self.storage_variables()):
+            var.assign(store[str(i)])
 
     def get_config(self):
         config = super().get_config()
@@ -123,6 +186,7 @@ class ExpertLinear(keras.layers.Layer):
             "equation": self.equation,
             "kernel_shape": list(self.kernel_shape),
             "weight_name": self.weight_name,
+            "quantization": self.quantization,
             "activation": None if self.activation is None else keras.activations.serialize(self.activation),
         })
         return config

@@ -232,3 +232,53 @@ def test_targets_by_kind_and_summary():
     bb = moe_backbone("gemma4")
     s = kl.enable_adapter(bb, rank=2, targets="all-linear")
     assert s.kinds == {"linear": (7, 7), "router": (1, 1), "experts": (3, 3)}
+
+
+@pytest.mark.parametrize("base", ["int8", "int4"])
+def test_keras_int_quantized_expert_stacks(base, tmp_path):
+    """Keras's own int8/int4 quantizers on expert stacks (one scale per
+    expert and output column): the frozen experts dequantize to within the
+    quantization step, LoRA trains over them, and the model reloads."""
+    model = tiny_moe()
+    w_in = to_np(model.bank.w_in).astype("float64")
+    kl.enable_adapter(model, rank=2, targets="experts", base=base)
+    a_in = dict(kl.adapters(model))["bank/w_in"]
+    assert a_in.layer.quantization == base
+    step = np.abs(w_in).max(axis=1, keepdims=True) / (127 if base == "int8" else 7)
+    assert np.all(np.abs(to_np(a_in.layer.dequantized_kernel()) - w_in) <= 0.51 * step + 1e-7)
+    assert {str(v.dtype) for v in a_in.layer.storage_variables()} == {"int8", "float32"}
+    for _, a in kl.adapters(model):
+        perturb(a)
+    a_out = dict(kl.adapters(model))["bank/w_out"]
+    y = to_np(model(X))
+    np.testing.assert_allclose(y, np_forward(model, merged_kernel(a_in), merged_kernel(a_out)),
+                               rtol=1e-4, atol=1e-5)
+    model.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_np(back(X)), y, rtol=1e-6, atol=1e-6)
+    kl.merge(model)
+    assert isinstance(model.bank.w_in, keras.Variable)
+    np.testing.assert_allclose(to_np(model(X)), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("base", ["nf4", "int8", "int4"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_over_quantized_expert_stacks(method, base):
+    """Every method that composes with a quantized base does so per expert
+    (its forward is the dequantized experts plus its update); the others
+    are refused by name before anything changes."""
+    spec = registry.get(method)
+    model = tiny_moe()
+    if base not in spec.base_kinds:
+        with pytest.raises(ValueError, match=method):
+            kl.enable_adapter(model, method=method, rank=2, targets="experts", base=base, **needs(method))
+        assert not experts.slots(model.bank)
+        return
+    kl.enable_adapter(model, method=method, rank=2, targets="experts", base=base, **needs(method))
+    adapters = dict(kl.adapters(model))
+    for i, a in enumerate(adapters.values()):
+        assert a.layer.geometry.matrix_shape[0] == E
+        perturb(a, seed=i)
+    y = to_np(model(X))
+    ref = np_forward(model, merged_kernel(adapters["bank/w_in"]), merged_kernel(adapters["bank/w_out"]))
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
