@@ -720,7 +720,7 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
     for where, adapter in found:
         if where in by_param:  # an expert weight or a router: target_parameters
             entry = registry.peft_formats()["LORA"].export_entry(adapter, where)
-            if entry["kind"] != "lora":
+            if entry["kind"] != registry.LORA_FORM:
                 raise ValueError(
                     f"save_peft_adapter: layer {where!r} is a stacked expert weight or a "
                     f"router; PEFT's target_parameters hold plain LoRA, not {entry['kind']!r}."
