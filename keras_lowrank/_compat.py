@@ -10,7 +10,9 @@ import keras
 import numpy as np
 from keras import ops
 from keras.src.backend.common import global_state
+from keras.src.layers.convolutional.base_conv import BaseConv  # noqa: F401 (bases.is_conv)
 from keras.src.models.functional import Functional
+from keras.src.ops.operation_utils import compute_conv_output_shape  # noqa: F401 (ConvGeometry)
 from keras.src.quantizers import dequantize_with_sz_map
 from keras.src.quantizers import unpack_int4
 from keras.src.utils import tracking as keras_tracking

@@ -24,14 +24,20 @@ class AdapterMath:
         """`scale * (x A) B` in rows of the matrix view, with `A` stored
         transposed, `a_t: (r, n_in)` (PEFT's `lora_A` layout: XLA and torch
         compute its gradient `dhᵀ x` much faster in that shape than `xᵀ dh`)."""
-        rows = self.geometry.inputs_to_rows(x)
-        a = ops.cast(_compat.as_tensor(a_t), rows.dtype)
-        h = ops.matmul(rows, ops.swapaxes(a, -1, -2))
+        g = self.geometry
+        a = _compat.as_tensor(a_t)
+        if hasattr(g, "rows_times"):  # a convolution: `x A` is a conv with A
+            h = g.rows_times(x, ops.swapaxes(a, -1, -2))
+            rows_dtype = h.dtype
+        else:
+            rows = g.inputs_to_rows(x)
+            rows_dtype = rows.dtype
+            h = ops.matmul(rows, ops.swapaxes(ops.cast(a, rows.dtype), -1, -2))
         # Scale the r-wide tensor, not the output; `scale` may be a Python
         # number (skipped when 1) or a tensor (a value that changes per step).
         if not (isinstance(scale, (int, float)) and scale == 1.0):
             h = h * ops.cast(scale, h.dtype)
-        return ops.matmul(h, ops.cast(b, rows.dtype))
+        return ops.matmul(h, ops.cast(b, rows_dtype))
 
     def add_lowrank(self, x, y, a_t, b, scale):
         """`y + scale (x A) B`, in the layer's output layout.

@@ -23,6 +23,7 @@ from keras import ops
 from keras_lowrank import _compat
 from keras_lowrank import arguments
 from keras_lowrank import tree
+from keras_lowrank.geometry import ConvGeometry
 from keras_lowrank.geometry import KernelGeometry
 from keras_lowrank import linalg
 from keras_lowrank import options as opt
@@ -135,6 +136,29 @@ class FloatStorage(Storage):
         return layer
 
 
+class ConvStorage(FloatStorage):
+    """A float `Conv1D/2D/3D` kernel (channels last, one group): its matrix
+    view is `(prod(kernel_size)·in) x filters` (`geometry.ConvGeometry`).
+    Its base stays float: Keras quantizes no convolution, and NF4 is for
+    einsum kernels."""
+
+    def equation(self, layer):
+        return None
+
+    def check(self, layer, where):
+        if layer.data_format != "channels_last":
+            raise ValueError(
+                f"Layer {where!r} ({type(layer).__name__}) has data_format="
+                f"{layer.data_format!r}; adapters adapt channels_last convolutions only."
+            )
+        if layer.groups != 1:
+            raise ValueError(
+                f"Layer {where!r} ({type(layer).__name__}) has groups={layer.groups}; a "
+                "grouped convolution's kernel is not one matrix, and adapters adapt "
+                "convolutions with groups=1 only."
+            )
+
+
 class NF4Storage(Storage):
     kind = "nf4"
 
@@ -241,10 +265,21 @@ STORAGES = {
 }
 
 
+CONV = ConvStorage()
+
+
+def is_conv(layer):
+    """Whether `layer` is a `Conv1D`, `Conv2D` or `Conv3D` (not a transposed,
+    depthwise or separable convolution)."""
+    return isinstance(layer, _compat.BaseConv)
+
+
 def storage_of(layer):
     """The `Storage` of a linear layer, or `None` for any other layer."""
     if isinstance(layer, NF4Linear):
         return STORAGES["nf4"]
+    if is_conv(layer):
+        return CONV
     if not isinstance(layer, LINEAR_CLASSES):
         return None
     if isinstance(layer, ExpertLinear):  # Keras's `quantization_mode` means its own dispatch
@@ -330,6 +365,8 @@ def check_supported(layer, path=None):
 def geometry_of(layer):
     """The `KernelGeometry` (matrix view) of a linear layer's kernel."""
     s = _storage(layer)
+    if s is CONV:
+        return ConvGeometry(s.float_kernel_shape(layer), layer.strides, layer.padding, layer.dilation_rate)
     return KernelGeometry(
         s.equation(layer), s.float_kernel_shape(layer), getattr(layer, "batch_labels", "")
     )

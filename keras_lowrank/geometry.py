@@ -273,3 +273,122 @@ class KernelGeometry:
             f"KernelGeometry({self.equation!r}, kernel={self.kernel_shape}{extra}, "
             f"matrix={self.matrix_shape})"
         )
+
+
+class ConvGeometry:
+    """Matrix view of a convolution kernel (`Conv1D/2D/3D`, channels last):
+    the kernel `kernel_size + (in, out)` is the `(in·prod(kernel_size)) x
+    out` matrix, its rows in torch's order (input channel, then the spatial
+    offsets): exactly the view PEFT's conv layers have of
+    `weight.reshape(out, -1)`, transposed, so ranks, norms, SVDs and
+    Kronecker factors mean the same. A row of the inputs is one receptive field
+    (im2col), so every method's forward applies unchanged; a product of the
+    rows with a thin matrix (`rows_times`: LoRA's `x A`) is a convolution
+    with that matrix as its kernel, which never forms the fields.
+
+    Args:
+        kernel_shape: `kernel_size + (in_channels, filters)`.
+        strides, padding, dilation_rate: the layer's own.
+
+    Examples:
+
+        >>> g = ConvGeometry((3, 3, 4, 8), strides=(1, 1), padding="same", dilation_rate=(1, 1))
+        >>> (g.n_in, g.n_out, g.matrix_text())
+        (36, 8, '36x8')
+    """
+
+    batch_shape = ()
+    broadcast = ()
+
+    def __init__(self, kernel_shape, strides, padding, dilation_rate):
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        self.kernel_size = self.kernel_shape[:-2]
+        self.rank = len(self.kernel_size)
+        self.channels = self.kernel_shape[-2]
+        self.strides = tuple(strides)
+        self.padding = padding
+        self.dilation_rate = tuple(dilation_rate)
+        self.n_in = math.prod(self.kernel_shape[:-1])
+        self.n_out = self.kernel_shape[-1]
+        self.n_shared = 1
+        self.matrix_shape = (self.n_in, self.n_out)
+        self.equation = f"conv{self.rank}d"
+        self.batch_labels = ""
+        #: kernel `(k..., in, out)` -> `(in, k..., out)` (torch's row order)
+        self.perm = [self.rank] + list(range(self.rank)) + [self.rank + 1]
+        self.inv_perm = [self.perm.index(i) for i in range(len(self.perm))]
+
+    @property
+    def rank_limit(self):
+        return min(self.n_in, self.n_out)
+
+    def kernel_to_matrix(self, kernel):
+        return ops.reshape(ops.transpose(kernel, self.perm), self.matrix_shape)
+
+    def matrix_to_kernel(self, matrix):
+        return self._to_kernel(matrix, self.n_out)
+
+    def _to_kernel(self, matrix, cols):
+        shape = (self.channels,) + self.kernel_size + (cols,)
+        return ops.transpose(ops.reshape(matrix, shape), self.inv_perm)
+
+    def _conv(self, x, kernel):
+        padding = self.padding
+        if padding == "causal":  # Conv1D's own rule: pad the past, then "valid"
+            left = self.dilation_rate[0] * (self.kernel_size[0] - 1)
+            x = ops.pad(x, [[0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        return ops.conv(x, kernel, strides=list(self.strides), padding=padding,
+                        dilation_rate=self.dilation_rate, data_format="channels_last")
+
+    def rows_times(self, x, matrix):
+        """`inputs_to_rows(x) @ matrix` (`matrix: (n_in, k)`), as one
+        convolution with `matrix` for its kernel."""
+        m = ops.cast(matrix, x.dtype)
+        cols = m.shape[-1]
+        y = self._conv(x, self._to_kernel(m, cols))
+        return ops.reshape(y, (-1, cols))
+
+    def inputs_to_rows(self, x):
+        """Every receptive field of `x` as a row of `n_in` values (im2col:
+        a convolution with the identity as its kernel)."""
+        eye = ops.eye(self.n_in, dtype=x.dtype)
+        return self.rows_times(x, eye)
+
+    def outputs_to_rows(self, y):
+        return ops.reshape(y, (-1, self.n_out))
+
+    def _output_spatial(self, x):
+        shape = ops.shape(x)
+        out = []
+        for i in range(self.rank):
+            n, k = shape[1 + i], self.kernel_size[i]
+            s, d = self.strides[i], self.dilation_rate[i]
+            if self.padding in ("same", "causal"):
+                out.append((n + s - 1) // s if self.padding == "same" else (n - 1) // s + 1)
+            else:
+                out.append((n - d * (k - 1) - 1) // s + 1)
+        return out
+
+    def rows_to_outputs(self, rows, x):
+        shape = [ops.shape(x)[0]] + self._output_spatial(x) + [self.n_out]
+        return ops.reshape(rows, shape)
+
+    def column_vector_to_rows(self, v):
+        return ops.expand_dims(v, -2)
+
+    def output_shape(self, input_shape):
+        from keras_lowrank import _compat
+
+        return _compat.compute_conv_output_shape(
+            input_shape, self.n_out, self.kernel_size, strides=self.strides,
+            padding="valid" if self.padding == "causal" else self.padding,
+            dilation_rate=self.dilation_rate,
+        )
+
+    def matrix_text(self):
+        return f"{self.n_in}x{self.n_out}"
+
+    def __repr__(self):
+        return (f"ConvGeometry(kernel={self.kernel_shape}, strides={self.strides}, "
+                f"padding={self.padding!r}, matrix={self.matrix_shape})")

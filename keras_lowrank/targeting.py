@@ -17,7 +17,8 @@ and `trainable_layers`):
   that expert's gate, as KerasHub names them), `"linear"` (every other
   Dense/EinsumDense: attention, dense feed-forward blocks).
   A kind is a reserved word: to match a layer *named* `experts`, use
-  `"re:(.*/)?experts"`.
+  `"re:(.*/)?experts"`; `"conv"` (`Conv1D/2D/3D`, channels last, one
+  group: not in "all-linear", as in PEFT).
 
 A layer whose parent reads its weights instead of calling it (Gemma 4's
 feed-forward multiplies by `self.gating_ffw.kernel`) is found by reading the
@@ -51,8 +52,10 @@ from keras_lowrank import tree
 HEAD_NAMES = ("logits", "lm_head", "classifier", "head", "output_head", "predictions")
 
 
-#: target kinds (see the module docstring); "all-linear" is every kind
-KINDS = ("all-linear", "linear", "experts", "router", "shared-experts")
+#: target kinds (see the module docstring)
+KINDS = ("all-linear", "linear", "experts", "router", "shared-experts", "conv")
+#: the kinds "all-linear" (and the default targets) take in
+LINEAR_KINDS = ("linear", "experts", "router", "shared-experts")
 
 
 def kind_of(entry):
@@ -80,6 +83,12 @@ def annotate_kinds(entries):
     for e in entries:
         if not is_candidate(e.layer):
             e.kind = None
+        elif bases.is_conv(_base(e.layer)):
+            try:
+                bases.check_supported(_base(e.layer), e.path)
+                e.kind = "conv"
+            except ValueError:
+                e.kind = None  # grouped or channels-first: not adaptable
         elif id(e.layer) in ids:
             e.kind = "experts"
         else:
@@ -141,7 +150,9 @@ class Pattern:
         path = entry.path
         if self.kind == "kind":
             kind = kind_of(entry)
-            return kind is not None and (self.source == "all-linear" or kind == self.source)
+            if self.source == "all-linear":
+                return kind in LINEAR_KINDS
+            return kind == self.source
         if self.kind == "regex":
             return self.regex.fullmatch(path) is not None
         if self.kind == "glob":
@@ -270,13 +281,14 @@ def select(model, targets=None, exclude=None, entries=None):
     exclude_patterns = patterns(exclude, "exclude")
     head_ids, rule = find_heads(model, candidates)
     heads = [e for e in candidates if id(e.layer) in head_ids]
+    linear = [e for e in candidates if e.kind in LINEAR_KINDS]
     if include_all:
-        chosen = [e for e in candidates if id(e.layer) not in head_ids]
+        chosen = [e for e in linear if id(e.layer) not in head_ids]
     else:
         chosen_ids = set()
         for pattern in target_patterns:
             if pattern is None:  # "all-linear" inside a list
-                hits = [e for e in candidates if id(e.layer) not in head_ids]
+                hits = [e for e in linear if id(e.layer) not in head_ids]
             else:
                 hits = [e for e in entries if pattern.matches(e)]
                 bad = [e for e in hits if not is_candidate(e.layer)]
@@ -471,6 +483,8 @@ def left_out(entries, chosen, heads=(), unread=(), kept=()):
         if not is_candidate(layer):
             if not holds_matrix(layer) or experts.slots(layer):
                 continue  # a bank whose expert weights are layers of their own
+            reason = "not adaptable"
+        elif getattr(entry, "kind", "") is None:  # a grouped or channels-first conv
             reason = "not adaptable"
         elif id(layer) in unread:
             reason = "read directly by their parent"

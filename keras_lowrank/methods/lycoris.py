@@ -74,8 +74,11 @@ def factorization(dimension, factor=-1):
     return (m, n) if m <= n else (n, m)
 
 
-def lokr_layout(n_in, n_out, rank, decompose_both=False, decompose_factor=-1):
-    """LoKr's factor shapes for an `n_in x n_out` matrix (PEFT's rule).
+def lokr_layout(n_in, n_out, rank, decompose_both=False, decompose_factor=-1, spatial=1):
+    """LoKr's factor shapes for an `n_in x n_out` matrix (PEFT's rule). For a
+    convolution (`spatial`: the kernel's volume, its rows `(in, k...)`),
+    PEFT factors the input channels and keeps the spatial offsets in the
+    second factor: `in_n` is then `channels_n * spatial`.
 
     Returns a dict: `in_m, in_n, out_l, out_k` and whether F1 and F2 are
     full matrices (`full_1`, `full_2`).
@@ -85,19 +88,24 @@ def lokr_layout(n_in, n_out, rank, decompose_both=False, decompose_factor=-1):
         >>> lokr_layout(768, 768, 8)["full_2"], lokr_layout(768, 768, 16)["full_2"]
         (False, True)
     """
-    in_m, in_n = factorization(n_in, decompose_factor)
+    in_m, in_n = factorization(n_in // spatial, decompose_factor)
     out_l, out_k = factorization(n_out, decompose_factor)
     return {
-        "in_m": in_m, "in_n": in_n, "out_l": out_l, "out_k": out_k,
+        "in_m": in_m, "in_n": in_n * spatial, "out_l": out_l, "out_k": out_k,
         "full_1": not (decompose_both and rank < max(out_l, in_m) / 2),
         "full_2": not (rank < max(out_k, in_n) / 2),
     }
 
 
+def _spatial(geometry):
+    """The kernel volume of a convolution's matrix view (1 otherwise)."""
+    return math.prod(getattr(geometry, "kernel_size", ()) or (1,))
+
+
 def lokr_count(geometry, options):
     """Trainable parameters of one LoKr layer."""
     p = lokr_layout(geometry.n_in, geometry.n_out, options["rank"],
-                    options["decompose_both"], options["decompose_factor"])
+                    options["decompose_both"], options["decompose_factor"], _spatial(geometry))
     r = options["rank"]
     n1 = p["in_m"] * p["out_l"] if p["full_1"] else r * (p["in_m"] + p["out_l"])
     n2 = p["in_n"] * p["out_k"] if p["full_2"] else r * (p["in_n"] + p["out_k"])
@@ -502,7 +510,7 @@ class LoKr(_LycorisAdapter):
         cached = getattr(self, "_layout_cache", None)
         if cached is not None and cached[0] == (g.n_in, g.n_out):
             return cached[1]  # the forward asks every step (torch runs it eagerly)
-        p = lokr_layout(g.n_in, g.n_out, self.rank, self.decompose_both, self.decompose_factor)
+        p = lokr_layout(g.n_in, g.n_out, self.rank, self.decompose_both, self.decompose_factor, _spatial(g))
         object.__setattr__(self, "_layout_cache", ((g.n_in, g.n_out), p))
         return p
 
