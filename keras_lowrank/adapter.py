@@ -460,11 +460,15 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
     # ------------------------------------------------------------------
     # Forward
     def adapter_input(self, x, training):
+        if getattr(self.geometry, "discrete", False):
+            return x  # token ids: no dropout (PEFT's embedding LoRA has none either)
         if getattr(self, "dropout", 0.0) > 0 and training:
             return keras.random.dropout(x, self.dropout, seed=self.seed_generator)
         return x
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, reverse=False):
+        if reverse:  # a tied embedding's output head reads the adapted table
+            return bases.reverse_output(self.layer, inputs, self.kernel)
         own = getattr(self, "own_state", None)
         if own is not None:  # a layer on its own runs its state's step hook
             own.begin_call(bool(training))
@@ -488,7 +492,9 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
         """Output of the original base with the adapter disabled."""
         return y
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape, reverse=False):
+        if reverse:
+            return self.layer.compute_output_shape(input_shape, reverse=True)
         return self.layer.compute_output_shape(input_shape)
 
     # ------------------------------------------------------------------

@@ -26,8 +26,8 @@ class AdapterMath:
         compute its gradient `dhᵀ x` much faster in that shape than `xᵀ dh`)."""
         g = self.geometry
         a = _compat.as_tensor(a_t)
-        if hasattr(g, "rows_times"):  # a convolution: `x A` is a conv with A
-            h = g.rows_times(x, ops.swapaxes(a, -1, -2))
+        if hasattr(g, "rows_times"):  # a conv (`x A` is a conv with A), an embedding (a gather)
+            h = g.rows_times(x, ops.swapaxes(ops.cast(a, self.compute_dtype), -1, -2))
             rows_dtype = h.dtype
         else:
             rows = g.inputs_to_rows(x)

@@ -187,7 +187,9 @@ class AdapterSet(keras.layers.Layer):
     def geometry(self):
         return bases.geometry_of(self.layer)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, reverse=False):
+        if reverse:  # a tied embedding's output head reads the adapted table
+            return bases.reverse_output(self.layer, inputs, self.kernel)
         y0 = self.layer(inputs)
         y = y0
         for name, member in self.members.items():
@@ -202,7 +204,9 @@ class AdapterSet(keras.layers.Layer):
             y = self.activation(y)
         return y
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape, reverse=False):
+        if reverse:
+            return self.layer.compute_output_shape(input_shape, reverse=True)
         return self.layer.compute_output_shape(input_shape)
 
     @property

@@ -24,6 +24,7 @@ from keras_lowrank import _compat
 from keras_lowrank import arguments
 from keras_lowrank import tree
 from keras_lowrank.geometry import ConvGeometry
+from keras_lowrank.geometry import EmbeddingGeometry
 from keras_lowrank.geometry import KernelGeometry
 from keras_lowrank import linalg
 from keras_lowrank import options as opt
@@ -159,6 +160,25 @@ class ConvStorage(FloatStorage):
             )
 
 
+class EmbeddingStorage(FloatStorage):
+    """A float `Embedding` table (KerasHub's `ReversibleEmbedding` too: a
+    tied table is also its output head), `(vocabulary, dim)`: its matrix
+    view is the table (`geometry.EmbeddingGeometry`). Its base stays float."""
+
+    def equation(self, layer):
+        return None
+
+    def kernel_variable(self, layer):
+        return layer._embeddings
+
+    def check(self, layer, where):
+        if getattr(layer, "embeddings_constraint", None) is not None:
+            raise ValueError(
+                f"Layer {where!r} has an embeddings_constraint; an adapter cannot keep "
+                "the merged table inside it."
+            )
+
+
 class NF4Storage(Storage):
     kind = "nf4"
 
@@ -274,12 +294,24 @@ def is_conv(layer):
     return isinstance(layer, _compat.BaseConv)
 
 
+EMBEDDING = EmbeddingStorage()
+
+
+def is_embedding(layer):
+    """Whether `layer` is a Keras `Embedding` (KerasHub's `ReversibleEmbedding`
+    too)."""
+    return isinstance(layer, keras.layers.Embedding)
+
+
 def storage_of(layer):
     """The `Storage` of a linear layer, or `None` for any other layer."""
     if isinstance(layer, NF4Linear):
         return STORAGES["nf4"]
     if is_conv(layer):
         return CONV
+    if is_embedding(layer):
+        mode = getattr(layer, "quantization_mode", None)
+        return EMBEDDING if mode is None else UnsupportedStorage(mode)
     if not isinstance(layer, LINEAR_CLASSES):
         return None
     if isinstance(layer, ExpertLinear):  # Keras's `quantization_mode` means its own dispatch
@@ -367,6 +399,8 @@ def geometry_of(layer):
     s = _storage(layer)
     if s is CONV:
         return ConvGeometry(s.float_kernel_shape(layer), layer.strides, layer.padding, layer.dilation_rate)
+    if s is EMBEDDING:
+        return EmbeddingGeometry(s.float_kernel_shape(layer))
     return KernelGeometry(
         s.equation(layer), s.float_kernel_shape(layer), getattr(layer, "batch_labels", "")
     )
@@ -441,7 +475,8 @@ def plain_layer(layer, activation, name, activity_regularizer=None):
     """An unbuilt plain Dense/EinsumDense like `layer`, with `activation`
     and `activity_regularizer` (which an adapter held)."""
     cls, config = _storage(layer).plain_config(layer)
-    config["activation"] = keras.activations.serialize(activation)
+    if not is_embedding(layer):  # an embedding has no activation
+        config["activation"] = keras.activations.serialize(activation)
     config["activity_regularizer"] = (
         None if activity_regularizer is None else keras.regularizers.serialize(activity_regularizer)
     )
@@ -449,6 +484,28 @@ def plain_layer(layer, activation, name, activity_regularizer=None):
     for key in ("lora_rank", "lora_alpha", "quantization_config", "quantization"):
         config.pop(key, None)
     return cls.from_config(config)
+
+
+def reverse_output(layer, x, table):
+    """What a `ReversibleEmbedding` computes with `reverse=True` (the output
+    head), with `table` in place of its own: the logits `x @ tableᵀ`, in its
+    `reverse_dtype`, soft-capped as it does. An untied layer's head is its
+    own (`reverse_embeddings`, not adapted) and runs as it is."""
+    if not getattr(layer, "tie_weights", None):
+        if not hasattr(layer, "tie_weights"):
+            raise TypeError(f"Layer {layer.name!r} has no reverse (output head) mode.")
+        return layer(x, reverse=True)
+    kernel = ops.transpose(table)
+    dtype = getattr(layer, "reverse_dtype", None)
+    if dtype is not None:
+        x, kernel = ops.cast(x, dtype), ops.cast(kernel, dtype)
+    else:
+        kernel = ops.cast(kernel, x.dtype)
+    logits = ops.matmul(x, kernel)
+    cap = getattr(layer, "logit_soft_cap", None)
+    if cap is not None:
+        logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+    return logits
 
 
 def storage_params(layer):

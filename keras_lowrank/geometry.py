@@ -392,3 +392,69 @@ class ConvGeometry:
     def __repr__(self):
         return (f"ConvGeometry(kernel={self.kernel_shape}, strides={self.strides}, "
                 f"padding={self.padding!r}, matrix={self.matrix_shape})")
+
+
+class EmbeddingGeometry:
+    """Matrix view of an embedding table `(vocabulary, dim)`: the table
+    itself, `n_in = vocabulary` rows (a token id is a one-hot row) and
+    `n_out = dim` columns, the view PEFT's embedding LoRA has
+    (`lora_embedding_A (r, vocabulary)`, `lora_embedding_B (dim, r)`). A
+    product of the rows with a matrix (`rows_times`: LoRA's `x A`) is a
+    gather of that matrix's rows, which never forms the one-hot rows;
+    `inputs_to_rows` forms them for the methods that need whole rows.
+
+    Examples:
+
+        >>> g = EmbeddingGeometry((100, 8))
+        >>> (g.n_in, g.n_out, g.matrix_text())
+        (100, 8, '100x8')
+    """
+
+    batch_shape = ()
+    broadcast = ()
+    #: integer inputs: no dropout on them
+    discrete = True
+
+    def __init__(self, kernel_shape):
+        self.kernel_shape = tuple(int(d) for d in kernel_shape)
+        self.n_in, self.n_out = self.kernel_shape
+        self.n_shared = 1
+        self.matrix_shape = self.kernel_shape
+        self.equation = "embedding"
+        self.batch_labels = ""
+        self.perm = self.inv_perm = [0, 1]
+
+    @property
+    def rank_limit(self):
+        return min(self.n_in, self.n_out)
+
+    def kernel_to_matrix(self, kernel):
+        return kernel
+
+    def matrix_to_kernel(self, matrix):
+        return matrix
+
+    def rows_times(self, ids, matrix):
+        """`inputs_to_rows(ids) @ matrix`: the rows of `matrix` at `ids`."""
+        return ops.take(matrix, ops.reshape(ops.cast(ids, "int32"), (-1,)), axis=0)
+
+    def inputs_to_rows(self, ids):
+        return ops.one_hot(ops.reshape(ops.cast(ids, "int32"), (-1,)), self.n_in)
+
+    def outputs_to_rows(self, y):
+        return ops.reshape(y, (-1, self.n_out))
+
+    def rows_to_outputs(self, rows, ids):
+        return ops.reshape(rows, tuple(ops.shape(ids)) + (self.n_out,))
+
+    def column_vector_to_rows(self, v):
+        return ops.expand_dims(v, -2)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape) + (self.n_out,)
+
+    def matrix_text(self):
+        return f"{self.n_in}x{self.n_out}"
+
+    def __repr__(self):
+        return f"EmbeddingGeometry(table={self.kernel_shape})"

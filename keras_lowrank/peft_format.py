@@ -88,7 +88,7 @@ class _Proxy:
     def __getattr__(self, name):
         obj = self._obj
         if tree.is_adapter(obj) or tree.is_adapter_set(obj):
-            if name == "kernel":
+            if name == "kernel" or (name == "embeddings" and bases.is_embedding(obj.layer)):
                 return _KernelRef(obj, obj.layer)
             obj = obj.layer
         return _wrap(getattr(obj, name))
@@ -221,6 +221,8 @@ class _Target:
         self.module, self.path, self.layer, self.adapter = module, path, layer, adapter
         self.geometry = bases.geometry_of(layer)
         self.hook = hook
+        #: an embedding table (PEFT: `lora_embedding_A/B`, stored (vocabulary, dim))
+        self.embedding = bases.is_embedding(layer)
 
     def layout(self, n_out, n_in, transposed=False):
         """`(p_in, p_out)`: the torch input unit of each row of the matrix
@@ -481,6 +483,63 @@ def _group(tensors, fmt):
     return modules, shared_
 
 
+def _embedding_extras(targets, config, tensors):
+    """`tensors` less what PEFT saves beside an embedding's LoRA: the table
+    itself (`...embed_tokens.base_layer.weight`, refused unless it is the
+    model's), and, for a tied table (`ensure_weight_tying`), the output
+    head's LoRA, which must be the embedding's, transposed. A LoRA on a
+    table that KerasHub ties to its output head, saved without
+    `ensure_weight_tying`, changed the lookup only in PEFT: refused."""
+    tensors = dict(tensors)
+    tied = bool(config.get("ensure_weight_tying", False))
+    embeddings = {}
+    for name in list(tensors):
+        key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        if not key.endswith(".base_layer.weight"):
+            continue
+        found = _find_target(targets, key[: -len(".base_layer.weight")])
+        if not found and key == "lm_head.base_layer.weight":  # a tied head: the table
+            found = [t for ts in targets.values() for t in ts
+                     if t.embedding and getattr(t.layer, "tie_weights", False)]
+        if not found or not found[0].embedding:
+            continue
+        table = peft_codec.f32(bases.read_kernel(found[0].layer))
+        if not np.allclose(np.asarray(tensors[name], np.float32), np.asarray(table), rtol=1e-5, atol=1e-6):
+            raise ValueError(
+                f"PEFT adapter tensor {name!r} is an embedding table that differs from the "
+                f"model's {found[0].path!r}: the adapter was trained with a changed table, "
+                "which keras-lowrank does not load."
+            )
+        del tensors[name]
+    for name in tensors:
+        key = name[len(PREFIX):] if name.startswith(PREFIX) else name
+        for part in ("lora_embedding_A", "lora_embedding_B"):
+            if key.endswith("." + part):
+                found = _find_target(targets, key[: -len(part) - 1])
+                if found and getattr(found[0].layer, "tie_weights", False):
+                    embeddings.setdefault(key[: -len(part) - 1], {})[part] = np.asarray(tensors[name])
+    if embeddings and not tied:
+        module = sorted(embeddings)[0]
+        raise ValueError(
+            f"PEFT adapter module {module!r}: KerasHub ties this table to the output head, "
+            "and the adapter was saved without ensure_weight_tying, so in PEFT it changed "
+            "the lookup only; keras-lowrank adapts the one table both use. Save it from "
+            "PEFT with target_modules=[..., 'lm_head'] and ensure_weight_tying=True."
+        )
+    for module, parts in embeddings.items():
+        head_a, head_b = PREFIX + "lm_head.lora_A.weight", PREFIX + "lm_head.lora_B.weight"
+        if head_a in tensors:
+            same = np.allclose(tensors[head_a], parts["lora_embedding_B"].T) and np.allclose(
+                tensors[head_b], parts["lora_embedding_A"].T)
+            if not same:
+                raise ValueError(
+                    f"PEFT adapter: the output head's LoRA is not {module!r}'s transposed, "
+                    "though the table is tied."
+                )
+            del tensors[head_a], tensors[head_b]
+    return tensors
+
+
 def _find_target(targets, module):
     """The targets of a PEFT module name: the converter's key may lack a
     prefix the module has (`transformer.h.0.attn.c_attn` vs
@@ -552,6 +611,7 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
     targets = module_map(model, hf_config, checkpoint=folder if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder) else None)
     # PEFT's target_parameters: stacked expert weights and routers
     plan, tensors = peft_experts.read(model, hf_config, config, tensors)
+    tensors = _embedding_extras(targets, config, tensors)
     modules, shared_tensors = _group(tensors, fmt)
     method = fmt.method(config)
     options = fmt.options(config)
@@ -582,7 +642,14 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
             n_out, n_in = fmt.torch_shape(parts)
             if n_in is None:  # the input size is the layer's
                 n_in = target.geometry.n_in
-            p_in, p_out = target.layout(int(n_out), int(n_in), transposed)
+            if target.embedding and method != registry.LORA_FORM:
+                raise ValueError(
+                    f"PEFT adapter module {module!r} is an embedding: keras-lowrank reads "
+                    f"PEFT's embedding LoRA, not {method!r} (PEFT's embedding DoRA scales "
+                    "each token's row, where keras-lowrank's scales each column)."
+                )
+            # a table is stored (vocabulary, dim): the (n_in, n_out) orientation
+            p_in, p_out = target.layout(int(n_out), int(n_in), transposed or target.embedding)
             if not fmt.splittable and len(p_out) != n_out:
                 raise ValueError(
                     f"PEFT adapter module {module!r}: KerasHub splits this weight over "
@@ -754,6 +821,7 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         groups.setdefault(e[0].module, []).append(e)
     names = _module_names(groups, base_model)
     tensors, ranks, alphas, orientations = {}, {}, {}, set()
+    tied_heads = []  # a tied table's output head: its LoRA is the table's, transposed
     param_tensors, param_ranks, param_alphas, target_parameters = peft_experts.write(
         param_slots, param_entries)
     tensors.update(param_tensors)
@@ -762,12 +830,25 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         n_out = sum(t.geometry.n_out for t in targets[module])
         n_in = group[0][0].geometry.n_in
         layouts = []
-        for target, _ in group:
-            p_in, p_out, flipped = target.oriented_layout(n_out, n_in)
+        embedding = group[0][0].embedding
+        for target, entry in group:
+            if embedding:  # a table: stored (vocabulary, dim), PEFT's LoRA only
+                if entry["kind"] != registry.LORA_FORM:
+                    raise ValueError(
+                        f"save_peft_adapter: layer {target.path!r} is an embedding; PEFT's "
+                        f"embedding adapter is LoRA, not {entry['kind']!r}."
+                    )
+                p_in, p_out = target.layout(n_out, n_in, True)
+            else:
+                p_in, p_out, flipped = target.oriented_layout(n_out, n_in)
+                orientations.add(flipped)
             layouts.append((p_in, p_out))
-            orientations.add(flipped)
         whole = len(group) == 1 and len(layouts[0][1]) == n_out
         written, rank, alpha = fmt.write_module(PREFIX + names[module], group, layouts, n_in, n_out, whole)
+        if embedding:
+            written, tied = _embedding_tensors(written, group[0][0])
+            if tied:
+                tied_heads.append(("lm_head", int(rank), float(alpha)))
         tensors.update(written)
         ranks[names[module]], alphas[names[module]] = int(rank), float(alpha)
     if len(orientations) > 1:
@@ -776,6 +857,8 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
             "others (n_in, n_out); PEFT has one fan_in_fan_out per directory."
         )
     fan_in_fan_out = orientations == {True}
+    for head, rank_, alpha_ in tied_heads:
+        ranks[head], alphas[head] = rank_, alpha_
     all_ranks = list(ranks.values()) + list(param_ranks.values())
     all_alphas = list(alphas.values()) + list(param_alphas.values())
     rank = max(set(all_ranks), key=all_ranks.count)
@@ -801,6 +884,8 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
     }
     if target_parameters:
         common["target_parameters"] = target_parameters
+    if tied_heads:
+        common["ensure_weight_tying"] = True
     config = fmt.config(entries or [(None, e) for e in param_entries.values()], common, rank, alpha)
     # Everything is made before a file is touched (a config that is not
     # JSON, e.g. a base_model_name_or_path that is no string, fails here),
@@ -810,6 +895,27 @@ def save_peft_adapter(model, path, base_model, base_model_name_or_path=None, ada
         WEIGHTS_FILE: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
         CONFIG_FILE: lambda tmp: _write_text(tmp, text),
     })
+
+
+def _embedding_tensors(written, target):
+    """An embedding's LoRA under PEFT's names (`lora_embedding_A (r,
+    vocabulary)`, `lora_embedding_B (dim, r)`); a table KerasHub ties to its
+    output head also gets the head's LoRA (`lm_head`, the same factors
+    transposed), as PEFT's `ensure_weight_tying` keeps them. Returns
+    `(tensors, tied)`."""
+    out = {}
+    for name, value in written.items():
+        if name.endswith(".lora_A.weight"):
+            a = value
+            out[name[: -len("lora_A.weight")] + "lora_embedding_A"] = value
+        elif name.endswith(".lora_B.weight"):
+            b = value
+            out[name[: -len("lora_B.weight")] + "lora_embedding_B"] = value
+    tied = bool(getattr(target.layer, "tie_weights", False))
+    if tied:
+        out[PREFIX + "lm_head.lora_A.weight"] = np.ascontiguousarray(b.T)
+        out[PREFIX + "lm_head.lora_B.weight"] = np.ascontiguousarray(a.T)
+    return out, tied
 
 
 def _write_text(path, text):

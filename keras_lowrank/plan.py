@@ -534,11 +534,11 @@ def _new_layer(entry, spec, options, base, double_quant, label, where=None, name
             f"{spec.name!r} adapter rewrites its full-precision kernel. Load "
             f"{where} into the float model (the saved base storage is re-applied)."
         )
-    if bases.is_conv(layer) and base not in (None, "float"):
+    if (bases.is_conv(layer) or bases.is_embedding(layer)) and base not in (None, "float"):
         raise ValueError(
             f"Layer {path!r} is a {type(layer).__name__}: its base stays float "
-            f"(base={base!r} quantizes Dense, EinsumDense and expert stacks; Keras "
-            "quantizes no convolution). Exclude it, or adapt it with base=None."
+            f"(base={base!r} quantizes Dense, EinsumDense and expert stacks). "
+            "Exclude it, or adapt it with base=None."
         )
     kind = bases.base_kind(layer)
     if kind != "float" and base not in ("float", kind):

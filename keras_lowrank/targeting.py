@@ -18,7 +18,9 @@ and `trainable_layers`):
   Dense/EinsumDense: attention, dense feed-forward blocks).
   A kind is a reserved word: to match a layer *named* `experts`, use
   `"re:(.*/)?experts"`; `"conv"` (`Conv1D/2D/3D`, channels last, one
-  group: not in "all-linear", as in PEFT).
+  group: not in "all-linear", as in PEFT); `"embedding"` (`Embedding` and
+  KerasHub's `ReversibleEmbedding`, whose tied output head then reads the
+  adapted table: not in "all-linear", as in PEFT).
 
 A layer whose parent reads its weights instead of calling it (Gemma 4's
 feed-forward multiplies by `self.gating_ffw.kernel`) is found by reading the
@@ -53,7 +55,7 @@ HEAD_NAMES = ("logits", "lm_head", "classifier", "head", "output_head", "predict
 
 
 #: target kinds (see the module docstring)
-KINDS = ("all-linear", "linear", "experts", "router", "shared-experts", "conv")
+KINDS = ("all-linear", "linear", "experts", "router", "shared-experts", "conv", "embedding")
 #: the kinds "all-linear" (and the default targets) take in
 LINEAR_KINDS = ("linear", "experts", "router", "shared-experts")
 
@@ -83,6 +85,8 @@ def annotate_kinds(entries):
     for e in entries:
         if not is_candidate(e.layer):
             e.kind = None
+        elif bases.is_embedding(_base(e.layer)):
+            e.kind = "embedding" if bases.storage_of(_base(e.layer)) is bases.EMBEDDING else None
         elif bases.is_conv(_base(e.layer)):
             try:
                 bases.check_supported(_base(e.layer), e.path)

@@ -59,7 +59,12 @@ class LoRAFormat(peft_codec.Format):
     method with a plain-LoRA form (`as_lora_state`) as that LoRA."""
 
     peft_type = "LORA"
-    parts = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight")
+    parts = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight",
+             "lora_embedding_A", "lora_embedding_B")
+    #: PEFT's names of an embedding's factors (`nn.Embedding`: `lora_embedding_A
+    #: (r, vocabulary)`, `lora_embedding_B (dim, r)`, the layouts of
+    #: `lora_A.weight` and `lora_B.weight` for its table)
+    EMBEDDING_PARTS = {"lora_embedding_A": "lora_A.weight", "lora_embedding_B": "lora_B.weight"}
     writes = ("lora", "dora")
     writes_lora_forms = True
 
@@ -71,6 +76,8 @@ class LoRAFormat(peft_codec.Format):
         super().check(config)
 
     def part_name(self, suffix):
+        if suffix in self.EMBEDDING_PARTS:
+            return self.EMBEDDING_PARTS[suffix]
         return "lora_magnitude_vector" if suffix == "lora_magnitude_vector.weight" else suffix
 
     def required(self, config):

@@ -1,0 +1,187 @@
+"""Embeddings as a kernel kind: every method on a `(vocabulary, dim)` table,
+a tied `ReversibleEmbedding` whose output head reads the adapted table,
+targeting by kind, a KerasHub causal LM fine-tuned through its embedding,
+and PEFT's embedding LoRA (tied with `ensure_weight_tying`) both ways."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import keras_lowrank as kl
+from keras_lowrank import registry
+
+from conftest import dealt
+from conftest import needs
+from conftest import perturb
+from conftest import to_np
+
+METHODS = kl.methods()
+IDS = np.array([[1, 5, 3, 0], [7, 2, 2, 9]], "int32")
+
+
+@keras.saving.register_keras_serializable(package="klr_tests")
+class TinyLM(keras.Model):
+    """Token ids -> a tied table -> a projection -> logits from the same table."""
+
+    def __init__(self, **kwargs):
+        from keras_hub.layers import ReversibleEmbedding
+
+        super().__init__(**kwargs)
+        self.emb = ReversibleEmbedding(20, 8, tie_weights=True, name="emb")
+        self.proj = keras.layers.Dense(8, name="proj")
+
+    def call(self, ids):
+        return self.emb(self.proj(self.emb(ids)), reverse=True)
+
+
+def tiny_lm():
+    pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(0)
+    model = TinyLM()
+    model(IDS)
+    return model
+
+
+def table_of(adapter):
+    return to_np(adapter.merged_matrix(adapter.base_matrix()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_a_tied_embedding(method):
+    """No-op at start; the lookup and the tied output head both read the
+    method's adapted table; a merge gives a plain table with the same
+    outputs."""
+    spec = registry.get(method)
+    model = tiny_lm()
+    y0 = to_np(model(IDS))
+    summary = kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method))
+    assert summary.kinds["embedding"] == (1, 1) and summary.adapted_paths == ["emb"]
+    a = model.emb
+    y = to_np(model(IDS))
+    if spec.noop_at_init == "exact":
+        np.testing.assert_array_equal(y, y0)
+    elif spec.noop_at_init == "roundoff":
+        assert np.abs(y - y0).max() <= 1e-5 * max(1.0, np.abs(y0).max())
+    perturb(a)
+    table = table_of(a)
+    np.testing.assert_allclose(to_np(a(IDS)), table[IDS], rtol=1e-5, atol=1e-5)
+    h = np.random.RandomState(0).normal(size=(3, 8)).astype("float32")
+    np.testing.assert_allclose(to_np(a(h, reverse=True)), h @ table.T, rtol=1e-4, atol=1e-5)
+    y = to_np(model(IDS))
+    kl.merge(model)
+    assert type(model.emb).__name__ == "ReversibleEmbedding"
+    np.testing.assert_allclose(to_np(model(IDS)), y, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(y).max()))
+
+
+def test_embedding_lora_trains_and_reloads(tmp_path):
+    """In a compiled fit only the embedding's factors (and the other
+    adapters) train, the table stays frozen, and `.keras` and adapter files
+    round-trip."""
+    model = tiny_lm()
+    kl.enable_adapter(model, rank=2, targets=["embedding", "all-linear"])
+    table = to_np(model.emb.layer.embeddings).copy()
+    model.compile(optimizer=keras.optimizers.Adam(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(IDS, np.roll(IDS, 1, axis=1), epochs=8, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    np.testing.assert_array_equal(to_np(model.emb.layer.embeddings), table)
+    assert np.abs(to_np(model.emb.lora_a)).max() > 0 and np.abs(to_np(model.emb.lora_b)).max() > 0
+    y = to_np(model(IDS))
+    model.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_np(keras.saving.load_model(tmp_path / "m.keras")(IDS)), y, rtol=1e-5, atol=1e-6)
+    kl.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = tiny_lm()
+    kl.load_adapter(fresh, tmp_path / "a.safetensors")
+    np.testing.assert_allclose(to_np(fresh(IDS)), y, rtol=1e-5, atol=1e-6)
+
+
+def test_embeddings_by_kind_only():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, name="table")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(keras.layers.Dense(8, name="mid")(h)))
+    summary = kl.enable_adapter(model, rank=2)
+    assert summary.adapted_paths == ["mid"]  # not in "all-linear", as in PEFT
+    assert summary.kinds["embedding"] == (0, 1)
+    kl.merge(model)
+    with pytest.raises(ValueError, match="'table'.*Embedding.*base stays float"):
+        kl.enable_adapter(model, rank=2, targets="embedding", base="int8")
+    summary = kl.enable_adapter(model, rank=2, targets=["table"], dropout=0.5)  # no dropout on ids
+    y = to_np(model(IDS[:, :4]))
+    np.testing.assert_array_equal(to_np(model(IDS[:, :4], training=True)), y)
+
+
+@pytest.mark.parametrize("case", dealt(["gemma"]))
+def test_gemma_causal_lm_through_its_tied_embedding(case, tmp_path):
+    """A KerasHub Gemma causal LM (tied table): LoRA on the embedding and
+    attention fine-tunes in a compiled fit, the logits come from the adapted
+    table, and the model reloads from `.keras`."""
+    import keras_hub
+
+    from conftest import gemma_backbone
+
+    keras.utils.set_random_seed(0)
+    lm = keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
+    x = {"token_ids": IDS, "padding_mask": np.ones(IDS.shape, "int32")}
+    kl.enable_adapter(lm, rank=2, targets=["embedding", "query", "value"])
+    lm.compile(optimizer=keras.optimizers.Adam(0.05),
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = lm.fit(x, np.roll(IDS, 1, axis=1), epochs=6, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    emb = lm.backbone.token_embedding
+    h = to_np(lm.backbone(x))
+    np.testing.assert_allclose(to_np(lm(x)), h @ table_of(emb).T, rtol=1e-4, atol=1e-4)
+    lm.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_np(back(x)), to_np(lm(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embedding_lora_matches_peft(tmp_path):
+    """PEFT's LoRA on a tied Gemma's `embed_tokens` and `lm_head` with
+    `ensure_weight_tying=True` (one table, adapted for the lookup and the
+    head) loads with the same logits and writes back to the same logits; a
+    file saved without the tying is refused by name."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from peft_models import close
+    from peft_models import hf_model
+    from peft_models import keras_backbone
+    from peft_models import keras_logits
+    from peft_models import load_hf
+    from peft_models import torch_logits
+
+    base = hf_model("gemma", str(tmp_path / "hf"))
+    for tying in (True, False):
+        model = peft.get_peft_model(load_hf(base), peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"],
+            ensure_weight_tying=tying))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.3 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"peft{tying}")
+        backbone = keras_backbone(base)
+        if not tying:
+            with pytest.raises(ValueError, match="ensure_weight_tying"):
+                kl.load_peft_adapter(backbone, tmp_path / f"peft{tying}", base_model=base)
+            assert not kl.adapters(backbone)
+            continue
+        want = torch_logits(model)
+        summary = kl.load_peft_adapter(backbone, tmp_path / f"peft{tying}", base_model=base)
+        assert summary.kinds["embedding"] == (1, 1)
+        close(keras_logits(backbone), want, 1e-5)
+
+    backbone = keras_backbone(base)
+    kl.enable_adapter(backbone, rank=2, alpha=4, targets=["embedding", "query"])
+    for i, (_, a) in enumerate(kl.adapters(backbone)):
+        perturb(a, 0.3, seed=i)
+    want = keras_logits(backbone)
+    kl.save_peft_adapter(backbone, tmp_path / "back", base)
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["ensure_weight_tying"] and "lm_head" in config["target_modules"]
+    back = peft.PeftModel.from_pretrained(load_hf(base), tmp_path / "back")
+    close(torch_logits(back), want, 1e-5)
