@@ -29,8 +29,8 @@ class AdapterSummary:
     packed bytes.
 
     `left_out` counts, by reason and layer class, what `enable_adapter` did
-    not adapt: `"not adaptable"` (layers with a weight matrix that are not
-    Dense/EinsumDense: Conv, Embedding, ...), `"output head"`, `"read
+    not adapt: `"not adaptable"` (layers with a weight matrix no adapter
+    fits: a depthwise, grouped or transposed convolution, ...), `"output head"`, `"read
     directly by their parent"` (a parent reads the layer's weights instead
     of calling it, and the method cannot serve them), `"not targeted"`
     (left out by `targets`/`exclude`); `left_out_paths` lists the layers.
@@ -205,7 +205,9 @@ def enable_adapter(
     verbose=False,
     **options,
 ):
-    """Replace the `Dense`/`EinsumDense` layers of `model` with adapters.
+    """Replace the `Dense`/`EinsumDense` layers of `model` with adapters
+    (and, by target, its mixture-of-experts expert stacks, convolutions and
+    embeddings).
 
     Everything is validated before the model changes; a refused call (a
     `ValueError`/`TypeError` that names the layer and the value at fault)
@@ -219,11 +221,15 @@ def enable_adapter(
             per-layer overrides: `rank_pattern`).
         alpha: scaling numerator; `None` means `rank` (per-layer overrides:
             `alpha_pattern`).
-        targets: `None` or `"all-linear"` (every Dense/EinsumDense except the
-            output head), or a list of layer names, paths, path suffixes,
-            globs (`"*/attention/*"`) or regexes (`"re:..."`). The output
-            head is the layer whose output is the model's output (through
-            weightless layers only); the summary names it.
+        targets: `None` or `"all-linear"` (every Dense/EinsumDense and
+            mixture-of-experts expert stack except the output head), or a
+            list of layer names, paths, path suffixes, globs
+            (`"*/attention/*"`), regexes (`"re:..."`) or kinds (`"linear"`,
+            `"experts"`, `"router"`, `"shared-experts"`, `"conv"`,
+            `"embedding"`: `keras_lowrank.targeting`; convolutions and
+            embeddings only when named). The output head is the layer whose
+            output is the model's output (through weightless layers only);
+            the summary names it.
         exclude: patterns to leave out, in the same forms.
         dropout: dropout on the adapter input (`None`: the method's default).
         rank_pattern, alpha_pattern: `{pattern: value}` per-layer overrides.
@@ -263,9 +269,8 @@ def enable_adapter(
     such a layer out instead; the summary says which.
 
     Returns:
-        An `AdapterSummary` (prints as a table, then what was left out, by
-        reason and layer class: Conv and Embedding layers are not
-        adaptable).
+        An `AdapterSummary` (prints as a table, then what was adapted by
+        kind, then what was left out, by reason and layer class).
 
     Examples:
 

@@ -204,10 +204,13 @@ class AdapterSet(keras.layers.Layer):
             y = self.activation(y)
         return y
 
-    def compute_output_shape(self, input_shape, reverse=False):
-        if reverse:
-            return self.layer.compute_output_shape(input_shape, reverse=True)
+    def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, inputs, training=None, reverse=False):
+        if reverse:  # a tied embedding's output head (symbolic calls)
+            return self.layer.compute_output_spec(inputs, reverse=True)
+        return super().compute_output_spec(inputs, training=training)
 
     @property
     def kernel(self):

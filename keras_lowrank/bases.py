@@ -370,14 +370,18 @@ def converter(base, double_quant=True):
     return lambda layer: target.convert(layer, double_quant=double_quant)
 
 
+#: what an adapter can wrap, in words (for errors)
+WRAPPED = ("Dense, EinsumDense, Conv1D/2D/3D and Embedding layers and the expert stacks "
+           "of mixture-of-experts layers (not depthwise, separable or transposed convolutions)")
+
+
 def check_supported(layer, path=None):
     """Raise a clear error for a layer no adapter can wrap."""
     where = path or layer.name
     storage = storage_of(layer)
     if storage is None:
         raise TypeError(
-            f"Layer {where!r} is a {type(layer).__name__}; adapters wrap Dense "
-            "and EinsumDense layers only."
+            f"Layer {where!r} is a {type(layer).__name__}; adapters wrap {WRAPPED}."
         )
     if not layer.built:
         raise ValueError(f"Layer {where!r} is not built; build the model first.")

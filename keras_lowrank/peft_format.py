@@ -307,20 +307,8 @@ def _checkpoint_shapes(base_model):
 def _checkpoint_keys(base_model):
     """The weight names in the base model's safetensors checkpoint (read from
     the file headers), or `None` when there is no checkpoint to read."""
-    if isinstance(base_model, dict) or base_model is None:
-        return None
-    folder = os.fspath(base_model)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return set(json.load(f)["weight_map"])
-    single = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(single):
-        return None
-    from safetensors import safe_open
-
-    with safe_open(single, framework="np") as f:
-        return set(f.keys())
+    shapes = _checkpoint_shapes(base_model)
+    return None if shapes is None else set(shapes)
 
 
 def _module_names(targets, base_model):

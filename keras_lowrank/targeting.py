@@ -300,14 +300,13 @@ def select(model, targets=None, exclude=None, entries=None):
                     e = bad[0]
                     raise TypeError(
                         f"Target {pattern!r} matches layer {e.path!r} of type "
-                        f"{type(e.layer).__name__}; adapters wrap Dense and "
-                        "EinsumDense layers only."
+                        f"{type(e.layer).__name__}; adapters wrap {bases.WRAPPED}."
                     )
                 hits = [e for e in hits if is_candidate(e.layer)]
             if not hits:
                 raise ValueError(
                     f"Target {'all-linear' if pattern is None else pattern!r} matches "
-                    f"no Dense/EinsumDense layer. Layer paths that exist: {available}."
+                    f"no layer an adapter can wrap. Layer paths that exist: {available}."
                 )
             chosen_ids.update(id(e.layer) for e in hits)
         chosen = [e for e in candidates if id(e.layer) in chosen_ids]

@@ -93,6 +93,18 @@ def tunable(adapter):
     return list(adapter.trainable_variables) + [v for v in adapter.linked_variables() if v.trainable]
 
 
+def assert_noop(method, y, y0):
+    """`y` (adapted, at init) against `y0` (the base) as `method` declares:
+    equal, equal to float32 round-off (the SVD inits), or not a no-op."""
+    from keras_lowrank import registry
+
+    noop = registry.get(method).noop_at_init
+    if noop == "exact":
+        np.testing.assert_array_equal(y, y0)
+    elif noop == "roundoff":
+        assert np.abs(y - y0).max() <= 1e-5 * max(1.0, np.abs(y0).max())
+
+
 def perturb(adapter, scale=0.3, seed=0):
     """Move every trainable variable off its no-op start."""
     rng = np.random.RandomState(seed)

@@ -188,6 +188,43 @@ def docs_block():
         keras.distribution.set_distribution(None)
 
 
+def moe_experts():
+    """A tiny Mixtral whose expert stacks the layout map shards over their
+    expert axis: LoRA on the experts (and attention) trains as on one
+    device, and the stacks keep their sharding once adapted."""
+    mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices=keras.distribution.list_devices())
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*experts.*expert_feedforward.*"] = ("model", None, None)
+    config = dict(vocabulary_size=64, num_layers=1, num_query_heads=4, num_key_value_heads=4,
+                  hidden_dim=16, intermediate_dim=16, num_experts=4, top_k=2, sliding_window=8)
+
+    def build_moe():
+        keras.utils.set_random_seed(0)
+        lm = keras_hub.models.MixtralCausalLM(backbone=keras_hub.models.MixtralBackbone(**config),
+                                              preprocessor=None)
+        before = {v.path: _spec(v) for v in lm.weights if len(v.shape) == 3}
+        kl.enable_adapter(lm, rank=4, targets=["experts", "query", "value"])
+        lm.compile(optimizer=keras.optimizers.SGD(0.5),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return lm, before
+
+    single = train(build_moe()[0])
+    with keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch").scope():
+        lm, before = build_moe()
+        after = {}
+        for e in tree.walk(lm):
+            if tree.is_adapter(e.layer) and len(e.layer.geometry.kernel_shape) == 3 and e.layer.geometry.batch_labels:
+                after[bases_path(e.layer)] = _spec(e.layer.layer.kernel)
+        sharded = train(lm)
+    result = compare(single, sharded)
+    result.update(before=before, after=after)
+    return result
+
+
+def bases_path(adapter):
+    return adapter.layer.kernel.path
+
+
 def main(out_path):
     assert len(jax.devices()) == 8, jax.devices()
     result = {"devices": len(jax.devices()), "cases": {}}
@@ -199,6 +236,7 @@ def main(out_path):
     with tempfile.TemporaryDirectory() as tmp:
         result["reload"] = save_and_reload(tmp)
     result["guide_map"] = keras_lora_under_guide_map()
+    result["moe"] = moe_experts()
     result["docs_block"] = docs_block()
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)

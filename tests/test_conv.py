@@ -10,6 +10,7 @@ import pytest
 import keras_lowrank as kl
 from keras_lowrank import registry
 
+from conftest import assert_noop
 from conftest import dealt
 from conftest import needs
 from conftest import perturb
@@ -52,7 +53,6 @@ def reference(model, adapter, x):
 def test_every_method_on_convolutions(method, kind):
     """No-op at start, a forward equal to a convolution with the method's
     merged kernel, and a merge back into a plain convolution."""
-    spec = registry.get(method)
     model, x = conv_model(kind)
     y0 = to_np(model(x))
     summary = kl.enable_adapter(model, method=method, rank=2, targets="conv", **needs(method))
@@ -60,10 +60,7 @@ def test_every_method_on_convolutions(method, kind):
     adapter = dict(kl.adapters(model))["conv"]
     assert adapter.geometry.matrix_shape == (adapter.geometry.channels * int(np.prod(adapter.geometry.kernel_size)), 5)
     y = to_np(model(x))
-    if spec.noop_at_init == "exact":
-        np.testing.assert_array_equal(y, y0)
-    elif spec.noop_at_init == "roundoff":
-        assert np.abs(y - y0).max() <= 1e-5 * max(1.0, np.abs(y0).max())
+    assert_noop(method, y, y0)
     perturb(adapter)
     y = to_np(model(x))
     np.testing.assert_allclose(y, reference(model, adapter, x), rtol=1e-4, atol=1e-5)

@@ -82,3 +82,17 @@ def test_the_docs_code_block_runs_under_model_parallel(report):
     assert report["docs_block"]["blocks"] == 1
     assert report["docs_block"]["saved"]
     assert report["docs_block"]["adapters"] == 14
+
+
+def test_sharded_expert_stacks_stay_sharded_and_train_as_on_one_device(report):
+    """A Mixtral whose layout map shards the expert stacks over the expert
+    axis: once adapted, each stack keeps that sharding (the adapter holds
+    the same variable), and LoRA on the experts trains as on one device."""
+    moe = report["moe"]
+    assert len(moe["after"]) == 3
+    for path, spec in moe["after"].items():
+        assert spec == "P('model', None, None)" == moe["before"][path], (path, spec)
+    assert moe["same_keys"]
+    for a, b in zip(moe["loss_single"], moe["loss_sharded"]):
+        assert abs(a - b) <= 1e-5 * abs(a), moe
+    assert moe["max_array_diff"] <= 1e-5 * max(1.0, moe["max_abs"]), moe

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import keras_lowrank as kl
-from keras_lowrank import registry
 
+from conftest import assert_noop
 from conftest import dealt
 from conftest import needs
 from conftest import perturb
@@ -53,17 +53,13 @@ def test_every_method_on_a_tied_embedding(method):
     """No-op at start; the lookup and the tied output head both read the
     method's adapted table; a merge gives a plain table with the same
     outputs."""
-    spec = registry.get(method)
     model = tiny_lm()
     y0 = to_np(model(IDS))
     summary = kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method))
     assert summary.kinds["embedding"] == (1, 1) and summary.adapted_paths == ["emb"]
     a = model.emb
     y = to_np(model(IDS))
-    if spec.noop_at_init == "exact":
-        np.testing.assert_array_equal(y, y0)
-    elif spec.noop_at_init == "roundoff":
-        assert np.abs(y - y0).max() <= 1e-5 * max(1.0, np.abs(y0).max())
+    assert_noop(method, y, y0)
     perturb(a)
     table = table_of(a)
     np.testing.assert_allclose(to_np(a(IDS)), table[IDS], rtol=1e-5, atol=1e-5)
@@ -113,17 +109,32 @@ def test_embeddings_by_kind_only():
     np.testing.assert_array_equal(to_np(model(IDS[:, :4], training=True)), y)
 
 
-@pytest.mark.parametrize("case", dealt(["gemma"]))
-def test_gemma_causal_lm_through_its_tied_embedding(case, tmp_path):
-    """A KerasHub Gemma causal LM (tied table): LoRA on the embedding and
-    attention fine-tunes in a compiled fit, the logits come from the adapted
-    table, and the model reloads from `.keras`."""
+def _causal_lm(case):
     import keras_hub
 
     from conftest import gemma_backbone
 
     keras.utils.set_random_seed(0)
-    lm = keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
+    if case == "gemma":
+        return keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
+    if case == "gpt2":
+        backbone = keras_hub.models.GPT2Backbone(vocabulary_size=20, num_layers=1, num_heads=2,
+                                                 hidden_dim=8, intermediate_dim=16, max_sequence_length=8)
+        return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    backbone = keras_hub.models.LlamaBackbone(vocabulary_size=20, num_layers=1, num_query_heads=2,
+                                              num_key_value_heads=1, hidden_dim=8, intermediate_dim=16,
+                                              tie_word_embeddings=False)
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+@pytest.mark.parametrize("case", dealt(["gemma", "gpt2", "llama"]))
+def test_causal_lm_through_its_embedding(case, tmp_path):
+    """KerasHub causal LMs (Gemma and GPT-2 tie their table to the output
+    head, Llama here does not): LoRA on the embedding and attention
+    fine-tunes in a compiled fit; a tied head reads the adapted table, an
+    untied one its own weights; the model reloads from `.keras`."""
+    pytest.importorskip("keras_hub")
+    lm = _causal_lm(case)
     x = {"token_ids": IDS, "padding_mask": np.ones(IDS.shape, "int32")}
     kl.enable_adapter(lm, rank=2, targets=["embedding", "query", "value"])
     lm.compile(optimizer=keras.optimizers.Adam(0.05),
@@ -132,7 +143,8 @@ def test_gemma_causal_lm_through_its_tied_embedding(case, tmp_path):
     assert history.history["loss"][-1] < history.history["loss"][0]
     emb = lm.backbone.token_embedding
     h = to_np(lm.backbone(x))
-    np.testing.assert_allclose(to_np(lm(x)), h @ table_of(emb).T, rtol=1e-4, atol=1e-4)
+    head = table_of(emb).T if emb.layer.tie_weights else to_np(emb.layer.reverse_embeddings)
+    np.testing.assert_allclose(to_np(lm(x)), h @ head, rtol=1e-4, atol=1e-4)
     lm.save(tmp_path / "m.keras")
     back = keras.saving.load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(to_np(back(x)), to_np(lm(x)), rtol=1e-5, atol=1e-5)

@@ -2,7 +2,6 @@
 every method per expert on a small bank of its own, every KerasHub MoE
 family end to end, targeting by kind, and the summary by kind."""
 
-import os
 
 import keras
 import numpy as np
@@ -14,6 +13,7 @@ from keras_lowrank import experts
 from keras_lowrank import registry
 from keras_lowrank.experts import ExpertLinear
 
+from conftest import assert_noop
 from conftest import dealt
 from conftest import needs
 from conftest import perturb
@@ -82,7 +82,6 @@ def test_every_method_works_per_expert(method):
     """No-op at start, a forward equal to the method's own merged kernels,
     each expert's update from its own slice of the factors, and a merge
     that gives the bank its plain weights back with the same outputs."""
-    spec = registry.get(method)
     model = tiny_moe()
     y0 = to_np(model(X))
     summary = kl.enable_adapter(model, method=method, rank=2, targets="experts", **needs(method))
@@ -92,11 +91,7 @@ def test_every_method_works_per_expert(method):
     for a in adapters.values():
         assert a.geometry.matrix_shape[0] == E and isinstance(a.layer, ExpertLinear)
     y = to_np(model(X))
-    tol = 1e-5 * max(1.0, np.abs(y0).max())
-    if spec.noop_at_init == "exact":
-        np.testing.assert_array_equal(y, y0)
-    elif spec.noop_at_init == "roundoff":
-        assert np.abs(y - y0).max() <= tol
+    assert_noop(method, y, y0)
     for i, a in enumerate(adapters.values()):
         perturb(a, seed=i)
     y = to_np(model(X))

@@ -6,7 +6,6 @@ loads with the same logits."""
 
 import json
 
-import numpy as np
 import pytest
 
 import keras_lowrank as kl
@@ -28,12 +27,13 @@ from peft_models import torch_logits
 PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]
 
 
-@pytest.mark.parametrize("family", dealt(["mixtral", "qwen3_moe"]))
-def test_target_parameters_both_ways(family, tmp_path):
+@pytest.mark.parametrize("family, rslora", dealt([("mixtral", False), ("qwen3_moe", False), ("mixtral", True)]))
+def test_target_parameters_both_ways(family, rslora, tmp_path):
     base = hf_moe_model(family, str(tmp_path / "hf"))
     # PEFT -> Keras
     model = peft.get_peft_model(load_hf(base), peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=PARAMS))
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=PARAMS,
+        use_rslora=rslora))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -50,7 +50,7 @@ def test_target_parameters_both_ways(family, tmp_path):
     # different factors, written as one fused rank-2r LoRA)
     backbone = keras_backbone(base)
     kl.enable_adapter(backbone, rank=2, alpha=4, targets=["experts", "router", "query", "value"],
-                      rank_pattern={"expert_feedforward_output_dense": 3})
+                      rank_pattern={"expert_feedforward_output_dense": 3}, rslora=rslora)
     for i, (_, a) in enumerate(kl.adapters(backbone)):
         perturb(a, 0.3, seed=i)
     want = keras_logits(backbone)
