@@ -328,6 +328,10 @@ def select(model, targets=None, exclude=None, entries=None):
             )
         counts, _ = left_out(entries, set(), {id(e.layer) for e in heads})
         hint += f" Left out: {left_out_text(counts)}." if counts else ""
+        by_kind = sorted({e.kind for e in candidates if e.kind in ("conv", "embedding")})
+        if include_all and by_kind:
+            hint += (f" Convolutions and embeddings are adapted only when targeted "
+                     f"(targets={by_kind!r}).")
         raise ValueError(
             f"No layer left to adapt after targets={targets!r}, exclude={exclude!r}.{hint} "
             f"Layer paths that exist: {available}."

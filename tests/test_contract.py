@@ -551,6 +551,7 @@ def test_cross_backend(source, tmp_path):
 def _bad_model():
     inp = keras.Input((4,), dtype="int32")
     h = keras.layers.Embedding(10, 6, name="emb")(inp)
+    h = keras.layers.LayerNormalization(name="norm")(h)
     h = keras.layers.Dense(5, name="ffn")(h)
     h = keras.layers.EinsumDense("btd,dk->btk", output_shape=(4, 3), name="proj")(h)
     return keras.Model(inp, keras.layers.Dense(2, name="logits")(h))
@@ -566,7 +567,8 @@ BAD_CALLS = [
     ("targets_nothing", dict(rank=2, targets=["nope"]), ValueError, "Layer paths that exist"),
     ("targets_glob_nothing", dict(rank=2, targets=["*/nothing*"]), ValueError, "nothing"),
     ("exclude_nothing", dict(rank=2, exclude=["nope"]), ValueError, "nope"),
-    ("unsupported_layer", dict(rank=2, targets=["emb"]), TypeError, "emb"),
+    ("unsupported_layer", dict(rank=2, targets=["norm"]), TypeError, "norm"),
+    ("quantized_embedding", dict(rank=2, targets=["emb"], base="nf4"), ValueError, "'emb'.*base stays float"),
     ("rank_per_layer", dict(rank=2, rank_pattern={"proj": 0}), ValueError, "proj"),
 ]
 
