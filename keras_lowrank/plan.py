@@ -536,7 +536,7 @@ def _new_layer(entry, spec, options, base, double_quant, label, where=None, name
         )
     if (bases.is_conv(layer) or bases.is_embedding(layer)) and base not in (None, "float"):
         raise ValueError(
-            f"Layer {path!r} is a {type(layer).__name__}: its base stays float "
+            f"Layer {path!r} ({type(layer).__name__}): its base stays float "
             f"(base={base!r} quantizes Dense, EinsumDense and expert stacks). "
             "Exclude it, or adapt it with base=None."
         )

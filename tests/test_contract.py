@@ -568,7 +568,6 @@ BAD_CALLS = [
     ("targets_glob_nothing", dict(rank=2, targets=["*/nothing*"]), ValueError, "nothing"),
     ("exclude_nothing", dict(rank=2, exclude=["nope"]), ValueError, "nope"),
     ("unsupported_layer", dict(rank=2, targets=["norm"]), TypeError, "norm"),
-    ("quantized_embedding", dict(rank=2, targets=["emb"], base="nf4"), ValueError, "'emb'.*base stays float"),
     ("rank_per_layer", dict(rank=2, rank_pattern={"proj": 0}), ValueError, "proj"),
 ]
 
