@@ -25,6 +25,7 @@ Which weights a bank has is read off its class's source: a 3-axis weight
 bank its variable back (after `merge`, or when no adapter was put on it).
 """
 
+import functools
 import inspect
 import re
 import sys
@@ -246,6 +247,7 @@ class RoutedOps(types.ModuleType):
         return self._wrapped.cast(x, dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _class_einsums(cls):
     """`{weight name: (module alias, equation)}` of the einsums in
     `cls.call` (and the `call` of its bases) over `self.<weight>`."""
@@ -268,6 +270,8 @@ def expert_weights(layer):
     weights of `layer` that can be exposed (empty for any other layer)."""
     if isinstance(layer, ExpertLinear) or not getattr(layer, "built", False):
         return {}
+    if not any(isinstance(v, keras.Variable) and len(v.shape) == 3 for v in vars(layer).values()):
+        return {}  # no stacked weight (most layers): no need to read the source
     out = {}
     for name, uses in _class_einsums(type(layer)).items():
         if len(uses) != 1:
