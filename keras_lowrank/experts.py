@@ -282,6 +282,8 @@ def expert_weights(layer):
         if not isinstance(value, keras.Variable) or len(value.shape) != 3:
             continue
         alias, equation, module = next(iter(uses))
+        if not _routable(module, alias):
+            continue  # not keras.ops (NumPy, a backend's own einsum): left as it is
         try:
             kernel_spec = equation.split("->")[0].split(",")[1]
             KernelGeometry(equation, tuple(value.shape), kernel_spec[0])
@@ -291,16 +293,18 @@ def expert_weights(layer):
     return out
 
 
+def _routable(module_name, alias):
+    """Whether `alias` in module `module_name` is `keras.ops` (or already
+    routed)."""
+    current = getattr(sys.modules.get(module_name), alias, None)
+    return isinstance(current, RoutedOps) or current is keras.ops
+
+
 def _route(module_name, alias):
     module = sys.modules.get(module_name)
     current = getattr(module, alias, None)
-    if isinstance(current, RoutedOps):
-        return
-    if current is not keras.ops and not (
-        isinstance(current, types.ModuleType) and current.__name__.startswith("keras")
-    ):
-        raise TypeError(f"{module_name}.{alias} is not keras.ops; cannot route its einsum.")
-    setattr(module, alias, RoutedOps(current))
+    if not isinstance(current, RoutedOps):
+        setattr(module, alias, RoutedOps(current))
 
 
 class Exposed:

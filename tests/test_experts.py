@@ -312,3 +312,22 @@ def test_every_method_over_quantized_expert_stacks(method, base):
     y = to_np(model(X))
     ref = np_forward(model, merged_kernel(adapters["bank/w_in"]), merged_kernel(adapters["bank/w_out"]))
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+class NumpyExperts(keras.layers.Layer):
+    """A stacked weight multiplied by NumPy's einsum, not keras.ops's."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(name="w", shape=(E, D, H))
+
+    def call(self, x):
+        return np.einsum("td,edh->eth", np.asarray(x), np.asarray(self.w))
+
+
+def test_only_keras_ops_einsums_are_routed():
+    layer = NumpyExperts()
+    layer.build((4, D))
+    assert experts.expert_weights(layer) == {}
+    bank = TinyExperts()
+    bank.build((4, D))
+    assert sorted(experts.expert_weights(bank)) == ["w_in", "w_out"]
