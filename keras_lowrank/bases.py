@@ -398,6 +398,14 @@ def check_supported(layer, path=None):
         )
 
 
+def base_layer(layer):
+    """The linear layer under an adapter or a set of named adapters (the
+    layer itself when it is one)."""
+    while layer is not None and not is_linear_layer(layer):
+        layer = getattr(layer, "layer", None)
+    return layer
+
+
 def geometry_of(layer):
     """The `KernelGeometry` (matrix view) of a linear layer's kernel."""
     s = _storage(layer)

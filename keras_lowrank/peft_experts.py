@@ -121,24 +121,16 @@ def slots(model, hf_config):
                 if slot is None:
                     break
                 layer = slot.layer()
-                parts.append((paths[id(layer)], bases.geometry_of(_base(layer)).n_out))
+                parts.append((paths[id(layer)], bases.geometry_of(bases.base_layer(layer)).n_out))
             else:
-                e = bases.geometry_of(_base(found[names[0]].layer())).n_shared
+                e = bases.geometry_of(bases.base_layer(found[names[0]].layer())).n_shared
                 out.append(Slot(f"{module}.{param}", module, param, parts, e))
         router = _getpath(decoder, fam.router)
         if router is not None and id(router) in paths:
-            n_out = bases.geometry_of(_base(router)).n_out
+            n_out = bases.geometry_of(bases.base_layer(router)).n_out
             out.append(Slot(f"model.layers.{i}.mlp.{ROUTER}", f"model.layers.{i}.mlp.gate",
                             "weight", [(paths[id(router)], n_out)], 0))
     return out
-
-
-def _base(layer):
-    from keras_lowrank import bases
-
-    while not bases.is_linear_layer(layer):
-        layer = layer.layer
-    return layer
 
 
 def targeted(key, target_parameters):

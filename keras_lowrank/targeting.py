@@ -80,16 +80,16 @@ def annotate_kinds(entries):
     for e in experts:
         bank = e.path.rsplit("/", 1)[0]
         block = bank.rsplit("/", 1)[0] if "/" in bank else ""
-        blocks[block] = (bank, bases.geometry_of(_base(e.layer)).n_shared)
+        blocks[block] = (bank, bases.geometry_of(bases.base_layer(e.layer)).n_shared)
     ids = {id(e.layer) for e in experts}
     for e in entries:
         if not is_candidate(e.layer):
             e.kind = None
-        elif bases.is_embedding(_base(e.layer)):
-            e.kind = "embedding" if bases.storage_of(_base(e.layer)) is bases.EMBEDDING else None
-        elif bases.is_conv(_base(e.layer)):
+        elif bases.is_embedding(bases.base_layer(e.layer)):
+            e.kind = "embedding" if bases.storage_of(bases.base_layer(e.layer)) is bases.EMBEDDING else None
+        elif bases.is_conv(bases.base_layer(e.layer)):
             try:
-                bases.check_supported(_base(e.layer), e.path)
+                bases.check_supported(bases.base_layer(e.layer), e.path)
                 e.kind = "conv"
             except ValueError:
                 e.kind = None  # grouped or channels-first: not adaptable
@@ -105,21 +105,12 @@ def annotate_kinds(entries):
                 if "shared" in rel:
                     e.kind = "shared-experts"
                 elif ("router" in rel or "gate" in rel) and (
-                    bases.geometry_of(_base(e.layer)).n_out == n_experts
+                    bases.geometry_of(bases.base_layer(e.layer)).n_out == n_experts
                 ):
                     e.kind = "router"
                 if e.kind != "linear":
                     break
     return entries
-
-
-def _base(layer):
-    """The linear layer an adapter (or a set of named adapters) wraps."""
-    while not bases.is_linear_layer(layer):
-        layer = getattr(layer, "layer", None) or getattr(layer, "base", None)
-        if layer is None:
-            break
-    return layer
 
 
 class Pattern:

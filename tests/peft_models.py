@@ -89,3 +89,12 @@ def hf_moe_model(family, path):
         with open(config_path, "w") as f:
             json.dump(config, f)
     return path
+
+
+def randomize_lora(model, scale=0.3, seed=1):
+    """Move every LoRA factor of a PEFT model off its initial value."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(scale * torch.randn_like(p))

@@ -155,7 +155,7 @@ def test_tied_embedding_lora_matches_peft(tmp_path):
     `ensure_weight_tying=True` (one table, adapted for the lookup and the
     head) loads with the same logits and writes back to the same logits; a
     file saved without the tying is refused by name."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     pytest.importorskip("transformers")
     from peft_models import close
@@ -163,6 +163,7 @@ def test_tied_embedding_lora_matches_peft(tmp_path):
     from peft_models import keras_backbone
     from peft_models import keras_logits
     from peft_models import load_hf
+    from peft_models import randomize_lora
     from peft_models import torch_logits
 
     base = hf_model("gemma", str(tmp_path / "hf"))
@@ -170,11 +171,7 @@ def test_tied_embedding_lora_matches_peft(tmp_path):
         model = peft.get_peft_model(load_hf(base), peft.LoraConfig(
             r=2, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"],
             ensure_weight_tying=tying))
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(0.3 * torch.randn_like(p))
+        randomize_lora(model)
         model.save_pretrained(tmp_path / f"peft{tying}")
         backbone = keras_backbone(base)
         if not tying:

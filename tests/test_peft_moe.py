@@ -10,7 +10,7 @@ import pytest
 
 import keras_lowrank as kl
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 keras_hub = pytest.importorskip("keras_hub")
@@ -22,6 +22,7 @@ from peft_models import hf_moe_model
 from peft_models import keras_backbone
 from peft_models import keras_logits
 from peft_models import load_hf
+from peft_models import randomize_lora
 from peft_models import torch_logits
 
 PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]
@@ -34,11 +35,7 @@ def test_target_parameters_both_ways(family, rslora, tmp_path):
     model = peft.get_peft_model(load_hf(base), peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], target_parameters=PARAMS,
         use_rslora=rslora))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.3 * torch.randn_like(p))
+    randomize_lora(model)
     want = torch_logits(model)
     model.save_pretrained(tmp_path / "peft")
     backbone = keras_backbone(base)
