@@ -157,8 +157,8 @@ class Format:
         return float(pattern_value(config.get("alpha_pattern"), module, alpha_value(config, "alpha")))
 
     def torch_shape(self, parts):
-        """`(n_out, n_in)` of the module's weight (`n_in` may be `None`:
-        the layer's own)."""
+        """`(n_out, n_in)` of the module's weight (either may be `None`:
+        the size of the layers the weight fills)."""
         raise NotImplementedError
 
     def state(self, parts, p_in, p_out, module):

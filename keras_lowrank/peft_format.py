@@ -630,6 +630,8 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
             n_out, n_in = fmt.torch_shape(parts)
             if n_in is None:  # the input size is the layer's
                 n_in = target.geometry.n_in
+            if n_out is None:  # the output size is the layers' filled from this weight
+                n_out = sum(t.geometry.n_out for t in found)
             if target.embedding and method != registry.LORA_FORM:
                 raise ValueError(
                     f"PEFT adapter module {module!r} is an embedding: keras-lowrank reads "
