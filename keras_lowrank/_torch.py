@@ -43,3 +43,21 @@ def times_rows(values, scale, dtype):
     temporary of the product in float32)."""
     out = torch.empty(values.shape, dtype=getattr(torch, dtype), device=values.device)
     return torch.mul(values, scale.unsqueeze(-1), out=out)
+
+
+def loss_gradients(variables, loss_fn):
+    """The gradients of `loss_fn()` (a scalar computed with Keras layers)
+    with respect to `variables` (Keras variables, trainable or not), at
+    their current values: each parameter requires grad for the call, as it
+    did before afterwards."""
+    params = [v.value for v in variables]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn()
+            return torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)

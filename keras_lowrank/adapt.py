@@ -5,6 +5,7 @@ import math
 import re
 
 from keras_lowrank import bases
+from keras_lowrank import calibration
 from keras_lowrank import experts
 from keras_lowrank import registry
 from keras_lowrank import shared
@@ -203,6 +204,7 @@ def enable_adapter(
     adapter_name=None,
     train_task_layers=True,
     verbose=False,
+    data=None,
     **options,
 ):
     """Replace the `Dense`/`EinsumDense` layers of `model` with adapters
@@ -256,7 +258,12 @@ def enable_adapter(
             head is its backbone's tied embedding and stays frozen. `False`
             freezes them too (they are adapted like any other layer when
             targeted).
-        verbose: print the summary table.
+        verbose: print the summary table (and a progress bar over `data`).
+        data: sample data for the methods that initialize from it (`eva`,
+            `corda`, `lora_ga`; `keras_lowrank.method_info(method)` says
+            which): batches or arrays in the forms `model.fit` takes
+            (`keras_lowrank.calibration`). The model runs on them before
+            anything changes; other methods refuse it.
         **options: method options (`keras_lowrank.method_info(method)` lists
             them, with their defaults and meaning).
 
@@ -295,14 +302,14 @@ def enable_adapter(
     try:
         return _enable(model, method, options, serves, exposed, targets, exclude, rank_pattern,
                        alpha_pattern, trainable_layers, base, double_quant, adapter_name,
-                       train_task_layers, verbose)
+                       train_task_layers, verbose, data)
     finally:
         experts.fold_back_model(model, only=exposed)
 
 
 def _enable(model, method, options, serves, exposed, targets, exclude, rank_pattern,
             alpha_pattern, trainable_layers, base, double_quant, adapter_name,
-            train_task_layers, verbose):
+            train_task_layers, verbose, data=None):
     entries = tree.walk(model)
     spots = tree.spots(entries)
     reads = targeting.direct_reads(spots)
@@ -332,6 +339,11 @@ def _enable(model, method, options, serves, exposed, targets, exclude, rank_patt
     counts, paths = _left_out(plan, unread)
     chosen = {(lp.spot or lp.entry).path for lp in plan.layers}
     kernel_reads = [p for p in kernel_reads if p in chosen]
+    plan = _calibrate(model, method, plan, data, verbose, dict(
+        model=model, method=method, options=options, targets=targets, exclude=excluded,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, trainable_layers=trainable_layers,
+        base=base, double_quant=double_quant, adapter_name=adapter_name,
+        train_task_layers=train_task_layers))
     plan.prepare()
     plan.apply(init=True)
     summary = summarize(model, method, [e.path for e in plan.heads], plan.head_rule,
@@ -339,6 +351,61 @@ def _enable(model, method, options, serves, exposed, targets, exclude, rank_patt
     if verbose:
         print(summary)
     return summary
+
+
+def _calibrate(model, method, plan, data, verbose, plan_args):
+    """Run the method's init on the sample `data` (`calibration`), before
+    the model changes; a method that sets each layer's rank from the data
+    (EVA) gets a new plan with those ranks. Returns the plan to apply."""
+    spec = registry.get(method)
+    if spec.calibration is None:
+        if data is not None:
+            raise ValueError(
+                f"enable_adapter: method {method!r} does not initialize from sample data; "
+                "data must be None (the methods that do: "
+                f"{[m for m in registry.methods() if registry.get(m).calibration]})."
+            )
+        return plan
+    if data is None:
+        raise ValueError(
+            f"enable_adapter: method {method!r} initializes from sample data; pass data=... "
+            "(batches or arrays, as model.fit takes them)."
+        )
+    batches = calibration.Batches(data, f"enable_adapter(method={method!r})")
+    targets = {}
+    for lp in plan.layers:
+        layer = lp.entry.layer
+        if lp.existing or lp.spot is not None or getattr(layer, "_klr_is_adapter", False):
+            raise ValueError(
+                f"enable_adapter: layer {lp.path!r} already holds an adapter; method {method!r} "
+                "reads the layer's own inputs from the sample data, so it goes on plain layers only."
+            )
+        geometry = bases.geometry_of(layer)
+        if geometry.batch_shape or not isinstance(layer, bases.LINEAR_CLASSES):
+            raise ValueError(
+                f"enable_adapter: layer {lp.path!r} is a {type(layer).__name__} with a "
+                f"{geometry.matrix_text()} kernel view; method {method!r} initializes Dense and "
+                "EinsumDense kernels without batch axes only (exclude it)."
+            )
+        targets[lp.path] = (layer, geometry, lp.options)
+    found = spec.layer_class.calibrate(model, targets, batches, verbose)
+    if found.ranks is not None:
+        ranks, alphas = found.ranks, found.alphas
+        kept = [p for p in targets if ranks[p] > 0]
+        if not kept:
+            raise ValueError(
+                f"enable_adapter: method {method!r} gave every targeted layer rank 0 on this data; "
+                "nothing was changed."
+            )
+        exact = lambda p: re.compile("^" + re.escape(p) + "$")  # noqa: E731
+        args = dict(plan_args)
+        args["targets"] = [exact(p) for p in kept]
+        args["rank_pattern"] = {exact(p): ranks[p] for p in kept}
+        args["alpha_pattern"] = {exact(p): alphas[p] for p in kept}
+        plan = Plan.for_model(args.pop("model"), args.pop("method"), args.pop("options"), **args)
+    for lp in plan.layers:
+        lp.adapter.receive_calibration(found.payloads[lp.path])
+    return plan
 
 
 def _pattern_list(value):

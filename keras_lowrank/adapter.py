@@ -82,6 +82,13 @@ def adapter_policy_name(layer):
     return f"mixed_{compute}"
 
 
+class CalibrationBox:
+    """Holds an init's data for an adapter without Keras tracking it."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 @keras.saving.register_keras_serializable(package="keras_lowrank")
 class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
     """Base class of adapter layers (not used directly).
@@ -151,6 +158,12 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
     #: state update); `enable_adapter` leaves out a layer whose parent reads
     #: its kernel when this is False (`serves_kernel_with`)
     serves_kernel = True
+    #: what the init reads from sample data (`enable_adapter(..., data=)`,
+    #: `keras_lowrank.calibration`): `None` (nothing), `"inputs"` (each
+    #: layer's input rows: EVA, CorDA) or `"gradients"` (the loss's gradient
+    #: with respect to each kernel: LoRA-GA); such a method also has the
+    #: class method `calibrate(model, targets, data, options, verbose)`
+    calibration = None
     #: marks adapter layers for `keras_lowrank.tree` (no import cycle)
     _klr_is_adapter = True
 
@@ -426,6 +439,17 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
 
     def initialize_from_base(self):
         """Data-dependent initialization (SVD inits); plain inits need none."""
+
+    def receive_calibration(self, found):
+        """Keep what the init read from the sample data for this layer
+        (`calibration`; the method's `calibrate` made it) until
+        `initialize_from_base` uses it."""
+        self._calibrated = CalibrationBox(found)
+
+    def calibrated(self):
+        """What `receive_calibration` kept (`None` when nothing was)."""
+        box = getattr(self, "_calibrated", None)
+        return None if box is None else box.value
 
     def attach_base(self, convert, init):
         """Move the frozen kernel into another storage (e.g. NF4).

@@ -83,6 +83,7 @@ class Method:
     uses_svd = _Capability()
     nested_factors = _Capability()
     serves_kernel = _Capability()
+    calibration = _Capability()
 
     @property
     def options(self):
