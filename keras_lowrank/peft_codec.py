@@ -124,6 +124,9 @@ class Format:
     parts = ()
     #: tensor names of the whole model (`base_model.<name>`)
     shared = ()
+    #: tensor name suffixes PEFT saves as integers (SHiRA's indices); every
+    #: other tensor of a directory must be a float
+    index_parts = ()
     #: whether a weight KerasHub splits over several layers (GPT-2's fused
     #: `c_attn`) can take this update part by part
     splittable = True

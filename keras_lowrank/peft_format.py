@@ -396,8 +396,10 @@ def _read_dir(path):
             f"{weights} is not a readable safetensors file of float32/float16 tensors "
             f"({type(e).__name__}: {e})."
         ) from None
+    # index tensors a format declares (SHiRA's entries) are integers
+    index_parts = {p for f in registry.peft_formats().values() for p in f.index_parts}
     for name, value in tensors.items():
-        if value.dtype.kind != "f":
+        if value.dtype.kind != "f" and not (value.dtype.kind in "iu" and name.split(".")[-1] in index_parts):
             raise ValueError(f"{weights}: tensor {name!r} has dtype {value.dtype}; PEFT factors are floats.")
         if not linalg.all_finite(value):
             raise ValueError(f"{weights}: tensor {name!r} holds NaN or inf values (nothing was loaded).")
