@@ -170,17 +170,39 @@ def delete_adapter(model, name):
 
 # ----------------------------------------------------------------------
 # Weighted combination (PEFT's `add_weighted_adapter`)
-COMBINE_METHODS = ("linear", "cat", "svd")
+#: every `combine` method: the first three combine exactly or as PEFT's
+#: `linear`; the others are PEFT's task-arithmetic merges (TIES, DARE,
+#: magnitude pruning), on the LoRA factors or, `_svd`, on the full updates.
+COMBINE_METHODS = (
+    "linear", "cat", "svd",
+    "ties", "dare_linear", "dare_ties", "magnitude_prune",
+    "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd",
+)
+#: how each task-arithmetic merge prunes a tensor before it is summed
+_PRUNING = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_linear": "random", "dare_ties": "random"}
+#: the merges that elect a sign per entry and average the agreeing entries
+_ELECTING = ("ties", "dare_ties")
+MAJORITY_SIGN_METHODS = ("total", "frequency")
 
 
-def _lora_form(member, where):
+def _kind(method):
+    """The merge rule of `method` without its `_svd` suffix (`"svd"` is
+    task arithmetic, as `"linear"`)."""
+    if method == "svd":
+        return "linear"
+    return method[: -len("_svd")] if method.endswith("_svd") else method
+
+
+def _lora_form(member, where, method):
     """`(Aᵀ, B, scale)` of `member` as the plain LoRA of its contribution
     (float64, so that a weighted combination cannot overflow before it is
     checked)."""
     if member.method != registry.LORA_FORM and registry.LORA_FORM not in registry.get(member.method).export_forms:
+        instead = "svd" if method in ("cat", "linear") else method + "_svd"
         raise ValueError(
             f"combine: layer {where!r} has a {member.method!r} adapter, which has no "
-            "plain-LoRA form; combine it with method='svd'."
+            f"plain-LoRA form for method={method!r} to combine factor by factor; combine "
+            f"it with method={instead!r} (the SVD of its whole update, exact for any method)."
         )
     state, info = member.as_lora_state()
     scale = info["alpha"] / (info["rank"] ** 0.5 if info["rslora"] else info["rank"])
@@ -204,30 +226,99 @@ def _svd_factors(delta, rank, where):
     return np.swapaxes(u * root, -1, -2), np.swapaxes(v * root, -1, -2)
 
 
-def combine(model, weights, adapter_name, method="svd", rank=None):
+def _keep_mask(rng, shape, density):
+    """DARE's random mask: each entry kept (1.0) with probability `density`."""
+    return (rng.random(shape) < density).astype("float64")
+
+
+def _prune(tensor, density, how, rng):
+    """`tensor` with all but a `density` fraction of its entries set to 0:
+    the largest in magnitude (`"magnitude"`, `int(density · size)` of
+    them), or a random draw rescaled by `1 / density` (`"random"`, DARE)."""
+    if density >= 1:
+        return tensor
+    if how == "magnitude":
+        k = int(density * tensor.size)
+        flat = np.abs(tensor).reshape(-1)
+        keep = np.zeros(flat.shape, "float64")
+        if k:
+            keep[np.argpartition(-flat, k - 1)[:k]] = 1.0
+        return tensor * keep.reshape(tensor.shape)
+    return tensor * _keep_mask(rng, tensor.shape, density) / density
+
+
+def merge_tensors(kind, tensors, weights, density=None, majority_sign_method="total", rng=None):
+    """One merged tensor of `tensors` (same shapes) under the weights
+    `weights`, by the task-arithmetic rule `kind` (`"linear"`, `"ties"`,
+    `"dare_linear"`, `"dare_ties"` or `"magnitude_prune"`):
+
+    - prune each tensor to `density` (`ties`, `magnitude_prune`: keep its
+      largest entries; `dare_*`: keep random entries, rescaled by
+      `1/density`, drawn from the NumPy generator `rng`);
+    - `ties`, `dare_ties`: elect a sign per entry from the pruned tensors
+      (`"total"`: the sign of their sum; `"frequency"`: the sign most of
+      them have, `+` on a tie) and average, per entry, the weighted
+      entries of that sign (zero where none has it);
+    - otherwise sum the weighted (pruned) tensors.
+    """
+    if kind in _PRUNING:
+        tensors = [_prune(t, density, _PRUNING[kind], rng) for t in tensors]
+    stack = np.stack(tensors)
+    weighted = stack * np.asarray(weights, "float64").reshape((-1,) + (1,) * (stack.ndim - 1))
+    if kind not in _ELECTING:
+        return weighted.sum(axis=0)
+    sign = np.sign(stack)
+    votes = stack.sum(axis=0) if majority_sign_method == "total" else sign.sum(axis=0)
+    agree = sign == np.where(votes >= 0, 1.0, -1.0)
+    return (weighted * agree).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
+
+
+def combine(model, weights, adapter_name, method="svd", rank=None, density=None,
+            majority_sign_method="total", seed=None):
     """Add `adapter_name`, a weighted combination of named adapters
     (PEFT's `add_weighted_adapter`); it becomes the active adapter.
 
-    On each layer holding any of the adapters in `weights`:
+    On each layer holding any of the adapters in `weights`, with `Δ_i` what
+    adapter `i` adds to the kernel when active and `w_i` its weight
+    (negative weights subtract):
 
-    - `"svd"`: the rank-`rank` truncated SVD of `Σ w_i Δ_i`, where `Δ_i` is
-      what adapter `i` adds to the kernel when active (any method); `rank`
-      defaults to the largest rank combined there. A LoRA.
+    - `"svd"`: the rank-`rank` truncated SVD of `Σ w_i Δ_i` (any method);
+      `rank` defaults to the largest rank combined there. A LoRA.
     - `"cat"`: the LoRA of rank `Σ r_i` whose factors are the adapters'
       LoRA forms side by side: exactly `Σ w_i Δ_i`. Every adapter needs a
       plain-LoRA form.
     - `"linear"`: SVF adapters combine their multipliers, `z = Σ w_i z_i`
       (Transformer²'s composition, as `keras_lowrank.svf.compose`);
-      LoRA forms of one rank combine as PEFT does, `A = Σ √(w_i s_i) A_i`,
-      `B = Σ √(w_i s_i) B_i` (`s_i` the scale; not exactly `Σ w_i Δ_i`
-      unless the adapters share a factor).
+      LoRA forms of one rank combine as PEFT does, `A = Σ ±√|w_i s_i| A_i`,
+      `B = Σ √|w_i s_i| B_i` (`s_i` the scale, its sign on `A`; not exactly
+      `Σ w_i Δ_i` unless the adapters share a factor).
+    - `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`: PEFT's
+      task-arithmetic merges (`merge_tensors`) applied, as PEFT does, to the
+      `A`s and, separately, to the `B`s of LoRA forms of one rank, with the
+      factor weights of `"linear"`. Adapters without a plain-LoRA form
+      (DoRA, SVF...) are refused: use the `_svd` variant.
+    - `"ties_svd"`, `"dare_linear_svd"`, `"dare_ties_svd"`,
+      `"magnitude_prune_svd"`: the same merge of the full updates `Δ_i`
+      with the weights `w_i`, then its rank-`rank` truncated SVD, as
+      `"svd"` (any method, DoRA's magnitude included).
+
+    `density` (in (0, 1], required by the pruning merges) is the fraction
+    of each tensor's entries kept; `majority_sign_method` (`"total"` or
+    `"frequency"`) is how TIES merges elect a sign; `seed` makes DARE's
+    random masks reproducible. As in PEFT, a combination of one adapter
+    neither prunes nor elects: it is that adapter, weighted.
 
     Args:
         model: a model with named adapters.
         weights: `{name: weight}`.
         adapter_name: the new adapter's name.
-        method: `"svd"` (default, as PEFT), `"cat"` or `"linear"`.
-        rank: the rank of an `"svd"` combination.
+        method: one of `COMBINE_METHODS` (default `"svd"`, as PEFT).
+        rank: the rank of an SVD combination.
+        density: the fraction kept by `ties`, `dare_*` and
+            `magnitude_prune` (and their `_svd` variants).
+        majority_sign_method: `"total"` (default) or `"frequency"`, for
+            `ties`, `dare_ties` and their `_svd` variants.
+        seed: an int seeding DARE's masks (`None`: a fresh draw).
 
     Examples:
 
@@ -239,6 +330,9 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
         >>> keras_lowrank.combine(model, {"a": 0.7, "b": 0.3}, "ab", method="cat")
         >>> model.layers[0].members["ab"].rank
         4
+        >>> keras_lowrank.combine(model, {"a": 1.0, "b": -0.5}, "ties_ab", method="ties", density=0.5)
+        >>> keras_lowrank.active_adapters(model)
+        ['ties_ab']
     """
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"combine: weights must be a non-empty {{name: weight}} dict; received {weights!r}.")
@@ -254,6 +348,12 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
         raise ValueError(f"combine: method must be one of {COMBINE_METHODS}; received {method!r}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"combine: rank must be a positive int; received {rank!r}.")
+    _check_merge_arguments(method, density, majority_sign_method, seed)
+    kind = _kind(method)
+    if len(names) == 1 and kind in _PRUNING:  # PEFT: one adapter is combined linearly
+        kind = "linear"
+    rng = np.random.default_rng(seed) if kind.startswith("dare") else None
+    merge = dict(density=density, majority_sign_method=majority_sign_method, rng=rng)
     plans = {}  # path -> (method, options, rank, {variable: value})
     for path, s in adapter_set.sets(model):
         present = [(n, s.members[n]) for n in names if n in s.members]
@@ -268,9 +368,10 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
                 plans[path] = (present[0][1].method, options, None,
                                {k: _combined(v, where, weights) for k, v in values.items()})
                 continue
-        if method == "svd":
+        if method == "svd" or method.endswith("_svd"):
             k = s.base_matrix()
-            delta = _combined(sum(weights[n] * _contribution(m, k).astype("float64") for n, m in present),
+            deltas = [_contribution(m, k).astype("float64") for _, m in present]
+            delta = _combined(merge_tensors(kind, deltas, [weights[n] for n, _ in present], **merge),
                               where, weights)
             ranks = [m.summary_rank() for _, m in present if m.summary_rank() is not None]
             r = rank if rank is not None else (max(ranks) if ranks else None)
@@ -281,23 +382,23 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
                 )
             a_t, b = _svd_factors(delta, min(r, g.rank_limit), where)
         else:
-            forms = [(float(weights[n]), *_lora_form(m, where)) for n, m in present]
+            forms = [(float(weights[n]), *_lora_form(m, where, method)) for n, m in present]
             if method == "cat":
                 a_t = np.concatenate([w * sc * a for w, a, _, sc in forms], axis=-2)
                 b = np.concatenate([bb for _, _, bb, _ in forms], axis=-2)
             else:
                 if len({a.shape for _, a, _, _ in forms}) != 1:
                     raise ValueError(
-                        f"combine: layer {where!r}: method='linear' needs adapters of one rank; "
-                        f"they have ranks {[a.shape[-2] for _, a, _, _ in forms]} (use 'cat' or 'svd')."
+                        f"combine: layer {where!r}: method={method!r} merges the factors entry by "
+                        f"entry and needs adapters of one rank; they have ranks "
+                        f"{[a.shape[-2] for _, a, _, _ in forms]} (use 'cat' or an SVD method)."
                     )
-                if any(w * sc < 0 for w, _, _, sc in forms):
-                    raise ValueError(
-                        f"combine: layer {where!r}: method='linear' takes √(weight·scale) and needs "
-                        "weights >= 0 (use 'cat' or 'svd')."
-                    )
-                a_t = sum(np.sqrt(w * sc) * a for w, a, _, sc in forms)
-                b = sum(np.sqrt(w * sc) * bb for w, _, bb, sc in forms)
+                # PEFT's factor weights: √|w s| on both, the sign of w s on A
+                roots = [np.sqrt(abs(w * sc)) for w, _, _, sc in forms]
+                signs = [1.0 if w * sc >= 0 else -1.0 for w, _, _, sc in forms]
+                a_t = merge_tensors(kind, [a for _, a, _, _ in forms],
+                                    [q * sg for q, sg in zip(roots, signs)], **merge)
+                b = merge_tensors(kind, [bb for _, _, bb, _ in forms], roots, **merge)
         a_t, b = _combined(a_t, where, weights), _combined(b, where, weights)
         plans[path] = (registry.LORA_FORM, {}, int(a_t.shape[-2]), {"lora_a": a_t, "lora_b": b})
     kinds = sorted({(m, repr(sorted(o.items()))) for m, o, _, _ in plans.values()})
@@ -318,6 +419,37 @@ def combine(model, weights, adapter_name, method="svd", rank=None):
         member = _member(model, path, adapter_name)
         for name, value in values.items():
             getattr(member, name).assign(value)
+
+
+def _check_merge_arguments(method, density, majority_sign_method, seed):
+    """Refuse a `density`, `majority_sign_method` or `seed` that `method`
+    cannot take, naming the value."""
+    kind = _kind(method)
+    if kind in _PRUNING:
+        if (density is None or isinstance(density, bool)
+                or not isinstance(density, (int, float, np.floating, np.integer))
+                or not (0 < density <= 1)):
+            raise ValueError(
+                f"combine: method={method!r} needs a density in (0, 1], the fraction of "
+                f"entries kept; received density={density!r}."
+            )
+    elif density is not None:
+        raise ValueError(
+            f"combine: density={density!r} has no effect with method={method!r}; it is for "
+            f"{[m for m in COMBINE_METHODS if _kind(m) in _PRUNING]}."
+        )
+    if majority_sign_method not in MAJORITY_SIGN_METHODS:
+        raise ValueError(
+            f"combine: majority_sign_method must be one of {MAJORITY_SIGN_METHODS}; "
+            f"received {majority_sign_method!r}."
+        )
+    if majority_sign_method != "total" and kind not in _ELECTING:
+        raise ValueError(
+            f"combine: majority_sign_method={majority_sign_method!r} has no effect with "
+            f"method={method!r}; it is for {[m for m in COMBINE_METHODS if _kind(m) in _ELECTING]}."
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"combine: seed must be None or an int >= 0; received {seed!r}.")
 
 
 def _combined(value, where, weights):

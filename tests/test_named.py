@@ -181,7 +181,7 @@ def test_combine_cat_svd_linear():
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         kl.combine(model, {"nope": 1.0}, "x")
     with pytest.raises(ValueError, match="method must be one of"):
-        kl.combine(model, {"a": 1.0}, "x", method="ties")
+        kl.combine(model, {"a": 1.0}, "x", method="bogus")
 
 
 @pytest.mark.parametrize("method", ["svd", "cat", "linear"])
