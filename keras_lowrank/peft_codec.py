@@ -182,6 +182,20 @@ class Format:
     def load_shared(self, model, tensors):
         """Put the model-wide tensors into the model's method state."""
 
+    def module_state(self, parts, p_in, p_out, module):
+        """What of one module's tensors goes to the model-level state rather
+        than to its adapter (Lily's projectors, which PEFT ties across
+        modules and saves under each): `{}` for most formats."""
+        return {}
+
+    def check_module_state(self, held, targets, config):
+        """Check the modules' `module_state`s (`{Keras path: state}`, the
+        adapted layers in `targets`, by path) before the model changes."""
+
+    def load_module_state(self, model, adapters, held):
+        """Put the modules' `module_state`s into the model's method state
+        (`adapters`: `{Keras path: adapter}`)."""
+
     # -- writing ------------------------------------------------------
     def export_entry(self, adapter, where):
         """`{"kind", "state", "rank", "alpha", "rslora"}` of one adapter

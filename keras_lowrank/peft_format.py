@@ -606,6 +606,7 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
     method = fmt.method(config)
     options = fmt.options(config)
     transposed = bool(config.get("fan_in_fan_out", False))
+    held = {}  # the modules' parts that the model-level state holds
     for module, parts in sorted(modules.items()):
         found = _find_target(targets, module)
         if found is None:
@@ -648,6 +649,9 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
                     f"several layers, and {method} cannot be split."
                 )
             state = fmt.state(parts, p_in, p_out, module)
+            held_state = fmt.module_state(parts, p_in, p_out, module)
+            if held_state:
+                held[target.path] = held_state
             layer_options = {**options, "rank": r, **({"alpha": alpha} if alpha is not None else {})}
             expected = _expected_shapes(method, target.layer, layer_options)
             for name, value in state.items():
@@ -663,6 +667,9 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
     if fmt.shared:
         adapted = [t for ts in targets.values() for t in ts if t.path in plan]
         fmt.check_shared(shared_tensors, adapted, [r for r, _, _ in plan.values()])
+    if held:
+        fmt.check_module_state(held, {t.path: t for ts in targets.values() for t in ts if t.path in held},
+                               config)
     ranks = [r for r, _, _ in plan.values()]
     alphas = [a for _, a, _ in plan.values()]
     rank = max(set(ranks), key=ranks.count)
@@ -689,6 +696,9 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
             var.assign(np.asarray(value, dtype=np.float32).astype(var.dtype))
     if fmt.shared:
         fmt.load_shared(model, shared_tensors)
+    if held:
+        fmt.load_module_state(model, {p: found[p if member is None else p + tree.member_suffix(member)]
+                                      for p in held}, held)
     return summary
 
 

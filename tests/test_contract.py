@@ -237,9 +237,9 @@ def test_gradient_mask(method, train_bias):
         n = spec.trainable_count(g, a.options())
         assert a.trainable_count() == n
         expected += n + (math.prod(a.layer.bias.shape) if train_bias else 0)
-    # pairs tied across layers are counted once, by their matrix shapes
-    tied = {a.geometry.matrix_shape: a.rank for _, a in kl.adapters(model) if a.linked_variables()}
-    expected += sum(r * (s[-2] + s[-1]) * math.prod(s[:-2]) for s, r in tied.items())
+    # variables tied across layers (model-level state) are counted once
+    tied = {id(v): v for _, a in kl.adapters(model) for v in a.linked_variables() if v.trainable}
+    expected += sum(math.prod(v.shape) for v in tied.values())
     assert summary.trainable_params == expected
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     for _, a in kl.adapters(model):
