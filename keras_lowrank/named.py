@@ -293,7 +293,7 @@ def combine(model, weights, adapter_name, method="svd", rank=None, density=None,
       `B = Σ √|w_i s_i| B_i` (`s_i` the scale, its sign on `A`; not exactly
       `Σ w_i Δ_i` unless the adapters share a factor).
     - `"ties"`, `"dare_linear"`, `"dare_ties"`, `"magnitude_prune"`: PEFT's
-      task-arithmetic merges (`merge_tensors`) applied, as PEFT does, to the
+      task-arithmetic merges (described below) applied, as PEFT does, to the
       `A`s and, separately, to the `B`s of LoRA forms of one rank, with the
       factor weights of `"linear"`. Adapters without a plain-LoRA form
       (DoRA, SVF...) are refused: use the `_svd` variant.
@@ -302,11 +302,18 @@ def combine(model, weights, adapter_name, method="svd", rank=None, density=None,
       with the weights `w_i`, then its rank-`rank` truncated SVD, as
       `"svd"` (any method, DoRA's magnitude included).
 
-    `density` (in (0, 1], required by the pruning merges) is the fraction
-    of each tensor's entries kept; `majority_sign_method` (`"total"` or
-    `"frequency"`) is how TIES merges elect a sign; `seed` makes DARE's
-    random masks reproducible. As in PEFT, a combination of one adapter
-    neither prunes nor elects: it is that adapter, weighted.
+    The merges: `magnitude_prune` keeps the `density` fraction of each
+    tensor's largest entries and sums the weighted tensors; `dare_linear`
+    keeps each entry with probability `density`, rescales the kept ones by
+    `1/density` and sums; `ties` prunes by magnitude, elects a sign per
+    entry (`majority_sign_method`: `"total"`, the sign of the sum of the
+    pruned entries, or `"frequency"`, the sign most of them have) and
+    averages the weighted entries of that sign; `dare_ties` prunes as DARE
+    and merges as TIES. `density` (in (0, 1]) is required by these merges
+    and refused by the others; `"frequency"` only by the TIES merges;
+    `seed` makes DARE's random masks reproducible. As in PEFT, a
+    combination of one adapter neither prunes nor elects: it is that
+    adapter, weighted.
 
     Args:
         model: a model with named adapters.

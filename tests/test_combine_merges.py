@@ -203,8 +203,7 @@ def small_model():
                              keras.layers.Dense(N_OUT, name="lin1")])
 
 
-@pytest.mark.parametrize("method", ["linear", "cat", "svd", "ties", "dare_ties_svd", "magnitude_prune"])
-def test_one_rslora_adapter_combines_to_itself(method):
+def test_one_rslora_adapter_combines_to_itself():
     """Combining a single adapter with weight 1 gives it back (PEFT 0.21
     scales an rsLoRA one by √r)."""
     model = small_model()
@@ -212,9 +211,12 @@ def test_one_rslora_adapter_combines_to_itself(method):
     for i, (_, a) in enumerate(kl.adapters(model)):
         perturb(a, seed=i)
     y = to_np(model(X))
-    density = None if method in ("linear", "cat", "svd") else 0.5
-    kl.combine(model, {"rs": 1.0}, "same", method=method, density=density)
-    np.testing.assert_allclose(to_np(model(X)), y, atol=1e-5)
+    for method in ("linear", "cat", "svd", "ties", "dare_ties_svd", "magnitude_prune"):
+        density = None if method in ("linear", "cat", "svd") else 0.5
+        kl.combine(model, {"rs": 1.0}, "same", method=method, density=density)
+        np.testing.assert_allclose(to_np(model(X)), y, atol=1e-5, err_msg=method)
+        kl.delete_adapter(model, "same")
+        kl.set_active(model, "rs", trainable=False)
 
 
 def test_dora_merges_through_its_whole_update_or_is_refused():
@@ -291,38 +293,33 @@ def test_rank_pattern_combinations_reload(tmp_path):
 # requantizes (when asked)
 
 
-@pytest.mark.parametrize("storage", ["nf4", "int8"])
-def test_combine_over_a_quantized_base(storage):
-    def build():
-        model = small_model()
-        kl.enable_adapter(model, rank=2, targets=TARGETS, base=storage, adapter_name="u")
-        kl.enable_adapter(model, rank=2, targets=TARGETS, adapter_name="v")
-        for i, (_, a) in enumerate(kl.adapters(model)):
-            perturb(a, seed=30 + i)
-        return model
-
-    for requantize in (False, True):
-        model = build()
-        base = {t: model.get_layer(t).layer for t in TARGETS}
-        stored = {t: [to_np(w).copy() for w in base[t].weights] for t in TARGETS}
-        kl.combine(model, {"u": 0.7, "v": -0.4}, "mix", method="ties_svd", density=0.6)
-        for t in TARGETS:  # the base's storage: the same layer, bit for bit
-            assert model.get_layer(t).layer is base[t]
-            assert bases.base_kind(base[t]) == storage
-            assert all(np.array_equal(a, to_np(b)) for a, b in zip(stored[t], base[t].weights))
-        kernels = {t: to_np(model.get_layer(t).base_matrix()) + keras_delta(model, t, "mix") for t in TARGETS}
-        biases = {t: to_np(bases.bias_variable(base[t])) for t in TARGETS}
-        report = kl.merge(model, requantize=requantize)
-        for t in TARGETS:
-            layer = model.get_layer(t)
-            assert not tree.is_adapter_set(layer)
-            if requantize:  # quantized again, the error reported
-                assert bases.base_kind(layer) == storage and report[t]["storage"] == storage
-                err = np.abs(to_np(bases.read_kernel(layer)) - kernels[t]).max()
-                assert err <= report[t]["max_abs_error"] + 1e-6
-            else:  # a float kernel: the dequantized base plus the combined update
-                assert bases.base_kind(layer) == "float"
-                np.testing.assert_allclose(to_np(layer.kernel), kernels[t], atol=1e-5)
-        if not requantize:  # (Keras's int8 layers also quantize their inputs: compared to the float kernels)
-            np.testing.assert_allclose(to_np(model(X)), (X @ kernels["lin0"] + biases["lin0"]) @ kernels["lin1"]
-                                       + biases["lin1"], atol=1e-5)
+@pytest.mark.parametrize("storage,requantize", [("nf4", False), ("nf4", True), ("int8", True), ("int4", False)])
+def test_combine_over_a_quantized_base(storage, requantize):
+    model = small_model()
+    kl.enable_adapter(model, rank=2, targets=TARGETS, base=storage, adapter_name="u")
+    kl.enable_adapter(model, rank=2, targets=TARGETS, adapter_name="v")
+    for i, (_, a) in enumerate(kl.adapters(model)):
+        perturb(a, seed=30 + i)
+    base = {t: model.get_layer(t).layer for t in TARGETS}
+    stored = {t: [to_np(w).copy() for w in base[t].weights] for t in TARGETS}
+    kl.combine(model, {"u": 0.7, "v": -0.4}, "mix", method="ties_svd", density=0.6)
+    for t in TARGETS:  # the base's storage: the same layer, bit for bit
+        assert model.get_layer(t).layer is base[t]
+        assert bases.base_kind(base[t]) == storage
+        assert all(np.array_equal(a, to_np(b)) for a, b in zip(stored[t], base[t].weights))
+    kernels = {t: to_np(model.get_layer(t).base_matrix()) + keras_delta(model, t, "mix") for t in TARGETS}
+    biases = {t: to_np(bases.bias_variable(base[t])) for t in TARGETS}
+    report = kl.merge(model, requantize=requantize)
+    for t in TARGETS:
+        layer = model.get_layer(t)
+        assert not tree.is_adapter_set(layer)
+        if requantize:  # quantized again, the error reported
+            assert bases.base_kind(layer) == storage and report[t]["storage"] == storage
+            err = np.abs(to_np(bases.read_kernel(layer)) - kernels[t]).max()
+            assert err <= report[t]["max_abs_error"] + 1e-6
+        else:  # a float kernel: the dequantized base plus the combined update
+            assert bases.base_kind(layer) == "float"
+            np.testing.assert_allclose(to_np(layer.kernel), kernels[t], atol=1e-5)
+    if not requantize:  # against the float kernels (Keras's int8 layers quantize inputs too)
+        np.testing.assert_allclose(to_np(model(X)), (X @ kernels["lin0"] + biases["lin0"]) @ kernels["lin1"]
+                                   + biases["lin1"], atol=1e-5)
