@@ -288,6 +288,38 @@ def test_rank_pattern_combinations_reload(tmp_path):
         np.testing.assert_allclose(to_np(fresh(X)), want, atol=1e-5)
 
 
+def test_rank_pattern_combination_exports_a_peft_directory_that_loads(tmp_path):
+    """The combined adapter of adapters with rank patterns, written as a
+    PEFT directory, loads in PEFT with the same logits (PEFT's own
+    combination of them does not reload)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("keras_hub")
+    from peft_models import close as rel_close
+    from peft_models import hf_model
+    from peft_models import keras_backbone
+    from peft_models import keras_logits
+    from peft_models import load_hf
+    from peft_models import torch_logits
+
+    hf_dir = hf_model("llama", str(tmp_path / "llama"), layers=1)
+    backbone = keras_backbone(hf_dir)
+    for i, name in enumerate(("p", "q")):
+        kl.enable_adapter(backbone, rank=2, rank_pattern={"query": 4}, adapter_name=name)
+        for path, a in kl.adapters(backbone):
+            if path.endswith("@" + name):
+                perturb(a, scale=0.2, seed=40 + i)
+    kl.combine(backbone, {"p": 0.8, "q": -0.5}, "mix", method="ties", density=0.7)
+    expected = keras_logits(backbone)
+    out = str(tmp_path / "mix")
+    kl.save_peft_adapter(backbone, out, hf_dir, adapter_name="mix")
+    pm = peft.PeftModel.from_pretrained(load_hf(hf_dir), out).eval()
+    assert {m.lora_A["default"].weight.shape[0] for n, m in pm.named_modules() if n.endswith("q_proj")} == {4}
+    assert {m.lora_A["default"].weight.shape[0] for n, m in pm.named_modules() if n.endswith("v_proj")} == {2}
+    got = torch_logits(pm)
+    assert np.abs(got - torch_logits(load_hf(hf_dir))).max() > 1e-3
+    rel_close(got, expected)
+
+
 # ----------------------------------------------------------------------
 # A quantized base: combine adds an adapter; merge dequantizes, merges,
 # requantizes (when asked)
