@@ -107,7 +107,8 @@ def test_init_is_peft_s():
     lin = torch.nn.Linear(n_in, n_out)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor(to_np(layer.layer.kernel).T))
-    pm = peft.get_peft_model(torch.nn.Sequential(lin), peft.DeloraConfig(r=r, delora_lambda=7, target_modules=["0"]))
+    pm = peft.get_peft_model(torch.nn.Sequential(lin),
+                             peft.DeloraConfig(r=r, delora_lambda=7, target_modules=["0"]))
     theirs = pm.base_model.model[0]
     ours_a, theirs_a = to_np(layer.delora_a), theirs.delora_A["default"].detach().numpy()
     bound = 1 / np.sqrt(n_in)

@@ -1,4 +1,4 @@
-"""MiSS: matrix shard sharing (Kang and Yin, arXiv 2409.15371; PEFT's MiSS,
+"""MiSS: matrix shard sharing (Kang et al., arXiv 2409.15371; PEFT's MiSS,
 formerly Bone).
 
 One small trainable matrix is shared by every shard of the kernel. In the
@@ -120,7 +120,8 @@ class MissFormat(peft_codec.Format):
             raise ValueError(f"PEFT adapter module {module!r}: miss_block has shape {block.shape}; "
                              f"MiSS's {mode!r} mode stores a {ndim}-D block.")
         if mode == "bat":
-            peft_codec.same(module, ("miss_block rows", block.shape[1]), ("miss_block columns", block.shape[2]))
+            peft_codec.same(module, ("miss_block rows", block.shape[1]),
+                            ("miss_block columns", block.shape[2]))
         if mode == "mini":
             peft_codec.same(module, ("mini_r", self.options(config)["mini_rank"]),
                             ("miss_block columns", block.shape[1]))
