@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import keras_lowrank as kl
+from keras_lowrank import registry
 
 from conftest import assert_noop
 from conftest import dealt
@@ -55,6 +56,14 @@ def test_every_method_on_a_tied_embedding(method):
     outputs."""
     model = tiny_lm()
     y0 = to_np(model(IDS))
+    if getattr(registry.get(method).layer_class, "refuses_embeddings", False):
+        # a method that cannot adapt a table (Lily: one mixture per batch of rows)
+        before = [to_np(w).copy() for w in model.weights]
+        with pytest.raises(ValueError, match="'emb' is an embedding table"):
+            kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method))
+        assert not kl.adapters(model)
+        assert all(np.array_equal(to_np(w), v) for w, v in zip(model.weights, before))
+        return
     summary = kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method))
     assert summary.kinds["embedding"] == (1, 1) and summary.adapted_paths == ["emb"]
     a = model.emb

@@ -183,6 +183,26 @@ def test_shared_projectors_are_stored_once_and_stay_tied(tmp_path):
     np.testing.assert_array_equal(to_np(fresh.get_layer("lin_1").projectors()[0]), 1.0)
 
 
+def test_merge_folds_the_mixture_of_the_last_inference_batch():
+    """Training does not move `lily_mix`; a compiled `predict` records its
+    batch's mixture, and a merge then keeps that batch's outputs."""
+    model = _stack(2)
+    kl.enable_adapter(model, method="lily", rank=2, num_b=3, targets=["lin_*"])
+    for _, a in kl.adapters(model):
+        perturb(a)
+    x1 = np.random.RandomState(5).normal(size=(4, 5, N)).astype("float32")
+    x2 = np.random.RandomState(6).normal(size=(4, 5, N)).astype("float32")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    model.fit(x1, np.zeros_like(x1), batch_size=4, epochs=1, verbose=0)
+    for _, a in kl.adapters(model):
+        np.testing.assert_allclose(to_np(a.lily_mix), np.full(3, 1 / 3), rtol=1e-6)
+    y2 = model.predict(x2, batch_size=4, verbose=0)
+    mixes = [to_np(a.lily_mix).copy() for _, a in kl.adapters(model)]
+    assert all(abs(m.sum() - 1) < 1e-5 and np.abs(m - 1 / 3).max() > 1e-4 for m in mixes)
+    kl.merge(model)
+    _close(to_np(model(x2)), y2)
+
+
 def test_batched_einsum_kernel():
     """Per-head kernels `(n, d, h)`: each head has its own A, B and router
     and its own mixture (the mean over the rows of that head)."""

@@ -477,6 +477,8 @@ class Lily(Adapter):
     method = "lily"
     model_state = LilyProjectors
     serves_kernel = False
+    #: embedding tables are refused by name (`check_geometry`)
+    refuses_embeddings = True
     OPTIONS = (
         opt.Option("rank", 32, opt.positive_int, "rank r of the projectors (PEFT's r)"),
         opt.Option("stride_a", 1, opt.positive_int,
@@ -488,6 +490,17 @@ class Lily(Adapter):
         opt.Option("a_group", None, GROUP, "the shared A this layer reads (set by enable_adapter)"),
         opt.Option("b_group", None, GROUP, "the shared Bs this layer reads (set by enable_adapter)"),
     ) + Adapter.OPTIONS
+
+    def check_geometry(self, geometry, where=None):
+        if getattr(geometry, "discrete", False):
+            raise ValueError(
+                f"Layer {where or self.name!r} is an embedding table, which Lily does not "
+                "adapt (PEFT's Lily adapts linear layers only): the mixture of its projectors "
+                "is one per batch of rows, and a table read by token and reused as a tied "
+                "output head has no such batch. Adapt the linear layers, or use another "
+                "method on the embedding."
+            )
+        super().check_geometry(geometry, where)
 
     def standalone_state(self, geometry):
         self.a_group = self.a_group or "0_0"
