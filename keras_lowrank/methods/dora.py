@@ -62,6 +62,7 @@ class DoRA(LoRA):
         ]
 
     def initialize_from_base(self):
+        super().initialize_from_base()  # LoRA's init="orthogonal"
         w = self.base_matrix() + self.delta_matrix()
         self.magnitude.assign(linalg.column_norm(w))
 

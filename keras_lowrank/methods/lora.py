@@ -14,7 +14,7 @@ from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods import reference
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "orthogonal")
 
 #: the options of every low-rank (A, B) method
 RANK = opt.Option("rank", 8, opt.positive_int, "adapter rank r")
@@ -34,9 +34,32 @@ def lora_a_initializer(init, n_in, rank, seed=None):
     return keras.initializers.RandomNormal(stddev=1.0 / rank, seed=seed)
 
 
+def orthogonal_factors(x, draw_a, draw_b):
+    """PEFT's `init_lora_weights="orthogonal"` from its three Gaussian draws:
+    `x: (r, r)`, `draw_a: (n_in, r/2)`, `draw_b: (r/2, n_out)`. With
+    `Q = qr(x).Q`, `A = draw_a Q[0::2] / 10` and `B = Q[1::2]ᵀ draw_b / 10`:
+    both start nonzero, yet `A B = draw_a Q[0::2] Q[1::2]ᵀ draw_b / 100 = 0`
+    (distinct rows of `Q` are orthogonal), so the layer starts unchanged (to
+    round-off). Returns `(Aᵀ (r, n_in), B (r, n_out))`, float32 NumPy.
+
+    Examples:
+
+        >>> import numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> a_t, b = orthogonal_factors(rng.normal(size=(4, 4)), rng.normal(size=(6, 2)),
+        ...                             rng.normal(size=(2, 5)))
+        >>> float(np.abs(a_t.T @ b).max()) < 1e-6, float(np.abs(b).max()) > 0
+        (True, True)
+    """
+    q, _ = np.linalg.qr(np.asarray(x, "float64"))
+    a = np.asarray(draw_a, "float64") @ q[0::2] / 10.0  # (n_in, r)
+    b = q[1::2].T @ np.asarray(draw_b, "float64") / 10.0  # (r, n_out)
+    return a.T.astype("float32"), b.astype("float32")
+
+
 # ----------------------------------------------------------------------
 #: PEFT's `init_lora_weights` values that change the base weights at init
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def check_init(config):
@@ -233,14 +256,15 @@ class LoRA(Adapter):
     (PEFT's `lora_A` layout, faster to train); `lora_b` holds `B`,
     shape `(r, n_out)`. `A` starts `U(±1/sqrt(n_in))` (PEFT's default,
     `init="kaiming"`) or `N(0, 1/r²)` (`init="gaussian"`), `B` starts at zero,
-    so the layer starts as a no-op.
+    so the layer starts as a no-op. `init="orthogonal"` (PEFT's, even ranks)
+    starts both nonzero with `A B = 0` (to round-off; `orthogonal_factors`).
 
     Args:
         layer: the `Dense`/`EinsumDense` to adapt.
         rank: the rank `r`.
         alpha: scaling numerator (default `rank`).
         rslora: use `alpha / sqrt(rank)`.
-        init: `"kaiming"` or `"gaussian"`.
+        init: `"kaiming"`, `"gaussian"` or `"orthogonal"`.
         dropout: dropout rate on the adapter's input.
         train_bias: keep the wrapped layer's bias trainable.
         seed: seed of the random initializers and of dropout.
@@ -264,12 +288,33 @@ class LoRA(Adapter):
         ALPHA,
         DROPOUT,
         RSLORA,
-        opt.Option("init", "kaiming", opt.choice(*INITS), "init of A: PEFT's kaiming-uniform or gaussian"),
+        opt.Option("init", "kaiming", opt.choice(*INITS),
+                   "init of A: PEFT's kaiming-uniform or gaussian (B = 0), or orthogonal (A, B != 0, AB = 0)"),
     ) + Adapter.OPTIONS
 
     def validate_options(self):
         if self.alpha is None:
             self.alpha = float(self.rank)
+        if getattr(self, "init", "kaiming") == "orthogonal" and self.rank % 2:
+            raise ValueError(
+                f"rank={self.rank} for {self.name!r}: init='orthogonal' needs an even rank "
+                "(A and B take alternate rows of one orthogonal matrix)."
+            )
+
+    def initialize_from_base(self):
+        if getattr(self, "init", "kaiming") != "orthogonal":
+            return
+        g, r = self.geometry, self.rank
+        rng = np.random.default_rng(self.seed)
+        a_t, b = [], []
+        for _ in range(max(1, int(np.prod(g.batch_shape)))):
+            pair = orthogonal_factors(rng.normal(size=(r, r)), rng.normal(size=(g.n_in, r // 2)),
+                                      rng.normal(size=(r // 2, g.n_out)))
+            a_t.append(pair[0])
+            b.append(pair[1])
+        shape = g.batch_shape
+        self.lora_a.assign(np.reshape(np.stack(a_t), shape + (r, g.n_in)))
+        self.lora_b.assign(np.reshape(np.stack(b), shape + (r, g.n_out)))
 
     @property
     def scaling(self):
