@@ -103,7 +103,7 @@ def main():
         )
     lines += [
         "",
-        "Init time (`enable_adapter` on one layer, median over the kernels, seconds):",
+        "Init time (`enable_adapter` on one layer, median over the kernels, seconds; noisy on shared cores; Keras's own int8/int4 quantization of a layer costs most of a LoftQ round):",
         "",
         "| init | " + " | ".join(BASES) + " |",
         "|---|" + "---:|" * len(BASES),
