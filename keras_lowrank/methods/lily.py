@@ -239,10 +239,10 @@ def _suffix(module):
 
 
 def peft_groups(modules, shapes, config):
-    """PEFT's own sharing of Lily modules (`_post_injection_hook`): by the
-    longest-listed `target_modules` suffix (or the one regex) and weight
-    shape, in the model's order; `{module: (a_index, b_index)}` numbered as
-    tuples of the group's first module and block."""
+    """PEFT's own sharing of Lily modules (its `_post_injection_hook`): by
+    the last `target_modules` name the module ends with (all together when
+    `target_modules` is one regex) and the weight's shape, in the model's
+    order; `{module: (A's first module, B's first module)}`."""
     targets = config.get("target_modules")
     stride = int(config.get("stride_A", 1))
     by_group = {}
@@ -371,8 +371,7 @@ class LilyFormat(peft_codec.Format):
         state = {"a": adapter.read(a), "b": adapter.read(b), "router": adapter.read(adapter.lily_router)}
         options = {k: getattr(adapter, k) for k in ("rank", "stride_a", "num_b", "scaling", "init_weights")}
         return {"kind": "lily", "state": state, "rank": adapter.rank, "alpha": None, "rslora": False,
-                "options": options, "where": where, "groups": (adapter.a_group, adapter.b_group),
-                "path": where}
+                "options": options, "where": where}
 
     def check_entries(self, entries):
         first = entries[0][1]["options"]
