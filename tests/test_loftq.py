@@ -228,3 +228,34 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
     kl.enable_adapter(lq, method="loftq", rank=2, targets=["target"], base="nf4")
     with pytest.raises(ValueError, match="loftq"):
         kl.save_adapter(lq, tmp_path / "l.safetensors", as_lora=True)
+
+
+@pytest.mark.parametrize("variable", ["lora_a0", "lora_a_res"])
+def test_a_file_whose_factors_outweigh_the_kernel_is_refused(variable, tmp_path):
+    """An adapter file sets the kernel to `W - s A_res B_res`: factors far
+    larger than the kernel (an altered file, or one for another model) are
+    refused before the model changes. Factors of the kernel's own size made
+    for another kernel are not told apart (the quantizer that made them is
+    not in the file)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    kernel = _kernel(10)
+    model = _model(kernel)
+    weights = [to_np(w).copy() for w in model.weights]
+    kl.enable_adapter(model, method="loftq", rank=2, base="nf4", loftq_iter=2)
+    f = tmp_path / "a.safetensors"
+    kl.save_adapter(model, f)
+    meta, plan, tensors = kl.saving.read_adapter_file(f)
+    key = next(k for k in tensors if k.endswith("::" + variable))
+    tensors = dict(tensors, **{key: tensors[key] * 1e4})
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=dict(meta, plan=json.dumps(plan)))
+    fresh = _model(kernel)
+    for w, v in zip(fresh.weights, weights):
+        w.assign(v)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match="'target': the factors .* larger than this layer's kernel"):
+        kl.load_adapter(fresh, bad)
+    _assert_unchanged(fresh, before)
