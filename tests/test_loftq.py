@@ -230,13 +230,11 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
         kl.save_adapter(lq, tmp_path / "l.safetensors", as_lora=True)
 
 
-@pytest.mark.parametrize("variable", ["lora_a0", "lora_a_res"])
-def test_a_file_whose_factors_outweigh_the_kernel_is_refused(variable, tmp_path):
-    """An adapter file sets the kernel to `W - s A_res B_res`: factors far
-    larger than the kernel (an altered file, or one for another model) are
-    refused before the model changes. Factors of the kernel's own size made
-    for another kernel are not told apart (the quantizer that made them is
-    not in the file)."""
+@pytest.mark.parametrize("base", ["nf4", "int8", None])
+def test_a_file_made_for_another_kernel_or_altered_is_refused(base, tmp_path):
+    """Loading runs the rounds again with the quantizer the file names
+    (`loftq_storage`): factors that are not what they give on this kernel
+    are refused before the model changes."""
     import json
 
     from safetensors.numpy import save_file
@@ -244,18 +242,27 @@ def test_a_file_whose_factors_outweigh_the_kernel_is_refused(variable, tmp_path)
     kernel = _kernel(10)
     model = _model(kernel)
     weights = [to_np(w).copy() for w in model.weights]
-    kl.enable_adapter(model, method="loftq", rank=2, base="nf4", loftq_iter=2)
+    kl.enable_adapter(model, method="loftq", rank=2, base=base, loftq_iter=2)
     f = tmp_path / "a.safetensors"
     kl.save_adapter(model, f)
+
+    def fresh(k):
+        m = _model(k)
+        for w, v in zip(m.weights[1:], weights[1:]):
+            w.assign(v)
+        return m
+
+    def refused(m, path):
+        before = _snapshot(m)
+        with pytest.raises(ValueError, match="'target': the initial factors .* not LoftQ's init"):
+            kl.load_adapter(m, path)
+        _assert_unchanged(m, before)
+
+    refused(fresh(_kernel(11)), f)  # another kernel
     meta, plan, tensors = kl.saving.read_adapter_file(f)
-    key = next(k for k in tensors if k.endswith("::" + variable))
-    tensors = dict(tensors, **{key: tensors[key] * 1e4})
-    bad = tmp_path / "bad.safetensors"
-    save_file(tensors, str(bad), metadata=dict(meta, plan=json.dumps(plan)))
-    fresh = _model(kernel)
-    for w, v in zip(fresh.weights, weights):
-        w.assign(v)
-    before = _snapshot(fresh)
-    with pytest.raises(ValueError, match="'target': the factors .* larger than this layer's kernel"):
-        kl.load_adapter(fresh, bad)
-    _assert_unchanged(fresh, before)
+    for variable in ("lora_a0", "lora_a_res"):
+        key = next(k for k in tensors if k.endswith("::" + variable))
+        bad = tmp_path / f"{variable}.safetensors"
+        save_file(dict(tensors, **{key: tensors[key] * 1.01}), str(bad), metadata=dict(meta, plan=json.dumps(plan)))
+        refused(fresh(kernel), bad)
+    kl.load_adapter(fresh(kernel), f)  # the genuine file still loads

@@ -15,11 +15,13 @@ Keras int8/int4), run on the float kernel set to `W - s A_{t-1} B_{t-1}`;
 the last round's quantized layer becomes the frozen base as it is, so it
 holds `Q_T` by construction (no re-quantization of `W - s A_T B_T`, which
 would give other codes). The factors of the quantized residual,
-`A_res = A_{T-1}`, `B_res = B_{T-1}`, are kept (frozen, small): an adapter
-file loaded onto the original float kernel sets it to the very same
-`W - s A_res B_res` (computed in float64, rounded once to float32, on
-every backend), and the base storage the file names quantizes it to the
-same codes.
+`A_res = A_{T-1}`, `B_res = B_{T-1}`, are kept (frozen, small), and so is
+the quantizer of the rounds (`loftq_storage`, one number): an adapter file
+loaded onto the original float kernel runs the rounds again with that
+quantizer, refuses the file if its factors are not what they give there,
+and sets the kernel to the very same `W - s A_res B_res` (computed in
+float64, rounded once to float32, on every backend), which the base
+storage the file names quantizes to the same codes.
 
 On a float base there is nothing quantized: the factors are LoftQ's for
 NF4 without double quantization (PEFT's quantizer, and what
@@ -43,7 +45,6 @@ from keras_lowrank.adapter import VariableSpec
 from keras_lowrank.methods import reference
 from keras_lowrank.methods.residual import ResidualLoRA
 from keras_lowrank.methods.residual import _check_finite
-from keras_lowrank.methods.residual import _excess_norm
 from keras_lowrank.methods.residual import INIT_RTOL
 from keras_lowrank.methods.residual import split_triplets
 from keras_lowrank.quant import nf4
@@ -53,6 +54,18 @@ LOFTQ_ITER = opt.Option(
     "rounds of quantizing the residual and fitting the quantization error by a "
     "rank-r SVD (PEFT's loftq_iter)",
 )
+
+
+#: the quantizer of the rounds, as the `loftq_storage` variable records it
+#: (an adapter file names it, so loading can run the rounds again)
+STORAGE_CODES = {("float", False): 0, ("nf4", False): 1, ("nf4", True): 2, ("int8", False): 3, ("int4", False): 4}
+STORAGE_NAMES = {v: k for k, v in STORAGE_CODES.items()}
+
+
+def storage_code(layer):
+    """The `STORAGE_CODES` entry of a frozen base layer."""
+    kind = bases.base_kind(layer)
+    return STORAGE_CODES[(kind, kind == "nf4" and bool(layer.double_quant))]
 
 
 def shifted_kernel(w, a, b, scaling):
@@ -147,6 +160,7 @@ class LoftQ(ResidualLoRA):
         return super().variable_specs(geometry) + [
             VariableSpec("lora_a_res", batch + (r, n_in), trainable=False),
             VariableSpec("lora_b_res", batch + (r, n_out), trainable=False),
+            VariableSpec("loftq_storage", (1,), trainable=False),
         ]
 
     # ------------------------------------------------------------------
@@ -155,7 +169,7 @@ class LoftQ(ResidualLoRA):
             ops.convert_to_numpy(w), quantize, self.rank, self.scaling, self.loftq_iter, where=self.name
         )
 
-    def _set_factors(self, a, b, a_res, b_res):
+    def _set_factors(self, a, b, a_res, b_res, code):
         a_t = np.swapaxes(a, -1, -2)
         for value, what in ((a_t, "factor A"), (b, "factor B")):
             _check_finite(ops.convert_to_tensor(value), self.name, what)
@@ -165,6 +179,7 @@ class LoftQ(ResidualLoRA):
         )
         for var, value in values:  # separate buffers (JAX donates them)
             var.assign(np.array(value, np.float32))
+        self.loftq_storage.assign(np.array([code], np.float32))
 
     def initialize_from_base(self):
         """On a float base (no conversion follows): LoftQ's factors for NF4
@@ -180,7 +195,7 @@ class LoftQ(ResidualLoRA):
         _, _, a, b, _, _ = self._rounds(w, lambda m: (None, nf4_roundtrip(m)))
         residual = shifted_kernel(w, a, b, self.scaling)
         _check_finite(ops.convert_to_tensor(residual), self.name, "residual kernel")
-        self._set_factors(a, b, a, b)
+        self._set_factors(a, b, a, b, STORAGE_CODES[("float", False)])
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(residual))
 
     def attach_base(self, convert, init):
@@ -206,27 +221,73 @@ class LoftQ(ResidualLoRA):
             q_layer, _, a, b, a_res, b_res = self._rounds(w, quantize)
         finally:
             var.assign(saved)  # the float layer as it was (it is replaced below)
-        self._set_factors(a, b, a_res, b_res)
+        self._set_factors(a, b, a_res, b_res, storage_code(q_layer))
         super().attach_base(lambda old: q_layer, init=False)
 
     # ------------------------------------------------------------------
+    def _file_quantizer(self, code):
+        """`quantize(m)` of the rounds for the storage an adapter file names,
+        on this (float) layer, which it leaves as it is."""
+        kind, double_quant = STORAGE_NAMES[code]
+        if kind == "float":
+            return lambda m: (None, nf4_roundtrip(m))
+        layer = self.layer
+        if kind == "nf4":
+            from keras_lowrank.quant.layers import NF4Linear
+
+            def quantize(m):
+                q = NF4Linear.from_layer(layer, double_quant=double_quant, kernel=self.geometry.matrix_to_kernel(m))
+                return None, q.dequantized_matrix()
+
+            return quantize
+        var = bases.kernel_variable(layer)
+
+        def quantize(m):
+            saved = ops.copy(var.value)
+            try:
+                var.assign(ops.cast(self.geometry.matrix_to_kernel(m), var.dtype))
+                q_layer = bases.STORAGES[kind].convert(layer)
+            finally:
+                var.assign(saved)
+            return None, bases.geometry_of(q_layer).kernel_to_matrix(bases.read_kernel(q_layer))
+
+        return quantize
+
     def rebase(self, original):
-        """An adapter file onto the original float kernel: set it to
-        `W - s A_res B_res`, which the saved base storage then quantizes
-        to the same codes (a float base keeps it: `A_res = A0`)."""
+        """An adapter file onto the original float kernel `W`: run the
+        rounds again with the quantizer the file names, refuse the file if
+        its factors are not what they give (a file made for another kernel,
+        or altered), and set the kernel to `W - s A_res B_res`, which the
+        saved base storage then quantizes to the same codes (a float base
+        keeps it: `A_res = A0`)."""
         s = self.scaling
-        a0 = ops.swapaxes(self.read(self.lora_a0), -1, -2)
-        a_res = ops.swapaxes(self.read(self.lora_a_res), -1, -2)
-        w = ops.cast(original, "float32")
-        for a, b, what in ((a0, self.read(self.lora_b0), "lora_a0/lora_b0"),
-                           (a_res, self.read(self.lora_b_res), "lora_a_res/lora_b_res")):
-            err = float(ops.convert_to_numpy(_excess_norm(s * ops.matmul(a, b), w, slack=0.25)))
-            if not err <= INIT_RTOL:  # NaN included
-                raise ValueError(
-                    f"Layer {self.name!r}: the factors {what} of the adapter file are "
-                    f"larger than this layer's kernel (excess {err:.3g}, relative): the "
-                    "file was made for another base model, or was altered. Nothing was loaded."
-                )
-        residual = shifted_kernel(w, a_res, self.read(self.lora_b_res), s)
+        code = float(ops.convert_to_numpy(self.read(self.loftq_storage))[0])
+        if code not in STORAGE_NAMES or bases.base_kind(self.layer) != "float":
+            raise ValueError(
+                f"Layer {self.name!r}: the adapter file's loftq_storage ({code!r}) names no "
+                f"base storage LoftQ quantizes with ({sorted(STORAGE_NAMES)}), or the layer "
+                "is not float. Nothing was loaded."
+            )
+        w = ops.convert_to_numpy(ops.cast(original, "float32"))
+        saved = {n: ops.convert_to_numpy(self.read(v)) for n, v in self.adapter_variables().items()}
+        _, _, a, b, a_res, b_res = self._rounds(w, self._file_quantizer(int(code)))
+        if STORAGE_NAMES[int(code)][0] == "float":  # the float base keeps W - s A B
+            a_res, b_res = a, b
+        norm = np.linalg.norm(w) + 1e-30
+        err = 0.0
+        for (x, y), (fx, fy) in (((a, b), ("lora_a0", "lora_b0")), ((a_res, b_res), ("lora_a_res", "lora_b_res"))):
+            given = s * np.matmul(np.swapaxes(saved[fx], -1, -2).astype(np.float64), saved[fy])
+            expected = s * np.matmul(x.astype(np.float64), y)
+            scale = np.linalg.norm(expected) + 1e-6 * norm  # relative to the update itself
+            err = max(err, float(np.linalg.norm(given - expected) / scale))
+        if not err <= INIT_RTOL:  # NaN included
+            raise ValueError(
+                f"Layer {self.name!r}: the initial factors of the adapter file (lora_a0/lora_b0, "
+                "lora_a_res/lora_b_res) are not LoftQ's init of this layer's kernel "
+                f"(mismatch {err:.3g}, relative; the limit is {INIT_RTOL:g}): the file was "
+                "made for another base model, or was altered. Nothing was loaded."
+            )
+        a_file = np.swapaxes(saved["lora_a_res"], -1, -2)
+        residual = shifted_kernel(w, a_file, saved["lora_b_res"], s)
         _check_finite(ops.convert_to_tensor(residual), self.name, "residual kernel")
         bases.assign_kernel(self.layer, self.geometry.matrix_to_kernel(residual))
