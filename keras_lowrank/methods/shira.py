@@ -272,6 +272,10 @@ class SHiRA(Adapter):
     # Adapter files hold float tensors: the indices go as float32 (exact:
     # every index is below 2**24, as PEFT writes them on Windows)
     def file_tensors(self):
+        g = self.geometry
+        if max(g.n_in, g.n_out) > 2**24:
+            raise ValueError(f"Layer {self.name!r}: a {g.matrix_text()} kernel has indices above "
+                             "2**24, which an adapter file's float32 tensors cannot hold exactly.")
         out = dict(self.file_state())
         out["shira_index"] = ops.cast(self.shira_index.value, "float32")
         return out
