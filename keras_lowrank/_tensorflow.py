@@ -15,4 +15,5 @@ def loss_gradients(variables, loss_fn):
     with tf.GradientTape() as tape:
         tape.watch(values)
         loss = loss_fn()
-    return tape.gradient(loss, values)
+    # a table read by `tf.gather` gets `IndexedSlices`: made dense here
+    return [g if g is None else tf.convert_to_tensor(g) for g in tape.gradient(loss, values)]

@@ -3,6 +3,7 @@ of what it did."""
 
 import math
 import re
+import warnings
 
 from keras_lowrank import bases
 from keras_lowrank import calibration
@@ -380,13 +381,7 @@ def _calibrate(model, method, plan, data, verbose, plan_args):
                 f"enable_adapter: layer {lp.path!r} already holds an adapter; method {method!r} "
                 "reads the layer's own inputs from the sample data, so it goes on plain layers only."
             )
-        geometry = bases.geometry_of(layer)
-        if geometry.batch_shape or not isinstance(layer, bases.LINEAR_CLASSES):
-            raise ValueError(
-                f"enable_adapter: layer {lp.path!r} is a {type(layer).__name__} with a "
-                f"{geometry.matrix_text()} kernel view; method {method!r} initializes Dense and "
-                "EinsumDense kernels without batch axes only (exclude it)."
-            )
+        geometry = bases.geometry_of(layer)  # the adapter's `check_geometry` refused the rest
         targets[lp.path] = (layer, geometry, lp.options)
     found = spec.layer_class.calibrate(model, targets, batches, verbose)
     if found.ranks is not None:
@@ -402,7 +397,9 @@ def _calibrate(model, method, plan, data, verbose, plan_args):
         args["targets"] = [exact(p) for p in kept]
         args["rank_pattern"] = {exact(p): ranks[p] for p in kept}
         args["alpha_pattern"] = {exact(p): alphas[p] for p in kept}
-        plan = Plan.for_model(args.pop("model"), args.pop("method"), args.pop("options"), **args)
+        with warnings.catch_warnings():  # the first plan warned already
+            warnings.simplefilter("ignore")
+            plan = Plan.for_model(args.pop("model"), args.pop("method"), args.pop("options"), **args)
     for lp in plan.layers:
         lp.adapter.receive_calibration(found.payloads[lp.path])
     return plan

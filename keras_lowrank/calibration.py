@@ -272,6 +272,31 @@ class Calibrated:
         self.alphas = alphas
 
 
+class SampleDataInit:
+    """Mixed into the layer class of a method that initializes from sample
+    data: refuses, by name, the kernels the data cannot describe. An expert
+    stack (a kernel with a batch axis) sees every token in the forward the
+    data runs, not the tokens routed to each expert; with `"inputs"`, an
+    embedding table's input rows are one-hot rows as wide as the vocabulary
+    (refused: `refuses_embeddings`)."""
+
+    def check_geometry(self, geometry, where=None):
+        where = where or self.name
+        if geometry.batch_shape:
+            raise ValueError(
+                f"Layer {where!r} is a stack of {geometry.matrix_text()} expert kernels; "
+                f"{self.method!r} initializes from sample data, which cannot tell which tokens "
+                "each expert gets. Exclude the expert stacks (exclude='experts')."
+            )
+        if self.calibration == "inputs" and getattr(geometry, "discrete", False):
+            raise ValueError(
+                f"Layer {where!r} is an embedding table: {self.method!r} reads each layer's "
+                "input rows, which for a table are one-hot rows as wide as the vocabulary. "
+                "Adapt the linear layers, or use another method on the embedding."
+            )
+        super().check_geometry(geometry, where)
+
+
 def padding_rows(x, n_rows):
     """The rows of a layer's input to keep: where a KerasHub batch's
     `padding_mask` is on, when the layer sees one row per token (`n_rows`

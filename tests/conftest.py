@@ -230,9 +230,73 @@ def token_inputs(vocab, batch=2, seq=8, segment=False, seed=0):
     return x
 
 
-def needs(method):
+def needs(method, model=None):
     """The options a method cannot go without (its registry's
-    `example_options`, e.g. AdaLoRA's `total_steps`)."""
+    `example_options`, e.g. AdaLoRA's `total_steps`), and, for a method that
+    initializes from sample data (EVA, CorDA, LoRA-GA), `data` for `model`:
+    random inputs in the shapes of its inputs (`sample_inputs`), with
+    targets and a loss for the gradient init (the model is compiled with
+    mean squared error unless it is compiled already). EVA gets `rho=1`,
+    which keeps every layer at the rank asked (the tests check ranks)."""
     from keras_lowrank import registry
 
-    return dict(registry.get(method).example_options)
+    spec = registry.get(method)
+    out = dict(spec.example_options)
+    if spec.calibration is None:
+        return out
+    if model is None:
+        raise ValueError(f"needs({method!r}): this method initializes from data; pass the model")
+    x = sample_inputs(model)
+    if method == "eva":
+        out["rho"] = 1.0
+    if spec.calibration == "gradients":
+        compiled = getattr(model, "compiled", False) and getattr(model, "_compile_loss", None) is not None
+        if compiled and isinstance(x, dict) and "token_ids" in x:
+            out["data"] = (x, x["token_ids"])
+            return out
+        y = keras.tree.map_structure(
+            lambda t: np.random.RandomState(1).normal(size=tuple(t.shape)).astype("float32"),
+            model(x))
+        if not compiled:
+            model.compile(loss=keras.tree.map_structure(lambda _: "mse", y) if isinstance(y, dict) else "mse")
+        out["data"] = (x, y)
+        return out
+    out["data"] = x
+    return out
+
+
+def sample_inputs(model, rows=8, length=6):
+    """Random inputs for `model` in the shapes of its inputs (unknown sizes:
+    `rows` examples of `length` steps): normal floats; token ids below the
+    smallest embedding's vocabulary; a `padding_mask` of ones; zeros for
+    other integer inputs."""
+    try:
+        struct = model.input
+    except (AttributeError, ValueError):
+        struct = None
+    if struct is None:
+        shapes = getattr(model, "_build_shapes_dict", None) or {}
+        shape = next(iter(shapes.values()), None)
+        if shape is None:
+            raise ValueError(f"sample_inputs: {model.name!r} has no known input shape")
+        struct = keras.KerasTensor((None,) + tuple(shape)[1:], "float32")  # any batch size
+    vocab = min([int(getattr(layer, "input_dim")) for layer in model._flatten_layers()
+                 if isinstance(getattr(layer, "input_dim", None), int)] or [8])
+    rng = np.random.RandomState(0)
+
+    def make(t, name=""):
+        shape = tuple(rows if i == 0 and d is None else (length if d is None else d)
+                      for i, d in enumerate(t.shape))
+        if "int" in str(t.dtype) or "bool" in str(t.dtype):
+            if "padding_mask" in name or "bool" in str(t.dtype):
+                return np.ones(shape, str(t.dtype))
+            if "token" in name or "ids" in name and "segment" not in name:
+                return rng.randint(0, vocab, shape).astype(str(t.dtype))
+            return np.zeros(shape, str(t.dtype))
+        return rng.normal(size=shape).astype("float32")
+
+    if isinstance(struct, dict):
+        return {k: make(t, k) for k, t in struct.items()}
+    if isinstance(struct, (list, tuple)):
+        return type(struct)(make(t, getattr(t, "name", "")) for t in struct)
+    return make(struct, getattr(struct, "name", ""))

@@ -42,7 +42,7 @@ def adapted_small(method, kind, **options):
     make, x = SMALL[kind]
     model = make()
     y_base = to_np(model(x))
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["target"], **options)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["target"], **options)
     adapter = model.get_layer("target")
     assert isinstance(adapter, Adapter)
     return model, adapter, x, y_base
@@ -153,7 +153,7 @@ def test_precision(method, policy):
     model = make()
     kernel32 = to_np(model.get_layer("target").kernel).astype("float32")
     y_base = to_np(model(x)).astype("float32")
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["target"])
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["target"])
     adapter = model.get_layer("target")
     y0 = to_np(model(x)).astype("float32")
     tol = 2e-2 * max(1.0, np.abs(y_base).max())
@@ -229,7 +229,7 @@ MASK_CASES = [(m, False) for m in METHODS] + [(m, True) for m in FAMILIES]
 def test_gradient_mask(method, train_bias):
     spec = registry.get(method)
     model = _mask_model()
-    summary = kl.enable_adapter(model, method=method, **needs(method), rank=2, train_bias=train_bias)
+    summary = kl.enable_adapter(model, method=method, **needs(method, model), rank=2, train_bias=train_bias)
     assert summary.adapted_paths == ["proj", "ffn"]  # the head is left alone
     expected = 0
     for _, a in kl.adapters(model):
@@ -287,7 +287,7 @@ def test_learns(method):
     model = keras.Model(inp, keras.layers.Dense(10, name="logits")(h))
     x = np.random.RandomState(0).randint(0, 10, (16, 4)).astype("int32")
     y = (x + 3) % 10
-    kl.enable_adapter(model, method=method, **needs(method), rank=4)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=4)
     scale = registry.get(method).lr_scale
     # Methods that train a few numbers on the scale of σ (lr_scale > 1) have
     # a few dozen parameters on this toy model: less room to fit it; so has
@@ -310,7 +310,7 @@ def test_learns_gemma_causal_lm(method):
     lm = keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
     x = token_inputs(20, batch=4, seq=8)
     y = (x["token_ids"] + 3) % 20
-    kl.enable_adapter(lm, method=method, **needs(method), rank=2)
+    kl.enable_adapter(lm, method=method, **needs(method, lm), rank=2)
     losses = _fit_losses(lm, x, y, lr=2e-2 * min(5.0, registry.get(method).lr_scale))
     assert losses[-1] < 0.9 * losses[0]
 
@@ -393,7 +393,7 @@ ROUNDTRIP_CASES = (
 def test_keras_roundtrip(method, kind, tmp_path):
     make, x = _roundtrip_models()[kind]
     model = make()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=None if kind != "functional" else ["target"])
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=None if kind != "functional" else ["target"])
     for _, a in kl.adapters(model):
         perturb(a)
     y = to_np(model(x))
@@ -416,7 +416,7 @@ def test_keras_roundtrip_task_model(method, tmp_path):
 
     lm = keras_hub.models.GemmaCausalLM(backbone=gemma_backbone(), preprocessor=None)
     x = token_inputs(20)
-    kl.enable_adapter(lm, method=method, **needs(method), rank=2)
+    kl.enable_adapter(lm, method=method, **needs(method, lm), rank=2)
     for _, a in kl.adapters(lm):
         perturb(a, scale=0.1)
     y = to_np(lm(x))
@@ -443,7 +443,7 @@ def test_adapter_file(method, train_bias, hub, tmp_path):
     bb = make()
     base_weights = [to_np(w).copy() for w in bb.weights]
     x = token_inputs(20) if hub else np.random.RandomState(0).normal(size=(2, 5)).astype("float32")
-    kl.enable_adapter(bb, method=method, **needs(method), rank=2, train_bias=train_bias)
+    kl.enable_adapter(bb, method=method, **needs(method, bb), rank=2, train_bias=train_bias)
     for _, a in kl.adapters(bb):
         perturb(a)
         if train_bias:
@@ -471,7 +471,7 @@ def test_residual_init_as_lora(method, tmp_path):
     bb = gemma_backbone()
     base_weights = [to_np(w).copy() for w in bb.weights]
     x = token_inputs(20)
-    kl.enable_adapter(bb, method=method, **needs(method), rank=2, alpha=4)
+    kl.enable_adapter(bb, method=method, **needs(method, bb), rank=2, alpha=4)
     for _, a in kl.adapters(bb):
         perturb(a)
     y = to_np(bb(x))
@@ -503,7 +503,13 @@ for method, base in [(m, b) for m in json.loads(sys.argv[2]) for b in (None, "nf
     h = keras.layers.Reshape((4, 6))(h)
     model = keras.Model(inp, keras.layers.Dense(3, name="mix")(h))
     weights = [keras.ops.convert_to_numpy(w) for w in model.weights]
-    kl.enable_adapter(model, method=method, **kl.registry.get(method).example_options, rank=2, targets=["target", "mix"], base=base)
+    extra = dict(kl.registry.get(method).example_options)
+    if kl.registry.get(method).calibration == "inputs":  # EVA, CorDA: sample inputs
+        extra.update(data=x, **({"rho": 1.0} if method == "eva" else {}))
+    elif kl.registry.get(method).calibration == "gradients":  # LoRA-GA: a loss and targets
+        model.compile(loss="mse")
+        extra["data"] = (x, np.ones((2, 4, 3), "float32"))
+    kl.enable_adapter(model, method=method, **extra, rank=2, targets=["target", "mix"], base=base)
     rng = np.random.RandomState(1)
     for _, a in kl.adapters(model):
         for v in list(a.trainable_variables) + a.linked_variables():
@@ -580,7 +586,7 @@ def test_bad_input_leaves_model_unchanged(method):
     before = snapshot(model)
     for case, kwargs, exc, needle in BAD_CALLS:
         with pytest.raises(exc, match=needle.replace("*", r"\*")):
-            kl.enable_adapter(model, method=method, **needs(method), **kwargs)
+            kl.enable_adapter(model, method=method, **needs(method, model), **kwargs)
         assert_unchanged(model, before)
 
 
@@ -600,17 +606,17 @@ def test_rank_larger_than_layer_allows(method):
     if spec.rank_bounded:
         # proj is a 5x3 matrix: rank <= 3; the error names the layer and rank
         with pytest.raises(ValueError, match=r"rank=4 .*'proj'"):
-            kl.enable_adapter(model, method=method, **needs(method), rank=4)
+            kl.enable_adapter(model, method=method, **needs(method, model), rank=4)
         assert_unchanged(model, before)
     else:
-        kl.enable_adapter(model, method=method, **needs(method), rank=4)
+        kl.enable_adapter(model, method=method, **needs(method, model), rank=4)
         assert model.get_layer("proj").rank == 4
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_second_adapter_on_same_layer(method):
     model = _bad_model()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["ffn"])
     before = snapshot(model)
     with pytest.raises(ValueError, match="'ffn' already has"):
         kl.enable_adapter(model, method="lora", rank=2, targets=["ffn", "proj"])
@@ -620,7 +626,7 @@ def test_second_adapter_on_same_layer(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_adapter_file_for_another_model_or_method(method, tmp_path):
     model = _bad_model()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     f = tmp_path / "a.safetensors"
     kl.save_adapter(model, f)
     # another model: different layer paths
@@ -642,7 +648,7 @@ def test_adapter_file_for_another_model_or_method(method, tmp_path):
     # same model, other method already in place
     other_method = next(m for m in METHODS if m != method)
     fresh = _bad_model()
-    kl.enable_adapter(fresh, method=other_method, **needs(other_method), rank=2)
+    kl.enable_adapter(fresh, method=other_method, **needs(other_method, fresh), rank=2)
     before = snapshot(fresh)
     with pytest.raises(ValueError, match=f"holds a '{method}' adapter"):
         kl.load_adapter(fresh, f)
@@ -652,7 +658,7 @@ def test_adapter_file_for_another_model_or_method(method, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_producing_nan_is_refused(method):
     model = _bad_model()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     a = model.get_layer("ffn")
     bad = np.full(tuple(tunable(a)[0].shape), np.inf, "float32")
     tunable(a)[0].assign(bad)

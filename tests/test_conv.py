@@ -59,7 +59,7 @@ def test_every_method_on_convolutions(method, kind):
     merged kernel, and a merge back into a plain convolution."""
     model, x = conv_model(kind)
     y0 = to_np(model(x))
-    summary = kl.enable_adapter(model, method=method, rank=2, targets="conv", **needs(method))
+    summary = kl.enable_adapter(model, method=method, rank=2, targets="conv", **needs(method, model))
     assert summary.kinds["conv"] == (1, 1)
     adapter = dict(kl.adapters(model))["conv"]
     assert adapter.geometry.matrix_shape == (adapter.geometry.channels * int(np.prod(adapter.geometry.kernel_size)), 5)

@@ -60,11 +60,11 @@ def test_every_method_on_a_tied_embedding(method):
         # a method that cannot adapt a table (Lily: one mixture per batch of rows)
         before = [to_np(w).copy() for w in model.weights]
         with pytest.raises(ValueError, match="'emb' is an embedding table"):
-            kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method))
+            kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method, model))
         assert not kl.adapters(model)
         assert all(np.array_equal(to_np(w), v) for w, v in zip(model.weights, before))
         return
-    summary = kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method))
+    summary = kl.enable_adapter(model, method=method, rank=2, targets="embedding", **needs(method, model))
     assert summary.kinds["embedding"] == (1, 1) and summary.adapted_paths == ["emb"]
     a = model.emb
     y = to_np(model(IDS))

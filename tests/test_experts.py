@@ -77,6 +77,17 @@ def per_expert_variables(adapter):
     return [v for v in own if v.trainable and len(v.shape) and v.shape[0] == E]
 
 
+def _refuses_expert_stacks(model, method, **kwargs):
+    """A method that initializes from sample data refuses expert stacks by
+    name (the data cannot say which tokens each expert gets), and the bank
+    keeps its plain weights."""
+    before = [to_np(w).copy() for w in model.weights]
+    with pytest.raises(ValueError, match="expert kernels.*initializes from sample data"):
+        kl.enable_adapter(model, method=method, rank=2, targets="experts", **kwargs, **needs(method, model))
+    assert not kl.adapters(model) and not experts.slots(model.bank)
+    assert all(np.array_equal(to_np(w), v) for w, v in zip(model.weights, before))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_works_per_expert(method):
     """No-op at start, a forward equal to the method's own merged kernels,
@@ -84,7 +95,10 @@ def test_every_method_works_per_expert(method):
     that gives the bank its plain weights back with the same outputs."""
     model = tiny_moe()
     y0 = to_np(model(X))
-    summary = kl.enable_adapter(model, method=method, rank=2, targets="experts", **needs(method))
+    if registry.get(method).calibration:
+        _refuses_expert_stacks(model, method)
+        return
+    summary = kl.enable_adapter(model, method=method, rank=2, targets="experts", **needs(method, model))
     assert summary.kinds["experts"] == (2, 2)
     adapters = dict(kl.adapters(model))
     assert sorted(adapters) == ["bank/w_in", "bank/w_out"]
@@ -299,12 +313,15 @@ def test_every_method_over_quantized_expert_stacks(method, base):
     are refused by name before anything changes."""
     spec = registry.get(method)
     model = tiny_moe()
+    if spec.calibration:
+        _refuses_expert_stacks(model, method, base=base)
+        return
     if base not in spec.base_kinds:
         with pytest.raises(ValueError, match=method):
-            kl.enable_adapter(model, method=method, rank=2, targets="experts", base=base, **needs(method))
+            kl.enable_adapter(model, method=method, rank=2, targets="experts", base=base, **needs(method, model))
         assert not experts.slots(model.bank)
         return
-    kl.enable_adapter(model, method=method, rank=2, targets="experts", base=base, **needs(method))
+    kl.enable_adapter(model, method=method, rank=2, targets="experts", base=base, **needs(method, model))
     adapters = dict(kl.adapters(model))
     for i, a in enumerate(adapters.values()):
         assert a.layer.geometry.matrix_shape[0] == E

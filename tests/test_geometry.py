@@ -55,7 +55,7 @@ def test_adapter_on_every_equation_form(case, method):
     model = keras.Model(inp, _layer(eq, in_shape, out_shape, bias_axes)(inp))
     x = np.random.RandomState(0).normal(size=in_shape).astype("float32")
     y0 = to_np(model(x))
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["target"])
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["target"])
     np.testing.assert_allclose(to_np(model(x)), y0, atol=1e-5)
     a = model.get_layer("target")
     perturb(a)
@@ -97,7 +97,7 @@ def test_shared_axes_become_a_batch_of_matrices():
     for method in ("lora", "dora", "pissa"):
         m = keras.models.clone_model(model)
         m.set_weights(model.get_weights())
-        kl.enable_adapter(m, method=method, **needs(method), rank=2, targets=["target"])
+        kl.enable_adapter(m, method=method, **needs(method, m), rank=2, targets=["target"])
         np.testing.assert_allclose(to_np(m(x)), y0, atol=1e-5)
         a = m.get_layer("target")
         perturb(a)

@@ -110,7 +110,7 @@ KINDS = {
 def _adapted(kind, method="lora"):
     make, x = KINDS[kind]
     model = make()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     for _, a in kl.adapters(model):
         perturb(a, scale=0.2)
     return model, x
@@ -245,7 +245,7 @@ def _small(name="ffn"):
 
 def _poisoned(tmp_path, method, base, change):
     model = _small()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, base=base)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, base=base)
     for _, a in kl.adapters(model):
         perturb(a)
     meta, plan, tensors = _read(_save(model, tmp_path / "ok.safetensors"))
@@ -266,7 +266,7 @@ def _refused(model, f, match, exc=ValueError):
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_file_is_refused_before_anything_is_written(method, base, tmp_path):
     same = _small()
-    kl.enable_adapter(same, method=method, **needs(method), rank=2, base=base)
+    kl.enable_adapter(same, method=method, **needs(method, same), rank=2, base=base)
     for bad in (np.nan, np.inf):
         def change(tensors, plan):
             # the layer's own tensor, or the tied pair it reads (LoRA-drop)
@@ -308,7 +308,7 @@ def test_non_finite_frozen_kernels_are_refused_by_every_method(base, bad):
         if (base or "float") not in spec.base_kinds or (base is None and spec.layer_class.rewrites_kernel):
             continue
         with pytest.raises(ValueError, match="Layer 'ffn': its frozen kernel .* holds NaN or inf"):
-            kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"], base=base)
+            kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["ffn"], base=base)
         assert_unchanged(model, before)
 
 
@@ -485,7 +485,7 @@ def test_activity_regularizer_stays_on_the_layer_output(method, tmp_path):
     plain = build()
     model = build()
     model.set_weights(plain.get_weights())
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["ffn"])
 
     def loss(m):
         m.compile(optimizer="sgd", loss="mse")
@@ -524,7 +524,7 @@ def test_bfloat16_model_trains_its_float32_adapters_with_adam(method):
     inp = keras.Input((8,))
     h = keras.layers.Dense(16, activation="relu", dtype="bfloat16", name="ffn")(inp)
     model = keras.Model(inp, keras.layers.Dense(4, dtype="bfloat16", name="out")(h))
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["ffn"])
     a = model.get_layer("ffn")
     assert {keras.backend.standardize_dtype(v.dtype) for v in tunable(a)} == {"float32"}
     assert a.compute_dtype == "bfloat16"
@@ -541,7 +541,7 @@ def test_bfloat16_model_trains_its_float32_adapters_with_adam(method):
 @pytest.mark.parametrize("method", FAMILIES)
 def test_disabled_state_survives_a_keras_round_trip(method, tmp_path):
     model = _small()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     for _, a in kl.adapters(model):
         perturb(a)
     with kl.disable_adapter(model):
@@ -593,14 +593,14 @@ def test_refused_enable_adapter_changes_nothing(method):
         if kwargs == dict(rank=10**12) and not huge:
             continue  # LoKr: a rank past PEFT's bound only makes its factors full
         try:
-            kl.enable_adapter(model, method=method, **needs(method), **{"targets": ["ffn"], **kwargs})
+            kl.enable_adapter(model, method=method, **needs(method, model), **{"targets": ["ffn"], **kwargs})
         except (ValueError, TypeError):
             pass
         else:
             raise AssertionError(f"{method}: {kwargs} was not refused")
         assert_unchanged(model, before)
     # and the same call with valid arguments still works afterwards
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["ffn"])
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["ffn"])
 
 
 @pytest.mark.parametrize("step", ["init", "freeze", "switch"])
@@ -670,7 +670,7 @@ def test_rank_above_the_matrix_rank_is_allowed_with_one_warning():
 @pytest.mark.parametrize("method", FAMILIES)
 def test_in_place_merge_rolls_back_bit_exactly(method):
     model = _small()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     for _, a in kl.adapters(model):
         perturb(a)
     bad = model.get_layer("proj")  # the second adapter fails, the first is rolled back
@@ -715,10 +715,10 @@ def test_refused_merge_unmerge_and_disable_change_nothing():
 @pytest.mark.parametrize("method", FAMILIES)
 def test_refused_load_onto_another_method_or_options_changes_nothing(method, tmp_path):
     model = _small()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     f = _save(model, tmp_path / "a.safetensors")
     other = _small()
-    kl.enable_adapter(other, method=method, **needs(method), rank=4)  # another rank (GraLoRA needs a multiple of its k=2)
+    kl.enable_adapter(other, method=method, **needs(method, other), rank=4)  # another rank (GraLoRA needs a multiple of its k=2)
     _refused(other, f, "options|shape")
     half = _small()
     kl.enable_adapter(half, method="lora" if method != "lora" else "dora", rank=2, targets=["proj"])
@@ -822,7 +822,7 @@ def test_merging_disabled_adapters_gives_the_base(method):
     """A disabled adapter folds to the base it computes (PiSSA: K_res + s A0 B0);
     an in-place merge of a disabled adapter is refused."""
     model = _small()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     for _, a in kl.adapters(model):
         perturb(a)
     kl.set_adapter_enabled(model, False)

@@ -658,7 +658,7 @@ def test_every_method_serves_the_kernel_it_computes(method):
 
     model = _reads_kernel_model()
     x = np.random.default_rng(0).standard_normal((2, 4, 5)).astype("float32")
-    options = needs(method)
+    options = needs(method, model)
     summary = keras_lowrank.enable_adapter(model, method=method, rank=2, **options)
     serves = registry.get(method).layer_class.serves_kernel_with(options)
     if not serves:

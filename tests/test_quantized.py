@@ -290,7 +290,7 @@ def _quantized_small(method, kind, base, **options):
     make, x = SMALL[kind]
     model = make()
     y_float = to_np(model(x))
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["target"], base=base, **options)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["target"], base=base, **options)
     return model, model.get_layer("target"), x, y_float
 
 
@@ -377,7 +377,7 @@ def _two_layers():
 def _gradient_mask_and_adapter_file(make, x, method, base, tmp_path):
     model = make()
     base_weights = [to_np(w).copy() for w in model.weights]
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, base=base)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, base=base)
     q = [v for _, a in kl.adapters(model) for v in a.layer.weights]
     before = [to_np(v).copy() for v in q]
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
@@ -550,7 +550,7 @@ def test_precision_on_nf4_base(method, policy):
     keras.config.set_dtype_policy(policy)
     make, x = SMALL["einsum"]
     model = make()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2, targets=["target"], base="nf4")
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2, targets=["target"], base="nf4")
     a = model.get_layer("target")
     # adapter variables are float32 under every policy; they compute in the layer's dtype
     assert {keras.backend.standardize_dtype(v.dtype) for v in tunable(a)} == {"float32"}

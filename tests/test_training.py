@@ -40,7 +40,7 @@ def check_loraplus_in_fit():
         updates = {}
         for method, extra in (("lora", {}), ("loraplus", {"lr_ratio": 4.0})):
             model = _model()
-            kl.enable_adapter(model, method=method, **needs(method), rank=2, train_bias=True, seed=3, **extra)
+            kl.enable_adapter(model, method=method, **needs(method, model), rank=2, train_bias=True, seed=3, **extra)
             for _, a in kl.adapters(model):
                 a.lora_b.assign(np.full(a.lora_b.shape, 0.1, "float32"))
             model.compile(optimizer=make_opt(), loss="mse")
@@ -230,7 +230,7 @@ def test_training_parts_act_inside_fit(method):
         return
     assert method not in IN_STEP_CHECKS
     model = _model()
-    kl.enable_adapter(model, method=method, **needs(method), rank=2)
+    kl.enable_adapter(model, method=method, **needs(method, model), rank=2)
     optimizer = keras.optimizers.Adam(1e-2)
     model.compile(optimizer=optimizer, loss="mse")
     assert model.optimizer is optimizer

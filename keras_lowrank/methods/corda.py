@@ -74,7 +74,7 @@ def corda_factors(w, c, rank, scaling, part):
     paper="https://arxiv.org/abs/2406.05223",
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
-class CorDA(ResidualLoRA):
+class CorDA(calibration.SampleDataInit, ResidualLoRA):
     """LoRA initialized from the input covariance on sample data (CorDA).
 
     `enable_adapter(model, method="corda", data=...)` runs the model on the
@@ -107,6 +107,11 @@ class CorDA(ResidualLoRA):
 
     method = "corda"
     calibration = "inputs"
+    # a layer whose parent reads its kernel is never called, so the sample
+    # data cannot reach it: it is left out
+    serves_kernel = False
+    #: embedding tables are refused by name (`calibration.SampleDataInit`)
+    refuses_embeddings = True
     uses_svd = True
     OPTIONS = ResidualLoRA.OPTIONS + (
         opt.Option("corda_method", "ipm", opt.choice("ipm", "kpm"),

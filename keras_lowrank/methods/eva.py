@@ -129,7 +129,7 @@ def rank_distribution(ratios, owner_of, budget, max_components):
     paper="https://arxiv.org/abs/2410.07170",
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
-class EVA(LoRA):
+class EVA(calibration.SampleDataInit, LoRA):
     """LoRA initialized by explained variance adaptation (EVA).
 
     `enable_adapter(model, method="eva", rank=r, data=...)` runs the model
@@ -169,6 +169,11 @@ class EVA(LoRA):
 
     method = "eva"
     calibration = "inputs"
+    # a layer whose parent reads its kernel is never called, so the sample
+    # data cannot reach it: it is left out
+    serves_kernel = False
+    #: embedding tables are refused by name (`calibration.SampleDataInit`)
+    refuses_embeddings = True
     OPTIONS = (RANK, ALPHA, DROPOUT, RSLORA) + (
         opt.Option("rho", 2.0, opt.float_at_least(1.0),
                    "a layer's rank may grow to round(rank*rho) as the budget is redistributed"),

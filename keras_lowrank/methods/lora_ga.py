@@ -62,6 +62,11 @@ def lora_ga_factors(grad, w, rank, scaling, direction="ArB2r", scale="stable", s
     the kernel `w`, both matrix views (float64 NumPy; see the module
     docstring)."""
     p, sigma, qt = np.linalg.svd(np.asarray(grad, "float64"), full_matrices=False)
+    m = len(sigma)
+    if m < 2 * rank:  # a small kernel has fewer than 2r triplets: the rest are zero
+        p = np.pad(p, ((0, 0), (0, 2 * rank - m)))
+        qt = np.pad(qt, ((0, 2 * rank - m), (0, 0)))
+        sigma = np.pad(sigma, (0, 2 * rank - m))
     i_a, i_b = split_indices(direction, rank, seed)
     a = p[:, i_a]
     s_b = sigma[i_b]
@@ -82,7 +87,7 @@ def lora_ga_factors(grad, w, rank, scaling, direction="ArB2r", scale="stable", s
     paper="https://arxiv.org/abs/2407.05000",
 )
 @keras.saving.register_keras_serializable(package="keras_lowrank")
-class LoRAGA(ResidualLoRA):
+class LoRAGA(calibration.SampleDataInit, ResidualLoRA):
     """LoRA initialized from the gradient on sample data (LoRA-GA).
 
     `enable_adapter(model, method="lora_ga", data=...)` computes the mean
@@ -90,7 +95,10 @@ class LoRAGA(ResidualLoRA):
     over the sample batches (`(x, y)` batches; compile the model with its
     loss first), and initializes `A`, `B` from its SVD, with the residual
     frozen: the layer starts unchanged (to round-off). See the module
-    docstring. The gradient needs `2·rank <= min(n_in, n_out)`.
+    docstring. A kernel with fewer than `2·rank` singular triplets
+    (`min(n_in, n_out) < 2·rank`) gives zero components in their place: a
+    component with a zero `A` column still has a nonzero `B` row, or the
+    reverse, so every component trains.
 
     Takes `LoRA`'s arguments (`layer`, `rank`, `alpha`, `rslora`, `dropout`,
     `train_bias`, `seed`, `activation`, `merged` and `enabled`), and:
@@ -118,6 +126,9 @@ class LoRAGA(ResidualLoRA):
 
     method = "lora_ga"
     calibration = "gradients"
+    # a layer whose parent reads its kernel is never called, so the sample
+    # data cannot reach it: it is left out
+    serves_kernel = False
     uses_svd = True
     OPTIONS = ResidualLoRA.OPTIONS + (
         opt.Option("direction", "ArB2r", opt.choice(*DIRECTIONS),
@@ -130,13 +141,6 @@ class LoRAGA(ResidualLoRA):
     def calibrate(cls, model, targets, data, verbose):
         """Each target kernel's mean loss gradient on the sample batches."""
         where = "enable_adapter(method='lora_ga')"
-        for key, (_, geometry, options) in targets.items():
-            if 2 * options["rank"] > min(geometry.n_in, geometry.n_out):
-                raise ValueError(
-                    f"{where}: rank={options['rank']} for layer {key!r}: LoRA-GA splits the "
-                    f"2·rank leading gradient triplets between A and B, and its "
-                    f"{geometry.matrix_text()} kernel has at most {min(geometry.n_in, geometry.n_out)}."
-                )
         grads = calibration.kernel_gradients(model, {k: (t[0], t[1]) for k, t in targets.items()},
                                              data, where, verbose)
         return calibration.Calibrated(grads)
