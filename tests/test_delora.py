@@ -160,6 +160,25 @@ def test_norms_of_a_quantized_base_are_the_dequantized_kernel_s(tmp_path):
     _close(to_np(fresh(X)), y)
 
 
+def test_the_lora_form_is_exact(tmp_path):
+    """save_adapter(as_lora=True): the norms and the r factors folded into
+    a rank-r LoRA with the same outputs."""
+    model = _dense()
+    weights = [to_np(w) for w in model.weights]
+    kl.enable_adapter(model, method="delora", rank=3, targets=["lin"])
+    perturb(model.get_layer("lin"))
+    y = to_np(model(X))
+    f = tmp_path / "lora.safetensors"
+    kl.save_adapter(model, f, as_lora=True)
+    fresh = _dense()
+    for w, v in zip(fresh.weights, weights):
+        w.assign(v)
+    kl.load_adapter(fresh, f)
+    lora = fresh.get_layer("lin")
+    assert lora.method == "lora" and lora.rank == 3
+    _close(to_np(fresh(X)), y)
+
+
 def test_batched_einsum_kernel():
     """A kernel with an axis shared by input and output (`n`): one DeLoRA
     (its own λ and norms) per slice of the `(n, 6, 3)` matrix view."""

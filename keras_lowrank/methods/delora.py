@@ -24,7 +24,8 @@ multiplied by `A`, scaled by the `r` factors and multiplied by `B` (PEFT's
 order; here the norms are folded into `A` and the factors into `B`). Init as
 PEFT's: `A` Kaiming-uniform, `B = 0` (a no-op), `λ = delora_lambda`. Over a
 quantized base the stored norms are the dequantized kernel's. The update is
-additive: merge `K' = K + ΔK`, exact, and unmerge subtracts it.
+additive: merge `K' = K + ΔK`, exact, and unmerge subtracts it;
+`save_adapter(..., as_lora=True)` writes the exact rank-r LoRA.
 """
 
 import math
@@ -233,6 +234,7 @@ class DeLoRA(Adapter):
     """
 
     method = "delora"
+    export_forms = ("lora",)
     OPTIONS = (
         opt.Option("rank", 8, opt.positive_int, "rank r (PEFT's r)"),
         opt.Option("delora_lambda", 15.0, opt.finite_float,
@@ -273,3 +275,10 @@ class DeLoRA(Adapter):
         a_t, b = self.factors(*(self.read(v) for v in (
             self.delora_a, self.delora_b, self.bound, self.delora_w_norm)))
         return ops.matmul(ops.swapaxes(a_t, -1, -2), b)
+
+    def as_lora_state(self):
+        """The update as an exact LoRA of rank `r` (scale 1): `A ⊙ w_norm`
+        and `diag(λ / (r ‖A_k‖ ‖B_k‖)) B`."""
+        a_t, b = self.factors(*(self.read(v) for v in (
+            self.delora_a, self.delora_b, self.bound, self.delora_w_norm)))
+        return {"lora_a": a_t, "lora_b": b}, {"rank": self.rank, "alpha": float(self.rank), "rslora": False}
