@@ -111,24 +111,36 @@ def _progress(n, label, verbose):
 @contextlib.contextmanager
 def recording(layers):
     """While inside, every call of a layer in `layers` (`{key: layer}`)
-    appends its input to `seen[key]` (a list per key): the layer's `call` is
-    wrapped on the instance and given back on exit."""
+    appends its input to `seen[key]` (a list per key).
+
+    The layers themselves are not touched: the `call` of each of their
+    classes is wrapped for the duration (the wrapper records only the
+    instances asked for, then calls the class's own `call`), and given back
+    on exit."""
     seen = {key: [] for key in layers}
-    wrapped = []
+    keys = {id(layer): key for key, layer in layers.items()}
+    classes = list(dict.fromkeys(type(layer) for layer in layers.values()))
+    # the originals, read before any class is patched (a subclass that does
+    # not define `call` would otherwise find its parent's wrapper)
+    originals = {cls: (cls.__dict__.get("call"), cls.call) for cls in classes}
     try:
-        for key, layer in layers.items():
-            original = layer.call
+        for cls, (_, original) in originals.items():
 
-            def call(inputs, *args, _original=original, _key=key, **kwargs):
-                seen[_key].append(inputs)
-                return _original(inputs, *args, **kwargs)
+            def call(self, inputs, *args, _original=original, **kwargs):
+                key = keys.get(id(self))
+                if key is not None:
+                    seen[key].append(inputs)
+                return _original(self, inputs, *args, **kwargs)
 
-            object.__setattr__(layer, "call", call)
-            wrapped.append(layer)
+            call.__wrapped__ = original
+            cls.call = call
         yield seen
     finally:
-        for layer in wrapped:
-            object.__delattr__(layer, "call")
+        for cls, (own, _) in originals.items():
+            if own is None:
+                del cls.call
+            else:
+                cls.call = own
 
 
 def _call_model(model, x, training):

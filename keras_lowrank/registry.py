@@ -318,7 +318,7 @@ def method_info(name):
         >>> info.defaults["rank"], info.defaults["alpha"]
         (8, None)
         >>> [o.allowed for o in info.options if o.name == "init"]
-        ["one of ('kaiming', 'gaussian')"]
+        ["one of ('kaiming', 'gaussian', 'orthogonal')"]
     """
     m = get(name)
     return MethodInfo(
