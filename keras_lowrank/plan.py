@@ -270,7 +270,7 @@ class Plan:
             more = f" (and {len(self.warnings) - 5} more)" if len(self.warnings) > 5 else ""
             warnings.warn(
                 f"Adapter ranks above what the kernel can use: {shown}{more}. They "
-                "are allowed (as in PEFT), but add parameters without adding rank.",
+                "are allowed, but add parameters without adding rank.",
                 stacklevel=4,
             )
 
