@@ -308,6 +308,18 @@ class SampleDataInit:
             )
         super().check_geometry(geometry, where)
 
+    def sample_data_found(self):
+        """What the data pass found for this layer (`receive_calibration`),
+        or a `ValueError` naming the layer when it was made without data
+        (a layer built by hand: its init needs `enable_adapter(..., data=)`)."""
+        found = self.calibrated()
+        if found is None:
+            raise ValueError(
+                f"Layer {self.name!r}: {self.method!r} initializes from sample data; add it "
+                f"with enable_adapter(model, method={self.method!r}, data=...)."
+            )
+        return found
+
 
 def padding_rows(x, n_rows):
     """The rows of a layer's input to keep: where a KerasHub batch's

@@ -138,12 +138,7 @@ class CorDA(calibration.SampleDataInit, ResidualLoRA):
         return calibration.Calibrated({k: sums[k] / counts[k] for k in targets})
 
     def initial_factors(self, w):
-        c = self.calibrated()
-        if c is None:
-            raise ValueError(
-                f"Layer {self.name!r}: CorDA initializes from sample data; add it with "
-                "enable_adapter(model, method='corda', data=...)."
-            )
+        c = self.sample_data_found()
         w = np.asarray(keras.ops.convert_to_numpy(w), "float64")
         try:
             a, b = corda_factors(w, c, self.rank, self.scaling, self.corda_method)

@@ -264,12 +264,7 @@ class EVA(calibration.SampleDataInit, LoRA):
         return calibration.Calibrated(payloads, ranks=counts, alphas=alphas)
 
     def initialize_from_base(self):
-        a = self.calibrated()
-        if a is None:
-            raise ValueError(
-                f"Layer {self.name!r}: EVA initializes from sample data; add it with "
-                "enable_adapter(model, method='eva', data=...)."
-            )
+        a = self.sample_data_found()
         self.lora_a.assign(keras.ops.convert_to_tensor(a, self.lora_a.dtype))
 
 

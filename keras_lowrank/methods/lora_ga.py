@@ -146,12 +146,7 @@ class LoRAGA(calibration.SampleDataInit, ResidualLoRA):
         return calibration.Calibrated(grads)
 
     def initial_factors(self, w):
-        grad = self.calibrated()
-        if grad is None:
-            raise ValueError(
-                f"Layer {self.name!r}: LoRA-GA initializes from sample data; add it with "
-                "enable_adapter(model, method='lora_ga', data=...)."
-            )
+        grad = self.sample_data_found()
         w = np.asarray(keras.ops.convert_to_numpy(w), "float64")
         a, b = lora_ga_factors(grad, w, self.rank, self.scaling, self.direction, self.scale,
                                self.stable_gamma, self.seed)
