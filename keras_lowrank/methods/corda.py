@@ -24,6 +24,7 @@ import numpy as np
 from keras_lowrank import calibration
 from keras_lowrank import options as opt
 from keras_lowrank import registry
+from keras_lowrank import svd
 from keras_lowrank.methods import reference
 from keras_lowrank.methods.residual import ResidualLoRA
 
@@ -56,15 +57,17 @@ def damped_inverse(c):
     raise ValueError("the input covariance could not be inverted (is it finite?)")
 
 
-def corda_factors(w, c, rank, scaling, part):
+def corda_factors(w, c, rank, scaling, part, where=None):
     """CorDA's `(A (n_in, r), B (r, n_out))` for the matrix `w` and the
-    input covariance `c` (float64 NumPy; see the module docstring)."""
+    input covariance `c` (float64 NumPy; see the module docstring). The
+    triplets of `C_d K` come from `keras_lowrank.svd.decompose` (the top
+    `r`, or the bottom `r` for `"kpm"`)."""
     fixed, inv = damped_inverse(np.asarray(c, "float64"))
-    p, sigma, qt = np.linalg.svd(fixed @ np.asarray(w, "float64"), full_matrices=False)
-    idx = slice(0, rank) if part == "ipm" else slice(len(sigma) - rank, len(sigma))
-    root = np.sqrt(sigma[idx] / scaling)
-    a = (inv @ p[:, idx]) * root[None, :]
-    b = root[:, None] * qt[idx]
+    p, sigma, q = svd.decompose(fixed @ np.asarray(w, "float64"), rank=rank,
+                                part="top" if part == "ipm" else "bottom", where=where)
+    root = np.sqrt(sigma.astype("float64") / scaling)
+    a = (inv @ p) * root[None, :]
+    b = root[:, None] * q.T
     return a, b
 
 
@@ -141,7 +144,7 @@ class CorDA(calibration.SampleDataInit, ResidualLoRA):
         c = self.sample_data_found()
         w = np.asarray(keras.ops.convert_to_numpy(w), "float64")
         try:
-            a, b = corda_factors(w, c, self.rank, self.scaling, self.corda_method)
+            a, b = corda_factors(w, c, self.rank, self.scaling, self.corda_method, self.name)
         except ValueError as e:
             raise ValueError(f"CorDA init of layer {self.name!r}: {e}; the model was left unchanged.") from None
         return a.astype("float32"), b.astype("float32")

@@ -43,7 +43,9 @@ class IncrementalPCA:
     """Principal components of rows fed batch by batch (float64 NumPy):
     the combination rule of Ross et al. (2008) as scikit-learn's
     `IncrementalPCA.partial_fit` writes it, with an exact SVD and the sign
-    of each component fixed by its largest entry.
+    of each component fixed by its largest entry. (A PCA of activation rows,
+    in float64 at every batch: not a kernel's decomposition, so not
+    `keras_lowrank.svd`, which works in float32 and reports each kernel.)
 
     Examples:
 

@@ -30,6 +30,7 @@ import numpy as np
 from keras_lowrank import calibration
 from keras_lowrank import options as opt
 from keras_lowrank import registry
+from keras_lowrank import svd
 from keras_lowrank.methods import reference
 from keras_lowrank.methods.residual import ResidualLoRA
 
@@ -57,11 +58,13 @@ def split_indices(direction, rank, seed=None):
 
 
 def lora_ga_factors(grad, w, rank, scaling, direction="ArB2r", scale="stable", stable_gamma=16.0,
-                    seed=None):
+                    seed=None, where=None):
     """LoRA-GA's `(A (n_in, r), B (r, n_out))` from the gradient `grad` and
     the kernel `w`, both matrix views (float64 NumPy; see the module
-    docstring)."""
-    p, sigma, qt = np.linalg.svd(np.asarray(grad, "float64"), full_matrices=False)
+    docstring). The triplets come from `keras_lowrank.svd.decompose`."""
+    grad = np.asarray(grad, "float64")
+    p, sigma, q = svd.decompose(grad, rank=min(2 * rank, min(grad.shape)), where=where)
+    p, sigma, qt = p.astype("float64"), sigma.astype("float64"), q.T.astype("float64")
     m = len(sigma)
     if m < 2 * rank:  # a small kernel has fewer than 2r triplets: the rest are zero
         p = np.pad(p, ((0, 0), (0, 2 * rank - m)))
@@ -75,7 +78,7 @@ def lora_ga_factors(grad, w, rank, scaling, direction="ArB2r", scale="stable", s
         b = b * (w.shape[-1] ** 0.25) / (stable_gamma ** 0.5)
     elif scale == "weight_svd":
         if s_b[0] > 0:
-            b = b * (np.linalg.svd(np.asarray(w, "float64"), compute_uv=False)[0] / s_b[0])
+            b = b * (float(svd.decompose(w, rank=1, where=where)[1][0]) / s_b[0])
     elif scale == "gd_scale":
         a, b = a / scaling, b / scaling
     return a, b
@@ -149,5 +152,5 @@ class LoRAGA(calibration.SampleDataInit, ResidualLoRA):
         grad = self.sample_data_found()
         w = np.asarray(keras.ops.convert_to_numpy(w), "float64")
         a, b = lora_ga_factors(grad, w, self.rank, self.scaling, self.direction, self.scale,
-                               self.stable_gamma, self.seed)
+                               self.stable_gamma, self.seed, self.name)
         return a.astype("float32"), b.astype("float32")
