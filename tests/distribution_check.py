@@ -48,9 +48,15 @@ def build(method, base="float"):
     backbone = keras_hub.models.GemmaBackbone(**CONFIG)
     model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
     options = dict(registry.get(method).example_options)
+    compile_ = lambda: model.compile(optimizer=keras.optimizers.SGD(0.5),  # noqa: E731
+                                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    if registry.get(method).calibration:  # the inits that read sample data (LoRA-GA: and the loss)
+        compile_()
+        options["data"] = (X, Y)
+        if method == "eva":
+            options["rho"] = 1.0
     kl.enable_adapter(model, method=method, rank=4, base=base, seed=1, **options)
-    model.compile(optimizer=keras.optimizers.SGD(0.5),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    compile_()
     return model
 
 

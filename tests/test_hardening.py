@@ -791,11 +791,15 @@ for method in json.loads(sys.argv[1]):
     inp = keras.Input((8,))
     h = keras.layers.Dense(16, activation="relu", name="ffn")(inp)
     model = keras.Model(inp, keras.layers.Dense(4, name="out")(h))
-    kl.enable_adapter(model, method=method, **kl.registry.get(method).example_options, rank=2,
-                      targets=["ffn"])
-    model.compile(optimizer="adam", loss="mse")
     x = np.random.rand(32, 8).astype("float32")
-    model.fit(x, np.random.rand(32, 4).astype("float32"), epochs=1, verbose=0)
+    y = np.random.rand(32, 4).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    extra = dict(kl.registry.get(method).example_options)
+    if kl.registry.get(method).calibration:  # the inits that read sample data
+        extra["data"] = (x, y)
+    kl.enable_adapter(model, method=method, **extra, rank=2, targets=["ffn"])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
 print("fit ok")
 """
 
