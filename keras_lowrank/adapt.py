@@ -376,7 +376,7 @@ def _calibrate(model, method, plan, data, verbose, plan_args):
     targets = {}
     for lp in plan.layers:
         layer = lp.entry.layer
-        if lp.existing or lp.spot is not None or getattr(layer, "_klr_is_adapter", False):
+        if lp.existing or lp.spot is not None or tree.is_adapter(layer) or tree.is_adapter_set(layer):
             raise ValueError(
                 f"enable_adapter: layer {lp.path!r} already holds an adapter; method {method!r} "
                 "reads the layer's own inputs from the sample data, so it goes on plain layers only."

@@ -224,7 +224,7 @@ def kernel_gradients(model, targets, data, where, verbose=True):
     (`{key: float64 (n_in, n_out) array}`). Runs in training mode (dropout
     on), as a training step would. The model must be compiled with a loss.
     """
-    if not getattr(model, "compiled", False) or getattr(model, "_compile_loss", None) is None:
+    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
         raise ValueError(
             f"{where}: the gradient init needs the model's loss; compile the model with its loss "
             "first (model.compile(loss=...)). The model was left unchanged."

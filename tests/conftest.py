@@ -250,7 +250,7 @@ def needs(method, model=None):
     if method == "eva":
         out["rho"] = 1.0
     if spec.calibration == "gradients":
-        compiled = getattr(model, "compiled", False) and getattr(model, "_compile_loss", None) is not None
+        compiled = getattr(model, "compiled", False) and getattr(model, "loss", None) is not None
         if compiled and isinstance(x, dict) and "token_ids" in x:
             out["data"] = (x, x["token_ids"])
             return out
