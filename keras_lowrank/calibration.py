@@ -88,7 +88,8 @@ class Batches:
             return
         source = self._source
         if isinstance(source, keras.utils.PyDataset):
-            source = (source[i] for i in range(len(source)))
+            dataset = source
+            source = (dataset[i] for i in range(len(dataset)))
         count = 0
         for batch in source:
             count += 1

@@ -290,6 +290,28 @@ def test_data_forms_give_the_same_init():
     np.testing.assert_allclose(inits[2], inits[0], rtol=1e-5, atol=1e-6)
 
 
+def test_datasets_give_the_same_init():
+    """A tf.data.Dataset and a keras.utils.PyDataset of the same batches give
+    the init a list of them gives (on every backend)."""
+    tf = pytest.importorskip("tensorflow")
+    batches = _batches(n=2, rows=32)
+
+    class Batched(keras.utils.PyDataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, i):
+            return batches[i]
+
+    inits = []
+    for data in (batches, tf.data.Dataset.from_tensor_slices(np.concatenate(batches)).batch(32), Batched()):
+        _, model = _twins()
+        kl.enable_adapter(model, method="corda", rank=2, targets=["a"], data=data)
+        inits.append(to_np(model.get_layer("a").lora_a))
+    np.testing.assert_allclose(inits[1], inits[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inits[2], inits[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["eva", "corda", "lora_ga"])
 @pytest.mark.parametrize("base", ["nf4", "int8"])
 def test_quantized_base_roundtrip_and_merge(method, base, tmp_path):
