@@ -164,6 +164,13 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
     #: with respect to each kernel: LoRA-GA); such a method also has the
     #: class method `calibrate(model, targets, data, options, verbose)`
     calibration = None
+    #: how a batch with a different adapter per example computes this
+    #: adapter (`keras_lowrank.per_example`): `"lora"` (its update is the
+    #: plain LoRA of `per_example_factors()`, gathered by example), `"dora"`
+    #: (that and a per-column gain on the base output), `"own"` (its output
+    #: for the whole batch, weighted per example) or `None` (refused: its
+    #: output for one example depends on the others)
+    per_example = "own"
     #: marks adapter layers for `keras_lowrank.tree` (no import cycle)
     _klr_is_adapter = True
 
@@ -523,6 +530,18 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
         if reverse:  # a tied embedding's output head (symbolic calls)
             return self.layer.compute_output_spec(inputs, reverse=True)
         return super().compute_output_spec(inputs, training=training)
+
+    def per_example_factors(self):
+        """`(A' (r, n_in), B (r, n_out), gain)` with the update this adapter
+        adds to the original base, for an input row `x`, equal to
+        `(x A'ᵀ) B` (+ `gain ⊙` the base output without its bias, for DoRA;
+        `gain` is `None` otherwise), for the methods whose `per_example` is
+        `"lora"` or `"dora"`: the plain-LoRA form of `as_lora_state()`, its
+        scale folded into `A'`."""
+        state, info = self.as_lora_state()
+        rank = info["rank"]
+        scale = info["alpha"] / (math.sqrt(rank) if info.get("rslora") else rank)
+        return state["lora_a"] * scale, state["lora_b"], None
 
     # ------------------------------------------------------------------
     # The weights a parent layer reads directly

@@ -26,6 +26,7 @@ from keras import ops
 
 from keras_lowrank import _compat
 from keras_lowrank import bases
+from keras_lowrank import per_example
 from keras_lowrank import tree
 from keras_lowrank.adapter import Adapter
 from keras_lowrank.adapter import adapter_policy_name
@@ -191,6 +192,10 @@ class AdapterSet(keras.layers.Layer):
         if reverse:  # a tied embedding's output head reads the adapted table
             return bases.reverse_output(self.layer, inputs, self.kernel)
         y0 = self.layer(inputs)
+        selection = per_example.current()
+        if selection is not None and self.adapter_enabled:  # an adapter per example
+            y = per_example.mixed_output(self, inputs, y0, selection, training)
+            return y if self.activation is None else self.activation(y)
         y = y0
         for name, member in self.members.items():
             kept = member.base_output(inputs, y0) if rewrites(member) else None

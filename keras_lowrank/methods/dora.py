@@ -51,6 +51,7 @@ class DoRA(LoRA):
     """
 
     method = "dora"
+    per_example = "dora"
     export_forms = ()  # the magnitude has no plain-LoRA form
 
     def variable_specs(self, geometry):
@@ -86,6 +87,13 @@ class DoRA(LoRA):
         g = ops.cast(self.geometry.column_vector_to_rows(g), low.dtype)
         rows = (g - 1.0) * base_rows + g * low
         return y + ops.cast(self.geometry.rows_to_outputs(rows, x), y.dtype)
+
+    def per_example_factors(self):
+        """DoRA's output is `y0 + (g - 1) ⊙ base + g ⊙ s (x A) B` with
+        `g = m / ‖K + sAB‖_c` (`base`: `y0` without its bias)."""
+        g = ops.cast(self.magnitude, "float32") / self.weight_norm()
+        a_t, b, _ = super().per_example_factors()
+        return a_t, b * ops.expand_dims(g, 0), g - 1.0
 
     def merged_matrix(self, matrix):
         v = matrix + self.delta_matrix()

@@ -474,6 +474,8 @@ class Lily(Adapter):
     """
 
     method = "lily"
+    #: its router mixes the projectors over the whole batch
+    per_example = None
     model_state = LilyProjectors
     serves_kernel = False
     #: embedding tables are refused by name (`check_geometry`)

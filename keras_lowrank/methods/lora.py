@@ -283,6 +283,7 @@ class LoRA(Adapter):
 
     method = "lora"
     export_forms = ("lora",)
+    per_example = "lora"
     OPTIONS = (
         RANK,
         ALPHA,

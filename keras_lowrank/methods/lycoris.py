@@ -379,6 +379,7 @@ class LoHa(_LycorisAdapter):
     """
 
     method = "loha"
+    per_example = "lora"
     export_forms = ("lora",)
     OPTIONS = (
         RANK,

@@ -229,6 +229,7 @@ class VeRA(Adapter):
     """
 
     method = "vera"
+    per_example = "lora"
     model_state = VeRAProjections
     export_forms = ("lora",)
     OPTIONS = (
