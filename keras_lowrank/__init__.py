@@ -67,6 +67,10 @@ else:
     from keras_lowrank.named import combine
     from keras_lowrank.named import delete_adapter
     from keras_lowrank.named import set_active
+    from keras_lowrank.serving import PerExampleAdapters
+    from keras_lowrank.serving import adapter_selection
+    from keras_lowrank.serving import generate
+    from keras_lowrank.hotswap import hotswap_adapter
     from keras_lowrank.peft_format import load_peft_adapter
     from keras_lowrank.peft_format import save_peft_adapter
     from keras_lowrank.adapted_model import adapters
@@ -96,6 +100,10 @@ __all__ = [
     "combine",
     "delete_adapter",
     "set_active",
+    "PerExampleAdapters",
+    "adapter_selection",
+    "generate",
+    "hotswap_adapter",
     "KernelGeometry",
     "LoRADropReport",
     "adalora",

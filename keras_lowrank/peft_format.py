@@ -593,9 +593,11 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
         experts.fold_back_model(model, only=exposed)
 
 
-def _load(model, path, base_model, base, verbose, adapter_name, config, tensors, fmt):
-    from keras_lowrank.adapt import enable_adapter
-
+def read_modules(model, path, base_model, adapter_name, config, tensors, fmt, placed=False):
+    """`(method, options, {layer path: (rank, alpha, state)}, shared tensors,
+    held module state)` of a PEFT directory's modules on `model`, each
+    checked against the layer it goes to (`placed`: the layers hold adapters
+    already, as for a hot-swap)."""
     hf_config = _hf_config(base_model, config)
     folder = base_model if base_model is not None else config.get("base_model_name_or_path")
     targets = module_map(model, hf_config, checkpoint=folder if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder) else None)
@@ -625,7 +627,8 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
         r = fmt.rank(config, module, parts)
         alpha = fmt.alpha(config, module)
         for target in found:  # several layers: a fused projection, split
-            if target.adapter is not None and adapter_name is None and not adapter_set.has_named(model):
+            if (not placed and target.adapter is not None and adapter_name is None
+                    and not adapter_set.has_named(model)):
                 raise ValueError(
                     f"PEFT adapter module {module!r}: Keras layer {target.path!r} already "
                     "holds an adapter."
@@ -670,6 +673,14 @@ def _load(model, path, base_model, base, verbose, adapter_name, config, tensors,
     if held:
         fmt.check_module_state(held, {t.path: t for ts in targets.values() for t in ts if t.path in held},
                                config)
+    return method, options, plan, shared_tensors, held
+
+
+def _load(model, path, base_model, base, verbose, adapter_name, config, tensors, fmt):
+    from keras_lowrank.adapt import enable_adapter
+
+    method, options, plan, shared_tensors, held = read_modules(
+        model, path, base_model, adapter_name, config, tensors, fmt)
     ranks = [r for r, _, _ in plan.values()]
     alphas = [a for _, a, _ in plan.values()]
     rank = max(set(ranks), key=ranks.count)
