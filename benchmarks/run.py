@@ -9,6 +9,7 @@
     python benchmarks/run.py training_dynamics [options]  # LoRA-FA's memory, AdaLoRA's overhead
     python benchmarks/run.py federated [options]   # DP-DyLoRA's accuracy in Flower's simulation engine
     python benchmarks/run.py moe_experts [options] # LoRA on MoE expert stacks: cost, and the loss reached
+    python benchmarks/run.py serving [options]     # a different adapter per example in one call, vs PEFT
     python benchmarks/run.py quality [options]     # every method's eval loss on one task (not in `all`)
     python benchmarks/run.py all [options]         # every suite but quality, one after the other
 
@@ -21,7 +22,7 @@ folder that receives `benchmarks_<suite>.md` / `<suite>.json`. Each suite of
 which must not include another suite's). Exit status: 0 if every part ran.
 
 The suites are `step_time.py`, `quantized.py`, `quantized_scale.py`, `svd_family.py`, `loha_forms.py`, `moe_experts.py`,
-`training_dynamics.py` and `federated.py` next to this file (each still
+`training_dynamics.py`, `federated.py` and `serving.py` next to this file (each still
 runnable directly); their shared code is in `_common.py`. See README.md.
 """
 
@@ -32,7 +33,7 @@ import subprocess
 import sys
 
 SUITES = ("step_time", "quantized", "quantized_scale", "svd_family", "loha_forms", "training_dynamics", "federated",
-          "moe_experts")
+          "moe_experts", "serving")
 #: suites with their own options, run alone (not by `all`)
 ALONE = ("quality",)
 HERE = os.path.dirname(os.path.abspath(__file__))

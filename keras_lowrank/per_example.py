@@ -188,9 +188,14 @@ def _gathered_update(aset, x, y0, gathered, selection):
     weight = ops.cast(selection.weight, dtype)
     batch = ops.shape(local)[0]
     xr = ops.reshape(rows, (batch, -1, g.n_in))
-    h = ops.einsum("btd,bmrd->btmr", xr, ops.take(a_stack, local, axis=0))
-    h = h * weight[:, None, :, None]
-    delta = ops.einsum("btmr,bmrn->btn", h, ops.take(b_stack, local, axis=0))
+    # each example's m adapters side by side: (batch, m r, ·) factors, and
+    # two batched matmuls (faster than einsum on torch's CPU kernels)
+    m = local.shape[1]
+    a_g = ops.reshape(ops.take(a_stack, local, axis=0), (batch, m * r_max, g.n_in))
+    b_g = ops.reshape(ops.take(b_stack, local, axis=0), (batch, m * r_max, g.n_out))
+    h = ops.matmul(xr, ops.swapaxes(a_g, -1, -2))  # (batch, t, m r)
+    h = h * ops.reshape(ops.repeat(weight, r_max, axis=1), (batch, 1, m * r_max))
+    delta = ops.matmul(h, b_g)
     if any(gain is not None for gain in gains):
         gain_stack = ops.stack([ops.zeros((g.n_out,), dtype) if gain is None else gain
                                 for gain in gains] + [ops.zeros((g.n_out,), dtype)])

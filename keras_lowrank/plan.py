@@ -253,7 +253,8 @@ class Plan:
                 is_new = False
             else:
                 state = cls_(config)
-                with tree.path_scope(shared.ATTRIBUTE + "/x"):
+                # the variables' paths: a TensorFlow root scope may not start with "_"
+                with tree.path_scope(shared.ATTRIBUTE.lstrip("_") + "/x"):
                     state.build()
                 is_new = True
             state.check_layers(lps, where)

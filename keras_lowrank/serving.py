@@ -72,8 +72,9 @@ def adapter_selection(model, adapter_names):
         ([[0, -1], [-1, -1], [0, 1]], [[1.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
     """
     if isinstance(model, PerExampleAdapters):
-        model = model.model
-    names = check_model(model, "adapter_selection")
+        names = model._names
+    else:
+        names = check_model(model, "adapter_selection")
     if isinstance(adapter_names, (str, dict)) or not hasattr(adapter_names, "__iter__"):
         raise ValueError(
             "adapter_selection: adapter_names must be a list with one entry per example "
@@ -134,7 +135,9 @@ class PerExampleAdapters(keras.Model):
     times its weight). `predict`, `__call__` and `export` work as for any
     Keras model; a compiled `predict` runs on when the selection changes,
     without a new trace. The gates of `set_active` are ignored inside it.
-    It holds `model` (no copy): training or switching `model` shows here.
+    It holds `model` (no copy): training `model` shows here. The adapter
+    names are those `model` has when it is wrapped (the indices of
+    `adapter_selection`); wrap it again after adding or deleting adapters.
 
     Adapters whose method has a plain-LoRA form (LoRA, rsLoRA, PiSSA, OLoRA,
     MiLoRA, VeRA, LoHa, ... and DoRA) are gathered per example and multiplied
@@ -163,10 +166,10 @@ class PerExampleAdapters(keras.Model):
     def __init__(self, model, **kwargs):
         kwargs.setdefault("name", f"{model.name}_per_example")
         super().__init__(**kwargs)
-        check_model(model, "PerExampleAdapters")
+        names = check_model(model, "PerExampleAdapters")
         self.model = model
-        if model.built:
-            self.built = True
+        # read once: walking the model on every eager (torch) call costs more than the adapters
+        self._names = names
 
     def call(self, inputs, training=None):
         if not isinstance(inputs, dict) or set(inputs) != {INPUTS, INDEX, WEIGHT}:
@@ -175,8 +178,7 @@ class PerExampleAdapters(keras.Model):
                 f"{self.name}: expected a dict with keys {[INPUTS, INDEX, WEIGHT]} "
                 f"(keras_lowrank.adapter_selection gives the last two); received {keys}."
             )
-        selection = per_example.Selection(adapter_set.names_in(adapter_set.sets(self.model)),
-                                          inputs[INDEX], inputs[WEIGHT])
+        selection = per_example.Selection(self._names, inputs[INDEX], inputs[WEIGHT])
         with per_example.selecting(selection):
             return self.model(inputs[INPUTS], training=training)
 

@@ -33,14 +33,15 @@ STATUS="$(mktemp -d)"
 trap 'rm -rf "$STATUS"' EXIT
 start=$(date +%s)
 
-# shard -> pytest arguments. keras.distribution runs on JAX: its test (a JAX
+# shard -> pytest arguments (the contract shard also runs every method per
+# example: test_serving.py, a registry-wide suite). keras.distribution runs on JAX: its test (a JAX
 # child process with 8 simulated devices) is a shard of its own, jax only.
 shard_args() {
   case "$1" in
-    contract) echo "tests/test_contract.py" ;;
+    contract) echo "tests/test_contract.py tests/test_serving.py" ;;
     quantized) echo "tests/test_quantized.py" ;;
     distribution) echo "tests/test_distribution.py" ;;
-    rest) echo "tests --ignore=tests/test_contract.py --ignore=tests/test_quantized.py --ignore=tests/test_distribution.py" ;;
+    rest) echo "tests --ignore=tests/test_contract.py --ignore=tests/test_serving.py --ignore=tests/test_quantized.py --ignore=tests/test_distribution.py" ;;
   esac
 }
 # Longest first (measured on a 2-core machine, clean clone, with issue 28's

@@ -79,6 +79,18 @@ MLP_X = np.random.RandomState(0).normal(size=(8, 5)).astype("float32")
 MLP_Y = np.random.RandomState(1).normal(size=(8, 3)).astype("float32")
 
 
+def seq_model():
+    """Dense and EinsumDense layers on (batch, steps, features) inputs:
+    rows of the matrix view are batch × steps."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((3, 6)),
+        keras.layers.Dense(8, activation="tanh", name="hidden"),
+        keras.layers.EinsumDense("btd,dnh->btnh", output_shape=(None, 2, 4), bias_axes="nh", name="heads"),
+        keras.layers.EinsumDense("btnh,nhd->btd", output_shape=(None, 3), name="out"),
+    ])
+
+
 def mlp_model(seed=0):
     keras.utils.set_random_seed(seed)
     inp = keras.Input((5,))

@@ -79,7 +79,7 @@ def _serve(fmt, path, x):
         import torch
 
         program = torch.export.load(path).module()
-        arg = {k: torch.as_tensor(v) for k, v in x.items()} if isinstance(x, dict) else torch.as_tensor(x)
+        arg = keras.tree.map_structure(torch.as_tensor, x)
         return program(arg).detach().cpu().numpy()
     raise AssertionError(fmt)
 
@@ -226,3 +226,46 @@ def test_merged_model_is_tracked_like_a_plain_build(kind):
         # graph's included) is a variable of the model, none left behind
         values = {id(v.value) for v in model.weights}
         assert {id(p) for p in model.parameters()} <= values
+
+
+# ----------------------------------------------------------------------
+# Adapted models export as they are: unmerged, and with an adapter per
+# example (`PerExampleAdapters`, the selection an input of the artifact)
+@pytest.mark.parametrize("fmt,kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
+def test_unmerged_model_exports_and_serves_what_it_computes(fmt, kind, tmp_path):
+    make, x, method = MODELS[kind]
+    x = _batch(x, fmt)
+    model = make()
+    kl.enable_adapter(model, method=method, rank=2)
+    for _, adapter in kl.adapters(model):
+        perturb(adapter, scale=0.2)
+    want = to_np(model(x))
+    served = _serve(fmt, _export(model, fmt, tmp_path, x), x)
+    np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,kind", [c for c in CASES if c[0] != "litert"],
+                         ids=[f"{f}-{k}" for f, k in CASES if f != "litert"])
+def test_per_example_model_exports_with_the_selection_as_input(fmt, kind, tmp_path):
+    make, x, _ = MODELS[kind]
+    model = make()
+    for i, method in enumerate(("lora", "dora", "vera")):
+        kl.enable_adapter(model, method=method, rank=2, adapter_name=f"n{i}")
+        for path, adapter in kl.adapters(model):
+            if path.endswith(f"@n{i}"):
+                perturb(adapter, scale=0.2, seed=i)
+    per_example = kl.PerExampleAdapters(model)
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    entries = [["n0", None, "n1", {"n0": 0.5, "n2": 0.5}, "n2"][i % 5] for i in range(n)]
+    inputs = {"inputs": x, **kl.adapter_selection(model, entries)}
+    want = to_np(per_example(inputs))
+    # torch.export fixes the batch size (that of the signature here)
+    batch = n if fmt == "torch" else None
+    spec = lambda v: keras.InputSpec(shape=(batch,) + v.shape[1:], dtype=str(v.dtype))  # noqa: E731
+    path = str(tmp_path / ("model.pt2" if fmt == "torch" else "model"))
+    per_example.export(path, format=fmt, verbose=False,
+                       input_signature=[keras.tree.map_structure(spec, inputs)])
+    np.testing.assert_allclose(_serve(fmt, path, inputs), want, rtol=1e-4, atol=1e-5)
+    # another selection, the same artifact
+    other = {"inputs": x, **kl.adapter_selection(model, [entries[(i + 2) % n] for i in range(n)])}
+    np.testing.assert_allclose(_serve(fmt, path, other), to_np(per_example(other)), rtol=1e-4, atol=1e-5)

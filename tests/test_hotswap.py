@@ -12,24 +12,15 @@ from keras_lowrank import adapter_set
 
 from conftest import BACKEND
 from conftest import perturb
+from conftest import seq_model
 from conftest import to_np
 
 X = np.random.RandomState(0).normal(size=(4, 3, 6)).astype("float32")
 
 
-def base():
-    keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((3, 6)),
-        keras.layers.Dense(8, activation="tanh", name="hidden"),
-        keras.layers.EinsumDense("btd,dnh->btnh", output_shape=(None, 2, 4), bias_axes="nh", name="heads"),
-        keras.layers.EinsumDense("btnh,nhd->btd", output_shape=(None, 3), name="out"),
-    ])
-
-
 def trained(tmp_path, name, method="lora", seed=1, **options):
     """A model with one adapter moved off its init, its file and outputs."""
-    model = base()
+    model = seq_model()
     kl.enable_adapter(model, method=method, adapter_name=name, **options)
     for _, a in kl.adapters(model):
         perturb(a, seed=seed)
@@ -43,7 +34,7 @@ def weights(model):
 
 
 def server(method="lora", rank=8, **options):
-    model = base()
+    model = seq_model()
     kl.enable_adapter(model, method=method, rank=rank, adapter_name="slot", **options)
     kl.enable_adapter(model, method="dora", rank=2, adapter_name="other")
     kl.set_active(model, "slot", trainable=False)
@@ -137,7 +128,7 @@ def test_refusals_leave_the_model_unchanged(tmp_path, case):
         path, _ = trained(tmp_path, "a", method="vera", rank=2)
         match = r"layer 'hidden' holds a 'lora' adapter in the slot; .* holds a 'vera'"
     elif case == "layers":
-        m = base()
+        m = seq_model()
         kl.enable_adapter(m, rank=2, targets=["hidden"], adapter_name="a")
         path = str(tmp_path / "a.safetensors")
         kl.save_adapter(m, path)
@@ -148,7 +139,7 @@ def test_refusals_leave_the_model_unchanged(tmp_path, case):
         path, _ = trained(tmp_path, "a", method="pissa", rank=2)
         match = "rewrites the frozen kernel"
     elif case == "two":
-        m = base()
+        m = seq_model()
         kl.enable_adapter(m, rank=2, adapter_name="a")
         kl.enable_adapter(m, rank=2, adapter_name="b")
         path = str(tmp_path / "ab.safetensors")

@@ -16,23 +16,12 @@ from keras_lowrank import registry
 from conftest import BACKEND
 from conftest import gemma_backbone
 from conftest import needs
+from conftest import seq_model
 from conftest import perturb
 from conftest import to_np
 from conftest import token_inputs
 
 X3 = np.random.RandomState(0).normal(size=(5, 3, 6)).astype("float32")
-
-
-def seq_model():
-    """Dense and EinsumDense layers on (batch, steps, features) inputs:
-    rows of the matrix view are batch × steps."""
-    keras.utils.set_random_seed(0)
-    return keras.Sequential([
-        keras.Input((3, 6)),
-        keras.layers.Dense(8, activation="tanh", name="hidden"),
-        keras.layers.EinsumDense("btd,dnh->btnh", output_shape=(None, 2, 4), bias_axes="nh", name="heads"),
-        keras.layers.EinsumDense("btnh,nhd->btd", output_shape=(None, 3), name="out"),
-    ])
 
 
 def moved(model, name, seed):
