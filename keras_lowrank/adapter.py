@@ -165,8 +165,8 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
     #: class method `calibrate(model, targets, data, options, verbose)`
     calibration = None
     #: how a batch with a different adapter per example computes this
-    #: adapter (`keras_lowrank.per_example`): `"lora"` (its update is the
-    #: plain LoRA of `per_example_factors()`, gathered by example), `"dora"`
+    #: adapter (`keras_lowrank.per_example`): `"factors"` (its update is the
+    #: plain LoRA of `per_example_factors()`, gathered by example), `"factors_gain"`
     #: (that and a per-column gain on the base output), `"own"` (its output
     #: for the whole batch, weighted per example) or `None` (refused: its
     #: output for one example depends on the others)
@@ -536,7 +536,7 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
         adds to the original base, for an input row `x`, equal to
         `(x A'ᵀ) B` (+ `gain ⊙` the base output without its bias, for DoRA;
         `gain` is `None` otherwise), for the methods whose `per_example` is
-        `"lora"` or `"dora"`: the plain-LoRA form of `as_lora_state()`, its
+        `"factors"` or `"factors_gain"`: the plain-LoRA form of `as_lora_state()`, its
         scale folded into `A'`."""
         state, info = self.as_lora_state()
         rank = info["rank"]

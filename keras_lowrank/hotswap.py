@@ -32,8 +32,6 @@ from keras_lowrank import shared
 from keras_lowrank import tree
 from keras_lowrank.saved_plan import SEP
 
-#: methods whose rank can be padded: `lora_a (r, n_in)`, `lora_b (r, n_out)`
-PADDED = ("lora", "loraplus", "lora_fa", "dora", "eva")
 #: options that only shape training or the init (they may differ)
 _FREE = {"seed", "dropout", "init", "lr_ratio"}
 _RANKED = {"rank", "alpha", "rslora"}
@@ -83,7 +81,8 @@ def _values(member, path, method, options, state, where):
         raise ValueError(f"hotswap_adapter: layer {path!r}: {where} trains the layer's bias "
                          "(train_bias), which the slot's layer shares with its other adapters.")
     mine = member.options()
-    free = _FREE | (_RANKED if method in PADDED else set())
+    padded = getattr(member, "hotswap_pads_rank", False)
+    free = _FREE | (_RANKED if padded else set())
     for key in sorted(set(mine) | set(options)):
         if key in free or options.get(key) is None:  # None: the file leaves it to the default
             continue
@@ -91,12 +90,17 @@ def _values(member, path, method, options, state, where):
             raise ValueError(
                 f"hotswap_adapter: layer {path!r}: the slot's {method} has {key}={mine.get(key)!r}, "
                 f"{where} has {key}={options.get(key)!r}.")
+    state_held = member.shared_state()
+    if state_held is not None and not getattr(state_held, "hotswap_compares", False):
+        raise ValueError(
+            f"hotswap_adapter: layer {path!r}: {method} adapters keep a model-level state "
+            "that a hot-swap cannot replace; load the adapter with load_adapter.")
     variables = member.file_state()
     if set(state) != set(variables):
         raise ValueError(f"hotswap_adapter: layer {path!r} needs {sorted(variables)}; {where} "
                          f"holds {sorted(state)}.")
     out = {}
-    if method in PADDED:
+    if padded:
         r_slot, r_file = member.rank, int(options["rank"])
         if r_file > r_slot:
             raise ValueError(
@@ -160,8 +164,8 @@ def _from_file(path, where):
 def _from_peft(model, path, adapter_name, base_model, where):
     from keras_lowrank import peft_format
 
-    config, tensors = peft_format._read_dir(path)
-    fmt = peft_format._check_config(config)
+    config, tensors = peft_format.read_dir(path)
+    fmt = peft_format.check_config(config)
     if fmt.shared:
         raise ValueError(
             f"hotswap_adapter: {where} is a PEFT {fmt.method(config)} adapter, whose projections "
@@ -245,7 +249,7 @@ def hotswap_adapter(model, source, adapter_name=None, base_model=None):
     states = shared.states(model)
     for method, values in held.items():
         state = states.get(method)
-        if method not in ("vera", "randlora") or state is None:
+        if state is None or not getattr(state, "hotswap_compares", False):
             raise ValueError(f"hotswap_adapter: {where} holds {method}'s model-level state, "
                              "which a hot-swap cannot replace; load it with load_adapter.")
         for var_name, var in state.file_state().items():

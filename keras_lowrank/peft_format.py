@@ -373,7 +373,7 @@ def module_map(model, base_model, checkpoint=None):
 
 # ----------------------------------------------------------------------
 # Reading a PEFT directory
-def _read_dir(path):
+def read_dir(path):
     """`(config, tensors)` of a PEFT adapter directory, checked as files: the
     config is a JSON object, the weights a readable safetensors file of
     finite float tensors."""
@@ -425,7 +425,7 @@ def _pattern_config(config, key, kind):
     return value
 
 
-def _check_config(config):
+def check_config(config):
     formats = registry.peft_formats()
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in formats:
@@ -583,8 +583,8 @@ def load_peft_adapter(model, path, base_model=None, base=None, verbose=False, ad
 
     Example: see `save_peft_adapter` (a round trip through a directory).
     """
-    config, tensors = _read_dir(path)
-    fmt = _check_config(config)
+    config, tensors = read_dir(path)
+    fmt = check_config(config)
     # expert weights are layers while the file is placed (`keras_lowrank.experts`)
     exposed = experts.expose_model(model)
     try:

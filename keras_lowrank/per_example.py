@@ -15,12 +15,12 @@ model computes with only that adapter active.
 Members of a set compute their part in one of two ways, as their class
 declares (`Adapter.per_example`):
 
-- `"lora"`: the member's update is the plain LoRA its `as_lora_state()`
+- `"factors"`: the member's update is the plain LoRA its `as_lora_state()`
   gives (for adapters that rewrite the base, relative to the original base,
   which is the part they give back while inactive). The set stacks those
   factors, zero-padded to the largest rank, gathers them by example and
   multiplies in two batched einsums: one pass for every such member,
-  however many adapters the batch mixes. DoRA (`"dora"`) adds a gathered
+  however many adapters the batch mixes. DoRA (`"factors_gain"`) adds a gathered
   per-column gain on the base output.
 - `"own"`: the member computes its output for the whole batch, and each
   example keeps it with its own weight (exact for any method whose output
@@ -41,7 +41,9 @@ from keras import ops
 _STATE = threading.local()
 
 #: the per-example kinds an `Adapter` class may declare
-KINDS = ("lora", "dora", "own")
+KINDS = ("factors", "factors_gain", "own")
+#: the kinds gathered per example
+GATHERED = KINDS[:2]
 
 
 class Selection:
@@ -114,12 +116,12 @@ def _per_row(weight, y):
 
 def _kind(member, training):
     kind = getattr(member, "per_example", "own")
-    if kind in ("lora", "dora"):
+    if kind in GATHERED:
         # a subclass with a forward of its own computes its own part
         owner = next(c for c in type(member).__mro__ if "per_example" in c.__dict__)
         if type(member).adapter_output is not owner.adapter_output:
             kind = "own"
-    if kind in ("lora", "dora") and (training or member.geometry.batch_shape
+    if kind in GATHERED and (training or member.geometry.batch_shape
                                      or hasattr(member.geometry, "rows_times")):
         return "own"  # dropout, heads sharing a kernel axis, convs, embeddings
     return kind
@@ -139,7 +141,7 @@ def mixed_output(aset, x, y0, selection, training):
         if kept is not None:
             y = y + (kept - y0)
         kind = _kind(member, training)
-        if kind in ("lora", "dora") and name in selection.names:
+        if kind in GATHERED and name in selection.names:
             gathered.append((selection.names.index(name), member, kind))
             continue
         weight = selection.column(name)

@@ -51,7 +51,7 @@ class DoRA(LoRA):
     """
 
     method = "dora"
-    per_example = "dora"
+    per_example = "factors_gain"
     export_forms = ()  # the magnitude has no plain-LoRA form
 
     def variable_specs(self, geometry):

@@ -159,6 +159,7 @@ class DyLoRA(LoRA):
     """
 
     method = "dylora"
+    hotswap_pads_rank = False  # its ranks are nested (a trained order), not padding
     model_state = DyLoRAState
     training_parts = (
         training.TrainingPart("model_call", "one rank ℓ ~ U{1..r} per train step for the whole model"),

@@ -283,7 +283,9 @@ class LoRA(Adapter):
 
     method = "lora"
     export_forms = ("lora",)
-    per_example = "lora"
+    per_example = "factors"
+    #: a hot-swap may pad a lower-rank file to this rank (`keras_lowrank.hotswap`)
+    hotswap_pads_rank = True
     OPTIONS = (
         RANK,
         ALPHA,

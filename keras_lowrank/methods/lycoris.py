@@ -379,7 +379,7 @@ class LoHa(_LycorisAdapter):
     """
 
     method = "loha"
-    per_example = "lora"
+    per_example = "factors"
     export_forms = ("lora",)
     OPTIONS = (
         RANK,

@@ -122,6 +122,8 @@ class RandLoRABases(shared.SharedState):
     """The frozen random bases every RandLoRA layer of a model shares."""
 
     method = "randlora"
+    #: frozen random bases: a hot-swapped file must have made the same ones
+    hotswap_compares = True
     KEYS = ("rank", "seed", "sparse", "very_sparse", "save_projection")
 
     @classmethod

@@ -63,6 +63,8 @@ class VeRAProjections(shared.SharedState):
     """The frozen random projections every VeRA layer of a model shares."""
 
     method = "vera"
+    #: frozen random projections: a hot-swapped file must have made the same ones
+    hotswap_compares = True
 
     @classmethod
     def config_for(cls, layer_plans, where):
@@ -229,7 +231,7 @@ class VeRA(Adapter):
     """
 
     method = "vera"
-    per_example = "lora"
+    per_example = "factors"
     model_state = VeRAProjections
     export_forms = ("lora",)
     OPTIONS = (
