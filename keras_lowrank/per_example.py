@@ -35,6 +35,7 @@ context around the traced call, so changing its values never retraces.
 import contextlib
 import threading
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -53,6 +54,19 @@ class Selection:
         self.names = tuple(names)
         self.index = ops.cast(index, "int32")
         self.weight = ops.cast(weight, "float32")
+        self._safe = None
+        self._local = {}  # per layer table: the same for layers with the same adapters
+
+    def local(self, table):
+        """`(batch, m)`: `table[index]`, an index outside the names taking
+        the table's last entry (none)."""
+        key = table.tobytes()
+        if key not in self._local:
+            if self._safe is None:
+                k = len(self.names)
+                self._safe = ops.where(ops.logical_or(self.index < 0, self.index >= k), k, self.index)
+            self._local[key] = ops.take(ops.convert_to_tensor(table), self._safe, axis=0)
+        return self._local[key]
 
     def column(self, name):
         """`(batch,)`: the weight each example gives the adapter `name`."""
@@ -158,6 +172,12 @@ def _base_output():
     return Adapter.base_output
 
 
+def _as(x, dtype):
+    """`x` in `dtype` (no cast op where it is already: each op costs on an
+    eager backend)."""
+    return x if keras.backend.standardize_dtype(x.dtype) == dtype else ops.cast(x, dtype)
+
+
 def _gathered_update(aset, x, y0, gathered, selection):
     """`Σ_j w[e, j] Δ_{index[e, j]}(x_e)` for the LoRA-form members
     `gathered` (`[(index in names, member, kind)]`), by gathering each
@@ -168,13 +188,14 @@ def _gathered_update(aset, x, y0, gathered, selection):
     a_list, b_list, gains = [], [], []
     for _, member, kind in gathered:
         a_t, b, gain = member.per_example_factors()
-        a_list.append(ops.cast(a_t, dtype))
-        b_list.append(ops.cast(b, dtype))
-        gains.append(None if gain is None else ops.cast(gain, dtype))
+        a_list.append(_as(a_t, dtype))
+        b_list.append(_as(b, dtype))
+        gains.append(None if gain is None else _as(gain, dtype))
     r_max = max(int(a.shape[0]) for a in a_list)
 
     def stack(parts, width):
-        padded = [ops.pad(p, [[0, r_max - int(p.shape[0])], [0, 0]]) for p in parts]
+        padded = [p if int(p.shape[0]) == r_max else ops.pad(p, [[0, r_max - int(p.shape[0])], [0, 0]])
+                  for p in parts]
         return ops.stack(padded + [ops.zeros((r_max, width), dtype)])  # the last: no adapter
 
     a_stack = stack(a_list, g.n_in)  # (k + 1, r, n_in)
@@ -183,11 +204,8 @@ def _gathered_update(aset, x, y0, gathered, selection):
     table = np.full(len(selection.names) + 1, len(gathered), "int32")
     for place, (i, _, _) in enumerate(gathered):
         table[i] = place
-    index = selection.index
-    index = ops.where(ops.logical_or(index < 0, index >= len(selection.names)),
-                      len(selection.names), index)
-    local = ops.take(ops.convert_to_tensor(table), index, axis=0)  # (batch, m)
-    weight = ops.cast(selection.weight, dtype)
+    local = selection.local(table)  # (batch, m)
+    weight = _as(selection.weight, dtype)
     batch = ops.shape(local)[0]
     xr = ops.reshape(rows, (batch, -1, g.n_in))
     # each example's m adapters side by side: (batch, m r, ·) factors, and

@@ -65,8 +65,8 @@ def adapter_selection(model, adapter_names):
         >>> import keras, numpy as np
         >>> import keras_lowrank
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="out")])
-        >>> _ = keras_lowrank.enable_adapter(model, rank=2, adapter_name="a")
-        >>> _ = keras_lowrank.enable_adapter(model, rank=2, adapter_name="b")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="b")
         >>> s = keras_lowrank.adapter_selection(model, ["a", None, {"a": 0.5, "b": 0.5}])
         >>> s["adapter_index"].tolist(), s["adapter_weight"].tolist()
         ([[0, -1], [-1, -1], [0, 1]], [[1.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
@@ -154,8 +154,8 @@ class PerExampleAdapters(keras.Model):
         >>> import keras, numpy as np
         >>> import keras_lowrank
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="out")])
-        >>> _ = keras_lowrank.enable_adapter(model, rank=2, adapter_name="a")
-        >>> _ = keras_lowrank.enable_adapter(model, method="dora", rank=2, adapter_name="b")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], rank=2, adapter_name="a")
+        >>> _ = keras_lowrank.enable_adapter(model, targets=["out"], method="dora", rank=2, adapter_name="b")
         >>> served = keras_lowrank.PerExampleAdapters(model)
         >>> x = np.ones((3, 4), "float32")
         >>> sel = keras_lowrank.adapter_selection(model, ["a", "b", None])

@@ -94,6 +94,35 @@ def test_compiled_predict_does_not_retrace(monkeypatch):
         assert len(traces) == first[1]
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile is torch's")
+def test_torch_compile_does_not_recompile_when_the_selection_changes():
+    import torch
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = seq_model()
+    for i, method in enumerate(("lora", "dora")):
+        kl.enable_adapter(model, method=method, rank=2, adapter_name=f"n{i}")
+        moved(model, f"n{i}", i)
+    served = kl.PerExampleAdapters(model)
+    run = torch.compile(lambda inputs: served(inputs), backend=backend)
+    x = torch.as_tensor(X3)
+    with torch.no_grad():
+        for step, entries in enumerate((["n0", "n1", None, "n0", "n1"], ["n1", None, "n0", "n1", "n0"],
+                                        [None, "n0", "n0", "n1", None])):
+            sel = {k: torch.as_tensor(v) for k, v in kl.adapter_selection(model, entries).items()}
+            out = to_np(run({"inputs": x, **sel}))
+            for e, entry in enumerate(entries):
+                np.testing.assert_allclose(out[e], reference(model, X3[e:e + 1], entry)[0], atol=2e-5)
+            if step == 1:  # dynamo compiles some frames again on their second call
+                n = len(graphs)
+    assert len(graphs) == n
+
+
 def test_selection_and_refusals():
     model = seq_model()
     with pytest.raises(ValueError, match="no named adapters"):
@@ -182,10 +211,10 @@ def test_kerashub_generate_per_prompt(monkeypatch):
 
 def test_kerashub_backbone_mixed_batch():
     backbone = gemma_backbone()
-    kl.enable_adapter(backbone, rank=2, adapter_name="p")
-    kl.enable_adapter(backbone, method="vera", rank=2, adapter_name="q")
-    for i, (_, a) in enumerate(kl.adapters(backbone)):
-        perturb(a, seed=i)
+    for j, (name, method) in enumerate((("p", "lora"), ("q", "vera"))):
+        kl.enable_adapter(backbone, method=method, rank=2, adapter_name=name)
+        for i, (_, a) in enumerate(kl.adapters(backbone)):  # the active (trainable) one moves
+            perturb(a, seed=10 * j + i)
     x = token_inputs(20, batch=4, seq=6)
     entries = ["q", None, "p", {"p": 0.5, "q": 0.5}]
     got = to_np(kl.PerExampleAdapters(backbone).predict(
@@ -193,3 +222,35 @@ def test_kerashub_backbone_mixed_batch():
     for e, entry in enumerate(entries):
         want = reference(backbone, {k: v[e:e + 1] for k, v in x.items()}, entry)[0]
         np.testing.assert_allclose(got[e], want, atol=2e-5 * max(1.0, np.abs(want).max()))
+
+
+# a tiny byte-pair vocabulary: single characters and a few merges
+GPT2_VOCAB = {t: i for i, t in enumerate(
+    ["<|endoftext|>", "a", "i", "r", "p", "l", "n", "e", "t", "o", "Ġ", "ai", "air", "Ġa", "Ġat"])}
+GPT2_MERGES = ["a i", "ai r", "Ġ a", "Ġa t"]
+
+
+def test_kerashub_generate_strings_through_the_preprocessor():
+    hub = kl_hub()
+    tokenizer = hub.models.GPT2Tokenizer(vocabulary=GPT2_VOCAB, merges=GPT2_MERGES)
+    preprocessor = hub.models.GPT2CausalLMPreprocessor(tokenizer=tokenizer, sequence_length=16)
+    keras.utils.set_random_seed(0)
+    backbone = hub.models.GPT2Backbone(vocabulary_size=len(GPT2_VOCAB), num_layers=2, num_heads=2,
+                                       hidden_dim=8, intermediate_dim=16, max_sequence_length=16)
+    lm = hub.models.GPT2CausalLM(backbone=backbone, preprocessor=preprocessor)
+    lm.compile(sampler="greedy")
+    for j, name in enumerate(("x", "y")):
+        kl.enable_adapter(lm, rank=2, adapter_name=name)  # the active one: trainable, moved
+        for i, (_, a) in enumerate(kl.adapters(lm)):
+            perturb(a, scale=3.0, seed=10 * j + i)
+    prompts = ["air plane at", "a train", "at air"]
+    entries = ["x", None, "y"]
+    out = kl.generate(lm, prompts, entries, max_length=16, stop_token_ids=None)
+    assert "generate_preprocess" not in vars(preprocessor)  # the preprocessor is as it was
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    for e, entry in enumerate(entries):
+        kl.set_active(lm, entry, trainable=False)
+        assert lm.generate([prompts[e]], max_length=16, stop_token_ids=None)[0] == out[e]
+    kl.set_active(lm, None, trainable=False)
+    base = [lm.generate([p], max_length=16, stop_token_ids=None)[0] for p in prompts]
+    assert base[0] != out[0] and base[2] != out[2]  # the adapters change the text
