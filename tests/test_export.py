@@ -72,7 +72,11 @@ def _serve(fmt, path, x):
         import tensorflow as tf
 
         runner = tf.lite.Interpreter(model_path=path).get_signature_runner()
-        inputs = x if isinstance(x, dict) else {next(iter(runner.get_input_details())): x}
+        names = runner.get_input_details()
+        if isinstance(x, dict) and set(x) == set(names):
+            inputs = x
+        else:  # LiteRT names a structure's leaves args_0, args_0_1, ... in flattening order
+            inputs = dict(zip(sorted(names, key=lambda n: (len(n), n)), keras.tree.flatten(x)))
         (out,) = runner(**inputs).values()
         return np.asarray(out)
     if fmt == "torch":
@@ -244,8 +248,7 @@ def test_unmerged_model_exports_and_serves_what_it_computes(fmt, kind, tmp_path)
     np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt,kind", [c for c in CASES if c[0] != "litert"],
-                         ids=[f"{f}-{k}" for f, k in CASES if f != "litert"])
+@pytest.mark.parametrize("fmt,kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_per_example_model_exports_with_the_selection_as_input(fmt, kind, tmp_path):
     make, x, _ = MODELS[kind]
     model = make()
@@ -262,7 +265,7 @@ def test_per_example_model_exports_with_the_selection_as_input(fmt, kind, tmp_pa
     # torch.export fixes the batch size (that of the signature here)
     batch = n if fmt == "torch" else None
     spec = lambda v: keras.InputSpec(shape=(batch,) + v.shape[1:], dtype=str(v.dtype))  # noqa: E731
-    path = str(tmp_path / ("model.pt2" if fmt == "torch" else "model"))
+    path = str(tmp_path / {"torch": "model.pt2", "litert": "model.tflite"}.get(fmt, "model"))
     per_example.export(path, format=fmt, verbose=False,
                        input_signature=[keras.tree.map_structure(spec, inputs)])
     np.testing.assert_allclose(_serve(fmt, path, inputs), want, rtol=1e-4, atol=1e-5)
