@@ -587,6 +587,12 @@ class Adapter(AdapterMath, InPlaceMerge, AdapterCodec, keras.layers.Wrapper):
         return sum(math.prod(v.shape) for v in self._adapter_vars.values() if v.trainable)
 
 
+def rewrites(member):
+    """Whether `member`'s base output differs from the frozen layer's (it
+    rewrote the kernel and gives its part back while inactive)."""
+    return type(member).base_output is not Adapter.base_output
+
+
 class AdapterLinks:
     """What an adapter refers to without owning it: the `AdapterSet` that
     holds it, the variables that train while it is

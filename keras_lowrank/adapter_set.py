@@ -29,6 +29,7 @@ from keras_lowrank import bases
 from keras_lowrank import per_example
 from keras_lowrank import tree
 from keras_lowrank.adapter import Adapter
+from keras_lowrank.adapter import rewrites
 from keras_lowrank.adapter import adapter_policy_name
 from keras_lowrank.adapter_merge import check_finite
 
@@ -46,12 +47,6 @@ def check_name(name, where="adapter_name"):
             f"(not starting with '-'); received {name!r}."
         )
     return name
-
-
-def rewrites(member):
-    """Whether `member`'s base output differs from the frozen layer's (it
-    rewrote the kernel and gives its part back while inactive)."""
-    return type(member).base_output is not Adapter.base_output
 
 
 @keras.saving.register_keras_serializable(package="keras_lowrank")

@@ -63,9 +63,11 @@ def _scale(options):
     return alpha / (math.sqrt(rank) if options.get("rslora") else rank)
 
 
-def _values(member, path, method, options, state, where):
+def _values(member, path, method, options, state, where, peft=False):
     """The values of `member`'s variables that make it compute the file's
-    layer (`method`, `options`, `state`: name -> array), or a `ValueError`."""
+    layer (`method`, `options`, `state`: name -> array), or a `ValueError`.
+    A PEFT directory (`peft`) lacks the non-trainable bookkeeping of a
+    merge (DoRA's `merge_norm`): those variables keep their values."""
     if member.method != method:
         raise ValueError(f"hotswap_adapter: layer {path!r} holds a {member.method!r} adapter in "
                          f"the slot; {where} holds a {method!r} adapter there.")
@@ -96,6 +98,8 @@ def _values(member, path, method, options, state, where):
             f"hotswap_adapter: layer {path!r}: {method} adapters keep a model-level state "
             "that a hot-swap cannot replace; load the adapter with load_adapter.")
     variables = member.file_state()
+    if peft:
+        variables = {k: v for k, v in variables.items() if k in state or v.trainable}
     if set(state) != set(variables):
         raise ValueError(f"hotswap_adapter: layer {path!r} needs {sorted(variables)}; {where} "
                          f"holds {sorted(state)}.")
@@ -231,7 +235,9 @@ def hotswap_adapter(model, source, adapter_name=None, base_model=None):
     if os.path.isdir(name):
         where = f"PEFT directory {name}"
         layers, held = _from_peft(model, name, adapter_name, base_model, where)
+        peft = True
     else:
+        peft = False
         where = f"adapter file {name}"
         layers, held = _from_file(name, where)
     missing = sorted(slot[k][0] for k in slot if k not in layers)
@@ -244,7 +250,7 @@ def hotswap_adapter(model, source, adapter_name=None, base_model=None):
     writes = []
     for key, (method, options, state) in layers.items():
         path, member = slot[key]
-        for var_name, value in _values(member, path, method, options, state, where).items():
+        for var_name, value in _values(member, path, method, options, state, where, peft).items():
             writes.append((member.file_state()[var_name], value))
     states = shared.states(model)
     for method, values in held.items():

@@ -39,6 +39,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_lowrank.adapter import rewrites
+
 _STATE = threading.local()
 
 #: the per-example kinds an `Adapter` class may declare
@@ -151,7 +153,7 @@ def mixed_output(aset, x, y0, selection, training):
         why = refusal(aset.name, member, name)
         if why is not None:
             raise ValueError(why)
-        kept = member.base_output(x, y0) if type(member).base_output is not _base_output() else None
+        kept = member.base_output(x, y0) if rewrites(member) else None
         if kept is not None:
             y = y + (kept - y0)
         kind = _kind(member, training)
@@ -164,12 +166,6 @@ def mixed_output(aset, x, y0, selection, training):
     if gathered:
         y = y + _gathered_update(aset, x, y0, gathered, selection)
     return y
-
-
-def _base_output():
-    from keras_lowrank.adapter import Adapter
-
-    return Adapter.base_output
 
 
 def _as(x, dtype):

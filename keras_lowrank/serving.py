@@ -218,7 +218,7 @@ def _install_generate_step(causal_lm):
     causal_lm.generate_function = None  # built again around the new step
 
 
-def _batch_size(inputs, has_preprocessor):
+def _batch_size(inputs):
     if isinstance(inputs, str):
         return 1
     if isinstance(inputs, dict):
@@ -268,7 +268,7 @@ def generate(causal_lm, inputs, adapter_names, max_length=None, stop_token_ids="
                          "tf.data.Dataset: adapter_names has one entry per prompt of that batch.")
     selection = adapter_selection(causal_lm, adapter_names)
     preprocessor = getattr(causal_lm, "preprocessor", None)
-    n = _batch_size(inputs, preprocessor is not None)
+    n = _batch_size(inputs)
     if n != len(selection[INDEX]):
         raise ValueError(f"generate: {n} prompts, but adapter_names has "
                          f"{len(selection[INDEX])} entries (one per prompt).")

@@ -97,7 +97,7 @@ def _batch(x, fmt):
 
 
 @pytest.mark.parametrize("fmt,kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
-def test_merged_model_exports_and_serves_what_it_computes(fmt, kind, tmp_path):
+def test_adapted_and_merged_model_export_and_serve_what_they_compute(fmt, kind, tmp_path):
     make, x, method = MODELS[kind]
     x = _batch(x, fmt)
     model = make()
@@ -105,6 +105,10 @@ def test_merged_model_exports_and_serves_what_it_computes(fmt, kind, tmp_path):
     for _, adapter in kl.adapters(model):
         perturb(adapter, scale=0.2)
     adapted = to_np(model(x))
+    # unmerged, the adapters (and a method's model-level state) export as they are
+    (tmp_path / "adapted").mkdir()
+    served = _serve(fmt, _export(model, fmt, tmp_path / "adapted", x), x)
+    np.testing.assert_allclose(served, adapted, rtol=1e-4, atol=1e-5)
     kl.merge(model)
     merged = to_np(model(x))
     np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-5)
@@ -235,19 +239,6 @@ def test_merged_model_is_tracked_like_a_plain_build(kind):
 # ----------------------------------------------------------------------
 # Adapted models export as they are: unmerged, and with an adapter per
 # example (`PerExampleAdapters`, the selection an input of the artifact)
-@pytest.mark.parametrize("fmt,kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
-def test_unmerged_model_exports_and_serves_what_it_computes(fmt, kind, tmp_path):
-    make, x, method = MODELS[kind]
-    x = _batch(x, fmt)
-    model = make()
-    kl.enable_adapter(model, method=method, rank=2)
-    for _, adapter in kl.adapters(model):
-        perturb(adapter, scale=0.2)
-    want = to_np(model(x))
-    served = _serve(fmt, _export(model, fmt, tmp_path, x), x)
-    np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("fmt,kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_per_example_model_exports_with_the_selection_as_input(fmt, kind, tmp_path):
     make, x, _ = MODELS[kind]

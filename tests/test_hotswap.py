@@ -197,6 +197,9 @@ def test_peft_directory_into_a_slot(tmp_path):
     with pytest.raises(ValueError, match="holds a 'lora' adapter in the slot; PEFT directory .* 'dora'"):
         kl.hotswap_adapter(backbone, str(tmp_path / "p2"), "slot", base_model=hf)
     assert all(np.array_equal(a, b) for a, b in zip(before, weights(backbone)))
+    kl.enable_adapter(backbone, method="dora", rank=4, adapter_name="dora_slot")  # now the active one
+    kl.hotswap_adapter(backbone, str(tmp_path / "p2"), "dora_slot", base_model=hf)
+    close(keras_logits(backbone), logits[2], tol=1e-4)
 
 
 def test_swapping_under_kerashub_generate(tmp_path, monkeypatch):

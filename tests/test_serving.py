@@ -68,6 +68,36 @@ def test_each_example_as_its_adapter_alone(method):
         np.testing.assert_allclose(got[e], want, atol=1e-5 * scale, rtol=1e-5, err_msg=str(entry))
 
 
+class FlatRows(keras.Model):
+    """Dense layers called on the batch's rows flattened (batch × steps, d),
+    as KerasHub's MoE blocks call their routers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(8, activation="tanh", name="hidden")
+        self.out = keras.layers.Dense(3, name="out")
+
+    def call(self, x):
+        rows = keras.ops.reshape(x, (-1, 6))
+        return keras.ops.reshape(self.out(self.hidden(rows)), (-1, 3, 3))
+
+
+@pytest.mark.parametrize("method", ["lora", "hira"])  # gathered factors; an adapter's own output
+def test_rows_flattened_across_the_batch(method):
+    keras.utils.set_random_seed(0)
+    model = FlatRows()
+    model(X3)
+    kl.enable_adapter(model, method=method, rank=2, targets=["hidden", "out"], adapter_name="a")
+    moved(model, "a", 1)
+    kl.enable_adapter(model, rank=2, targets=["hidden", "out"], adapter_name="b")
+    moved(model, "b", 2)
+    entries = ["b", None, "a", {"a": 0.5, "b": 0.5}, "a"]
+    served = kl.PerExampleAdapters(model)
+    got = served.predict({"inputs": X3, **kl.adapter_selection(model, entries)}, verbose=0)
+    for e, entry in enumerate(entries):
+        np.testing.assert_allclose(got[e], reference(model, X3[e:e + 1], entry)[0], atol=2e-5)
+
+
 def test_compiled_predict_does_not_retrace(monkeypatch):
     model = seq_model()
     for i, method in enumerate(("lora", "dora", "vera", "pissa")):
